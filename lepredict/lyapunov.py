@@ -1,0 +1,632 @@
+"""Lyapunov spectra of recurrent networks and of arbitrary differentiable maps.
+
+The spectrum is computed with the standard QR (Benettin) method: an orthonormal tangent basis
+``Q`` is pushed through the Jacobian of the state update, ``J_t @ Q``, and re-orthonormalised by a
+QR decomposition; the exponents are the time averages of ``log|diag R|``. Exponents are in natural
+log per step and each trajectory's row is sorted in descending order.
+
+Two entry points:
+
+* :func:`lyapunov_spectrum` for ``torch.nn.RNN``, ``nn.GRU`` and ``nn.LSTM``. Jacobian-times-basis
+  products are written out analytically per layer, batched over trajectories, with no autograd and
+  no Python loop over the batch.
+* :func:`lyapunov_spectrum_map` for any differentiable ``step(h, x)`` on batched states; the
+  products ``J_t @ Q`` come from ``torch.func`` (forward mode, or reverse mode where an operator
+  has no forward-mode rule).
+
+Layout note: the tangent basis is kept as ``Qt`` of shape ``(B, k, n)`` (one tangent vector per
+row). Then ``Qt @ W.T`` for a weight shared by the batch folds the batch into one large GEMM, and
+``Qt`` read as ``(B, n, k)`` through ``transpose`` is already in the column-major layout LAPACK's
+QR wants, so no copies are made around the QR.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LyapunovSpectrum",
+    "lyapunov_spectrum",
+    "lyapunov_spectrum_map",
+    "rnn_step",
+    "rnn_state_size",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LyapunovSpectrum:
+    """The Lyapunov spectrum of a batch of trajectories.
+
+    Attributes:
+        exponents: ``(B, k)`` exponents in natural log per step, each row sorted descending.
+            Rows of diverged trajectories are NaN.
+        diverged: ``(B,)`` bool, True where the state or the tangent basis became non-finite.
+        floored: ``(B,)`` number of ``|R_ii|`` values that were exactly zero (or below the
+            smallest normal number of the dtype) and were floored to it, see :data:`LOG_FLOOR`.
+            A non-zero count means a direction collapsed completely (a saturated unit), and the
+            matching exponent is a lower bound rather than an estimate.
+        steps: number of steps averaged (the sequence length minus ``warmup``).
+    """
+
+    exponents: Tensor
+    diverged: Tensor
+    floored: Tensor
+    steps: int
+
+    @property
+    def mean(self) -> Tensor:
+        """``(k,)`` mean over the trajectories that did not diverge (NaN if all diverged)."""
+        ok = self.exponents[~self.diverged]
+        if ok.shape[0] == 0:
+            return torch.full_like(self.exponents[0], float("nan"))
+        return ok.mean(0)
+
+    @property
+    def std(self) -> Tensor:
+        """``(k,)`` population standard deviation over the trajectories that did not diverge.
+
+        Population (``correction=0``) so a single trajectory gives 0 rather than NaN.
+        """
+        ok = self.exponents[~self.diverged]
+        if ok.shape[0] == 0:
+            return torch.full_like(self.exponents[0], float("nan"))
+        return ok.std(0, correction=0)
+
+    @property
+    def n(self) -> int:
+        """Number of exponents per trajectory."""
+        return self.exponents.shape[1]
+
+
+def _log_floor(dtype: torch.dtype) -> float:
+    return math.log(torch.finfo(dtype).tiny)
+
+
+#: ``log|R_ii|`` is floored at ``log(torch.finfo(dtype).tiny)`` (about -87.3 in float32 and -708.4
+#: in float64) so that a direction annihilated by a saturated unit gives a very negative but finite
+#: exponent instead of -inf; :attr:`LyapunovSpectrum.floored` counts how often it happened.
+LOG_FLOOR = {torch.float32: _log_floor(torch.float32), torch.float64: _log_floor(torch.float64)}
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks shared by both entry points.
+
+
+def _check_common(k: int | None, n: int, warmup: int, T: int, reorth_every: int) -> int:
+    if T < 1:
+        raise ValueError(f"The input sequence is empty ({T=}); pass at least one time step.")
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {warmup=}.")
+    if warmup >= T:
+        raise ValueError(
+            f"warmup must be smaller than the number of steps, got {warmup=} for {T=} steps; "
+            "lower warmup or pass a longer sequence."
+        )
+    if not isinstance(reorth_every, int) or reorth_every < 1:
+        raise ValueError(f"reorth_every must be a positive int, got {reorth_every=}.")
+    if k is None:
+        return n
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive int or None for the full spectrum, got {k=}.")
+    if k > n:
+        raise ValueError(
+            f"k cannot exceed the state dimension, got {k=} for a state of size {n}; "
+            "pass k=None for the full spectrum."
+        )
+    return k
+
+
+def _initial_basis(B: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``(B, k, n)`` orthonormal rows: the identity for the full spectrum, else a fixed random
+    basis (a coordinate subspace could be invariant, e.g. the units of an undriven layer)."""
+    if k == n:
+        return torch.eye(n, dtype=dtype, device=device).expand(B, n, n).clone()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, k, generator=g, dtype=torch.float64)
+    q = torch.linalg.qr(a).Q.T.to(dtype=dtype, device=device)
+    return q.expand(B, k, n).clone()
+
+
+class _Accumulator:
+    """Runs the QR schedule and accumulates ``log|diag R|`` with divergence handling.
+
+    Trajectories whose state or basis turns non-finite are marked diverged, their state and basis
+    are reset to harmless values so batched kernels never see NaN again, and they stop counting.
+    """
+
+    def __init__(self, B: int, k: int, n: int, T: int, warmup: int, reorth_every: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.T, self.warmup, self.every = T, warmup, reorth_every
+        self.log_floor = _log_floor(dtype)
+        self.tiny = torch.finfo(dtype).tiny
+        # float64 sums: T float32 increments would otherwise lose digits over long runs.
+        self.sum = torch.zeros(B, k, dtype=torch.float64, device=device)
+        self.floored = torch.zeros(B, dtype=torch.int64, device=device)
+        self.diverged = torch.zeros(B, dtype=torch.bool, device=device)
+        self.basis0 = _initial_basis(B, k, n, dtype, device)
+        # A host sync per step is free on CPU but stalls the CUDA launch queue, so on GPUs the
+        # divergence check runs every few steps; a NaN row cannot leak into other rows meanwhile
+        # because every batched kernel here treats rows independently.
+        self.check_every = 1 if device.type == "cpu" else 16
+
+    def needs_qr(self, t: int) -> bool:
+        """QR after step ``t`` (1-based): on schedule, at the end of warm-up, and at the end."""
+        return t % self.every == 0 or t == self.warmup or t == self.T
+
+    def qr(self, t: int, qt: Tensor) -> Tensor:
+        q, r = torch.linalg.qr(qt.transpose(-1, -2))
+        if t > self.warmup:
+            d = r.diagonal(dim1=-2, dim2=-1).abs()
+            small = d < self.tiny
+            self.floored += small.sum(-1)
+            self.sum += d.clamp_min(self.tiny).log().to(torch.float64)
+        return q.transpose(-1, -2)
+
+    def check(self, t: int, state: list[Tensor], qt: Tensor) -> tuple[list[Tensor], Tensor]:
+        if t % self.check_every and t != self.T:
+            return state, qt
+        bad = ~torch.isfinite(qt).flatten(1).all(-1)
+        for s in state:
+            bad |= ~torch.isfinite(s).flatten(1).all(-1)
+        bad |= ~torch.isfinite(self.sum).all(-1)
+        new = bad & ~self.diverged
+        if not bool(new.any()):
+            return state, qt
+        self.diverged |= new
+        keep = ~self.diverged
+        state = [torch.where(keep.view(-1, *([1] * (s.dim() - 1))), s, 0) for s in state]
+        qt = torch.where(keep[:, None, None], qt, self.basis0)
+        self.sum = torch.where(keep[:, None], self.sum, 0)
+        return state, qt
+
+    def result(self, dtype: torch.dtype) -> LyapunovSpectrum:
+        steps = self.T - self.warmup
+        ex = (self.sum / steps).sort(dim=-1, descending=True).values.to(dtype)
+        ex = torch.where(self.diverged[:, None], float("nan"), ex)
+        return LyapunovSpectrum(ex, self.diverged.clone(), self.floored, steps)
+
+
+# --------------------------------------------------------------------------------------------
+# nn.RNN / nn.GRU / nn.LSTM: analytic tangent propagation.
+
+
+def _module_info(rnn: nn.Module, lstm_state: str) -> tuple[str, int, int, int]:
+    """Validate the module and return (cell, N, layers, state size per layer)."""
+    if isinstance(rnn, nn.LSTM):
+        cell = "lstm"
+    elif isinstance(rnn, nn.GRU):
+        cell = "gru"
+    elif isinstance(rnn, nn.RNN):
+        cell = "rnn_" + rnn.nonlinearity
+    else:
+        raise ValueError(
+            f"Unsupported module {type(rnn).__name__}: lyapunov_spectrum takes torch.nn.RNN, "
+            "nn.GRU or nn.LSTM; wrap any other cell as step(h, x) and use lyapunov_spectrum_map."
+        )
+    if rnn.bidirectional:
+        raise ValueError(
+            "A bidirectional RNN is not a forward-in-time dynamical system and has no Lyapunov "
+            "spectrum; pass the forward direction as a unidirectional module."
+        )
+    if getattr(rnn, "proj_size", 0):
+        raise ValueError(
+            f"LSTM with proj_size={rnn.proj_size} is not supported; use proj_size=0, or write the "
+            "step as step(h, x) and use lyapunov_spectrum_map."
+        )
+    if lstm_state not in ("full", "hidden"):
+        raise ValueError(f"lstm_state must be 'full' or 'hidden', got {lstm_state=}.")
+    N = rnn.hidden_size
+    per_layer = 2 * N if (cell == "lstm" and lstm_state == "full") else N
+    return cell, N, rnn.num_layers, per_layer
+
+
+def rnn_state_size(rnn: nn.Module, *, lstm_state: str = "full") -> int:
+    """Dimension of the state whose spectrum :func:`lyapunov_spectrum` measures."""
+    _, _, layers, per_layer = _module_info(rnn, lstm_state)
+    return layers * per_layer
+
+
+def _weights(rnn: nn.Module, dtype: torch.dtype) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    """Per layer: (W_ih, W_hh, combined bias or None), detached and cast."""
+    out = []
+    for layer in range(rnn.num_layers):
+        w_ih = getattr(rnn, f"weight_ih_l{layer}").detach().to(dtype)
+        w_hh = getattr(rnn, f"weight_hh_l{layer}").detach().to(dtype)
+        b = None
+        if rnn.bias:
+            b_ih = getattr(rnn, f"bias_ih_l{layer}").detach().to(dtype)
+            b_hh = getattr(rnn, f"bias_hh_l{layer}").detach().to(dtype)
+            b = (b_ih, b_hh)
+        out.append((w_ih, w_hh, b))
+    return out
+
+
+def _initial_state(rnn: nn.Module, h0, B: int, cell: str, dtype, device) -> list[Tensor]:
+    """Flat list of per-layer state tensors: [h_0, ..., h_{L-1}] or [h_0, c_0, h_1, c_1, ...]."""
+    L, N = rnn.num_layers, rnn.hidden_size
+    expect = (L, B, N)
+    if h0 is None:
+        parts = [torch.zeros(expect, dtype=dtype, device=device)]
+        if cell == "lstm":
+            parts.append(torch.zeros(expect, dtype=dtype, device=device))
+    else:
+        if cell == "lstm":
+            if not (isinstance(h0, (tuple, list)) and len(h0) == 2):
+                raise ValueError(
+                    "For nn.LSTM, h0 must be a tuple (h0, c0) of tensors of shape "
+                    f"(num_layers, B, hidden_size) = {expect}, as nn.LSTM itself takes."
+                )
+            parts = list(h0)
+        else:
+            if not isinstance(h0, Tensor):
+                raise ValueError(f"h0 must be a tensor of shape (num_layers, B, hidden_size) = {expect}.")
+            parts = [h0]
+        for p in parts:
+            if tuple(p.shape) != expect:
+                raise ValueError(
+                    f"h0 has shape {tuple(p.shape)}, expected (num_layers, B, hidden_size) = {expect}."
+                )
+        parts = [p.detach().to(dtype=dtype, device=device) for p in parts]
+    if cell == "lstm":
+        h, c = parts
+        return [t for layer in range(L) for t in (h[layer], c[layer])]
+    return [parts[0][layer] for layer in range(L)]
+
+
+def _hidden_pre(w_hh: Tensor, b, h: Tensor) -> Tensor:
+    """Hidden-side pre-activations ``W_hh h + b_hh``, kept apart from the input side because the
+    GRU's candidate gate multiplies its hidden part by ``r``."""
+    gh = h @ w_hh.T
+    if b is not None:
+        gh = gh + b[1]
+    return gh
+
+
+def lyapunov_spectrum(
+    rnn: nn.Module,
+    inputs: Tensor,
+    *,
+    k: int | None = None,
+    warmup: int = 0,
+    h0=None,
+    reorth_every: int = 1,
+    dtype: torch.dtype | None = None,
+    lstm_state: str = "full",
+) -> LyapunovSpectrum:
+    """Lyapunov spectrum of an ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` driven by ``inputs``.
+
+    The state is the concatenation over layers of ``h`` (RNN, GRU) or of ``(h, c)`` (LSTM, ``2N``
+    per layer). The Jacobian at step ``t`` is that of the map ``state_{t-1} -> state_t`` taken at
+    ``(state_{t-1}, x_t)``; deeper layers see the new state of the layer below, so the Jacobian is
+    that of the whole stacked step.
+
+    Args:
+        rnn: the module; any ``num_layers``, with or without bias, ``batch_first`` either way.
+            Its weights are read, never modified; dropout plays no part (eval-mode dynamics).
+        inputs: ``(B, T, input_size)`` if ``rnn.batch_first`` else ``(T, B, input_size)``.
+            Each of the ``B`` sequences drives one trajectory.
+        k: number of leading exponents; ``None`` for the full spectrum.
+        warmup: the first ``warmup`` steps evolve the state and the basis (with QR) but are not
+            averaged.
+        h0: initial state in the module's own convention, ``(num_layers, B, N)`` or a tuple
+            ``(h0, c0)`` for the LSTM; ``None`` starts from zeros.
+        reorth_every: QR every this many steps (and at the end of warm-up and at the end).
+        dtype: computation dtype (``torch.float64`` runs everything in double); ``None`` uses the
+            module's parameter dtype.
+        lstm_state: ``"full"`` for the ``(h, c)`` state; ``"hidden"`` for the hidden-only map of
+            the papers' code, ``h_{t-1} -> h_t`` with ``c_{t-1}`` held fixed (``N`` per layer).
+
+    Returns:
+        A :class:`LyapunovSpectrum`.
+
+    Raises:
+        ValueError: unsupported module, wrong input or ``h0`` shape, ``k`` larger than the state,
+            ``warmup >= T``.
+
+    Example:
+        >>> import torch, lepredict
+        >>> rnn = torch.nn.LSTM(3, 16, num_layers=2, batch_first=True)
+        >>> spec = lepredict.lyapunov_spectrum(rnn, torch.randn(8, 200, 3), warmup=50)
+        >>> spec.exponents.shape, spec.mean.shape
+        (torch.Size([8, 64]), torch.Size([64]))
+    """
+    cell, N, L, per_layer = _module_info(rnn, lstm_state)
+    if not isinstance(inputs, Tensor) or inputs.dim() != 3:
+        raise ValueError(
+            "inputs must be a 3-D tensor, (B, T, input_size) with batch_first=True or "
+            f"(T, B, input_size) otherwise; got {getattr(inputs, 'shape', type(inputs).__name__)}."
+        )
+    x = inputs if rnn.batch_first else inputs.transpose(0, 1)
+    B, T, d_in = x.shape
+    if d_in != rnn.input_size:
+        raise ValueError(
+            f"inputs have {d_in} features per step but the module expects input_size={rnn.input_size}."
+        )
+    if B < 1:
+        raise ValueError("inputs hold no sequence (batch size 0).")
+    n = L * per_layer
+    k = _check_common(k, n, warmup, T, reorth_every)
+    param = next(rnn.parameters())
+    dtype = dtype or param.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype=}.")
+    device = param.device
+    x = x.detach().to(dtype=dtype, device=device)
+
+    with torch.no_grad():
+        weights = _weights(rnn, dtype)
+        state = _initial_state(rnn, h0, B, cell, dtype, device)
+        acc = _Accumulator(B, k, n, T, warmup, reorth_every, dtype, device)
+        qt = acc.basis0.clone()
+        # Input projection of layer 0 for all steps at once: one GEMM instead of T small ones.
+        w_ih0, _, b0 = weights[0]
+        gi0 = x @ w_ih0.T
+        if b0 is not None:
+            gi0 = gi0 + b0[0]
+        step = _STEPS[cell if cell != "lstm" else f"lstm_{lstm_state}"]
+        for t in range(1, T + 1):
+            state, qt = step(weights, state, qt, gi0[:, t - 1], N)
+            if acc.needs_qr(t):
+                qt = acc.qr(t, qt)
+            state, qt = acc.check(t, state, qt)
+        return acc.result(dtype)
+
+
+# Each step function advances the state by one time step and pushes the tangent rows ``qt``
+# (B, k, n) through the Jacobian, layer by layer: the tangent of layer l's new state depends on
+# its own old state's tangent and on the new tangent of layer l-1 (its input). Returns the new
+# state list and the new (not yet orthonormalised) tangent rows.
+
+
+def _layer_input(weights, layer: int, gi0: Tensor, below: Tensor) -> Tensor:
+    if layer == 0:
+        return gi0
+    w_ih, _, b = weights[layer]
+    gi = below @ w_ih.T
+    return gi + b[0] if b is not None else gi
+
+
+def _step_rnn(act: str):
+    def step(weights, state, qt, gi0, N):
+        new_state, new_q = [], []
+        h_below, dq_below = None, None
+        for layer, (w_ih, w_hh, b) in enumerate(weights):
+            h = state[layer]
+            pre = _layer_input(weights, layer, gi0, h_below) + _hidden_pre(w_hh, b, h)
+            dpre = qt[..., layer * N:(layer + 1) * N] @ w_hh.T
+            if layer:
+                dpre = dpre + dq_below @ w_ih.T
+            if act == "tanh":
+                h_new = torch.tanh(pre)
+                deriv = 1 - h_new * h_new
+            else:
+                h_new = torch.relu(pre)
+                deriv = (pre > 0).to(pre.dtype)
+            dq = dpre * deriv[:, None, :]
+            new_state.append(h_new)
+            new_q.append(dq)
+            h_below, dq_below = h_new, dq
+        return new_state, torch.cat(new_q, -1) if len(new_q) > 1 else new_q[0]
+
+    return step
+
+
+def _step_gru(weights, state, qt, gi0, N):
+    new_state, new_q = [], []
+    h_below, dq_below = None, None
+    for layer, (w_ih, w_hh, b) in enumerate(weights):
+        h = state[layer]
+        gi = _layer_input(weights, layer, gi0, h_below)
+        gh = _hidden_pre(w_hh, b, h)
+        r = torch.sigmoid(gi[:, :N] + gh[:, :N])
+        z = torch.sigmoid(gi[:, N:2 * N] + gh[:, N:2 * N])
+        ghn = gh[:, 2 * N:]
+        c = torch.tanh(gi[:, 2 * N:] + r * ghn)
+        h_new = c + z * (h - c)
+
+        dq_h = qt[..., layer * N:(layer + 1) * N]
+        dgh = dq_h @ w_hh.T
+        dgi = dq_below @ w_ih.T if layer else None
+        dr_pre = dgh[..., :N] if dgi is None else dgh[..., :N] + dgi[..., :N]
+        dz_pre = dgh[..., N:2 * N] if dgi is None else dgh[..., N:2 * N] + dgi[..., N:2 * N]
+        dr = dr_pre * (r * (1 - r))[:, None]
+        dz = dz_pre * (z * (1 - z))[:, None]
+        dc_pre = dr * ghn[:, None] + dgh[..., 2 * N:] * r[:, None]
+        if dgi is not None:
+            dc_pre = dc_pre + dgi[..., 2 * N:]
+        dc = dc_pre * (1 - c * c)[:, None]
+        dq = dc * (1 - z)[:, None] + dz * (h - c)[:, None] + dq_h * z[:, None]
+        new_state.append(h_new)
+        new_q.append(dq)
+        h_below, dq_below = h_new, dq
+    return new_state, torch.cat(new_q, -1) if len(new_q) > 1 else new_q[0]
+
+
+def _step_lstm(full: bool):
+    def step(weights, state, qt, gi0, N):
+        new_state, new_q = [], []
+        h_below, dh_below = None, None
+        per = 2 * N if full else N
+        for layer, (w_ih, w_hh, b) in enumerate(weights):
+            h, c = state[2 * layer], state[2 * layer + 1]
+            g = _layer_input(weights, layer, gi0, h_below) + _hidden_pre(w_hh, b, h)
+            i = torch.sigmoid(g[:, :N])
+            f = torch.sigmoid(g[:, N:2 * N])
+            gg = torch.tanh(g[:, 2 * N:3 * N])
+            o = torch.sigmoid(g[:, 3 * N:])
+            c_new = f * c + i * gg
+            tc = torch.tanh(c_new)
+            h_new = o * tc
+
+            base = layer * per
+            dh = qt[..., base:base + N]
+            dg = dh @ w_hh.T
+            if layer:
+                dg = dg + dh_below @ w_ih.T
+            di = dg[..., :N] * (i * (1 - i))[:, None]
+            df = dg[..., N:2 * N] * (f * (1 - f))[:, None]
+            dgg = dg[..., 2 * N:3 * N] * (1 - gg * gg)[:, None]
+            do = dg[..., 3 * N:] * (o * (1 - o))[:, None]
+            dc_new = df * c[:, None] + di * gg[:, None] + dgg * i[:, None]
+            if full:
+                dc_new = dc_new + qt[..., base + N:base + 2 * N] * f[:, None]
+            dh_new = do * tc[:, None] + dc_new * (o * (1 - tc * tc))[:, None]
+            new_state += [h_new, c_new]
+            new_q += [dh_new, dc_new] if full else [dh_new]
+            h_below, dh_below = h_new, dh_new
+        return new_state, torch.cat(new_q, -1) if len(new_q) > 1 else new_q[0]
+
+    return step
+
+
+_STEPS = {
+    "rnn_tanh": _step_rnn("tanh"),
+    "rnn_relu": _step_rnn("relu"),
+    "gru": _step_gru,
+    "lstm_full": _step_lstm(True),
+    "lstm_hidden": _step_lstm(False),
+}
+
+
+def rnn_step(rnn: nn.Module, *, lstm_state: str = "full") -> Callable[[Tensor, Tensor], Tensor]:
+    """The module's one-step state map as a pure function ``step(s, x) -> s_next``.
+
+    ``s`` is the flat state ``(B, n)`` that :func:`lyapunov_spectrum` uses (layers concatenated,
+    ``(h, c)`` per layer for the full LSTM state) and ``x`` is ``(B, input_size)``. The step calls
+    the module's own forward, so passing it to :func:`lyapunov_spectrum_map` gives an independent
+    autograd reference for the analytic engine (full LSTM state only).
+    """
+    cell, N, L, per_layer = _module_info(rnn, lstm_state)
+    if cell == "lstm" and lstm_state == "hidden":
+        raise ValueError("rnn_step supports the full LSTM state only; use lstm_state='full'.")
+
+    def step(s: Tensor, x: Tensor) -> Tensor:
+        B = s.shape[0]
+        layers = s.reshape(B, L, per_layer).transpose(0, 1)
+        if cell == "lstm":
+            hc = (layers[..., :N].contiguous(), layers[..., N:].contiguous())
+        else:
+            hc = layers.contiguous()
+        xin = x[:, None] if rnn.batch_first else x[None]
+        _, out = rnn(xin, hc)
+        if cell == "lstm":
+            out = torch.cat(out, -1)
+        return out.transpose(0, 1).reshape(B, L * per_layer)
+
+    return step
+
+
+# --------------------------------------------------------------------------------------------
+# Any differentiable map: torch.func.
+
+
+def _jq_forward(step, h, x, qt):
+    """``h_next`` and the rows of ``(J @ Q).T`` by forward mode, one jvp per tangent row."""
+    f = (lambda s: step(s, x)) if x is not None else step
+
+    def one(q):
+        return torch.func.jvp(f, (h,), (q,))
+
+    h_next, jq = torch.func.vmap(one, in_dims=1, out_dims=(None, 1))(qt)
+    return h_next, jq
+
+
+def _jq_reverse(step, h, x, qt):
+    """Reverse-mode fallback for operators without a forward-mode rule: full Jacobians by vjp."""
+    f = (lambda s: step(s, x)) if x is not None else step
+    h_next, vjp_fn = torch.func.vjp(f, h)
+    n = h.shape[1]
+    eye = torch.eye(n, dtype=h.dtype, device=h.device).expand(h.shape[0], n, n)
+    # The cotangent e_i gives row i of each J_b, so stacking over i yields J itself.
+    jac = torch.func.vmap(lambda v: vjp_fn(v)[0], in_dims=1, out_dims=1)(eye)
+    return h_next, qt @ jac.transpose(-1, -2)
+
+
+def lyapunov_spectrum_map(
+    step: Callable[..., Tensor],
+    h0: Tensor,
+    inputs: Tensor | None = None,
+    *,
+    steps: int | None = None,
+    k: int | None = None,
+    warmup: int = 0,
+    reorth_every: int = 1,
+    dtype: torch.dtype | None = None,
+) -> LyapunovSpectrum:
+    """Lyapunov spectrum of any differentiable map on batched states.
+
+    Args:
+        step: ``step(h, x) -> h_next`` on ``h`` of shape ``(B, n)`` and ``x`` of shape
+            ``(B, ...)``, or ``step(h) -> h_next`` when ``inputs`` is None. Trajectories must not
+            interact (row ``b`` of the output depends on row ``b`` of the input only), and the
+            function must be composable with ``torch.func`` (pure torch operations).
+        h0: ``(B, n)`` initial states, one per trajectory.
+        inputs: ``(B, T, ...)`` drive, batch first; ``None`` for an autonomous map.
+        steps: number of steps ``T`` for an autonomous map (ignored when ``inputs`` is given,
+            where ``T`` is ``inputs.shape[1]``).
+        k, warmup, reorth_every: as in :func:`lyapunov_spectrum`.
+        dtype: computation dtype; ``None`` keeps ``h0``'s (floating) dtype.
+
+    Returns:
+        A :class:`LyapunovSpectrum`.
+
+    Example:
+        >>> import torch, lepredict
+        >>> def henon(h):
+        ...     x, y = h[:, 0], h[:, 1]
+        ...     return torch.stack([1 - 1.4 * x**2 + y, 0.3 * x], -1)
+        >>> spec = lepredict.lyapunov_spectrum_map(henon, torch.full((4, 2), 0.1, dtype=torch.float64),
+        ...                                        steps=5000, warmup=100)
+        >>> [round(v, 1) for v in spec.mean.tolist()]
+        [0.4, -1.6]
+    """
+    if not callable(step):
+        raise ValueError(f"step must be callable, got {type(step).__name__}.")
+    if not isinstance(h0, Tensor) or h0.dim() != 2:
+        raise ValueError(
+            f"h0 must be a (B, n) tensor of initial states, got {getattr(h0, 'shape', type(h0).__name__)}."
+        )
+    dtype = dtype or (h0.dtype if h0.is_floating_point() else torch.get_default_dtype())
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype=}.")
+    B, n = h0.shape
+    device = h0.device
+    if inputs is None:
+        if steps is None:
+            raise ValueError("An autonomous map needs steps=T; or pass inputs of shape (B, T, ...).")
+        T = int(steps)
+        xs = None
+    else:
+        if not isinstance(inputs, Tensor) or inputs.dim() < 2 or inputs.shape[0] != B:
+            raise ValueError(
+                f"inputs must be a (B, T, ...) tensor with B={B} matching h0, got "
+                f"{getattr(inputs, 'shape', type(inputs).__name__)}."
+            )
+        T = inputs.shape[1]
+        xs = inputs.detach().to(device=device, dtype=dtype) if inputs.is_floating_point() else inputs
+    k = _check_common(k, n, warmup, T, reorth_every)
+
+    acc = _Accumulator(B, k, n, T, warmup, reorth_every, dtype, device)
+    h = h0.detach().to(dtype)
+    qt = acc.basis0.clone()
+    jq = _jq_forward
+    with torch.no_grad():
+        for t in range(1, T + 1):
+            x = xs[:, t - 1] if xs is not None else None
+            try:
+                h_next, qt_next = jq(step, h, x, qt)
+            except NotImplementedError:
+                if jq is _jq_reverse:
+                    raise
+                jq = _jq_reverse
+                h_next, qt_next = jq(step, h, x, qt)
+            h, qt = h_next, qt_next
+            if acc.needs_qr(t):
+                qt = acc.qr(t, qt)
+            (h,), qt = acc.check(t, [h], qt)
+    return acc.result(dtype)
