@@ -379,8 +379,10 @@ def lyapunov_spectrum(
 
 # Each step function advances the state by one time step and pushes the tangent rows ``qt``
 # (B, k, n) through the Jacobian, layer by layer: the tangent of layer l's new state depends on
-# its own old state's tangent and on the new tangent of layer l-1 (its input). Returns the new
-# state list and the new (not yet orthonormalised) tangent rows.
+# its own old state's tangent and on the new tangent of layer l-1 (its input). The chain rule is
+# folded into per-unit coefficient vectors (B, N) first, so each (B, k, N) tangent block costs a
+# few fused multiply-adds; these passes over memory, not the arithmetic, are the cost beyond the
+# GEMMs and the QR. Returns the new state list and the new (not yet orthonormalised) rows.
 
 
 def _layer_input(weights, layer: int, gi0: Tensor, below: Tensor) -> Tensor:
@@ -391,33 +393,42 @@ def _layer_input(weights, layer: int, gi0: Tensor, below: Tensor) -> Tensor:
     return gi + b[0] if b is not None else gi
 
 
+def _tangent_pre(qt_h: Tensor, w_hh: Tensor, dq_below: Tensor | None, w_ih: Tensor) -> Tensor:
+    """Tangent of the pre-activations: ``dh @ W_hh.T + d(input) @ W_ih.T``; layer 0's input is
+    the data, which is not perturbed."""
+    d = qt_h @ w_hh.T
+    if dq_below is not None:
+        d = d.add_(dq_below @ w_ih.T)
+    return d
+
+
 def _step_rnn(act: str):
     def step(weights, state, qt, gi0, N):
-        new_state, new_q = [], []
+        out = torch.empty_like(qt)
+        new_state = []
         h_below, dq_below = None, None
         for layer, (w_ih, w_hh, b) in enumerate(weights):
             h = state[layer]
             pre = _layer_input(weights, layer, gi0, h_below) + _hidden_pre(w_hh, b, h)
-            dpre = qt[..., layer * N:(layer + 1) * N] @ w_hh.T
-            if layer:
-                dpre = dpre + dq_below @ w_ih.T
             if act == "tanh":
                 h_new = torch.tanh(pre)
                 deriv = 1 - h_new * h_new
             else:
                 h_new = torch.relu(pre)
                 deriv = (pre > 0).to(pre.dtype)
-            dq = dpre * deriv[:, None, :]
+            dq = out[..., layer * N:(layer + 1) * N]
+            torch.mul(_tangent_pre(qt[..., layer * N:(layer + 1) * N], w_hh, dq_below, w_ih),
+                      deriv[:, None, :], out=dq)
             new_state.append(h_new)
-            new_q.append(dq)
             h_below, dq_below = h_new, dq
-        return new_state, torch.cat(new_q, -1) if len(new_q) > 1 else new_q[0]
+        return new_state, out
 
     return step
 
 
 def _step_gru(weights, state, qt, gi0, N):
-    new_state, new_q = [], []
+    out = torch.empty_like(qt)
+    new_state = []
     h_below, dq_below = None, None
     for layer, (w_ih, w_hh, b) in enumerate(weights):
         h = state[layer]
@@ -429,27 +440,30 @@ def _step_gru(weights, state, qt, gi0, N):
         c = torch.tanh(gi[:, 2 * N:] + r * ghn)
         h_new = c + z * (h - c)
 
+        # h' = (1 - z) c + z h with c = tanh(a_n + r * ghn): coefficients of each pre-activation.
+        e = (1 - z) * (1 - c * c)
+        a_r = (e * ghn * r * (1 - r))[:, None]
+        a_z = ((h - c) * z * (1 - z))[:, None]
+        a_n = (e * r)[:, None]
         dq_h = qt[..., layer * N:(layer + 1) * N]
+        dq = out[..., layer * N:(layer + 1) * N]
         dgh = dq_h @ w_hh.T
-        dgi = dq_below @ w_ih.T if layer else None
-        dr_pre = dgh[..., :N] if dgi is None else dgh[..., :N] + dgi[..., :N]
-        dz_pre = dgh[..., N:2 * N] if dgi is None else dgh[..., N:2 * N] + dgi[..., N:2 * N]
-        dr = dr_pre * (r * (1 - r))[:, None]
-        dz = dz_pre * (z * (1 - z))[:, None]
-        dc_pre = dr * ghn[:, None] + dgh[..., 2 * N:] * r[:, None]
-        if dgi is not None:
-            dc_pre = dc_pre + dgi[..., 2 * N:]
-        dc = dc_pre * (1 - c * c)[:, None]
-        dq = dc * (1 - z)[:, None] + dz * (h - c)[:, None] + dq_h * z[:, None]
+        torch.mul(dq_h, z[:, None], out=dq)
+        dq.addcmul_(dgh[..., :N], a_r).addcmul_(dgh[..., N:2 * N], a_z)
+        dq.addcmul_(dgh[..., 2 * N:], a_n)
+        if layer:
+            dgi = dq_below @ w_ih.T
+            dq.addcmul_(dgi[..., :N], a_r).addcmul_(dgi[..., N:2 * N], a_z)
+            dq.addcmul_(dgi[..., 2 * N:], e[:, None])
         new_state.append(h_new)
-        new_q.append(dq)
         h_below, dq_below = h_new, dq
-    return new_state, torch.cat(new_q, -1) if len(new_q) > 1 else new_q[0]
+    return new_state, out
 
 
 def _step_lstm(full: bool):
     def step(weights, state, qt, gi0, N):
-        new_state, new_q = [], []
+        out = torch.empty_like(qt)
+        new_state = []
         h_below, dh_below = None, None
         per = 2 * N if full else N
         for layer, (w_ih, w_hh, b) in enumerate(weights):
@@ -464,22 +478,22 @@ def _step_lstm(full: bool):
             h_new = o * tc
 
             base = layer * per
-            dh = qt[..., base:base + N]
-            dg = dh @ w_hh.T
-            if layer:
-                dg = dg + dh_below @ w_ih.T
-            di = dg[..., :N] * (i * (1 - i))[:, None]
-            df = dg[..., N:2 * N] * (f * (1 - f))[:, None]
-            dgg = dg[..., 2 * N:3 * N] * (1 - gg * gg)[:, None]
-            do = dg[..., 3 * N:] * (o * (1 - o))[:, None]
-            dc_new = df * c[:, None] + di * gg[:, None] + dgg * i[:, None]
+            dg = _tangent_pre(qt[..., base:base + N], w_hh, dh_below, w_ih)
+            dh_new = out[..., base:base + N]
+            # c' = f c + i g and h' = o tanh(c'); with the hidden-only map c_{t-1} is held fixed.
             if full:
-                dc_new = dc_new + qt[..., base + N:base + 2 * N] * f[:, None]
-            dh_new = do * tc[:, None] + dc_new * (o * (1 - tc * tc))[:, None]
+                dc_new = out[..., base + N:base + 2 * N]
+                torch.mul(qt[..., base + N:base + 2 * N], f[:, None], out=dc_new)
+                dc_new.addcmul_(dg[..., :N], (i * (1 - i) * gg)[:, None])
+            else:
+                dc_new = dg[..., :N] * (i * (1 - i) * gg)[:, None]
+            dc_new.addcmul_(dg[..., N:2 * N], (f * (1 - f) * c)[:, None])
+            dc_new.addcmul_(dg[..., 2 * N:3 * N], ((1 - gg * gg) * i)[:, None])
+            torch.mul(dg[..., 3 * N:], (o * (1 - o) * tc)[:, None], out=dh_new)
+            dh_new.addcmul_(dc_new, (o * (1 - tc * tc))[:, None])
             new_state += [h_new, c_new]
-            new_q += [dh_new, dc_new] if full else [dh_new]
             h_below, dh_below = h_new, dh_new
-        return new_state, torch.cat(new_q, -1) if len(new_q) > 1 else new_q[0]
+        return new_state, out
 
     return step
 
