@@ -1,0 +1,349 @@
+"""Checks of the Lyapunov engine against known spectra and an independent autograd reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lepredict
+from lepredict.lyapunov import LOG_FLOOR, rnn_state_size, rnn_step
+
+F64 = torch.float64
+ARCHS = {"rnn_tanh": (nn.RNN, {}), "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}),
+         "gru": (nn.GRU, {}), "lstm": (nn.LSTM, {})}
+
+
+def make(arch, input_size=3, hidden=6, layers=2, bias=True, batch_first=True, seed=0, scale=1.0):
+    torch.manual_seed(seed)
+    cls, kw = ARCHS[arch]
+    m = cls(input_size, hidden, num_layers=layers, bias=bias, batch_first=batch_first, **kw).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(scale)
+    return m
+
+
+def flat_h0(m, h0, B):
+    """The engine's flat state (B, n) for the module-convention h0."""
+    if isinstance(m, nn.LSTM):
+        h, c = h0
+        return torch.stack([h, c], 2).transpose(0, 1).reshape(B, -1)
+    return h0.transpose(0, 1).reshape(B, -1)
+
+
+def mean_log_abs_det(m, x, warmup):
+    """Mean over steps > warmup of log|det J_t| along the trajectory, J_t by autograd."""
+    step = rnn_step(m)
+    B, T, _ = x.shape
+    s = torch.zeros(B, rnn_state_size(m), dtype=F64)
+    total = torch.zeros(B, dtype=F64)
+    for t in range(T):
+        jac = torch.func.vmap(torch.func.jacrev(lambda si, xi: step(si[None], xi[None])[0]))(s, x[:, t])
+        if t >= warmup:
+            total += torch.linalg.slogdet(jac).logabsdet
+        with torch.no_grad():
+            s = step(s, x[:, t])
+    return total / (T - warmup)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_fast_path_equals_torch_func_path(arch, layers):
+    m = make(arch, layers=layers, seed=layers, scale=1.5)
+    x = torch.randn(5, 40, 3, dtype=F64)
+    fast = lepredict.lyapunov_spectrum(m, x, warmup=7)
+    ref = lepredict.lyapunov_spectrum_map(rnn_step(m), torch.zeros(5, fast.n, dtype=F64), x, warmup=7)
+    assert fast.exponents.shape == (5, rnn_state_size(m))
+    torch.testing.assert_close(fast.exponents, ref.exponents, rtol=0, atol=1e-9)
+    # Each row sorted in descending order.
+    assert (fast.exponents.diff(dim=-1) <= 0).all()
+
+
+@pytest.mark.parametrize("arch", ["rnn_tanh", "gru", "lstm"])
+def test_no_bias_seq_first_h0_partial_k_and_sparse_qr_match_reference(arch):
+    m = make(arch, layers=2, bias=False, batch_first=False, seed=3, scale=1.3)
+    B, T = 4, 30
+    x = torch.randn(T, B, 3, dtype=F64)
+    h = torch.randn(2, B, 6, dtype=F64)
+    h0 = (h, torch.randn(2, B, 6, dtype=F64)) if arch == "lstm" else h
+    fast = lepredict.lyapunov_spectrum(m, x, h0=h0, k=4, warmup=5, reorth_every=3)
+    m.batch_first = True  # the reference step feeds (B, 1, d) inputs
+    ref = lepredict.lyapunov_spectrum_map(rnn_step(m), flat_h0(m, h0, B), x.transpose(0, 1), k=4,
+                                          warmup=5, reorth_every=3)
+    assert fast.exponents.shape == (B, 4)
+    torch.testing.assert_close(fast.exponents, ref.exponents, rtol=0, atol=1e-9)
+
+
+def test_reorth_every_does_not_change_the_result_in_exact_arithmetic():
+    m = make("gru", layers=2, seed=1)
+    x = torch.randn(3, 60, 3, dtype=F64)
+    a = lepredict.lyapunov_spectrum(m, x, warmup=10)
+    b = lepredict.lyapunov_spectrum(m, x, warmup=10, reorth_every=4)
+    torch.testing.assert_close(a.exponents, b.exponents, rtol=0, atol=1e-8)
+
+
+def test_hidden_only_lstm_holds_c_fixed():
+    """lstm_state='hidden' = Jacobian of h_t wrt h_{t-1} with c_{t-1} an input, by autograd."""
+    torch.manual_seed(0)
+    B, L, N, T = 4, 2, 5, 40
+    m = nn.LSTM(3, N, num_layers=L, batch_first=True).double()
+    x = torch.randn(B, T, 3, dtype=F64)
+    h = torch.zeros(L, B, N, dtype=F64)
+    c = torch.zeros_like(h)
+    cs = []
+    with torch.no_grad():
+        for t in range(T):
+            cs.append(c.transpose(0, 1).reshape(B, -1))
+            _, (h, c) = m(x[:, t:t + 1], (h, c))
+    drive = torch.cat([x, torch.stack(cs, 1)], -1)
+
+    def step(hf, xc):
+        hh = hf.view(-1, L, N).transpose(0, 1).contiguous()
+        cc = xc[:, 3:].reshape(-1, L, N).transpose(0, 1).contiguous()
+        _, (hn, _) = m(xc[:, None, :3], (hh, cc))
+        return hn.transpose(0, 1).reshape(hf.shape[0], -1)
+
+    fast = lepredict.lyapunov_spectrum(m, x, lstm_state="hidden", warmup=5)
+    ref = lepredict.lyapunov_spectrum_map(step, torch.zeros(B, L * N, dtype=F64), drive, warmup=5)
+    assert fast.n == L * N
+    torch.testing.assert_close(fast.exponents, ref.exponents, rtol=0, atol=1e-9)
+    full = lepredict.lyapunov_spectrum(m, x, warmup=5)
+    assert full.n == 2 * L * N
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_sum_rule(arch):
+    m = make(arch, layers=2, seed=7, scale=2.0)
+    if arch == "rnn_relu":
+        # An inactive ReLU unit makes J_t exactly singular (log|det| = -inf, floored by the engine);
+        # non-negative weights and a positive bias keep every unit active so both sides are finite.
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                p.abs_().mul_(0.2 if "weight_hh" in name else 1.0).add_(1.0 if "bias" in name else 0.0)
+    x = torch.randn(3, 25, 3, dtype=F64)
+    if arch == "rnn_relu":
+        x = x.abs()
+    spec = lepredict.lyapunov_spectrum(m, x, warmup=4)
+    expected = mean_log_abs_det(m, x, warmup=4)
+    torch.testing.assert_close(spec.exponents.sum(-1), expected, rtol=1e-7, atol=1e-7)
+
+
+def test_linear_map_gives_log_abs_eigenvalues():
+    g = torch.Generator().manual_seed(0)
+    eig = torch.tensor([1.3, -0.9, 0.6, 0.35, -0.1], dtype=F64)
+    p = torch.randn(5, 5, generator=g, dtype=F64)
+    a = p @ torch.diag(eig) @ torch.linalg.inv(p)
+    # The origin is a fixed point: the state stays finite although |1.3|^T would overflow.
+    spec = lepredict.lyapunov_spectrum_map(lambda h: h @ a.T, torch.zeros(3, 5, dtype=F64),
+                                           steps=3000, warmup=100, reorth_every=2)
+    expected = eig.abs().log().sort(descending=True).values
+    torch.testing.assert_close(spec.mean, expected, rtol=0, atol=2e-3)
+
+
+def test_linear_driven_map_with_inputs():
+    a = torch.tensor([[0.9, 1.0], [0.0, -0.3]], dtype=F64)
+    x = torch.randn(2, 2000, 2, dtype=F64)
+    spec = lepredict.lyapunov_spectrum_map(lambda h, u: h @ a.T + u, torch.zeros(2, 2, dtype=F64), x)
+    assert not spec.diverged.any()
+    torch.testing.assert_close(spec.mean, torch.tensor([math.log(0.9), math.log(0.3)], dtype=F64),
+                               rtol=0, atol=2e-3)
+
+
+def henon(h):
+    x, y = h[:, 0], h[:, 1]
+    return torch.stack([1 - 1.4 * x**2 + y, 0.3 * x], -1)
+
+
+def test_henon():
+    g = torch.Generator().manual_seed(1)
+    h0 = 0.1 + 0.01 * torch.randn(256, 2, generator=g, dtype=F64)
+    spec = lepredict.lyapunov_spectrum_map(henon, h0, steps=5000, warmup=200)
+    assert not spec.diverged.any()
+    assert abs(spec.mean[0].item() - 0.4192) < 2e-3
+    assert abs(spec.mean[1].item() - (-1.6232)) < 2e-3
+    # Sum rule: det J = -0.3 everywhere.
+    torch.testing.assert_close(spec.exponents.sum(-1), torch.full((256,), math.log(0.3), dtype=F64))
+
+
+def lorenz_rk4(dt=0.01, sigma=10.0, rho=28.0, beta=8.0 / 3.0):
+    def f(s):
+        x, y, z = s.unbind(-1)
+        return torch.stack([sigma * (y - x), x * (rho - z) - y, x * y - beta * z], -1)
+
+    def step(s):
+        k1 = f(s)
+        k2 = f(s + dt / 2 * k1)
+        k3 = f(s + dt / 2 * k2)
+        k4 = f(s + dt * k3)
+        return s + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+    return step
+
+
+def _lorenz(B, steps, warmup):
+    g = torch.Generator().manual_seed(0)
+    h0 = torch.tensor([1.0, 1.0, 20.0], dtype=F64) + torch.randn(B, 3, generator=g, dtype=F64)
+    spec = lepredict.lyapunov_spectrum_map(lorenz_rk4(), h0, steps=steps, warmup=warmup)
+    return spec.mean / 0.01
+
+
+def test_lorenz():
+    lam = _lorenz(B=32, steps=5000, warmup=500)
+    assert abs(lam[0].item() - 0.906) < 0.05
+    assert abs(lam[1].item()) < 0.02
+    assert abs(lam[2].item() - (-14.57)) < 0.05
+
+
+@pytest.mark.slow
+def test_lorenz_long():
+    lam = _lorenz(B=64, steps=40000, warmup=1000)
+    assert abs(lam[0].item() - 0.906) < 0.01
+    assert abs(lam[1].item()) < 0.005
+    assert abs(lam[2].item() - (-14.57)) < 0.01
+
+
+@pytest.mark.parametrize("g", [0.5, 0.8])
+def test_circular_law_random_tanh_network(g):
+    """Below g = 1 the network settles on its fixed point 0, where J = W; the eigenvalues of a
+    Gaussian W with variance g^2/N fill the disc of radius g (circular law)."""
+    torch.manual_seed(0)
+    N = 256
+    rnn = nn.RNN(1, N, bias=False, batch_first=True).double()
+    with torch.no_grad():
+        rnn.weight_hh_l0.normal_(0, g / math.sqrt(N))
+    h0 = 0.5 * torch.randn(1, 2, N, dtype=F64)
+    spec = lepredict.lyapunov_spectrum(rnn, torch.zeros(2, 1500, 1, dtype=F64), h0=h0, warmup=300)
+    assert abs(spec.mean[0].item() - math.log(g)) < 0.05
+    assert abs(spec.mean.mean().item() - (math.log(g) - 0.5)) < 0.02
+
+
+def test_float32_runs_and_dtype_float64_upgrades():
+    torch.manual_seed(0)
+    m = nn.GRU(2, 8, batch_first=True)
+    x = torch.randn(4, 50, 2)
+    s32 = lepredict.lyapunov_spectrum(m, x)
+    s64 = lepredict.lyapunov_spectrum(m, x, dtype=F64)
+    assert s32.exponents.dtype == torch.float32
+    assert s64.exponents.dtype == F64
+    torch.testing.assert_close(s32.exponents.double(), s64.exponents, rtol=0, atol=1e-3)
+    assert s32.mean.shape == (8,) and s32.std.shape == (8,)
+    assert (s32.std >= 0).all()
+
+
+def test_saturated_units_are_floored_not_minus_inf():
+    """tanh(100) is exactly 1 in float32, so every derivative is 0 and J_t = 0."""
+    m = nn.RNN(1, 4, batch_first=True)
+    with torch.no_grad():
+        m.bias_ih_l0.fill_(100.0)
+    spec = lepredict.lyapunov_spectrum(m, torch.zeros(2, 20, 1))
+    assert torch.isfinite(spec.exponents).all()
+    torch.testing.assert_close(spec.exponents, torch.full((2, 4), LOG_FLOOR[torch.float32]))
+    assert (spec.floored == 4 * 20).all()
+    assert not spec.diverged.any()
+
+
+def test_partially_saturated_network_stays_finite():
+    torch.manual_seed(0)
+    m = nn.LSTM(2, 6, batch_first=True)
+    with torch.no_grad():
+        m.bias_ih_l0[:3].fill_(200.0)  # input gate of half the units fully open
+        m.bias_ih_l0[12:15].fill_(-200.0)  # their candidate fully saturated
+    spec = lepredict.lyapunov_spectrum(m, torch.randn(3, 40, 2))
+    assert torch.isfinite(spec.exponents).all()
+    assert torch.isfinite(spec.mean).all()
+
+
+def test_overflowing_trajectory_is_marked_diverged_others_finite():
+    """Unit 0 of a ReLU net grows like 1.5^t when driven positively and overflows float32."""
+    m = nn.RNN(2, 2, nonlinearity="relu", bias=False, batch_first=True)
+    with torch.no_grad():
+        m.weight_hh_l0.copy_(torch.diag(torch.tensor([1.5, 0.5])))
+        m.weight_ih_l0.copy_(torch.eye(2))
+    x = torch.ones(3, 400, 2)
+    x[1, :, 0] = -1.0  # unit 0 stays at 0 here
+    spec = lepredict.lyapunov_spectrum(m, x)
+    assert spec.diverged.tolist() == [True, False, True]
+    assert torch.isnan(spec.exponents[0]).all()
+    assert torch.isfinite(spec.exponents[1]).all()
+    assert abs(spec.exponents[1, 0].item() - math.log(0.5)) < 1e-5
+    torch.testing.assert_close(spec.mean, spec.exponents[1])
+    torch.testing.assert_close(spec.std, torch.zeros(2))
+
+
+def test_all_diverged_gives_nan_summary_without_error():
+    spec = lepredict.lyapunov_spectrum_map(lambda h: 1e30 * h, torch.ones(2, 2), steps=5)
+    assert spec.diverged.all()
+    assert torch.isnan(spec.mean).all()
+
+
+def test_map_diverging_rows_do_not_contaminate_others():
+    scale = torch.tensor([[10.0], [0.5]])
+    spec = lepredict.lyapunov_spectrum_map(lambda h, s: h * s, torch.ones(2, 1), scale[:, None].expand(2, 100, 1))
+    assert spec.diverged.tolist() == [True, False]
+    assert abs(spec.exponents[1, 0].item() - math.log(0.5)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m, x: lepredict.lyapunov_spectrum(nn.Linear(3, 3), x), "Unsupported module"),
+        (lambda m, x: lepredict.lyapunov_spectrum(nn.LSTMCell(3, 4), x), "Unsupported module"),
+        (lambda m, x: lepredict.lyapunov_spectrum(nn.GRU(3, 4, bidirectional=True), x), "bidirectional"),
+        (lambda m, x: lepredict.lyapunov_spectrum(nn.LSTM(3, 4, proj_size=2), x), "proj_size"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x[0]), "3-D"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x[..., :2]), "input_size=3"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x, k=13), "k cannot exceed"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x, k=0), "k must be"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x, warmup=10), "warmup must be smaller"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x, warmup=-1), "warmup must be"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x, reorth_every=0), "reorth_every"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x, h0=torch.zeros(1, 2, 6)), "h0 has shape"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x, lstm_state="cell"), "lstm_state"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x, dtype=torch.int64), "dtype"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x[:, :0]), "empty"),
+    ],
+)
+def test_bad_input_raises_clear_value_error(call, match):
+    m = nn.GRU(3, 6, num_layers=2, batch_first=True)
+    x = torch.randn(2, 10, 3)
+    with pytest.raises(ValueError, match=match):
+        call(m, x)
+
+
+def test_lstm_h0_must_be_a_pair():
+    m = nn.LSTM(3, 4, batch_first=True)
+    with pytest.raises(ValueError, match=r"tuple \(h0, c0\)"):
+        lepredict.lyapunov_spectrum(m, torch.randn(2, 5, 3), h0=torch.zeros(1, 2, 4))
+
+
+def test_map_bad_input():
+    with pytest.raises(ValueError, match="steps=T"):
+        lepredict.lyapunov_spectrum_map(henon, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match=r"\(B, n\)"):
+        lepredict.lyapunov_spectrum_map(henon, torch.zeros(2), steps=3)
+    with pytest.raises(ValueError, match="B=2"):
+        lepredict.lyapunov_spectrum_map(lambda h, x: h, torch.zeros(2, 2), torch.zeros(3, 5, 1))
+    with pytest.raises(ValueError, match="callable"):
+        lepredict.lyapunov_spectrum_map("henon", torch.zeros(2, 2), steps=3)
+
+
+def test_module_weights_untouched_and_no_grad_leak():
+    m = nn.LSTM(2, 5, num_layers=2, batch_first=True)
+    before = [p.clone() for p in m.parameters()]
+    spec = lepredict.lyapunov_spectrum(m, torch.randn(2, 10, 2))
+    assert not spec.exponents.requires_grad
+    for a, b in zip(before, m.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cuda_matches_cpu(arch):
+    m = make(arch, layers=2, seed=2, scale=1.5)
+    x = torch.randn(8, 50, 3, dtype=F64)
+    cpu = lepredict.lyapunov_spectrum(m, x, warmup=5)
+    gpu = lepredict.lyapunov_spectrum(m.cuda(), x.cuda(), warmup=5)
+    torch.testing.assert_close(gpu.exponents.cpu(), cpu.exponents, rtol=0, atol=1e-9)
