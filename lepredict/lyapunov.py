@@ -11,8 +11,7 @@ Two entry points:
   products are written out analytically per layer, batched over trajectories, with no autograd and
   no Python loop over the batch.
 * :func:`lyapunov_spectrum_map` for any differentiable ``step(h, x)`` on batched states; the
-  products ``J_t @ Q`` come from ``torch.func`` (forward mode, or reverse mode where an operator
-  has no forward-mode rule).
+  Jacobians come from ``torch.func.vjp``.
 
 Layout note: the tangent basis is kept as ``Qt`` of shape ``(B, k, n)`` (one tangent vector per
 row). Then ``Qt @ W.T`` for a weight shared by the batch folds the batch into one large GEMM, and
@@ -539,26 +538,29 @@ def rnn_step(rnn: nn.Module, *, lstm_state: str = "full") -> Callable[[Tensor, T
 # Any differentiable map: torch.func.
 
 
-def _jq_forward(step, h, x, qt):
-    """``h_next`` and the rows of ``(J @ Q).T`` by forward mode, one jvp per tangent row."""
-    f = (lambda s: step(s, x)) if x is not None else step
-
-    def one(q):
-        return torch.func.jvp(f, (h,), (q,))
-
-    h_next, jq = torch.func.vmap(one, in_dims=1, out_dims=(None, 1))(qt)
-    return h_next, jq
+def _repeat(t: Tensor | None, k: int) -> Tensor | None:
+    """``(B, ...) -> (B * k, ...)``, each row repeated ``k`` times in place."""
+    if t is None:
+        return None
+    return t[:, None].expand(t.shape[0], k, *t.shape[1:]).reshape(t.shape[0] * k, *t.shape[1:])
 
 
-def _jq_reverse(step, h, x, qt):
-    """Reverse-mode fallback for operators without a forward-mode rule: full Jacobians by vjp."""
-    f = (lambda s: step(s, x)) if x is not None else step
-    h_next, vjp_fn = torch.func.vjp(f, h)
-    n = h.shape[1]
-    eye = torch.eye(n, dtype=h.dtype, device=h.device).expand(h.shape[0], n, n)
-    # The cotangent e_i gives row i of each J_b, so stacking over i yields J itself.
-    jac = torch.func.vmap(lambda v: vjp_fn(v)[0], in_dims=1, out_dims=1)(eye)
-    return h_next, qt @ jac.transpose(-1, -2)
+def _jq(step, h, x, qt):
+    """``h_next`` and the rows of ``(J @ Q).T``, with the Jacobians from one ``torch.func.vjp``.
+
+    The map runs once on ``B * n`` copies of the states; because trajectories do not interact, the
+    cotangent ``e_i`` on copy ``i`` of trajectory ``b`` gives row ``i`` of ``J_b``, so a single
+    backward pass yields every Jacobian, with no vmap and no loop. Reverse mode because every
+    operator has a backward rule, and because forward mode (``jvp`` or dual tensors) runs many
+    operators, even a multiplication by a Python scalar, through Python decompositions: several
+    times slower per step for the small maps this path usually serves.
+    """
+    B, k, n = qt.shape
+    xr = _repeat(x, n)
+    out, vjp_fn = torch.func.vjp((lambda s: step(s, xr)) if x is not None else step, _repeat(h, n))
+    eye = torch.eye(n, dtype=h.dtype, device=h.device).expand(B, n, n).reshape(B * n, n)
+    jac = vjp_fn(eye)[0].view(B, n, n)
+    return out.view(B, n, n)[:, 0], qt @ jac.transpose(-1, -2)
 
 
 def lyapunov_spectrum_map(
@@ -578,7 +580,9 @@ def lyapunov_spectrum_map(
         step: ``step(h, x) -> h_next`` on ``h`` of shape ``(B, n)`` and ``x`` of shape
             ``(B, ...)``, or ``step(h) -> h_next`` when ``inputs`` is None. Trajectories must not
             interact (row ``b`` of the output depends on row ``b`` of the input only), and the
-            function must be composable with ``torch.func`` (pure torch operations).
+            function must work under ``torch.func`` transforms (pure torch operations). It is
+            called on ``B * n`` rows at once (each state repeated once per state dimension), so
+            it must not assume a batch size.
         h0: ``(B, n)`` initial states, one per trajectory.
         inputs: ``(B, T, ...)`` drive, batch first; ``None`` for an autonomous map.
         steps: number of steps ``T`` for an autonomous map (ignored when ``inputs`` is given,
@@ -628,18 +632,9 @@ def lyapunov_spectrum_map(
     acc = _Accumulator(B, k, n, T, warmup, reorth_every, dtype, device)
     h = h0.detach().to(dtype)
     qt = acc.basis0.clone()
-    jq = _jq_forward
     with torch.no_grad():
         for t in range(1, T + 1):
-            x = xs[:, t - 1] if xs is not None else None
-            try:
-                h_next, qt_next = jq(step, h, x, qt)
-            except NotImplementedError:
-                if jq is _jq_reverse:
-                    raise
-                jq = _jq_reverse
-                h_next, qt_next = jq(step, h, x, qt)
-            h, qt = h_next, qt_next
+            h, qt = _jq(step, h, xs[:, t - 1] if xs is not None else None, qt)
             if acc.needs_qr(t):
                 qt = acc.qr(t, qt)
             (h,), qt = acc.check(t, [h], qt)
