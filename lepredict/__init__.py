@@ -1,9 +1,29 @@
-"""lepredict: predict early in training whether an RNN's hyperparameters will train well."""
+"""lepredict: predict early in training whether an RNN's hyperparameters will train well.
+
+The pieces, each in a module named after what it holds:
+
+* :mod:`lepredict.lyapunov`: Lyapunov spectra of ``nn.RNN``/``nn.GRU``/``nn.LSTM`` and of any
+  differentiable map (:func:`lyapunov_spectrum`, :func:`lyapunov_spectrum_map`).
+* :mod:`lepredict.tasks`: sequence tasks (``digits``, ``charlm``, ``adding``, ``copy``, ``lorenz``).
+* :mod:`lepredict.train`: short training runs that record curves and early spectra
+  (:func:`train_run`).
+"""
 
 from __future__ import annotations
 
+from lepredict import tasks
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum, lyapunov_spectrum_map
+from lepredict.train import RunConfig, RunRecord, train_run
 
 __version__ = "0.1.0"
 
-__all__ = ["LyapunovSpectrum", "lyapunov_spectrum", "lyapunov_spectrum_map", "__version__"]
+__all__ = [
+    "LyapunovSpectrum",
+    "RunConfig",
+    "RunRecord",
+    "__version__",
+    "lyapunov_spectrum",
+    "lyapunov_spectrum_map",
+    "tasks",
+    "train_run",
+]

@@ -1,0 +1,230 @@
+"""The ``lepredict`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+__all__ = ["main"]
+
+
+class CLIError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def _task_options(pairs: list[str]) -> dict:
+    """``["seq_len=30", "mode=row"]`` -> ``{"seq_len": 30, "mode": "row"}`` (JSON values)."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise CLIError(f"--task-option takes KEY=VALUE, got {pair!r}.")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _get_task(name: str, options: dict):
+    from lepredict import tasks
+
+    try:
+        return tasks.get(name, **options)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    from lepredict.train import RunConfig
+
+    d = RunConfig()
+    p.add_argument("--arch", default="lstm", choices=["rnn", "gru", "lstm"])
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--init", default=d.init, choices=["uniform", "gain", "default"])
+    p.add_argument("--init-scale", type=float, default=d.init_scale)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "rmsprop"])
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--clip", type=float, default=d.clip)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _config_from_args(args):
+    from lepredict.train import RunConfig
+
+    try:
+        return RunConfig(arch=args.arch, hidden=args.hidden, layers=args.layers, init=args.init,
+                         init_scale=args.init_scale, lr=args.lr, optimizer=args.optimizer,
+                         batch_size=args.batch_size, clip=args.clip, seed=args.seed)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
+def _cmd_spectrum(args) -> int:
+    """Train briefly and print the spectrum at each measured epoch."""
+    from lepredict.train import train_run
+
+    task = _get_task(args.task, _task_options(args.task_option))
+    config = _config_from_args(args)
+    le_epochs = list(range(args.epochs + 1))
+    t0 = time.perf_counter()
+    rec = train_run(config, task, epochs=args.epochs, le_epochs=le_epochs, device=args.device,
+                    probe_size=args.probe_size)
+    if args.json:
+        print(json.dumps(rec.to_dict()))
+        return 0
+    print(f"task {task.name} (T={task.seq_len}), {config.arch.upper()} N={config.hidden} x "
+          f"{config.layers} layer(s), init {config.init} {config.init_scale:g}; spectrum over "
+          f"{args.probe_size} validation sequences, nats/step")
+    print(f"{'epoch':>5} {'val loss':>9} {'norm.':>6} {'lambda_1':>16} {'mean':>8} {'#>0':>4} "
+          f"{'KY dim':>7}   leading exponents")
+    for epoch, spec in sorted(rec.spectra.items()):
+        mean, std = spec["mean"], spec["std"]
+        val = rec.val_loss[epoch]
+        print(f"{epoch:>5} {val:>9.4f} {task.normalised_loss(val):>6.3f} "
+              f"{mean[0]:>8.4f}±{std[0]:<7.4f} {sum(mean) / len(mean):>8.4f} "
+              f"{sum(v > 0 for v in mean):>4} {_kaplan_yorke(mean):>7.2f}   "
+              + " ".join(f"{v:.3f}" for v in mean[:6]))
+    print(f"status {rec.status}; {time.perf_counter() - t0:.1f} s, of which spectra {rec.le_time:.1f} s")
+    return 0
+
+
+def _pruner(name: str):
+    import optuna
+
+    pruners = {
+        "none": optuna.pruners.NopPruner,
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
+    }
+    return pruners[name]()
+
+
+def _cmd_sweep(args) -> int:
+    from lepredict.sweep import load_space, run_sweep
+
+    options = _task_options(args.task_option)
+    _get_task(args.task, options)  # a clear error before any storage is touched
+    try:
+        space = load_space(args.space)
+        study = run_sweep(
+            args.task, n_trials=args.n_trials, epochs=args.epochs, le_epochs=args.le_epochs,
+            storage=args.storage, study_name=args.study_name, space=space, task_options=options,
+            device=args.device, n_jobs=args.n_jobs, sampler=args.sampler,
+            pruner=_pruner(args.pruner), seed=args.seed, le_k=args.le_k,
+            show_progress_bar=not args.quiet,
+        )
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    _print_summary(study)
+    return 0
+
+
+def _print_summary(study) -> None:
+    import optuna
+
+    states = [t.state for t in study.trials]
+    count = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState}
+    diverged = sum(t.user_attrs.get("lepredict:status") == "diverged" for t in study.trials)
+    print(f"study {study.study_name}: {len(states)} trials, {count['complete']} complete "
+          f"({diverged} diverged), {count['pruned']} pruned, {count['fail']} failed, "
+          f"{count['running']} running")
+    finite = [t for t in study.trials if t.value is not None and math.isfinite(t.value)]
+    if finite:
+        best = min(finite, key=lambda t: t.value)
+        print(f"best: trial {best.number}, normalised loss {best.value:.4f}, params {best.params}")
+
+
+def _cmd_export(args) -> int:
+    import optuna
+
+    from lepredict.sweep import export_trials, make_storage
+
+    try:
+        study = optuna.load_study(study_name=args.study_name,
+                                  storage=make_storage(args.storage, args.study_name))
+        n = export_trials(study, args.output)
+    except KeyError:
+        raise CLIError(f"No study named {args.study_name!r} in {args.storage or 'studies/'}; "
+                       "check --study-name and --storage.") from None
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    print(f"wrote {n} trials to {args.output}")
+    return 0
+
+
+def _kaplan_yorke(exponents: list[float]) -> float:
+    """Kaplan-Yorke dimension of a descending spectrum."""
+    total = 0.0
+    for j, lam in enumerate(exponents):
+        if total + lam < 0:
+            return j + total / abs(lam) if j else 0.0
+        total += lam
+    return float(len(exponents))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lepredict import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="lepredict",
+        description="Predict early in training whether an RNN's hyperparameters will train well.",
+    )
+    parser.add_argument("--version", action="version", version=f"lepredict {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("spectrum", help="train a network briefly and print its Lyapunov spectra")
+    p.add_argument("--task", default="digits")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                   help="task option, e.g. --task-option mode=row (repeatable)")
+    _add_config_args(p)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--probe-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the run record as JSON")
+    p.set_defaults(func=_cmd_spectrum)
+
+    p = sub.add_parser("sweep", help="run or resume an Optuna sweep of short training runs")
+    p.add_argument("--task", default="digits")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE")
+    p.add_argument("--n-trials", type=int, default=20, help="trials the study should hold in total")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--le-epochs", type=int, nargs="+", default=[0, 1, 2, 3],
+                   help="epochs at which to measure the spectrum (0 = initialisation)")
+    p.add_argument("--le-k", type=int, default=None, help="exponents per spectrum (default: all)")
+    p.add_argument("--space", default=None, help="search space: NAME for studies/NAME.toml, or a path")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL or journal file (default: sqlite:///studies/NAME.db)")
+    p.add_argument("--study-name", default="lepredict")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
+    p.add_argument("--pruner", default="none", choices=["none", "median", "hyperband"])
+    p.add_argument("--n-jobs", type=int, default=1, help="trials at once in this process")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("export", help="write a study's trials to Parquet or CSV")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--study-name", required=True)
+    p.add_argument("-o", "--output", required=True, help="FILE.parquet or FILE.csv")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"lepredict {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""Short training runs that record loss curves and early Lyapunov spectra.
+
+A run trains one recurrent network on one task and returns a :class:`RunRecord`: per-epoch train
+and validation loss, gradient norms, recurrent-weight statistics, and the spectrum (mean and
+spread over a fixed probe batch of validation inputs, measured in eval mode) at the requested
+epochs, epoch 0 being the initialisation. A run whose loss becomes NaN or infinite stops there and
+is recorded as ``diverged`` with what it had so far: a result, not an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from lepredict.lyapunov import lyapunov_spectrum
+from lepredict.tasks import Task
+
+__all__ = ["RunConfig", "RunRecord", "SeqModel", "train_run", "weight_stats"]
+
+ARCHS = ("rnn", "gru", "lstm")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+INITS = ("uniform", "gain", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Hyperparameters of one run.
+
+    Attributes:
+        arch: ``"rnn"`` (tanh), ``"gru"`` or ``"lstm"``.
+        hidden: hidden size ``N`` per layer.
+        layers: number of stacked layers.
+        init: ``"uniform"``: recurrent and input weights uniform in ``[-p, p]`` with
+            ``p = init_scale``, biases zero (as in Vogt et al.); ``"gain"``: Gaussian weights with
+            standard deviation ``init_scale / sqrt(fan_in)`` (``init_scale`` is the gain ``g``,
+            the edge of chaos of a tanh RNN at ``g = 1``), biases zero; ``"default"``: PyTorch's
+            own initialisation, ``init_scale`` ignored.
+        init_scale: ``p`` or ``g``, see ``init``.
+        lr: learning rate.
+        optimizer: ``"sgd"``, ``"adam"`` or ``"rmsprop"``.
+        batch_size: training batch size.
+        clip: gradient clipping by global norm; 0 disables it.
+        seed: seeds the initialisation and the batch order.
+    """
+
+    arch: str = "gru"
+    hidden: int = 64
+    layers: int = 1
+    init: str = "uniform"
+    init_scale: float = 0.1
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    batch_size: int = 64
+    clip: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(msg: str):
+            raise ValueError(msg)
+
+        if self.arch not in ARCHS:
+            bad(f"arch must be one of {ARCHS}, got {self.arch=}.")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer=}.")
+        if self.init not in INITS:
+            bad(f"init must be one of {INITS}, got {self.init=}.")
+        for name in ("hidden", "layers", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                bad(f"{name} must be a positive int, got {name}={value!r}.")
+        for name in ("init_scale", "lr"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                bad(f"{name} must be a positive finite number, got {name}={value!r}.")
+        if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip >= 0):
+            bad(f"clip must be >= 0 (0 disables clipping), got {self.clip=}.")
+
+    @classmethod
+    def from_dict(cls, params: dict) -> RunConfig:
+        """Build from a dict, refusing unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"Unknown hyperparameters {unknown}; known: {sorted(known)}.")
+        return cls(**params)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class SeqModel(nn.Module):
+    """A stacked ``nn.RNN``/``nn.GRU``/``nn.LSTM`` (batch first) with a linear readout at every step."""
+
+    def __init__(self, input_size: int, output_size: int, config: RunConfig):
+        super().__init__()
+        cls = {"rnn": nn.RNN, "gru": nn.GRU, "lstm": nn.LSTM}[config.arch]
+        self.rnn = cls(input_size, config.hidden, num_layers=config.layers, batch_first=True)
+        self.readout = nn.Linear(config.hidden, output_size)
+        self._init(config)
+
+    def _init(self, config: RunConfig) -> None:
+        if config.init == "default":
+            return
+        with torch.no_grad():
+            for name, p in self.rnn.named_parameters():
+                if name.startswith("bias"):
+                    p.zero_()
+                elif config.init == "uniform":
+                    p.uniform_(-config.init_scale, config.init_scale)
+                else:
+                    p.normal_(0.0, config.init_scale / math.sqrt(p.shape[1]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.readout(out)
+
+
+def weight_stats(rnn: nn.Module) -> dict[str, float]:
+    """Spectral radius and norms of the recurrent weights: a baseline feature set.
+
+    For gated cells each gate's ``N x N`` recurrent block is a matrix of its own; the radius is
+    the largest over gates and layers, the norms are over all recurrent (or input) weights.
+    """
+    radius, hh, ih, hh_op = 0.0, 0.0, 0.0, 0.0
+    N = rnn.hidden_size
+    with torch.no_grad():
+        for layer in range(rnn.num_layers):
+            w_hh = getattr(rnn, f"weight_hh_l{layer}").detach().double().cpu()
+            w_ih = getattr(rnn, f"weight_ih_l{layer}").detach().double().cpu()
+            hh += float(w_hh.square().sum())
+            ih += float(w_ih.square().sum())
+            for block in w_hh.split(N):
+                if not torch.isfinite(block).all():
+                    return {"w_hh_radius": math.inf, "w_hh_norm": math.inf, "w_hh_opnorm": math.inf,
+                            "w_ih_norm": math.inf}
+                radius = max(radius, float(torch.linalg.eigvals(block).abs().max()))
+                hh_op = max(hh_op, float(torch.linalg.matrix_norm(block, ord=2)))
+    return {"w_hh_radius": radius, "w_hh_norm": math.sqrt(hh), "w_hh_opnorm": hh_op,
+            "w_ih_norm": math.sqrt(ih)}
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What a run measured. ``spectra`` maps an epoch to its spectrum summary.
+
+    Attributes:
+        config: the :class:`RunConfig` as a dict.
+        task: the task's name and options.
+        train_loss: mean training loss of each completed epoch (epochs 1..).
+        val_loss: validation loss at epoch 0 (initialisation) and after each completed epoch.
+        grad_norm: mean gradient norm (before clipping) of each completed epoch.
+        weights: :func:`weight_stats` at epoch 0 and after each completed epoch.
+        spectra: ``{epoch: {"mean": [...], "std": [...], "diverged": share, "n": n}}``.
+        final_val_loss: validation loss after the last epoch (``inf`` if the run diverged).
+        final_normalised_loss: ``final_val_loss / task.chance_loss``.
+        status: ``"ok"`` or ``"diverged"``.
+        epochs: epochs asked for; ``epochs_completed``: how many ran to the end.
+        wall_time: seconds for the whole run; ``le_time``: seconds of it spent on spectra.
+    """
+
+    config: dict
+    task: dict
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    val_loss: list[float] = dataclasses.field(default_factory=list)
+    grad_norm: list[float] = dataclasses.field(default_factory=list)
+    weights: list[dict] = dataclasses.field(default_factory=list)
+    spectra: dict[int, dict] = dataclasses.field(default_factory=dict)
+    final_val_loss: float = math.inf
+    final_normalised_loss: float = math.inf
+    status: str = "ok"
+    epochs: int = 0
+    epochs_completed: int = 0
+    wall_time: float = 0.0
+    le_time: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["spectra"] = {str(k): v for k, v in self.spectra.items()}
+        return d
+
+
+def _spectrum_summary(rnn: nn.Module, probe: Tensor, warmup: int, k: int | None) -> dict:
+    spec = lyapunov_spectrum(rnn, probe, warmup=warmup, k=k)
+    mean, std = spec.mean, spec.std
+    return {
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
+        "diverged": float(spec.diverged.float().mean()),
+        "floored": int(spec.floored.sum()),
+        "n": int(spec.n),
+    }
+
+
+@torch.no_grad()
+def _evaluate(model: SeqModel, task: Task, x: Tensor, y: Tensor, batch: int = 512) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, x.shape[0], batch):
+        xb, yb = x[i:i + batch], y[i:i + batch]
+        total += float(task.loss(model(xb), yb)) * xb.shape[0]
+        count += xb.shape[0]
+    return total / count
+
+
+def train_run(
+    config: RunConfig | dict,
+    task: Task,
+    *,
+    epochs: int,
+    le_epochs: Iterable[int] = (0, 1, 2, 3),
+    device: str | torch.device = "cpu",
+    probe_size: int = 16,
+    le_warmup: int | None = None,
+    le_k: int | None = None,
+    callback: Callable[[int, RunRecord], None] | None = None,
+) -> RunRecord:
+    """Train one network and record its curves and early spectra.
+
+    Args:
+        config: a :class:`RunConfig` or a dict of its fields.
+        task: a :class:`lepredict.tasks.Task`.
+        epochs: number of training epochs.
+        le_epochs: epochs after which to measure the spectrum (0 = at initialisation); epochs
+            beyond ``epochs`` are ignored.
+        device: where to train (``"cpu"``, ``"cuda"``...).
+        probe_size: number of validation sequences (the first ones, so the probe is the same
+            for every run on the task) whose trajectories the spectrum averages over.
+        le_warmup: spectrum warm-up steps; ``None`` uses ``T // 8``.
+        le_k: number of exponents; ``None`` for the full spectrum.
+        callback: called as ``callback(epoch, record)`` after epoch 0 and each epoch, once the
+            epoch's validation loss and spectrum are in the record; it may raise (for example
+            ``optuna.TrialPruned``) to stop the run.
+
+    Returns:
+        The :class:`RunRecord`. A loss that becomes NaN or infinite ends the run with
+        ``status="diverged"`` and ``final_normalised_loss = inf``.
+
+    Example:
+        >>> from lepredict import tasks, train_run
+        >>> rec = train_run({"arch": "gru", "hidden": 8, "lr": 1e-2}, tasks.get("digits", mode="row"),
+        ...                 epochs=1, le_epochs=[0, 1])
+        >>> rec.status, len(rec.val_loss), sorted(rec.spectra)
+        ('ok', 2, [0, 1])
+    """
+    if isinstance(config, dict):
+        config = RunConfig.from_dict(config)
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative int, got {epochs=}.")
+    le_epochs = sorted({int(e) for e in le_epochs if 0 <= int(e) <= epochs})
+    device = torch.device(device)
+    t_start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    model = SeqModel(task.input_size, task.output_size, config).to(device)
+    opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
+    optimizer = opt_cls[config.optimizer](model.parameters(), lr=config.lr)
+    x_train, y_train = task.x_train.to(device), task.y_train.to(device)
+    x_val, y_val = task.x_val.to(device), task.y_val.to(device)
+    probe = x_val[:probe_size]
+    warmup = task.seq_len // 8 if le_warmup is None else le_warmup
+    gen = torch.Generator().manual_seed(config.seed)
+    rec = RunRecord(config=config.to_dict(), task={"name": task.name, **task.options}, epochs=epochs)
+
+    def measure(epoch: int) -> bool:
+        """Validation loss, weights and spectrum after ``epoch``; False if the run diverged."""
+        val = _evaluate(model, task, x_val, y_val)
+        rec.val_loss.append(val)
+        rec.weights.append(weight_stats(model.rnn))
+        if not math.isfinite(val):
+            return False
+        if epoch in le_epochs:
+            t0 = time.perf_counter()
+            rec.spectra[epoch] = _spectrum_summary(model.rnn, probe, warmup, le_k)
+            rec.le_time += time.perf_counter() - t0
+        return True
+
+    ok = measure(0)
+    if callback is not None:
+        callback(0, rec)
+    for epoch in range(1, epochs + 1):
+        if not ok:
+            break
+        model.train()
+        order = torch.randperm(x_train.shape[0], generator=gen).to(device)
+        losses, norms = [], []
+        for i in range(0, len(order), config.batch_size):
+            idx = order[i:i + config.batch_size]
+            loss = task.loss(model(x_train[idx]), y_train[idx])
+            if not torch.isfinite(loss):
+                ok = False
+                break
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), config.clip if config.clip > 0 else math.inf
+            )
+            optimizer.step()
+            losses.append(loss.item())
+            norms.append(float(norm))
+        if not ok:
+            break
+        rec.train_loss.append(sum(losses) / len(losses))
+        rec.grad_norm.append(sum(norms) / len(norms))
+        ok = measure(epoch)
+        if not ok:
+            break
+        rec.epochs_completed = epoch
+        if callback is not None:
+            callback(epoch, rec)
+    if ok:
+        rec.final_val_loss = rec.val_loss[-1]
+        rec.final_normalised_loss = task.normalised_loss(rec.final_val_loss)
+    else:
+        rec.status = "diverged"
+    rec.wall_time = time.perf_counter() - t_start
+    return rec

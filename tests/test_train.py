@@ -1,0 +1,107 @@
+"""Training runs: records, divergence as a result, configs, the spectrum CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import lepredict
+from lepredict import tasks
+from lepredict.cli import main
+from lepredict.train import RunConfig, SeqModel, weight_stats
+
+
+@pytest.fixture(scope="module")
+def digits_row():
+    return tasks.get("digits", mode="row")
+
+
+def test_run_record_has_curves_and_spectra(digits_row):
+    cfg = {"arch": "gru", "hidden": 12, "lr": 1e-2, "batch_size": 128}
+    rec = lepredict.train_run(cfg, digits_row, epochs=3, le_epochs=[0, 1, 2, 9])
+    assert rec.status == "ok"
+    assert rec.epochs_completed == 3
+    assert len(rec.train_loss) == 3 and len(rec.grad_norm) == 3
+    assert len(rec.val_loss) == 4 and len(rec.weights) == 4
+    assert sorted(rec.spectra) == [0, 1, 2]  # epoch 9 is beyond the run
+    for spec in rec.spectra.values():
+        assert spec["n"] == 12 and len(spec["mean"]) == 12 and len(spec["std"]) == 12
+        assert spec["mean"] == sorted(spec["mean"], reverse=True)
+    # Training on digits with Adam must lower the validation loss.
+    assert rec.val_loss[-1] < rec.val_loss[0]
+    assert rec.final_normalised_loss == pytest.approx(rec.val_loss[-1] / digits_row.chance_loss)
+    assert 0 < rec.le_time < rec.wall_time
+    json.dumps(rec.to_dict())  # storable as is
+
+
+def test_spectrum_in_record_matches_engine_on_probe(digits_row):
+    cfg = RunConfig(arch="lstm", hidden=6, layers=2, init_scale=0.5)
+    rec = lepredict.train_run(cfg, digits_row, epochs=0, le_epochs=[0], probe_size=8)
+    torch.manual_seed(cfg.seed)
+    model = SeqModel(digits_row.input_size, digits_row.output_size, cfg)
+    spec = lepredict.lyapunov_spectrum(model.rnn, digits_row.x_val[:8], warmup=digits_row.seq_len // 8)
+    assert rec.spectra[0]["n"] == 24
+    assert rec.spectra[0]["mean"] == pytest.approx(spec.mean.tolist(), abs=1e-5)
+
+
+def test_same_seed_same_record(digits_row):
+    cfg = {"arch": "rnn", "hidden": 8, "lr": 1e-2, "batch_size": 256, "seed": 3}
+    a = lepredict.train_run(cfg, digits_row, epochs=1, le_epochs=[1])
+    b = lepredict.train_run(cfg, digits_row, epochs=1, le_epochs=[1])
+    assert a.val_loss == b.val_loss and a.spectra == b.spectra
+
+
+def test_diverging_run_is_a_result_not_a_crash(digits_row):
+    cfg = {"arch": "rnn", "hidden": 16, "init": "uniform", "init_scale": 3.0, "lr": 1e38,
+           "optimizer": "sgd", "batch_size": 256}
+    rec = lepredict.train_run(cfg, digits_row, epochs=4, le_epochs=[0, 1, 2, 3])
+    assert rec.status == "diverged"
+    assert rec.epochs_completed < 4
+    assert math.isinf(rec.final_normalised_loss)
+    assert 0 in rec.spectra  # what it had before diverging is kept
+    json.dumps(rec.to_dict())
+
+
+def test_init_schemes():
+    cfg = RunConfig(arch="rnn", hidden=200, init="uniform", init_scale=0.3)
+    m = SeqModel(1, 2, cfg)
+    w = m.rnn.weight_hh_l0
+    assert w.abs().max() <= 0.3 and w.abs().max() > 0.29
+    assert float(m.rnn.bias_hh_l0.abs().max()) == 0.0
+    g = SeqModel(1, 2, RunConfig(arch="rnn", hidden=400, init="gain", init_scale=0.5))
+    assert weight_stats(g.rnn)["w_hh_radius"] == pytest.approx(0.5, abs=0.06)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"arch": "transformer"}, "arch must be one of"),
+        ({"hidden": 0}, "hidden must be a positive int"),
+        ({"lr": -1.0}, "lr must be a positive"),
+        ({"optimizer": "lbfgs"}, "optimizer must be one of"),
+        ({"clip": float("nan")}, "clip must be"),
+        ({"width": 3}, "Unknown hyperparameters"),
+    ],
+)
+def test_bad_config(params, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig.from_dict(params)
+
+
+def test_cli_spectrum_prints_table(capsys):
+    rc = main(["spectrum", "--task", "digits", "--task-option", "mode=row", "--arch", "gru",
+               "--hidden", "8", "--epochs", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "lambda_1" in out and "status ok" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]) == 2
+
+
+def test_cli_unknown_task_is_a_clear_error(capsys):
+    rc = main(["spectrum", "--task", "nope"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "nope" in err and "digits" in err
