@@ -11,7 +11,7 @@ The pieces, each in a module named after what it holds:
 
 from __future__ import annotations
 
-from lepredict import tasks
+from lepredict import features, sweep, tasks
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum, lyapunov_spectrum_map
 from lepredict.train import RunConfig, RunRecord, train_run
 
@@ -24,6 +24,8 @@ __all__ = [
     "__version__",
     "lyapunov_spectrum",
     "lyapunov_spectrum_map",
+    "features",
+    "sweep",
     "tasks",
     "train_run",
 ]

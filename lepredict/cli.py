@@ -116,7 +116,7 @@ def _cmd_sweep(args) -> int:
             args.task, n_trials=args.n_trials, epochs=args.epochs, le_epochs=args.le_epochs,
             storage=args.storage, study_name=args.study_name, space=space, task_options=options,
             device=args.device, n_jobs=args.n_jobs, sampler=args.sampler,
-            pruner=_pruner(args.pruner), seed=args.seed, le_k=args.le_k,
+            pruner=_pruner(args.pruner), seed=args.seed, le_k=args.le_k, probe_size=args.probe_size,
             show_progress_bar=not args.quiet,
         )
     except ValueError as err:
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--le-epochs", type=int, nargs="+", default=[0, 1, 2, 3],
                    help="epochs at which to measure the spectrum (0 = initialisation)")
     p.add_argument("--le-k", type=int, default=None, help="exponents per spectrum (default: all)")
+    p.add_argument("--probe-size", type=int, default=16,
+                   help="validation sequences the spectrum averages over")
     p.add_argument("--space", default=None, help="search space: NAME for studies/NAME.toml, or a path")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL or journal file (default: sqlite:///studies/NAME.db)")

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import tomllib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +41,9 @@ __all__ = [
     "load_space",
     "make_storage",
     "read_trials",
+    "record_frame",
     "run_sweep",
+    "trial_row",
     "trials_frame",
 ]
 
@@ -160,13 +163,17 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
                          "postgresql://...) nor a journal file path ending in .log or .jsonl.")
     # The heartbeat lets a resumed sweep find trials whose worker died (RUNNING forever
     # otherwise), mark them failed, and run them again once.
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-        engine_kwargs={"pool_pre_ping": True},
-    )
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback",
+                    optuna.storages.RetryFailedTrialCallback)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=retry(max_retry=1),
+            engine_kwargs={"pool_pre_ping": True},
+        )
 
 
 def _jsonable(value):
@@ -223,7 +230,6 @@ class _Objective:
 def _store(trial: optuna.Trial, rec: RunRecord, pruned_at: int | None = None) -> None:
     d = rec.to_dict()
     d.pop("spectra")
-    d.pop("config")  # the params are the trial's own
     if pruned_at is not None:
         d["status"] = "pruned"
         d["pruned_at"] = pruned_at
@@ -344,35 +350,70 @@ def trials_frame(study: optuna.Study):
     import pandas as pd
 
     setup = study.user_attrs.get(f"{ATTR}setup", {})
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        run = t.user_attrs.get(f"{ATTR}run", {})
-        row = {
-            "study": study.study_name,
-            "number": t.number,
-            "state": t.state.name,
-            "value": _float(t.value),
-            "status": t.user_attrs.get(f"{ATTR}status", "failed" if t.state.name == "FAIL" else None),
-            "task": setup.get("task"),
-            "task_options": json.dumps(setup.get("task_options", {}), sort_keys=True),
-            "epochs": setup.get("epochs"),
-            "fail_reason": t.system_attrs.get("fail_reason"),
-        }
-        row.update({f"param_{k}": v for k, v in t.params.items()})
-        for key in ("final_normalised_loss", "final_val_loss", "wall_time", "le_time",
-                    "epochs_completed", "pruned_at"):
-            row[key] = _float(run.get(key)) if key in run else None
-        for key in ("train_loss", "val_loss", "grad_norm"):
-            row[key] = [_float(v) for v in run.get(key, [])]
-        row["weights"] = json.dumps(run.get("weights", []))
-        for attr, spec in t.user_attrs.items():
-            if attr.startswith(f"{ATTR}spectrum:"):
-                epoch = attr.rsplit(":", 1)[1]
-                row[f"le{epoch}_mean"] = [_float(v) for v in spec["mean"]]
-                row[f"le{epoch}_std"] = [_float(v) for v in spec["std"]]
-                row[f"le{epoch}_diverged"] = _float(spec["diverged"])
-        rows.append(row)
+    chance, threshold = None, None
+    if setup.get("task"):
+        try:  # the task's chance loss and threshold travel with the export, for offline labels
+            task = tasks.get(setup["task"], **setup.get("task_options", {}))
+            chance, threshold = task.chance_loss, task.threshold
+        except (KeyError, ValueError, TypeError):
+            pass  # a custom task not registered in this process
+    rows = [trial_row(t, study.study_name, setup, chance, threshold)
+            for t in study.get_trials(deepcopy=False)]
     return pd.DataFrame(rows)
+
+
+def trial_row(t: optuna.trial.FrozenTrial, study_name: str, setup: dict,
+              chance_loss: float | None = None, threshold: float | None = None) -> dict:
+    """One trial as a :func:`trials_frame` row (also what the pruner builds for a live trial)."""
+    spectra = {attr.rsplit(":", 1)[1]: spec for attr, spec in t.user_attrs.items()
+               if attr.startswith(f"{ATTR}spectrum:")}
+    meta = {
+        "study": study_name,
+        "number": t.number,
+        "state": t.state.name,
+        "value": _float(t.value),
+        "status": t.user_attrs.get(f"{ATTR}status", "failed" if t.state.name == "FAIL" else None),
+        "task": setup.get("task"),
+        "task_options": json.dumps(setup.get("task_options", {}), sort_keys=True),
+        "epochs": setup.get("epochs"),
+        "chance_loss": chance_loss,
+        "threshold": threshold,
+        "fail_reason": t.user_attrs.get(f"{ATTR}error"),
+    }
+    run = t.user_attrs.get(f"{ATTR}run", {})
+    # The whole config (fixed values included), then the sampled params as Optuna holds them.
+    return _row(meta, run, {**run.get("config", {}), **t.params}, spectra)
+
+
+def record_frame(record: RunRecord, task: tasks.Task) -> pd.DataFrame:
+    """A :class:`RunRecord` as a one-row trials frame, to get features of a run made outside a
+    study."""
+    import pandas as pd
+
+    meta = {
+        "study": "", "number": 0, "state": "COMPLETE", "value": record.final_normalised_loss,
+        "status": record.status, "task": task.name,
+        "task_options": json.dumps(task.options, sort_keys=True), "epochs": record.epochs,
+        "chance_loss": task.chance_loss, "threshold": task.threshold, "fail_reason": None,
+    }
+    run = _jsonable(record.to_dict())
+    return pd.DataFrame([_row(meta, run, record.config, run["spectra"])])
+
+
+def _row(meta: dict, run: dict, params: dict, spectra: dict) -> dict:
+    row = dict(meta)
+    row.update({f"param_{k}": v for k, v in params.items()})
+    for key in ("final_normalised_loss", "final_val_loss", "wall_time", "le_time",
+                "epochs_completed", "pruned_at"):
+        row[key] = _float(run.get(key)) if key in run else None
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        row[key] = [_float(v) for v in run.get(key, [])]
+    row["weights"] = json.dumps(run.get("weights", []))
+    for epoch, spec in spectra.items():
+        row[f"le{epoch}_mean"] = [_float(v) for v in spec["mean"]]
+        row[f"le{epoch}_std"] = [_float(v) for v in spec["std"]]
+        row[f"le{epoch}_diverged"] = _float(spec["diverged"])
+    return row
 
 
 def _float(v):

@@ -1,0 +1,301 @@
+"""Features of a run's early training, for predicting its final outcome.
+
+Every function here takes runs as rows of a trials frame (:func:`lepredict.sweep.trials_frame`,
+or an export read back with :func:`lepredict.sweep.read_trials`) and an early ``budget``: the
+epochs ``0..budget`` a prediction may look at (epoch 0 = at initialisation). Feature sets:
+
+* ``"spectrum"``: per early epoch, the mean spectrum on a common grid (exponent ``i`` of ``n`` sits
+  at ``(i + 1/2) / n``, so networks of any size compare), the largest exponent, the mean, the
+  number and share of positive and of near-zero exponents, the Kaplan-Yorke dimension as a share
+  of ``n``, the spread over trajectories and the share of diverged trajectories; and the change of
+  each summary from one epoch to the next.
+* Baselines, computed the same way: ``"loss"`` (early validation and training loss, normalised by
+  the task's chance loss), ``"weights"`` (spectral radius and norms of the recurrent weights),
+  ``"grad"`` (gradient norms; none at budget 0) and ``"hparams"`` (the hyperparameters).
+
+A diverged run has defined features, never NaN: its missing epochs repeat the last measured
+spectrum with the diverged share set to 1, its losses sit at :data:`LOSS_CAP`, and so on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "FEATURE_SETS",
+    "GRID",
+    "build_features",
+    "completed_runs",
+    "feature_names",
+    "kaplan_yorke",
+    "outcomes",
+    "spectrum_grid",
+    "spectrum_summary",
+]
+
+FEATURE_SETS = ("spectrum", "loss", "weights", "grad", "hparams")
+#: Points of the common grid each spectrum is interpolated onto.
+GRID = 16
+#: Exponents are clipped to ``[-CLIP, CLIP]``: a floored (saturated) direction is very negative
+#: and carries no more information below this.
+CLIP = 20.0
+#: ``|lambda| < NEAR_ZERO`` (natural log per step) counts as a near-zero exponent.
+NEAR_ZERO = 0.01
+#: Normalised losses are clipped to ``[0, LOSS_CAP]``; a diverged run's missing losses take it.
+LOSS_CAP = 10.0
+#: The regression target, the final normalised loss, is clipped to ``[0, TARGET_CAP]``: above
+#: chance by this much a run is simply bad, and a diverged run (``inf``) gets this value.
+TARGET_CAP = 3.0
+_ARCHS = ("rnn", "gru", "lstm")
+_OPTIMIZERS = ("sgd", "adam", "rmsprop")
+_INITS = ("uniform", "gain", "default")
+_SUMMARY = ("lmax", "mean", "n_pos", "share_pos", "share_zero", "ky", "spread", "spread_max",
+            "diverged")
+
+
+def kaplan_yorke(exponents: Sequence[float]) -> float:
+    """Kaplan-Yorke dimension of a spectrum sorted descending (0 if even the largest is < 0)."""
+    total = 0.0
+    for j, lam in enumerate(exponents):
+        if total + lam < 0:
+            return j + total / abs(lam) if j else 0.0
+        total += lam
+    return float(len(exponents))
+
+
+def spectrum_grid(exponents: Sequence[float], size: int = GRID) -> np.ndarray:
+    """A descending spectrum of any length ``n`` resampled at ``size`` points of the index grid
+    ``i / n``, so spectra of networks of different sizes compare point by point."""
+    lam = np.clip(np.asarray(exponents, dtype=float), -CLIP, CLIP)
+    n = len(lam)
+    return np.interp((np.arange(size) + 0.5) / size, (np.arange(n) + 0.5) / n, lam)
+
+
+def spectrum_summary(mean: Sequence[float], std: Sequence[float] | None = None,
+                     diverged: float = 0.0) -> dict[str, float]:
+    """Scalar summaries of one spectrum (mean over trajectories, and its spread)."""
+    lam = np.clip(np.asarray(mean, dtype=float), -CLIP, CLIP)
+    n = len(lam)
+    spread = np.clip(np.asarray(std if std is not None and len(std) == n else np.zeros(n),
+                               dtype=float), 0, CLIP)
+    return {
+        "lmax": float(lam[0]),
+        "mean": float(lam.mean()),
+        "n_pos": float((lam > NEAR_ZERO).sum()),
+        "share_pos": float((lam > NEAR_ZERO).mean()),
+        "share_zero": float((np.abs(lam) <= NEAR_ZERO).mean()),
+        "ky": kaplan_yorke(lam) / n,
+        "spread": float(spread.mean()),
+        "spread_max": float(spread.max()),
+        "diverged": float(diverged),
+    }
+
+
+def _num(value, default: float = math.nan) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return default
+    return v
+
+
+def _list(value) -> list:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    if isinstance(value, str):
+        return json.loads(value)
+    return list(value)
+
+
+def _chance(row: pd.Series) -> float:
+    chance = _num(row.get("chance_loss"))
+    if math.isfinite(chance) and chance > 0:
+        return chance
+    # Older exports lack the column: the final losses give it back where the run finished.
+    final, norm = _num(row.get("final_val_loss")), _num(row.get("final_normalised_loss"))
+    if math.isfinite(final) and math.isfinite(norm) and norm > 0:
+        return final / norm
+    raise ValueError(
+        f"Run {row.get('study')}#{row.get('number')} has no chance loss to normalise its losses "
+        "by; export the study again with this version of lepredict (`lepredict export`)."
+    )
+
+
+def _diverged_by(row: pd.Series, epoch: int) -> bool:
+    """Whether the run had already diverged when ``epoch`` should have been measured."""
+    return row.get("status") == "diverged" and len(_list(row.get("val_loss"))) <= epoch
+
+
+def _spectrum_features(row: pd.Series, budget: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    last: tuple[np.ndarray, dict] | None = None
+    previous: dict | None = None
+    for e in range(budget + 1):
+        mean = _list(row.get(f"le{e}_mean"))
+        if mean and all(math.isfinite(v) for v in mean):
+            std = _list(row.get(f"le{e}_std"))
+            div = _num(row.get(f"le{e}_diverged"), 0.0)
+            last = (spectrum_grid(mean), spectrum_summary(mean, std, div))
+        elif last is None:
+            # No spectrum yet (or a state that overflowed at once): a flat zero spectrum.
+            last = (np.zeros(GRID), spectrum_summary([0.0], [0.0], 0.0))
+        grid, summary = last[0], dict(last[1])
+        if _diverged_by(row, e) or not mean and row.get("status") == "diverged":
+            summary["diverged"] = 1.0
+        out.update({f"spec_e{e}_g{i:02d}": float(v) for i, v in enumerate(grid)})
+        out.update({f"spec_e{e}_{k}": summary[k] for k in _SUMMARY})
+        if previous is not None:
+            out.update({f"spec_d{e}_{k}": summary[k] - previous[k] for k in _SUMMARY})
+        previous = summary
+    return out
+
+
+def _capped(v: float, cap: float) -> float:
+    return cap if not math.isfinite(v) else float(min(max(v, 0.0), cap))
+
+
+def _loss_features(row: pd.Series, budget: int) -> dict[str, float]:
+    chance = _chance(row)
+    val, train = _list(row.get("val_loss")), _list(row.get("train_loss"))
+    out: dict[str, float] = {}
+    for e in range(budget + 1):
+        v = _num(val[e]) / chance if e < len(val) else math.inf
+        out[f"loss_e{e}"] = _capped(v, LOSS_CAP)
+        if e > 0:
+            out[f"loss_d{e}"] = out[f"loss_e{e}"] - out[f"loss_e{e - 1}"]
+            t = _num(train[e - 1]) / chance if e - 1 < len(train) else math.inf
+            out[f"train_loss_e{e}"] = _capped(t, LOSS_CAP)
+    return out
+
+
+def _weight_features(row: pd.Series, budget: int) -> dict[str, float]:
+    weights = _list(row.get("weights"))
+    hidden = _num(row.get("param_hidden"), 1.0)
+    out: dict[str, float] = {}
+    for e in range(budget + 1):
+        w = weights[min(e, len(weights) - 1)] if weights else {}
+        diverged = e >= len(weights)
+
+        def log(v, scale=1.0):
+            v = _num(v, math.inf) / scale
+            return math.log(min(v, 1e6)) if v > 0 and not diverged else math.log(1e6)
+
+        out[f"w_e{e}_radius"] = log(w.get("w_hh_radius"))
+        out[f"w_e{e}_opnorm"] = log(w.get("w_hh_opnorm"))
+        out[f"w_e{e}_hh_rms"] = log(w.get("w_hh_norm"), math.sqrt(hidden))
+        out[f"w_e{e}_ih_rms"] = log(w.get("w_ih_norm"), math.sqrt(hidden))
+    return out
+
+
+def _grad_features(row: pd.Series, budget: int) -> dict[str, float]:
+    grads = _list(row.get("grad_norm"))
+    out: dict[str, float] = {}
+    for e in range(1, budget + 1):
+        g = _num(grads[e - 1], math.inf) if e - 1 < len(grads) else math.inf
+        out[f"grad_e{e}"] = math.log10(g) if math.isfinite(g) and g > 0 else 10.0
+    return out
+
+
+def _hparam_features(row: pd.Series, budget: int) -> dict[str, float]:
+    arch, opt = row.get("param_arch"), row.get("param_optimizer")
+    init = row.get("param_init") if isinstance(row.get("param_init"), str) else "uniform"
+    out = {f"hp_arch_{a}": float(arch == a) for a in _ARCHS}
+    out.update({f"hp_opt_{o}": float(opt == o) for o in _OPTIMIZERS})
+    out.update({f"hp_init_{i}": float(init == i) for i in _INITS})
+
+    def get(name, default):
+        v = _num(row.get(f"param_{name}"), default)
+        return default if math.isnan(v) else v
+
+    out["hp_log2_hidden"] = math.log2(get("hidden", 64))
+    out["hp_layers"] = get("layers", 1)
+    out["hp_log10_init_scale"] = math.log10(get("init_scale", 0.1))
+    out["hp_log10_lr"] = math.log10(get("lr", 1e-3))
+    out["hp_log2_batch_size"] = math.log2(get("batch_size", 64))
+    out["hp_clip"] = get("clip", 0.0)
+    return out
+
+
+_BUILDERS = {
+    "spectrum": _spectrum_features,
+    "loss": _loss_features,
+    "weights": _weight_features,
+    "grad": _grad_features,
+    "hparams": _hparam_features,
+}
+
+
+def _check(budget: int, sets: Sequence[str]) -> tuple[str, ...]:
+    if not isinstance(budget, (int, np.integer)) or isinstance(budget, bool) or budget < 0:
+        raise ValueError(f"budget must be a non-negative int (epochs 0..budget), got {budget=}.")
+    if isinstance(sets, str):
+        sets = (sets,)
+    unknown = [s for s in sets if s not in _BUILDERS]
+    if unknown or not sets:
+        raise ValueError(f"Unknown feature sets {unknown or sets!r}; choose from {FEATURE_SETS}.")
+    return tuple(sets)
+
+
+def build_features(frame: pd.DataFrame, *, budget: int,
+                   sets: Sequence[str] = ("spectrum",)) -> pd.DataFrame:
+    """Feature matrix (one row per run, same index as ``frame``) from epochs ``0..budget``.
+
+    Example:
+        >>> import lepredict
+        >>> from lepredict.features import build_features
+        >>> rec = lepredict.train_run({"arch": "gru", "hidden": 8}, lepredict.tasks.get(
+        ...     "digits", mode="row"), epochs=1, le_epochs=[0, 1])
+        >>> frame = lepredict.sweep.record_frame(rec, lepredict.tasks.get("digits", mode="row"))
+        >>> build_features(frame, budget=1, sets=["spectrum", "loss"]).shape[1]
+        70
+    """
+    sets = _check(budget, sets)
+    rows = [{k: v for s in sets for k, v in _BUILDERS[s](row, int(budget)).items()}
+            for _, row in frame.iterrows()]
+    out = pd.DataFrame(rows, index=frame.index, columns=feature_names(budget, sets))
+    return out.astype(float)
+
+
+def feature_names(budget: int, sets: Sequence[str]) -> list[str]:
+    """Column names :func:`build_features` gives for ``budget`` and ``sets``, in order."""
+    sets = _check(budget, sets)
+    row = pd.Series({
+        "status": "ok", "val_loss": [1.0] * (budget + 1), "train_loss": [1.0] * budget,
+        "grad_norm": [1.0] * budget, "chance_loss": 1.0, "param_hidden": 4,
+        "weights": [{}] * (budget + 1),
+        **{f"le{e}_mean": [0.0, 0.0] for e in range(budget + 1)},
+    })
+    return [k for s in sets for k in _BUILDERS[s](row, int(budget))]
+
+
+def completed_runs(frame: pd.DataFrame) -> pd.DataFrame:
+    """The runs with a final outcome: finished trials, diverged ones included; pruned, failed
+    and running trials have none."""
+    return frame[frame["state"] == "COMPLETE"]
+
+
+def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:
+    """Labels of finished runs: ``trainable`` (did not diverge and final normalised loss below
+    the threshold: ``threshold`` if given, else each run's task default) and ``final_loss`` (the
+    final normalised loss clipped to ``[0, TARGET_CAP]``)."""
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be a positive finite number, got {threshold=}.")
+    final = pd.to_numeric(frame["final_normalised_loss"], errors="coerce").astype(float)
+    if threshold is None:
+        if "threshold" not in frame or frame["threshold"].isna().any():
+            raise ValueError("Some runs have no task threshold (custom task or old export): "
+                             "pass threshold=... explicitly.")
+        limit = frame["threshold"].astype(float)
+    else:
+        limit = pd.Series(float(threshold), index=frame.index)
+    finite = np.isfinite(final)
+    trainable = finite & (frame["status"] != "diverged") & (final < limit)
+    return pd.DataFrame({
+        "trainable": trainable.astype(bool),
+        "final_loss": final.where(finite, TARGET_CAP).clip(0.0, TARGET_CAP),
+    }, index=frame.index)
