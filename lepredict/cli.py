@@ -67,6 +67,7 @@ def _config_from_args(args):
 
 def _cmd_spectrum(args) -> int:
     """Train briefly and print the spectrum at each measured epoch."""
+    from lepredict.features import kaplan_yorke
     from lepredict.train import train_run
 
     task = _get_task(args.task, _task_options(args.task_option))
@@ -88,7 +89,7 @@ def _cmd_spectrum(args) -> int:
         val = rec.val_loss[epoch]
         print(f"{epoch:>5} {val:>9.4f} {task.normalised_loss(val):>6.3f} "
               f"{mean[0]:>8.4f}±{std[0]:<7.4f} {sum(mean) / len(mean):>8.4f} "
-              f"{sum(v > 0 for v in mean):>4} {_kaplan_yorke(mean):>7.2f}   "
+              f"{sum(v > 0 for v in mean):>4} {kaplan_yorke(mean):>7.2f}   "
               + " ".join(f"{v:.3f}" for v in mean[:6]))
     print(f"status {rec.status}; {time.perf_counter() - t0:.1f} s, of which spectra {rec.le_time:.1f} s")
     return 0
@@ -158,14 +159,91 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _kaplan_yorke(exponents: list[float]) -> float:
-    """Kaplan-Yorke dimension of a descending spectrum."""
-    total = 0.0
-    for j, lam in enumerate(exponents):
-        if total + lam < 0:
-            return j + total / abs(lam) if j else 0.0
-        total += lam
-    return float(len(exponents))
+def _read_data(paths: list[str]):
+    """Exports named on the command line (globs already expanded by the shell), as one frame."""
+    import glob
+
+    import pandas as pd
+
+    from lepredict.sweep import read_trials
+
+    files = [f for p in paths for f in (sorted(glob.glob(p)) or [p])]
+    frames = []
+    for f in files:
+        try:
+            frames.append(read_trials(f))
+        except FileNotFoundError:
+            raise CLIError(f"No such data file: {f!r}; pass exports written by "
+                           "`lepredict export` (.parquet or .csv).") from None
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+    if not frames:
+        raise CLIError("No data: pass --data FILE [FILE ...].")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _cmd_fit(args) -> int:
+    from lepredict.evaluation import cross_validate
+    from lepredict.predictor import StabilityPredictor
+
+    frame = _read_data(args.data)
+    # Model selection by grouped cross-validation (groups = study) over a small grid.
+    grid = {"histgradientboostingclassifier__learning_rate": [0.03, 0.1],
+            "histgradientboostingclassifier__max_leaf_nodes": [7, 15, 31]} if args.search else None
+    for budget in args.budgets:
+        try:
+            metrics = {}
+            if not args.no_cv:
+                metrics["held_out_configs"] = cross_validate(
+                    frame, budget=budget, sets=args.features, scheme="configs",
+                    threshold=args.threshold)
+            model = StabilityPredictor(budget=budget, feature_sets=tuple(args.features),
+                                       threshold=args.threshold, param_grid=grid).fit(frame)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+        out = model.save(f"{args.output}/budget-{budget}", metrics=metrics)
+        auroc = metrics.get("held_out_configs", {}).get("auroc")
+        extra = f", held-out AUROC {auroc:.3f}" if auroc is not None else ""
+        print(f"budget {budget}: fitted on {model.training_summary_['runs']} runs{extra} -> {out}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from lepredict.evaluation import compare, format_table
+    from lepredict.features import completed_runs, outcomes
+    from lepredict.predictor import ModelFileError, load_models, metric_table, resolve_model
+
+    frame = _read_data(args.data)
+    if args.model is None:
+        try:
+            table = compare(frame, budgets=args.budgets, schemes=args.schemes,
+                            threshold=args.threshold, progress=not args.json)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+        if args.json:
+            print(table.to_json(orient="records", indent=1))
+        else:
+            print(format_table(table))
+        return 0
+    try:
+        models = load_models(resolve_model(args.model))
+    except ModelFileError as err:
+        raise CLIError(str(err)) from None
+    runs = completed_runs(frame)
+    rows = []
+    for budget, model in sorted(models.items()):
+        out = outcomes(runs, threshold=args.threshold if args.threshold else model.threshold)
+        m = metric_table(out["trainable"], model.predict_proba(runs)[:, 1], out["final_loss"],
+                         model.predict_loss(runs))
+        rows.append({"budget": budget, **m})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"{'budget':>6} {'runs':>6} {'AUROC':>7} {'AP':>7} {'Brier':>7} {'Spearman':>9} {'MAE':>7}")
+    for r in rows:
+        print(f"{r['budget']:>6} {r['n']:>6} {r['auroc']:>7.3f} {r['ap']:>7.3f} {r['brier']:>7.3f} "
+              f"{r['spearman']:>9.3f} {r['mae']:>7.3f}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +294,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", required=True)
     p.add_argument("-o", "--output", required=True, help="FILE.parquet or FILE.csv")
     p.set_defaults(func=_cmd_export)
+
+    from lepredict.features import FEATURE_SETS
+
+    p = sub.add_parser("fit", help="fit stability predictors on exported sweeps")
+    p.add_argument("--data", nargs="+", required=True, help="exports (.parquet/.csv); globs work")
+    p.add_argument("-o", "--output", required=True, help="model directory (one subdirectory "
+                   "per budget)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 3],
+                   help="early budgets in epochs (one predictor each)")
+    p.add_argument("--features", nargs="+", default=["spectrum", "loss"], choices=FEATURE_SETS)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="trainability threshold on the final normalised loss (default: the task's)")
+    p.add_argument("--no-cv", action="store_true", help="skip the held-out metrics")
+    p.add_argument("--search", action="store_true",
+                   help="choose the classifier's hyperparameters by grouped cross-validation")
+    p.set_defaults(func=_cmd_fit)
+
+    p = sub.add_parser("evaluate", help="metrics of a predictor on data, or the cross-validated "
+                       "comparison with the baselines (without --model)")
+    p.add_argument("--model", default=None, help="model directory or shipped name ('default')")
+    p.add_argument("--data", nargs="+", required=True)
+    p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--schemes", nargs="+", default=["configs", "task", "arch"],
+                   choices=["configs", "task", "arch"])
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 

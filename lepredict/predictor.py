@@ -35,6 +35,8 @@ __all__ = ["ModelFileError", "StabilityPredictor", "load", "load_models", "resol
 
 MODEL_FILE = "model.joblib"
 MANIFEST = "manifest.json"
+#: Fewest runs of each class a fit accepts (the calibration's 3 folds need one each).
+MIN_PER_CLASS = 3
 #: Where the predictors shipped with lepredict live (``models/`` at the top of the repository).
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -132,10 +134,11 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
                              "state COMPLETE.")
         out = outcomes(X, threshold=self.threshold)
         y = out["trainable"].to_numpy() if y is None else np.asarray(y).astype(bool)
-        if len(np.unique(y)) < 2:
+        if min(y.sum(), (~y).sum()) < MIN_PER_CLASS:
             raise ValueError(
-                f"All {len(y)} runs are {'trainable' if y[0] else 'untrainable'}: the classifier "
-                "needs both. Add runs from a wider search space, or change threshold=."
+                f"Of {len(y)} runs, {int(y.sum())} are trainable and {int((~y).sum())} are not: "
+                f"the classifier needs at least {MIN_PER_CLASS} of each. Add runs from a wider "
+                "search space, or change threshold=."
             )
         features = self._features(X)
         self.feature_names_ = list(features.columns)
