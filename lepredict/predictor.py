@@ -109,11 +109,15 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
         if self.calibration not in ("sigmoid", "isotonic"):
             raise ValueError(f"calibration must be 'sigmoid' or 'isotonic', got {self.calibration=}.")
 
-    def _features(self, X) -> pd.DataFrame:
+    @staticmethod
+    def _check_frame(X) -> None:
         if not isinstance(X, pd.DataFrame):
             raise TypeError("X must be a trials frame (pandas DataFrame, one run per row, as "
                             "lepredict.sweep.read_trials gives it), got "
                             f"{type(X).__name__}.")
+
+    def _features(self, X) -> pd.DataFrame:
+        self._check_frame(X)
         return build_features(X, budget=self.budget, sets=self.feature_sets)
 
     def fit(self, X: pd.DataFrame, y=None, groups=None) -> StabilityPredictor:
@@ -127,6 +131,7 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             groups: fold groups for ``param_grid`` search; ``None`` uses ``X["study"]``.
         """
         self._validate()
+        self._check_frame(X)
         if y is None:
             X = completed_runs(X)
         if len(X) == 0:

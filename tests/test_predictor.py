@@ -1,0 +1,121 @@
+"""StabilityPredictor: a well-behaved scikit-learn estimator with checked persistence."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.model_selection import GroupKFold, cross_val_score
+
+from lepredict.evaluation import compare, cross_validate
+from lepredict.predictor import ModelFileError, StabilityPredictor, load, load_models
+
+
+@pytest.fixture(scope="module")
+def fitted(runs):
+    return StabilityPredictor(budget=1, feature_sets=("spectrum", "loss")).fit(runs)
+
+
+def test_sklearn_contract(runs, fitted):
+    est = StabilityPredictor(budget=2, threshold=0.6)
+    assert est.get_params()["budget"] == 2
+    assert clone(est).set_params(budget=0).budget == 0
+    proba = fitted.predict_proba(runs)
+    assert proba.shape == (len(runs), 2) and np.allclose(proba.sum(1), 1)
+    assert set(fitted.predict(runs)) <= {True, False}
+    assert fitted.score(runs) > 0.8
+    scores = cross_val_score(StabilityPredictor(budget=0), runs, runs["final_normalised_loss"] < 0.5,
+                             groups=runs["number"] % 4, cv=GroupKFold(4), scoring="roc_auc")
+    assert scores.mean() > 0.8  # the synthetic outcome is written in the epoch-0 spectrum
+
+
+def test_loss_head_and_interval(runs, fitted):
+    loss, low, high = fitted.predict_loss(runs, interval=True)
+    assert np.all(low <= loss) and np.all(loss <= high)
+    final = runs["final_normalised_loss"].clip(upper=3.0)
+    assert np.corrcoef(loss, final)[0, 1] > 0.7
+
+
+def test_explain_names_driving_features(runs, fitted):
+    (top,) = fitted.explain(runs.head(1), top=3)
+    assert len(top) == 3 and all(name in fitted.feature_names_ for name, _ in top)
+    assert abs(top[0][1]) >= abs(top[-1][1])
+
+
+def test_grid_search_with_grouped_folds(runs):
+    grid = {"histgradientboostingclassifier__max_leaf_nodes": [3, 7]}
+    model = StabilityPredictor(budget=0, param_grid=grid).fit(runs, groups=runs["number"] % 3)
+    assert model.best_params_["histgradientboostingclassifier__max_leaf_nodes"] in (3, 7)
+
+
+def test_single_class_and_bad_input_are_refused(runs):
+    with pytest.raises(ValueError, match="at least 3 of each"):
+        StabilityPredictor(budget=0, threshold=100.0).fit(runs[runs["status"] == "ok"])
+    with pytest.raises(TypeError, match="trials frame"):
+        StabilityPredictor().fit(np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="calibration"):
+        StabilityPredictor(calibration="magic").fit(runs)
+
+
+def test_save_load_round_trip_and_tampering(runs, fitted, tmp_path):
+    path = fitted.save(tmp_path / "m", metrics={"auroc": 0.9})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["feature_names"] == fitted.feature_names_ and manifest["budget"] == 1
+    assert len(manifest["sha256"]) == 64 and manifest["training_data"]["runs"] == len(runs)
+    again = load(path)
+    assert np.allclose(again.predict_proba(runs), fitted.predict_proba(runs))
+    assert load_models(tmp_path) == {} or 1 in load_models(tmp_path)
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(path, bad)
+    with open(bad / "model.joblib", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ModelFileError, match="does not match the sha256"):
+        load(bad)
+
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["feature_names"] = m["feature_names"][:-1]
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelFileError, match="built for other features"):
+        load(other)
+    with pytest.raises(ModelFileError, match="No saved predictor"):
+        load(tmp_path / "nowhere")
+
+
+def test_cross_validation_schemes(runs):
+    m = cross_validate(runs, budget=1, sets=["spectrum", "hparams"], scheme="configs")
+    assert m["auroc"] > 0.85 and m["n"] == len(runs)
+    by_task = cross_validate(runs, budget=1, sets=["spectrum"], scheme="task")
+    assert set(by_task["groups"]) == {"alpha", "beta"}
+    table = compare(runs, budgets=[0, 1], feature_sets=["spectrum", "grad"], schemes=["arch"],
+                    progress=False)
+    assert len(table) == 3  # no gradient features at budget 0
+    assert set(table["features"]) == {"spectrum", "grad"}
+
+
+def test_fit_and_evaluate_commands(runs, tmp_path):
+    data = tmp_path / "runs.parquet"
+    runs.to_parquet(data)
+    cmd = [sys.executable, "-m", "lepredict.cli"]
+    out = subprocess.run([*cmd, "fit", "--data", str(data), "-o", str(tmp_path / "model"),
+                          "--budgets", "0", "1", "--no-cv"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "model" / "budget-1" / "manifest.json").is_file()
+    out = subprocess.run([*cmd, "evaluate", "--model", str(tmp_path / "model"), "--data", str(data),
+                          "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert [r["budget"] for r in rows] == [0, 1] and rows[1]["auroc"] > 0.9
+    out = subprocess.run([*cmd, "evaluate", "--model", str(tmp_path / "nope"), "--data", str(data)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "No saved predictor" in out.stderr
+    out = subprocess.run([*cmd, "fit", "--data", str(tmp_path / "missing.parquet"), "-o",
+                          str(tmp_path / "x")], capture_output=True, text=True)
+    assert out.returncode == 2 and "No such data file" in out.stderr
