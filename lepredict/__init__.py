@@ -14,16 +14,20 @@ from __future__ import annotations
 from lepredict import features, sweep, tasks
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum, lyapunov_spectrum_map
 from lepredict.train import RunConfig, RunRecord, train_run
+from lepredict.pruner import LyapunovPruner, measure_and_report, report_spectrum
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LyapunovPruner",
     "LyapunovSpectrum",
     "RunConfig",
     "RunRecord",
     "__version__",
     "lyapunov_spectrum",
     "lyapunov_spectrum_map",
+    "measure_and_report",
+    "report_spectrum",
     "features",
     "sweep",
     "tasks",

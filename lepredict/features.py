@@ -9,8 +9,8 @@ epochs ``0..budget`` a prediction may look at (epoch 0 = at initialisation). Fea
   number and share of positive and of near-zero exponents, the Kaplan-Yorke dimension as a share
   of ``n``, the spread over trajectories and the share of diverged trajectories; and the change of
   each summary from one epoch to the next.
-* Baselines, computed the same way: ``"loss"`` (early validation and training loss, normalised by
-  the task's chance loss), ``"weights"`` (spectral radius and norms of the recurrent weights),
+* Baselines, computed the same way: ``"loss"`` (the early validation loss curve, normalised by
+  the task's chance loss, and its changes), ``"weights"`` (spectral radius and norms of the recurrent weights),
   ``"grad"`` (gradient norms; none at budget 0) and ``"hparams"`` (the hyperparameters).
 
 A diverged run has defined features, never NaN: its missing epochs repeat the last measured
@@ -161,15 +161,13 @@ def _capped(v: float, cap: float) -> float:
 
 def _loss_features(row: pd.Series, budget: int) -> dict[str, float]:
     chance = _chance(row)
-    val, train = _list(row.get("val_loss")), _list(row.get("train_loss"))
+    val = _list(row.get("val_loss"))
     out: dict[str, float] = {}
     for e in range(budget + 1):
         v = _num(val[e]) / chance if e < len(val) else math.inf
         out[f"loss_e{e}"] = _capped(v, LOSS_CAP)
         if e > 0:
             out[f"loss_d{e}"] = out[f"loss_e{e}"] - out[f"loss_e{e - 1}"]
-            t = _num(train[e - 1]) / chance if e - 1 < len(train) else math.inf
-            out[f"train_loss_e{e}"] = _capped(t, LOSS_CAP)
     return out
 
 
