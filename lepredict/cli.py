@@ -95,12 +95,25 @@ def _cmd_spectrum(args) -> int:
     return 0
 
 
-def _pruner(name: str):
+def _pruner(args):
     import optuna
 
+    name = args.pruner
+    median = lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)  # noqa: E731
+    if name == "lyapunov":
+        from lepredict.predictor import ModelFileError
+        from lepredict.pruner import LyapunovPruner
+
+        try:
+            return LyapunovPruner(model=args.pruner_model, mode=args.pruner_mode,
+                                  threshold=args.pruner_threshold, n_warmup_steps=1,
+                                  n_startup_trials=10,
+                                  wrapped_pruner=median() if args.pruner_wrap_median else None)
+        except (ModelFileError, ValueError) as err:
+            raise CLIError(str(err)) from None
     pruners = {
         "none": optuna.pruners.NopPruner,
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
+        "median": median,
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
     }
     return pruners[name]()
@@ -117,7 +130,7 @@ def _cmd_sweep(args) -> int:
             args.task, n_trials=args.n_trials, epochs=args.epochs, le_epochs=args.le_epochs,
             storage=args.storage, study_name=args.study_name, space=space, task_options=options,
             device=args.device, n_jobs=args.n_jobs, sampler=args.sampler,
-            pruner=_pruner(args.pruner), seed=args.seed, le_k=args.le_k, probe_size=args.probe_size,
+            pruner=_pruner(args), seed=args.seed, le_k=args.le_k, probe_size=args.probe_size,
             show_progress_bar=not args.quiet,
         )
     except ValueError as err:
@@ -246,6 +259,143 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _load_predictors(name: str):
+    from lepredict.predictor import ModelFileError, load_models, resolve_model
+
+    try:
+        return load_models(resolve_model(name))
+    except ModelFileError as err:
+        raise CLIError(str(err)) from None
+
+
+def _read_config_file(path: str) -> dict:
+    import tomllib
+
+    try:
+        text = open(path, "rb").read()
+    except OSError as err:
+        raise CLIError(f"Cannot read --config {path!r}: {err.strerror}.") from None
+    try:
+        return json.loads(text) if path.endswith(".json") else tomllib.loads(text.decode())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"--config {path!r} is not valid {'JSON' if path.endswith('.json') else 'TOML'}:"
+                       f" {err}") from None
+
+
+def _cmd_predict(args) -> int:
+    """Train for the early budget (or read spectra measured elsewhere) and predict."""
+    from lepredict.sweep import record_frame
+    from lepredict.train import RunConfig, RunRecord, train_run
+
+    t0 = time.perf_counter()
+    models = _load_predictors(args.model)
+    budget = max(models) if args.budget is None else args.budget
+    if budget not in models:
+        raise CLIError(f"The model has no predictor for budget {budget}; it has {sorted(models)}.")
+    model = models[budget]
+    task = _get_task(args.task, _task_options(args.task_option))
+    if args.spectrum:
+        try:
+            data = json.loads(open(args.spectrum).read())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CLIError(f"Cannot read --spectrum {args.spectrum!r}: {err}") from None
+        spectra = data.get("spectra", data if "0" in data else None)
+        if not isinstance(spectra, dict) or not spectra:
+            raise CLIError(f"{args.spectrum!r} holds no spectra: expected a run record from "
+                           "`lepredict spectrum --json`, or {\"0\": {\"mean\": [...], "
+                           "\"std\": [...]}, ...}.")
+        config = data.get("config") or (_read_config_file(args.config) if args.config else
+                                         _config_from_args(args).to_dict())
+        val = data.get("val_loss", [])
+        if "loss" in model.feature_sets and len(val) < budget + 1:
+            raise CLIError(f"The predictor uses the validation loss of epochs 0..{budget}, which "
+                           f"{args.spectrum!r} lacks: add \"val_loss\": [...] or pick a model "
+                           "fitted on spectra alone.")
+        try:
+            config = RunConfig.from_dict(config).to_dict()
+        except (ValueError, TypeError) as err:
+            raise CLIError(str(err)) from None
+        rec = RunRecord(config=config, task={"name": task.name}, val_loss=list(val),
+                        spectra={int(k): v for k, v in spectra.items()}, epochs=budget)
+        measured = 0.0
+    else:
+        if args.config:
+            try:
+                config = RunConfig.from_dict(_read_config_file(args.config))
+            except (ValueError, TypeError) as err:
+                raise CLIError(str(err)) from None
+        else:
+            config = _config_from_args(args)
+        rec = train_run(config, task, epochs=budget, le_epochs=range(budget + 1),
+                        device=args.device, probe_size=args.probe_size)
+        measured = rec.wall_time
+    frame = record_frame(rec, task)
+    p = float(model.predict_proba(frame)[0, 1])
+    loss, low, high = (float(v[0]) for v in model.predict_loss(frame, interval=True))
+    drivers = model.explain(frame, top=5)[0]
+    result = {
+        "p_trainable": p, "trainable": p >= 0.5, "final_loss": loss, "final_loss_interval":
+        [low, high], "budget": budget, "status": rec.status, "drivers": drivers,
+        "task": task.name, "config": rec.config, "train_seconds": measured,
+        "seconds": time.perf_counter() - t0,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    verdict = "likely to train" if p >= 0.5 else "likely NOT to train"
+    print(f"{task.name}: {rec.config['arch'].upper()} N={rec.config['hidden']}, lr "
+          f"{rec.config['lr']:g}, init {rec.config['init']} {rec.config['init_scale']:g}, "
+          f"{rec.config['optimizer']}")
+    print(f"P(trainable) = {p:.3f}  ({verdict}; status after {budget} epoch(s): {rec.status})")
+    print(f"predicted final normalised loss {loss:.3f}  (10-90%: {low:.3f} - {high:.3f}; "
+          f"trainable below {task.threshold:g})")
+    print("what drove it (P minus P with that feature at a typical value):")
+    for name, delta in drivers:
+        print(f"  {name:<22} {delta:+.3f}")
+    print(f"took {result['seconds']:.1f} s ({measured:.1f} s training and spectra)")
+    return 0
+
+
+def _cmd_analyze(args) -> int:
+    import optuna
+
+    from lepredict import report
+    from lepredict.sweep import make_storage, trials_frame
+
+    study = None
+    if args.data:
+        frame = _read_data(args.data)
+        title = ", ".join(args.data)
+    elif args.study_name:
+        try:
+            study = optuna.load_study(study_name=args.study_name,
+                                      storage=make_storage(args.storage, args.study_name))
+        except KeyError:
+            raise CLIError(f"No study named {args.study_name!r} in {args.storage or 'studies/'}; "
+                           "check --study-name and --storage.") from None
+        frame = trials_frame(study)
+        title = args.study_name
+    else:
+        raise CLIError("Say what to analyse: --study-name NAME [--storage URL], or --data FILE.")
+    model = None
+    if args.model != "none":
+        models = _load_predictors(args.model)
+        model = models[min(models, key=lambda b: abs(b - args.budget))]
+    reference = _read_data(args.reference) if args.reference else None
+    output = args.output or f"studies/{(args.study_name or 'report')}-report.html"
+    try:
+        path = report.analyze(frame, output, model=model, title=title, reference=reference)
+        if args.publish:
+            if study is None:
+                raise CLIError("--publish saves figures into a study: use --study-name.")
+            n = report.publish(study, report.figures(frame, model=model, reference=reference))
+            print(f"published {n} figures to study {study.study_name} for optuna-dashboard")
+    except (ValueError, ImportError) as err:
+        raise CLIError(str(err)) from None
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lepredict import __version__
 
@@ -282,7 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna storage URL or journal file (default: sqlite:///studies/NAME.db)")
     p.add_argument("--study-name", default="lepredict")
     p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
-    p.add_argument("--pruner", default="none", choices=["none", "median", "hyperband"])
+    p.add_argument("--pruner", default="none", choices=["none", "lyapunov", "median", "hyperband"])
+    p.add_argument("--pruner-model", default="default",
+                   help="predictor of --pruner lyapunov: shipped name or directory")
+    p.add_argument("--pruner-mode", default="model", choices=["model", "online", "both"])
+    p.add_argument("--pruner-threshold", type=float, default=0.5,
+                   help="prune when P(trainable) is below this")
+    p.add_argument("--pruner-wrap-median", action="store_true",
+                   help="also prune by loss with a wrapped MedianPruner")
     p.add_argument("--n-jobs", type=int, default=1, help="trials at once in this process")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -321,6 +478,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict-stability", help="train for the early budget and predict whether "
+                       "a configuration will train")
+    p.add_argument("--task", default="digits")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE")
+    _add_config_args(p)
+    p.add_argument("--config", default=None, help="hyperparameters from a TOML or JSON file")
+    p.add_argument("--spectrum", default=None, help="predict from spectra measured elsewhere "
+                   "(JSON: a `lepredict spectrum --json` record, or {epoch: {mean, std}})")
+    p.add_argument("--model", default="default", help="shipped name or model directory")
+    p.add_argument("--budget", type=int, default=None,
+                   help="early budget in epochs (default: the model's largest)")
+    p.add_argument("--probe-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("analyze", help="HTML report of a sweep (plotly figures)")
+    p.add_argument("--storage", default=None)
+    p.add_argument("--study-name", default=None)
+    p.add_argument("--data", nargs="+", default=None, help="exported trials instead of a study")
+    p.add_argument("--model", default="default", help="predictor to show ('none' for no model)")
+    p.add_argument("--budget", type=int, default=1, help="early budget of the predictor shown")
+    p.add_argument("--reference", nargs="+", default=None,
+                   help="exports of full runs: what pruned configurations would have reached")
+    p.add_argument("-o", "--output", default=None, help="report path (default: "
+                   "studies/NAME-report.html)")
+    p.add_argument("--publish", action="store_true",
+                   help="also save the figures into the study for optuna-dashboard")
+    p.set_defaults(func=_cmd_analyze)
     return parser
 
 
