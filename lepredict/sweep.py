@@ -214,7 +214,7 @@ class _Objective:
                 trial.set_user_attr(f"{ATTR}spectrum:{epoch}", _jsonable(rec.spectra[epoch]))
             val = rec.val_loss[-1]
             trial.report(self.task.normalised_loss(val) if math.isfinite(val) else math.inf, epoch)
-            if epoch > 0 and trial.should_prune():
+            if trial.should_prune():
                 _store(trial, rec, pruned_at=epoch)
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 N=${N:-350}        # corpus trials per task
-H=${H:-60}         # held-out trials per task
+H=${H:-50}         # held-out trials per task
 COMMON=(--space studies/corpus.toml --sampler random --epochs 10 --probe-size 8 --quiet)
 SHORT=(--task-option seq_len=24 --task-option n_train=500 --task-option n_val=200)
 ADD10=(--task-option seq_len=10 --task-option n_train=1000 --task-option n_val=200)
@@ -19,7 +19,7 @@ sweep() {  # NAME SEED TASK [OPTIONS...]
 }
 
 lane1() {
-  sweep corpus-digits 1 --task digits --task-option mode=row
+  N=300 sweep corpus-digits 1 --task digits --task-option mode=row
   sweep corpus-charlm 2 --task charlm "${SHORT[@]}"
   N=$H sweep heldout-digits 101 --task digits --task-option mode=row --le-epochs $ALL
 }
