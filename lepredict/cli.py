@@ -135,23 +135,62 @@ def _cmd_sweep(args) -> int:
         )
     except ValueError as err:
         raise CLIError(str(err)) from None
-    _print_summary(study)
+    _print_summary(study, args.epochs)
+    if args.report:
+        from lepredict import report
+        from lepredict.predictor import ModelFileError, load_models, resolve_model
+        from lepredict.sweep import trials_frame
+
+        model = None
+        try:
+            models = load_models(resolve_model(args.pruner_model))
+            model = models[min(models, key=lambda b: abs(b - 1))]
+        except ModelFileError:
+            pass  # the report without the predictor's figures
+        frame = trials_frame(study)
+        try:
+            path = report.analyze(frame, f"studies/{args.study_name}-report.html", model=model,
+                                  title=args.study_name)
+            print(f"  {'report':<15} {path}")
+        except ValueError as err:
+            print(f"  {'report':<15} not written: {err}")
     return 0
 
 
-def _print_summary(study) -> None:
+def _print_summary(study, epochs: int) -> None:
     import optuna
 
     states = [t.state for t in study.trials]
     count = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState}
     diverged = sum(t.user_attrs.get("lepredict:status") == "diverged" for t in study.trials)
-    print(f"study {study.study_name}: {len(states)} trials, {count['complete']} complete "
-          f"({diverged} diverged), {count['pruned']} pruned, {count['fail']} failed, "
-          f"{count['running']} running")
+    # Epochs each trial trained: to its end, to its pruning, or to the epoch it diverged in.
+    spent = 0
+    for t in study.trials:
+        run = t.user_attrs.get("lepredict:run", {})
+        if t.state == optuna.trial.TrialState.PRUNED:
+            spent += int(run.get("pruned_at", t.last_step or 0))
+        elif t.state == optuna.trial.TrialState.COMPLETE:
+            done = int(run.get("epochs_completed", epochs))
+            spent += done if run.get("status") != "diverged" else min(done + 1, epochs)
+    finished = count["complete"] + count["pruned"]
+    full = finished * epochs
+    rows = [
+        ("trials run", f"{len(states)} ({count['complete']} complete, {diverged} of them "
+                       f"diverged; {count['fail']} failed; {count['running']} running)"),
+        ("pruned", f"{count['pruned']}"),
+        ("epochs trained", f"{spent} of {full} without pruning"),
+        ("compute saved", f"{100 * (1 - spent / full):.0f}% of the epochs" if full else "-"),
+    ]
     finite = [t for t in study.trials if t.value is not None and math.isfinite(t.value)]
     if finite:
         best = min(finite, key=lambda t: t.value)
-        print(f"best: trial {best.number}, normalised loss {best.value:.4f}, params {best.params}")
+        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in best.params.items())
+        rows.append(("best result", f"normalised loss {best.value:.4f} (trial {best.number}: "
+                                    f"{params})"))
+    print(f"study {study.study_name}")
+    for key, value in rows:
+        print(f"  {key:<15} {value}")
 
 
 def _cmd_export(args) -> int:
@@ -230,7 +269,7 @@ def _cmd_evaluate(args) -> int:
     if args.model is None:
         try:
             table = compare(frame, budgets=args.budgets, schemes=args.schemes,
-                            threshold=args.threshold, progress=not args.json)
+                            threshold=args.threshold, progress=not args.json, n_jobs=args.n_jobs)
         except ValueError as err:
             raise CLIError(str(err)) from None
         if args.json:
@@ -444,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--report", action="store_true",
+                   help="write the analysis report (studies/NAME-report.html) at the end")
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("export", help="write a study's trials to Parquet or CSV")
@@ -476,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schemes", nargs="+", default=["configs", "task", "arch"],
                    choices=["configs", "task", "arch"])
     p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--n-jobs", type=int, default=None, help="folds fitted in parallel")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 

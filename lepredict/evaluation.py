@@ -61,7 +61,7 @@ def _splits(frame: pd.DataFrame, y: np.ndarray, scheme: str, seed: int):
 
 def _fold(frame, train, test, budget, sets, threshold, seed):
     model = StabilityPredictor(budget=budget, feature_sets=sets, threshold=threshold,
-                               random_state=seed)
+                               interval=False, random_state=seed)
     part = frame.iloc[train]
     y = outcomes(part, threshold=threshold)["trainable"]
     if min(y.sum(), (~y).sum()) < MIN_PER_CLASS:  # nothing to learn the other class from

@@ -37,8 +37,10 @@ MODEL_FILE = "model.joblib"
 MANIFEST = "manifest.json"
 #: Fewest runs of each class a fit accepts (the calibration's 3 folds need one each).
 MIN_PER_CLASS = 3
-#: Where the predictors shipped with lepredict live (``models/`` at the top of the repository).
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+#: Where the shipped predictors live: ``models/`` at the top of the repository (an editable
+#: install, as the README sets up), or the directory named by ``LEPREDICT_MODELS``.
+MODELS_DIR = Path(os.environ.get("LEPREDICT_MODELS",
+                                 Path(__file__).resolve().parent.parent / "models"))
 
 
 class ModelFileError(ValueError):
@@ -78,6 +80,8 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             histogram gradient-boosting classifier.
         regressor: likewise for the final loss.
         calibration: ``"sigmoid"`` or ``"isotonic"`` (``CalibratedClassifierCV``).
+        interval: also fit the 10% and 90% quantile regressors of the final loss
+            (``predict_loss(..., interval=True)``).
         param_grid: if given, the classifier's hyperparameters are chosen by ``GridSearchCV`` over
             this grid, scored by AUROC with grouped folds (groups = study, so no configuration
             leaks between folds; stratified folds when there are fewer than 3 studies).
@@ -94,7 +98,7 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
     def __init__(self, *, budget: int = 2, feature_sets: Sequence[str] = ("spectrum", "loss"),
                  threshold: float | None = None, classifier=None, regressor=None,
                  calibration: str = "sigmoid", param_grid: dict | None = None,
-                 random_state: int = 0):
+                 interval: bool = True, random_state: int = 0):
         self.budget = budget
         self.feature_sets = feature_sets
         self.threshold = threshold
@@ -102,6 +106,7 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
         self.regressor = regressor
         self.calibration = calibration
         self.param_grid = param_grid
+        self.interval = interval
         self.random_state = random_state
 
     def _validate(self) -> None:
@@ -169,7 +174,7 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             self.random_state)
         self.regressor_ = reg.fit(features, target)
         self.interval_ = [_default_regressor(self.random_state, q).fit(features, target)
-                          for q in (0.1, 0.9)]
+                          for q in (0.1, 0.9)] if self.interval else []
         self.training_summary_ = {
             "runs": int(len(y)),
             "trainable_share": round(float(np.mean(y)), 4),
@@ -195,6 +200,8 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
         loss = self.regressor_.predict(features)
         if not interval:
             return loss
+        if not self.interval_:
+            raise ValueError("This predictor was fitted with interval=False: no quantiles.")
         low, high = (m.predict(features) for m in self.interval_)
         return loss, np.minimum(low, loss), np.maximum(high, loss)
 

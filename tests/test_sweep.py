@@ -156,7 +156,9 @@ def test_cli_sweep_and_export(tmp_path, space_file, capsys):
                "--epochs", "1", "--le-epochs", "0", "1", "--space", str(space_file), "--storage", db,
                "--study-name", "c", "--quiet"])
     assert rc == 0
-    assert "2 trials, 2 complete" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trials run      2 (2 complete" in out
+    assert "epochs trained  2 of 2 without pruning" in out and "best result" in out
     rc = main(["export", "--storage", db, "--study-name", "c", "-o", str(tmp_path / "c.csv")])
     assert rc == 0 and (tmp_path / "c.csv").exists()
     rc = main(["export", "--storage", db, "--study-name", "missing", "-o", str(tmp_path / "m.csv")])

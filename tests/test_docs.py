@@ -1,0 +1,19 @@
+"""The docstring examples run and print what they say."""
+
+from __future__ import annotations
+
+import doctest
+
+import optuna
+import pytest
+
+import lepredict.features
+import lepredict.pruner
+import lepredict.train
+
+
+@pytest.mark.parametrize("module", [lepredict.pruner, lepredict.features, lepredict.train])
+def test_docstring_examples(module):
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
