@@ -106,7 +106,8 @@ def _pruner(args):
 
         try:
             return LyapunovPruner(model=args.pruner_model, mode=args.pruner_mode,
-                                  threshold=args.pruner_threshold, n_warmup_steps=1,
+                                  threshold=args.pruner_threshold,
+                                  n_warmup_steps=args.pruner_warmup,
                                   n_startup_trials=10,
                                   wrapped_pruner=median() if args.pruner_wrap_median else None)
         except (ModelFileError, ValueError) as err:
@@ -477,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner-mode", default="model", choices=["model", "online", "both"])
     p.add_argument("--pruner-threshold", type=float, default=0.5,
                    help="prune when P(trainable) is below this")
+    p.add_argument("--pruner-warmup", type=int, default=1,
+                   help="no stability pruning before this epoch (0: may prune at initialisation)")
     p.add_argument("--pruner-wrap-median", action="store_true",
                    help="also prune by loss with a wrapped MedianPruner")
     p.add_argument("--n-jobs", type=int, default=1, help="trials at once in this process")

@@ -37,6 +37,7 @@ COMPARED = {
     "weights": ("weights",),
     "grad": ("grad",),
     "hparams": ("hparams",),
+    "all": ("spectrum", "loss", "hparams"),
 }
 
 
