@@ -7,6 +7,12 @@ The pieces, each in a module named after what it holds:
 * :mod:`lepredict.tasks`: sequence tasks (``digits``, ``charlm``, ``adding``, ``copy``, ``lorenz``).
 * :mod:`lepredict.train`: short training runs that record curves and early spectra
   (:func:`train_run`).
+* :mod:`lepredict.sweep`: Optuna sweeps of such runs, their storage and exports.
+* :mod:`lepredict.features`, :mod:`lepredict.predictor`, :mod:`lepredict.evaluation`: features of
+  early training, the :class:`~lepredict.predictor.StabilityPredictor`, and its honest evaluation.
+* :mod:`lepredict.pruner`: the Optuna pruner plugin (:class:`LyapunovPruner`,
+  :func:`report_spectrum`, :func:`measure_and_report`).
+* :mod:`lepredict.report`: the HTML analysis of a sweep.
 """
 
 from __future__ import annotations
