@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 import tomllib
 import warnings
 from collections.abc import Callable
@@ -144,6 +145,10 @@ def load_space(name_or_path: str | os.PathLike | None, *, studies_dir: str | os.
     return _parse_space(raw, str(path))
 
 
+#: Tries at opening an RDB storage whose schema other workers may be creating at that moment.
+SCHEMA_RETRIES = 5
+
+
 def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "studies",
                  heartbeat_interval: int = 30, grace_period: int = 90):
     """Optuna storage for ``url``: an RDB URL (SQLite, PostgreSQL...) with a heartbeat, a journal
@@ -165,15 +170,25 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
     # otherwise), mark them failed, and run them again once.
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback",
                     optuna.storages.RetryFailedTrialCallback)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=retry(max_retry=1),
-            engine_kwargs={"pool_pre_ping": True},
-        )
+    import sqlalchemy.exc
+
+    # Workers started together on an empty database all try to create Optuna's schema; all but
+    # one lose the race with a duplicate-key error. The schema then exists, so trying again works.
+    for attempt in range(SCHEMA_RETRIES):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace_period,
+                    heartbeat_stale_trial_callback=retry(max_retry=1),
+                    engine_kwargs={"pool_pre_ping": True},
+                )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == SCHEMA_RETRIES - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _jsonable(value):

@@ -213,16 +213,26 @@ def test_three_workers_share_one_postgres_study(tmp_path, space_file):
     reason = _postgres_reason()
     if reason:
         pytest.skip(reason)
-    study_name = f"lepredict-test-{uuid.uuid4().hex[:8]}"
+    import sqlalchemy
+
+    # A database of its own, created empty: the workers start together and race to create
+    # Optuna's schema, as they do on a new server.
+    database = f"lepredict_test_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
+    url = PG_URL.rsplit("/", 1)[0] + f"/{database}"
+    study_name = "three-workers"
     n_trials = 9
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(_worker_cmd(PG_URL, study_name, space_file, n_trials), env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
     try:
-        study = optuna.load_study(study_name=study_name, storage=PG_URL)
+        procs = [subprocess.Popen(_worker_cmd(url, study_name, space_file, n_trials), env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(3)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        failed = [o[1][-1500:] for p, o in zip(procs, outs) if p.returncode != 0]
+        assert not failed, failed
+        study = optuna.load_study(study_name=study_name, storage=url)
         trials = study.trials
         numbers = [t.number for t in trials]
         # No duplicates, no gaps, nothing left running, every trial complete with its record.
@@ -232,4 +242,7 @@ def test_three_workers_share_one_postgres_study(tmp_path, space_file):
         assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
         assert all(f"{ATTR}run" in t.user_attrs and f"{ATTR}spectrum:0" in t.user_attrs for t in trials)
     finally:
-        optuna.delete_study(study_name=study_name, storage=PG_URL)
+        sqlalchemy.orm.close_all_sessions()
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        admin.dispose()
