@@ -8,7 +8,9 @@ For RNN, GRU and LSTM at N = 64, 128, 256 (B = 32 trajectories, T = 500 steps, f
   linear in B and T, so it is timed on ``--ref-traj`` trajectories x ``--ref-steps`` steps and
   scaled to B x T (the table says so).
 * unavoidable: only the work no implementation can skip, on the same shapes: per step one batched
-  Jacobian-times-basis product ``(B, n, n) @ (B, n, n)`` and one batched QR of ``(B, n, n)``.
+  Jacobian-times-basis product ``(B, n, n) @ (B, n, n)`` and one batched QR of ``(B, n, n)``, in
+  the engine's memory layout and by the engine's QR for the device (LAPACK's Householder QR on
+  CPUs; on CUDA the Cholesky-QR route, since cuSOLVER's batched QR is far slower there).
 
 Run: ``python benchmarks/bench_lyapunov.py`` (``--quick`` for T = 100, ``--device cuda`` on a GPU).
 """
@@ -21,7 +23,7 @@ import time
 import torch
 
 import lepredict
-from lepredict.lyapunov import rnn_step
+from lepredict.lyapunov import GRAM_QR_DEVICES, _gram_qr, rnn_step
 
 ARCHS = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
 
@@ -45,16 +47,24 @@ def time_engine(rnn, x, device) -> float:
 
 
 def time_unavoidable(B: int, n: int, T: int, device) -> float:
+    """Per step one batched Jacobian-times-basis product and one batched QR, in the engine's
+    layout (no copies around the QR) and by the QR the engine uses on ``device``."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    jac = (torch.randn(B, n, n, generator=g) / n**0.5).to(device)
+    jac_t = (torch.randn(B, n, n, generator=g) / n**0.5).to(device).mT
     qt0 = torch.eye(n, device=device).expand(B, n, n).contiguous()
+    gram = device.type in GRAM_QR_DEVICES
 
     def run(steps):
         qt = qt0
         for _ in range(steps):
-            q, r = torch.linalg.qr(torch.bmm(jac, qt.transpose(-1, -2)))
-            r.diagonal(dim1=-2, dim2=-1).abs().log()
-            qt = q.transpose(-1, -2)
+            a = torch.bmm(qt, jac_t).mT  # J @ Q, read column-major
+            if gram:
+                q, d, _ = _gram_qr(a)
+            else:
+                q, r = torch.linalg.qr(a)
+                d = r.diagonal(dim1=-2, dim2=-1).abs()
+            d.log()
+            qt = q.mT
 
     run(2)
     return _timed(lambda: run(T), device)

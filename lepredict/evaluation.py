@@ -72,24 +72,16 @@ def _fold(frame, train, test, budget, sets, threshold, seed):
     return test, model.predict_proba(held)[:, 1], model.predict_loss(held)
 
 
-def cross_validate(frame: pd.DataFrame, *, budget: int, sets: Sequence[str], scheme: str = "configs",
-                   threshold: float | None = None, random_state: int = 0,
-                   n_jobs: int | None = None) -> dict:
-    """Metrics of a :class:`StabilityPredictor` on held-out runs under ``scheme``.
-
-    Returns :func:`lepredict.predictor.metric_table`'s keys; for ``"task"`` and ``"arch"`` the
-    mean over held-out groups, with each group's metrics under ``"groups"``.
-    """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme=}.")
+def _prepare(frame: pd.DataFrame, threshold: float | None):
+    """Finished runs, their trainable labels and final losses."""
     frame = completed_runs(frame).reset_index(drop=True)
     out = outcomes(frame, threshold=threshold)
-    y, loss = out["trainable"].to_numpy(), out["final_loss"].to_numpy()
-    splits = _splits(frame, y, scheme, random_state)
-    results = Parallel(n_jobs=n_jobs)(
-        delayed(_fold)(frame, tr, te, budget, tuple(sets), threshold, random_state)
-        for tr, te in splits
-    )
+    return frame, out["trainable"].to_numpy(), out["final_loss"].to_numpy()
+
+
+def _aggregate(frame: pd.DataFrame, y: np.ndarray, loss: np.ndarray, scheme: str,
+               results) -> dict:
+    """Pooled metrics (``"configs"``) or the mean over held-out groups, from the folds' results."""
     if scheme == "configs":
         proba, pred = np.full(len(frame), np.nan), np.full(len(frame), np.nan)
         for test, p, l in results:
@@ -113,22 +105,59 @@ def cross_validate(frame: pd.DataFrame, *, budget: int, sets: Sequence[str], sch
     return mean
 
 
+def _check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme=}.")
+
+
+def cross_validate(frame: pd.DataFrame, *, budget: int, sets: Sequence[str], scheme: str = "configs",
+                   threshold: float | None = None, random_state: int = 0,
+                   n_jobs: int | None = None) -> dict:
+    """Metrics of a :class:`StabilityPredictor` on held-out runs under ``scheme``.
+
+    Returns :func:`lepredict.predictor.metric_table`'s keys; for ``"task"`` and ``"arch"`` the
+    mean over held-out groups, with each group's metrics under ``"groups"``.
+    """
+    _check_scheme(scheme)
+    frame, y, loss = _prepare(frame, threshold)
+    results = Parallel(n_jobs=n_jobs)(
+        delayed(_fold)(frame, tr, te, budget, tuple(sets), threshold, random_state)
+        for tr, te in _splits(frame, y, scheme, random_state)
+    )
+    return _aggregate(frame, y, loss, scheme, results)
+
+
 def compare(frame: pd.DataFrame, *, budgets: Sequence[int] = (0, 1, 2, 3),
             feature_sets: Sequence[str] = tuple(COMPARED), schemes: Sequence[str] = SCHEMES,
             threshold: float | None = None, random_state: int = 0, n_jobs: int | None = None,
             progress: bool = True) -> pd.DataFrame:
-    """:func:`cross_validate` for every scheme, budget and feature set: one row each."""
+    """:func:`cross_validate` for every scheme, budget and feature set: one row each.
+
+    Every fold of every comparison is one job, so ``n_jobs`` workers stay busy to the end.
+    """
     from tqdm.auto import tqdm
 
     unknown = [s for s in feature_sets if s not in COMPARED]
     if unknown:
         raise ValueError(f"Unknown feature sets {unknown}; choose from {list(COMPARED)}.")
+    for scheme in schemes:
+        _check_scheme(scheme)
+    frame, y, loss = _prepare(frame, threshold)
+    splits = {scheme: _splits(frame, y, scheme, random_state) for scheme in schemes}
     jobs = [(scheme, b, name) for scheme in schemes for b in budgets for name in feature_sets
             if not (name == "grad" and b == 0)]  # no gradient before the first epoch
+    folds = [(job, tr, te) for job in jobs for tr, te in splits[job[0]]]
+    results = Parallel(n_jobs=n_jobs, return_as="generator")(
+        delayed(_fold)(frame, tr, te, b, COMPARED[name], threshold, random_state)
+        for (_, b, name), tr, te in folds
+    )
+    by_job: dict[tuple, list] = {job: [] for job in jobs}
+    for (job, _, _), result in tqdm(zip(folds, results), total=len(folds), desc="evaluate",
+                                    disable=not progress):
+        by_job[job].append(result)
     rows = []
-    for scheme, b, name in tqdm(jobs, desc="evaluate", disable=not progress):
-        m = cross_validate(frame, budget=b, sets=COMPARED[name], scheme=scheme,
-                           threshold=threshold, random_state=random_state, n_jobs=n_jobs)
+    for (scheme, b, name), results in by_job.items():
+        m = _aggregate(frame, y, loss, scheme, results)
         groups = m.pop("groups", None)
         rows.append({"scheme": scheme, "budget": b, "features": name, **m,
                      "groups": json.dumps(groups) if groups else ""})

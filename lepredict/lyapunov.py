@@ -131,6 +131,39 @@ def _initial_basis(B: int, k: int, n: int, dtype: torch.dtype, device: torch.dev
     return q.expand(B, k, n).clone()
 
 
+#: Devices on which float32 bases are re-orthonormalised by Cholesky-QR on the float64 Gram
+#: matrix (:func:`_gram_qr`) rather than by Householder QR. On CUDA, cuSOLVER's batched QR runs
+#: one small factorisation after another (about 44 ms for 32 matrices of 256 x 256 on an H100,
+#: against 0.6 ms for the Gram route); on CPUs LAPACK's QR is as fast as the Gram route.
+GRAM_QR_DEVICES = ("cuda",)
+#: The Gram route is kept only while ``min R_ii / max R_ii`` of its first pass stays above this:
+#: there its float64 error on ``R_ii`` (about ``eps64 * (max/min)**2``, so <= 1e-4 relative) is
+#: below what float32 Householder QR makes (``eps32 * max/min``). Worse-conditioned matrices (a
+#: saturated unit, a nearly collapsed direction) and non-finite ones go to Householder QR.
+GRAM_QR_MIN_RATIO = 1e-6
+
+
+def _gram_qr(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin QR of float32 ``a`` ``(B, n, k)`` by two Cholesky-QR passes in float64: ``Q`` (in
+    ``a``'s dtype), ``|diag R|`` (float64) and a ``(B,)`` mask of the matrices it is accurate for.
+
+    Only batched GEMMs, Cholesky factorisations and triangular solves, which GPUs run fast; the
+    second pass restores the orthogonality the first loses to rounding.
+    """
+    q = a.double()
+    diag = []
+    ok = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+    for _ in range(2):
+        chol, info = torch.linalg.cholesky_ex(q.mT @ q)
+        q = torch.linalg.solve_triangular(chol.mT, q, upper=True, left=False)
+        diag.append(chol.diagonal(dim1=-2, dim2=-1))
+        ok &= info == 0
+    first = diag[0]
+    ok &= torch.isfinite(q).flatten(1).all(-1)
+    ok &= first.amin(-1) > GRAM_QR_MIN_RATIO * first.amax(-1)
+    return q.to(a.dtype), (diag[0] * diag[1]).abs(), ok
+
+
 class _Accumulator:
     """Runs the QR schedule and accumulates ``log|diag R|`` with divergence handling.
 
@@ -152,15 +185,25 @@ class _Accumulator:
         # divergence check runs every few steps; a NaN row cannot leak into other rows meanwhile
         # because every batched kernel here treats rows independently.
         self.check_every = 1 if device.type == "cpu" else 16
+        self.gram = device.type in GRAM_QR_DEVICES and dtype == torch.float32
 
     def needs_qr(self, t: int) -> bool:
         """QR after step ``t`` (1-based): on schedule, at the end of warm-up, and at the end."""
         return t % self.every == 0 or t == self.warmup or t == self.T
 
     def qr(self, t: int, qt: Tensor) -> Tensor:
-        q, r = torch.linalg.qr(qt.transpose(-1, -2))
-        if t > self.warmup:
+        a = qt.transpose(-1, -2)
+        if self.gram:
+            q, d, ok = _gram_qr(a)
+            if not bool(ok.all()):
+                bad = (~ok).nonzero().squeeze(-1)
+                q_bad, r_bad = torch.linalg.qr(a[bad])
+                q[bad] = q_bad
+                d[bad] = r_bad.diagonal(dim1=-2, dim2=-1).abs().to(d.dtype)
+        else:
+            q, r = torch.linalg.qr(a)
             d = r.diagonal(dim1=-2, dim2=-1).abs()
+        if t > self.warmup:
             small = d < self.tiny
             self.floored += small.sum(-1)
             self.sum += d.clamp_min(self.tiny).log().to(torch.float64)
@@ -526,7 +569,9 @@ def rnn_step(rnn: nn.Module, *, lstm_state: str = "full") -> Callable[[Tensor, T
         else:
             hc = layers.contiguous()
         xin = x[:, None] if rnn.batch_first else x[None]
-        _, out = rnn(xin, hc)
+        # cuDNN's RNN has no backward in eval mode; the native kernels do, and compute the same map.
+        with torch.backends.cudnn.flags(enabled=False):
+            _, out = rnn(xin, hc)
         if cell == "lstm":
             out = torch.cat(out, -1)
         return out.transpose(0, 1).reshape(B, L * per_layer)

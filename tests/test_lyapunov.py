@@ -371,6 +371,50 @@ def test_module_weights_untouched_and_no_grad_leak():
 def test_cuda_matches_cpu(arch):
     m = make(arch, layers=2, seed=2, scale=1.5)
     x = torch.randn(8, 50, 3, dtype=F64)
+    if arch == "rnn_relu":  # dead units leave the floored directions to rounding: see all_active
+        m, x = all_active(m), x.abs()
     cpu = lepredict.lyapunov_spectrum(m, x, warmup=5)
+    assert int(cpu.floored.sum()) == 0
     gpu = lepredict.lyapunov_spectrum(m.cuda(), x.cuda(), warmup=5)
     torch.testing.assert_close(gpu.exponents.cpu(), cpu.exponents, rtol=0, atol=1e-9)
+
+
+def _float32_errors(m, x):
+    """Largest error against float64 of float32 spectra by Householder QR and by the Gram route,
+    over the exponents above -20 (below that float32 resolves nothing)."""
+    ref = lepredict.lyapunov_spectrum(m, x, warmup=10).exponents
+    m32, x32 = m.float(), x.float()
+    errors = []
+    for devices in ((), ("cpu",)):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(lepredict.lyapunov, "GRAM_QR_DEVICES", devices)
+            got = lepredict.lyapunov_spectrum(m32, x32, warmup=10).exponents.double()
+        keep = ref > -20
+        errors.append(float((got - ref)[keep].abs().max()))
+    m.double()
+    return errors
+
+
+@pytest.mark.parametrize("arch,scale", [("rnn_tanh", 1.0), ("gru", 1.0), ("lstm", 1.0),
+                                        ("rnn_tanh", 8.0), ("rnn_relu", 3.0)])
+def test_gram_qr_route_is_as_accurate_as_householder_in_float32(arch, scale):
+    """The Cholesky-QR route that CUDA takes for float32, run here on the CPU: against float64,
+    no less accurate than float32 Householder QR, including saturated and dead units (where
+    it hands the ill-conditioned matrices to Householder QR)."""
+    m = make(arch, hidden=16, layers=2, seed=1, scale=scale)
+    x = torch.randn(8, 60, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    householder, gram = _float32_errors(m, x)
+    assert gram <= 1.2 * householder + 1e-5, (gram, householder)
+
+
+def test_gram_qr_flags_what_it_cannot_factor():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 12, 12, generator=g)
+    a[1, :, 3] = 0.0                     # exactly singular
+    a[2, :, 5] = a[2, :, 4] * (1 + 1e-9)  # numerically singular
+    a[3, 0, 0] = float("nan")
+    q, d, ok = lepredict.lyapunov._gram_qr(a)
+    assert ok.tolist() == [True, False, False, False]
+    torch.testing.assert_close(q[0].mT @ q[0], torch.eye(12), atol=1e-6, rtol=0)
+    r = torch.linalg.qr(a[0].double()).R.diagonal().abs()
+    torch.testing.assert_close(d[0], r, rtol=1e-6, atol=0)
