@@ -59,6 +59,7 @@ def pruners() -> dict:
         "wilcoxon": lambda: P.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2),
         "top25%@1": lambda: KeepTopAfterOneEpoch(0.25),
         "lyapunov": lambda: lepredict.LyapunovPruner(model="default"),
+        "lyap.P-only": lambda: lepredict.LyapunovPruner(model="default", compare_to_best=False),
         "lyap.online": lambda: lepredict.LyapunovPruner(mode="online", model=None,
                                                         n_startup_trials=10),
         "lyap+median": lambda: lepredict.LyapunovPruner(
@@ -190,7 +191,7 @@ def write_plot(curves, path) -> None:
     tasks = sorted({t for t, _ in curves})
     fig = make_subplots(rows=1, cols=len(tasks), subplot_titles=tasks)
     palette = ["#000000", "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#9467bd", "#8c564b",
-               "#2ca02c", "#98df8a", "#d62728"]
+               "#2ca02c", "#17becf", "#98df8a", "#d62728"]
     names = list(dict.fromkeys(n for _, n in curves))
     for c, task in enumerate(tasks, start=1):
         for i, name in enumerate(names):

@@ -252,6 +252,8 @@ def _cmd_fit(args) -> int:
                     threshold=args.threshold)
             model = StabilityPredictor(budget=budget, feature_sets=tuple(args.features),
                                        threshold=args.threshold, param_grid=grid).fit(frame)
+            if metrics:  # LyapunovPruner's default threshold for this predictor
+                model.prune_threshold_ = metrics["held_out_configs"]["p_at_99_recall"]
         except ValueError as err:
             raise CLIError(str(err)) from None
         out = model.save(f"{args.output}/budget-{budget}", metrics=metrics)
@@ -262,7 +264,7 @@ def _cmd_fit(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from lepredict.evaluation import compare, format_table
+    from lepredict.evaluation import compare, format_summary, format_table
     from lepredict.features import completed_runs, outcomes
     from lepredict.predictor import ModelFileError, load_models, metric_table, resolve_model
 
@@ -277,6 +279,8 @@ def _cmd_evaluate(args) -> int:
             print(table.to_json(orient="records", indent=1))
         else:
             print(format_table(table))
+            print()
+            print(format_summary(table))
         return 0
     try:
         models = load_models(resolve_model(args.model))
@@ -438,6 +442,7 @@ def _cmd_analyze(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from lepredict import __version__
+    from lepredict.train import PROBE_SIZE
 
     parser = argparse.ArgumentParser(
         prog="lepredict",
@@ -452,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task option, e.g. --task-option mode=row (repeatable)")
     _add_config_args(p)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--probe-size", type=int, default=16)
+    p.add_argument("--probe-size", type=int, default=PROBE_SIZE)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.set_defaults(func=_cmd_spectrum)
@@ -465,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--le-epochs", type=int, nargs="+", default=[0, 1, 2, 3],
                    help="epochs at which to measure the spectrum (0 = initialisation)")
     p.add_argument("--le-k", type=int, default=None, help="exponents per spectrum (default: all)")
-    p.add_argument("--probe-size", type=int, default=16,
-                   help="validation sequences the spectrum averages over")
+    p.add_argument("--probe-size", type=int, default=PROBE_SIZE,
+                   help="validation sequences the spectrum averages over (default: %(default)s, as the shipped predictor was fitted with)")
     p.add_argument("--space", default=None, help="search space: NAME for studies/NAME.toml, or a path")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL or journal file (default: sqlite:///studies/NAME.db)")
@@ -476,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner-model", default="default",
                    help="predictor of --pruner lyapunov: shipped name or directory")
     p.add_argument("--pruner-mode", default="model", choices=["model", "online", "both"])
-    p.add_argument("--pruner-threshold", type=float, default=0.5,
-                   help="prune when P(trainable) is below this")
+    p.add_argument("--pruner-threshold", type=float, default=None,
+                   help="prune when P(trainable) is below this (default: the predictor's own, "
+                   "which kept 99%% of the trainable runs in cross-validation)")
     p.add_argument("--pruner-warmup", type=int, default=1,
                    help="no stability pruning before this epoch (0: may prune at initialisation)")
     p.add_argument("--pruner-wrap-median", action="store_true",
@@ -535,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="shipped name or model directory")
     p.add_argument("--budget", type=int, default=None,
                    help="early budget in epochs (default: the model's largest)")
-    p.add_argument("--probe-size", type=int, default=16)
+    p.add_argument("--probe-size", type=int, default=PROBE_SIZE)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_predict)

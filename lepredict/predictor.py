@@ -251,6 +251,9 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             "params": {k: v for k, v in self.get_params().items()
                        if isinstance(v, (int, float, str, list, tuple, type(None)))},
             "metrics": metrics or {},
+            "model_selection": {"best_params": getattr(self, "best_params_", None),
+                                "grouped_cv_auroc": getattr(self, "search_score_", None)},
+            "prune_threshold": getattr(self, "prune_threshold_", None),
             "sha256": _sha256(path / MODEL_FILE),
         }
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")

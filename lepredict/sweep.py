@@ -32,7 +32,7 @@ from optuna.distributions import (
 )
 
 from lepredict import tasks
-from lepredict.train import RunConfig, RunRecord, train_run
+from lepredict.train import PROBE_SIZE, RunConfig, RunRecord, train_run
 
 __all__ = [
     "ATTR",
@@ -268,7 +268,7 @@ def run_sweep(
     pruner: optuna.pruners.BasePruner | None = None,
     seed: int = 0,
     le_k: int | None = None,
-    probe_size: int = 16,
+    probe_size: int = PROBE_SIZE,
     show_progress_bar: bool = True,
     callbacks: list[Callable] | None = None,
 ) -> optuna.Study:

@@ -207,6 +207,11 @@ def _evaluate(model: SeqModel, task: Task, x: Tensor, y: Tensor, batch: int = 51
     return total / count
 
 
+#: Validation sequences a run's spectra average over, by default: what the corpus of the shipped
+#: predictor was measured with (its features include the spread over these trajectories).
+PROBE_SIZE = 8
+
+
 def train_run(
     config: RunConfig | dict,
     task: Task,
@@ -214,7 +219,7 @@ def train_run(
     epochs: int,
     le_epochs: Iterable[int] = (0, 1, 2, 3),
     device: str | torch.device = "cpu",
-    probe_size: int = 16,
+    probe_size: int = PROBE_SIZE,
     le_warmup: int | None = None,
     le_k: int | None = None,
     callback: Callable[[int, RunRecord], None] | None = None,

@@ -58,7 +58,8 @@ def test_arguments_are_validated(model_dir):
 
 
 def test_prunes_the_predicted_untrainable_and_records_why(runs, model_dir):
-    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.5))
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.5,
+                                                      n_warmup_steps=0, compare_to_best=False))
     ok = runs[(runs["final_normalised_loss"] < 0.3) & (runs["status"] == "ok")].iloc[0]
     bad = runs[(runs["final_normalised_loss"] > 0.9) & (runs["status"] == "ok")].iloc[0]
     t_ok, pruned_ok = _replay(study, ok)
@@ -71,7 +72,8 @@ def test_prunes_the_predicted_untrainable_and_records_why(runs, model_dir):
 
 
 def test_no_spectrum_never_pruned_for_stability_and_divergence_pruned_at_once(model_dir):
-    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0))
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
+                                                      n_warmup_steps=0))
     trial = study.ask()
     trial.report(0.9, 0)
     assert not trial.should_prune()  # threshold 1.0 would prune any prediction: none was made
@@ -81,6 +83,24 @@ def test_no_spectrum_never_pruned_for_stability_and_divergence_pruned_at_once(mo
     other = study.ask()
     other.report(math.inf, 0)
     assert other.should_prune()
+
+
+def test_prunes_what_cannot_beat_the_best_so_far(runs, model_dir):
+    """A trainable configuration whose optimistic predicted final loss is worse than the best
+    final value seen is pruned with compare_to_best, and kept without it."""
+    mediocre = runs[(runs["final_normalised_loss"] > 0.3) & (runs["final_normalised_loss"] < 0.6)
+                    & (runs["status"] == "ok")].iloc[0]
+    for compare, expect in ((False, False), (True, True)):
+        study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0,
+                                                          compare_to_best=compare))
+        first, _ = _replay(study, mediocre)
+        assert study.trials[first.number].user_attrs[f"{ATTR}prediction:1"]["best_value"] is None
+        study.tell(study.ask(), 0.001)  # a far better run finished meanwhile
+        trial, pruned = _replay(study, mediocre)
+        assert pruned == expect
+        record = study.trials[trial.number].user_attrs[f"{ATTR}prediction:1"]
+        assert record["final_loss_low"] > 0.001
+        assert record["best_value"] == (0.001 if compare else None)
 
 
 def test_wrapped_pruner_and_warmup(runs, model_dir):
@@ -96,7 +116,7 @@ def test_wrapped_pruner_and_warmup(runs, model_dir):
 def test_online_mode_fits_on_the_study_and_is_stateless(runs):
     storage = optuna.storages.InMemoryStorage()
     study = optuna.create_study(storage=storage, pruner=LyapunovPruner(
-        mode="online", n_startup_trials=60, refit_every=1000))
+        mode="online", n_startup_trials=60, refit_every=1000, n_warmup_steps=0))
     finished = runs[runs["status"] == "ok"].iloc[:60]
     for _, row in finished.iterrows():
         _replay(study, row, steps=(0, 1))
@@ -107,7 +127,7 @@ def test_online_mode_fits_on_the_study_and_is_stateless(runs):
     p_first = frozen.user_attrs[f"{ATTR}prediction:0"]["p_trainable"]
     assert frozen.user_attrs[f"{ATTR}prediction:0"]["source"] == "online:0"
     # A fresh pruner (a restarted worker) reaches the same prediction from the storage alone.
-    again = LyapunovPruner(mode="online", n_startup_trials=60, refit_every=1000)
+    again = LyapunovPruner(mode="online", n_startup_trials=60, refit_every=1000, n_warmup_steps=0)
     again.prune(study, study.trials[trial.number])
     p_again = study.trials[trial.number].user_attrs[f"{ATTR}prediction:0"]["p_trainable"]
     assert p_again == pytest.approx(p_first)
@@ -136,3 +156,19 @@ def test_sweep_with_the_lyapunov_pruner(model_dir, tmp_path):
                                       show_progress_bar=False)
     # threshold 0: never pruned, but every decision is on record
     assert all(f"{ATTR}prediction:1" in t.user_attrs for t in study.trials)
+
+
+def test_default_threshold_is_the_predictors_own(runs, tmp_path):
+    good = runs[(runs["final_normalised_loss"] < 0.3) & (runs["status"] == "ok")].iloc[0]
+    model = StabilityPredictor(budget=1).fit(runs)
+    for own, pruned in ((1.0, True), (0.0, False)):
+        model.prune_threshold_ = own
+        model.save(tmp_path / f"m{own}" / "budget-1")
+        study = optuna.create_study(pruner=LyapunovPruner(model=tmp_path / f"m{own}",
+                                                          compare_to_best=False))
+        trial, was_pruned = _replay(study, good)
+        assert was_pruned == pruned
+        assert study.trials[trial.number].user_attrs[f"{ATTR}prediction:1"]["threshold"] == own
+    study = optuna.create_study(pruner=LyapunovPruner(model=model, threshold=0.0,
+                                                      compare_to_best=False))
+    assert not _replay(study, good)[1]  # an explicit threshold wins
