@@ -48,6 +48,10 @@ class KeepTopAfterOneEpoch(optuna.pruners.BasePruner):
         return trial.intermediate_values[1] > np.quantile(seen, self.share)
 
 
+#: Shares of the no-pruning epochs at which the best found so far is compared.
+EQUAL_SPEND = (0.2, 0.35)
+
+
 def pruners() -> dict:
     P = optuna.pruners
     return {
@@ -153,10 +157,12 @@ def main(argv=None) -> None:
     base = table[table.pruner == "none"].set_index(["task", "order"])
     table["epochs_share"] = [r.spent / base.loc[(r.task, r.order), "spent"] for r in table.itertuples()]
     table["regret"] = [r.best - base.loc[(r.task, r.order), "best"] for r in table.itertuples()]
-    # Regret at equal spending: best found by the time 35% of the no-pruning epochs were spent.
-    table["regret@35%"] = [
-        best_at(curves[(r.task, r.pruner)][r.order], 0.35 * base.loc[(r.task, r.order), "spent"])
-        - base.loc[(r.task, r.order), "best"] for r in table.itertuples()]
+    # Regret at equal spending: best found by the time 20% and 35% of the no-pruning epochs
+    # were spent.
+    for share in EQUAL_SPEND:
+        table[f"regret@{share:.0%}"] = [
+            best_at(curves[(r.task, r.pruner)][r.order], share * base.loc[(r.task, r.order), "spent"])
+            - base.loc[(r.task, r.order), "best"] for r in table.itertuples()]
     print_table(table)
     write_plot(curves, args.plot)
     print(f"budget curves: {args.plot}")
@@ -174,14 +180,17 @@ def _fmt(values, pct=False, count=False):
 
 
 def print_table(table: pd.DataFrame) -> None:
+    at = [f"regret@{share:.0%}" for share in EQUAL_SPEND]
     head = (f"| {'task':<18} | {'pruner':<12} | {'epochs spent':<16} | {'regret':<22} | "
-            f"{'regret @35% epochs':<22} | {'trainable pruned':<16} | {'unstable to end':<15} |")
+            + "".join(f"{c + ' epochs':<22} | " for c in at)
+            + f"{'trainable pruned':<16} | {'unstable to end':<15} |")
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for (task, name), g in table.groupby(["task", "pruner"], sort=False):
         print(f"| {task:<18} | {name:<12} | {_fmt(g.epochs_share, True):<16} | "
-              f"{_fmt(g.regret):<22} | {_fmt(g['regret@35%']):<22} | "
-              f"{_fmt(g.wrongly_pruned, count=True):<16} | {_fmt(g.let_through, count=True):<15} |")
+              f"{_fmt(g.regret):<22} | " + "".join(f"{_fmt(g[c]):<22} | " for c in at)
+              + f"{_fmt(g.wrongly_pruned, count=True):<16} | "
+              f"{_fmt(g.let_through, count=True):<15} |")
 
 
 def write_plot(curves, path) -> None:
