@@ -73,7 +73,9 @@ def pruners() -> dict:
 
 def replay(runs: pd.DataFrame, pruner, epochs: int) -> dict:
     """Replay ``runs`` in order under ``pruner``; return the outcome and the budget curve."""
-    study = optuna.create_study(pruner=pruner, sampler=optuna.samplers.RandomSampler(0))
+    # A fixed name: HyperbandPruner assigns brackets by a hash of the study name and trial.
+    study = optuna.create_study(study_name="replay", pruner=pruner,
+                                sampler=optuna.samplers.RandomSampler(0))
     study.set_user_attr("lepredict:setup", {"task": runs["task"].iloc[0],
                                             "task_options": json_options(runs)})
     spent, best, curve = 0, math.inf, []
@@ -208,11 +210,13 @@ def write_plot(curves, path) -> None:
             fig.add_trace(go.Scatter(x=[s for s, _ in curve],
                                      y=[min(b, 3.0) for _, b in curve], mode="lines",
                                      line={"color": palette[i % len(palette)],
-                                           "shape": "hv", "width": 3 if "lyap" in name else 1.5},
+                                           "shape": "hv", "width": 3 if "lyap" in name else 1.5,
+                                           "dash": "dot" if "+" in name else "solid"},
                                      name=name, legendgroup=name, showlegend=c == 1), row=1, col=c)
     fig.update_xaxes(title_text="epochs spent")
     fig.update_yaxes(title_text="best final normalised loss", type="log")
-    fig.update_layout(title="Budget curves (trial order 0)")
+    fig.update_layout(title="Budget curves (trial order 0)", height=560,
+                      legend={"orientation": "h", "y": -0.2})
     fig.write_html(path, include_plotlyjs=True)
 
 

@@ -70,7 +70,7 @@ def test_init_schemes():
     m = SeqModel(1, 2, cfg)
     w = m.rnn.weight_hh_l0
     assert w.abs().max() <= 0.3 and w.abs().max() > 0.29
-    assert float(m.rnn.bias_hh_l0.abs().max()) == 0.0
+    assert float(m.rnn.bias_hh_l0.detach().abs().max()) == 0.0
     g = SeqModel(1, 2, RunConfig(arch="rnn", hidden=400, init="gain", init_scale=0.5))
     assert weight_stats(g.rnn)["w_hh_radius"] == pytest.approx(0.5, abs=0.06)
 
