@@ -195,19 +195,27 @@ class _Accumulator:
         a = qt.transpose(-1, -2)
         if self.gram:
             q, d, ok = _gram_qr(a)
-            if not bool(ok.all()):
-                bad = (~ok).nonzero().squeeze(-1)
-                q_bad, r_bad = torch.linalg.qr(a[bad])
-                q[bad] = q_bad
-                d[bad] = r_bad.diagonal(dim1=-2, dim2=-1).abs().to(d.dtype)
+            self.householder_where_not(ok, a, q, d)
         else:
             q, r = torch.linalg.qr(a)
             d = r.diagonal(dim1=-2, dim2=-1).abs()
+        self.accumulate(t, d)
+        return q.transpose(-1, -2)
+
+    @staticmethod
+    def householder_where_not(ok: Tensor, a: Tensor, q: Tensor, d: Tensor) -> None:
+        """Redo by Householder QR, in place in ``q`` and ``d``, the rows the Gram route flagged."""
+        if not bool(ok.all()):
+            bad = (~ok).nonzero().squeeze(-1)
+            q_bad, r_bad = torch.linalg.qr(a[bad])
+            q[bad] = q_bad
+            d[bad] = r_bad.diagonal(dim1=-2, dim2=-1).abs().to(d.dtype)
+
+    def accumulate(self, t: int, d: Tensor) -> None:
         if t > self.warmup:
             small = d < self.tiny
             self.floored += small.sum(-1)
             self.sum += d.clamp_min(self.tiny).log().to(torch.float64)
-        return q.transpose(-1, -2)
 
     def check(self, t: int, state: list[Tensor], qt: Tensor) -> tuple[list[Tensor], Tensor]:
         if t % self.check_every and t != self.T:
@@ -411,12 +419,70 @@ def lyapunov_spectrum(
         if b0 is not None:
             gi0 = gi0 + b0[0]
         step = _STEPS[cell if cell != "lstm" else f"lstm_{lstm_state}"]
+        if acc.gram and qt.is_cuda and reorth_every == 1 and T >= CUDA_GRAPH_MIN_STEPS:
+            _run_graphed(step, weights, state, qt, gi0, N, acc)
+            return acc.result(dtype)
         for t in range(1, T + 1):
             state, qt = step(weights, state, qt, gi0[:, t - 1], N)
             if acc.needs_qr(t):
                 qt = acc.qr(t, qt)
             state, qt = acc.check(t, state, qt)
         return acc.result(dtype)
+
+
+#: On CUDA (float32, a QR every step), sequences at least this long run their steps as replays
+#: of one captured CUDA graph: a step is otherwise dozens of small kernel launches, whose host
+#: overhead exceeds their arithmetic at these sizes.
+CUDA_GRAPH_MIN_STEPS = 16
+
+
+class _GraphedStep:
+    """One time step (state update, tangent propagation, Gram QR) captured as a CUDA graph that
+    reads and writes its own static buffers: ``state``, ``qt`` and the input ``x``. After each
+    replay ``pre`` holds the tangent rows before the QR, and ``d`` and ``ok`` the Gram QR's
+    diagonal and mask; ``qt`` already holds the new basis."""
+
+    def __init__(self, step, weights, state: list[Tensor], qt: Tensor, x: Tensor, N: int):
+        self.state = [s.clone() for s in state]
+        self.qt, self.x = qt.clone(), x.clone()
+
+        def body():
+            new_state, pre = step(weights, self.state, self.qt, self.x, N)
+            q, d, ok = _gram_qr(pre.transpose(-1, -2))
+            for old, new in zip(self.state, new_state):
+                old.copy_(new)
+            self.qt.copy_(q.transpose(-1, -2))
+            return pre, d, ok
+
+        # Warm up on a side stream (cuBLAS and cuSOLVER set up workspaces on first use), then put
+        # the buffers back: capturing records the kernels without running them.
+        saved = [b.clone() for b in (*self.state, self.qt)]
+        side = torch.cuda.Stream(device=qt.device)
+        side.wait_stream(torch.cuda.current_stream(qt.device))
+        with torch.cuda.stream(side):
+            body()
+        torch.cuda.current_stream(qt.device).wait_stream(side)
+        for buffer, value in zip((*self.state, self.qt), saved):
+            buffer.copy_(value)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.pre, self.d, self.ok = body()
+
+
+def _run_graphed(step, weights, state, qt, gi0, N, acc: _Accumulator) -> None:
+    """The time loop of :func:`lyapunov_spectrum` by graph replays, with the same fallback to
+    Householder QR and the same divergence checks as the eager loop."""
+    g = _GraphedStep(step, weights, state, qt, gi0[:, 0], N)
+    for t in range(1, acc.T + 1):
+        g.x.copy_(gi0[:, t - 1])
+        g.graph.replay()
+        acc.householder_where_not(g.ok, g.pre.transpose(-1, -2), g.qt.transpose(-1, -2), g.d)
+        acc.accumulate(t, g.d)
+        new_state, new_qt = acc.check(t, g.state, g.qt)
+        if new_qt is not g.qt:  # diverged rows were reset
+            for buffer, value in zip(g.state, new_state):
+                buffer.copy_(value)
+            g.qt.copy_(new_qt)
 
 
 # Each step function advances the state by one time step and pushes the tangent rows ``qt``

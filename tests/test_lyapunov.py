@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 import lepredict
-from lepredict.lyapunov import LOG_FLOOR, rnn_state_size, rnn_step
+from lepredict.lyapunov import LOG_FLOOR, LyapunovSpectrum, rnn_state_size, rnn_step
 
 F64 = torch.float64
 ARCHS = {"rnn_tanh": (nn.RNN, {}), "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}),
@@ -283,21 +284,44 @@ def test_partially_saturated_network_stays_finite():
     assert torch.isfinite(spec.mean).all()
 
 
-def test_overflowing_trajectory_is_marked_diverged_others_finite():
-    """Unit 0 of a ReLU net grows like 1.5^t when driven positively and overflows float32."""
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_overflowing_trajectory_is_marked_diverged_others_finite(device):
+    """Unit 0 of a ReLU net grows like 1.5^t when driven positively and overflows float32. On
+    CUDA this runs the graph replays, the Gram QR and its Householder fallback for the
+    non-finite rows."""
     m = nn.RNN(2, 2, nonlinearity="relu", bias=False, batch_first=True)
     with torch.no_grad():
         m.weight_hh_l0.copy_(torch.diag(torch.tensor([1.5, 0.5])))
         m.weight_ih_l0.copy_(torch.eye(2))
     x = torch.ones(3, 400, 2)
     x[1, :, 0] = -1.0  # unit 0 stays at 0 here
-    spec = lepredict.lyapunov_spectrum(m, x)
+    spec = lepredict.lyapunov_spectrum(m.to(device), x.to(device))
+    spec = LyapunovSpectrum(*(v.cpu() if torch.is_tensor(v) else v
+                              for v in dataclasses.astuple(spec)))
     assert spec.diverged.tolist() == [True, False, True]
     assert torch.isnan(spec.exponents[0]).all()
     assert torch.isfinite(spec.exponents[1]).all()
     assert abs(spec.exponents[1, 0].item() - math.log(0.5)) < 1e-5
     torch.testing.assert_close(spec.mean, spec.exponents[1])
     torch.testing.assert_close(spec.std, torch.zeros(2))
+
+
+@CUDA
+@pytest.mark.parametrize("arch,scale", [("rnn_tanh", 1.0), ("gru", 1.0), ("lstm", 1.0),
+                                        ("rnn_tanh", 8.0), ("lstm", 8.0)])
+def test_cuda_graph_replays_match_the_eager_loop(arch, scale, monkeypatch):
+    m = make(arch, hidden=32, layers=2, seed=1, scale=scale).float().cuda()
+    x = torch.randn(8, 60, 3, device="cuda")
+    graphed = lepredict.lyapunov_spectrum(m, x, warmup=5)
+    monkeypatch.setattr(lepredict.lyapunov, "CUDA_GRAPH_MIN_STEPS", 10**9)
+    eager = lepredict.lyapunov_spectrum(m, x, warmup=5)
+    assert torch.equal(graphed.diverged, eager.diverged)
+    assert torch.equal(graphed.floored, eager.floored)
+    torch.testing.assert_close(graphed.exponents, eager.exponents, rtol=0, atol=1e-4,
+                               equal_nan=True)
 
 
 def test_all_diverged_gives_nan_summary_without_error():
