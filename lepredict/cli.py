@@ -246,13 +246,15 @@ def _cmd_fit(args) -> int:
     for budget in args.budgets:
         try:
             metrics = {}
-            if not args.no_cv:
-                metrics["held_out_configs"] = cross_validate(
-                    frame, budget=budget, sets=args.features, scheme="configs",
-                    threshold=args.threshold)
             model = StabilityPredictor(budget=budget, feature_sets=tuple(args.features),
                                        threshold=args.threshold, param_grid=grid).fit(frame)
-            if metrics:  # LyapunovPruner's default threshold for this predictor
+            if not args.no_cv:
+                # Held out, the classifier the search chose: the figures and LyapunovPruner's
+                # default threshold describe the predictor that is saved.
+                chosen = model.classifier_.estimator if grid else None
+                metrics["held_out_configs"] = cross_validate(
+                    frame, budget=budget, sets=args.features, scheme="configs",
+                    threshold=args.threshold, classifier=chosen)
                 model.prune_threshold_ = metrics["held_out_configs"]["p_at_99_recall"]
         except ValueError as err:
             raise CLIError(str(err)) from None

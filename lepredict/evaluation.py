@@ -61,9 +61,9 @@ def _splits(frame: pd.DataFrame, y: np.ndarray, scheme: str, seed: int):
     return list(LeaveOneGroupOut().split(frame, y, groups))
 
 
-def _fold(frame, train, test, budget, sets, threshold, seed):
+def _fold(frame, train, test, budget, sets, threshold, seed, classifier=None):
     model = StabilityPredictor(budget=budget, feature_sets=sets, threshold=threshold,
-                               interval=False, random_state=seed)
+                               classifier=classifier, interval=False, random_state=seed)
     part = frame.iloc[train]
     y = outcomes(part, threshold=threshold)["trainable"]
     if min(y.sum(), (~y).sum()) < MIN_PER_CLASS:  # nothing to learn the other class from
@@ -117,16 +117,17 @@ def _check_scheme(scheme: str) -> None:
 
 def cross_validate(frame: pd.DataFrame, *, budget: int, sets: Sequence[str], scheme: str = "configs",
                    threshold: float | None = None, random_state: int = 0,
-                   n_jobs: int | None = None) -> dict:
+                   n_jobs: int | None = None, classifier=None) -> dict:
     """Metrics of a :class:`StabilityPredictor` on held-out runs under ``scheme``.
 
     Returns :func:`lepredict.predictor.metric_table`'s keys; for ``"task"`` and ``"arch"`` the
-    mean over held-out groups, with each group's metrics under ``"groups"``.
+    mean over held-out groups, with each group's metrics under ``"groups"``. ``classifier`` is
+    the predictor's (``None``: the default one).
     """
     _check_scheme(scheme)
     frame, y, loss = _prepare(frame, threshold)
     results = Parallel(n_jobs=n_jobs)(
-        delayed(_fold)(frame, tr, te, budget, tuple(sets), threshold, random_state)
+        delayed(_fold)(frame, tr, te, budget, tuple(sets), threshold, random_state, classifier)
         for tr, te in _splits(frame, y, scheme, random_state)
     )
     return _aggregate(frame, y, loss, scheme, results)

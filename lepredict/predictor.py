@@ -182,6 +182,9 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             "tasks": sorted(map(str, X["task"].dropna().unique())) if "task" in X else [],
             "archs": sorted(map(str, X["param_arch"].dropna().unique()))
             if "param_arch" in X else [],
+            # The horizon of the final loss it predicts, when the runs share one.
+            "epochs": int(X["epochs"].iloc[0]) if "epochs" in X and X["epochs"].nunique() == 1
+            else None,
         }
         return self
 

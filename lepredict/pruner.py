@@ -94,19 +94,29 @@ def _models(model) -> dict[int, StabilityPredictor]:
 
 
 def _predict(model: StabilityPredictor, frame: pd.DataFrame) -> tuple[float, float]:
-    """P(trainable) and an optimistic final loss: the 10% quantile where the predictor has one,
-    else its point prediction."""
+    """P(trainable) and an optimistic final loss: the 10% quantile, or NaN for a predictor
+    fitted without the interval (its point prediction is no optimistic bound)."""
     p = float(model.predict_proba(frame)[0, 1])
     if model.interval_:
         return p, float(model.predict_loss(frame, interval=True)[1][0])
-    return p, float(model.predict_loss(frame)[0])
+    return p, math.nan
+
+
+def _same_horizon(study: optuna.Study, models) -> bool:
+    """False when the study (as ``lepredict sweep`` records it) trains for another number of
+    epochs than the predictors' corpus did, so its final values are not what they predict."""
+    epochs = study.user_attrs.get(f"{ATTR}setup", {}).get("epochs")
+    horizons = {getattr(m, "training_summary_", {}).get("epochs") for m in models}
+    return epochs is None or horizons <= {None, epochs}
 
 
 def _best_value(study: optuna.Study) -> float | None:
-    """The best finite final value of a single-objective minimising study, if any."""
+    """The best finite final value of a single-objective minimising study, if any, normalised
+    by the chance loss where the trial reported one (its values are then raw losses)."""
     if len(study.directions) != 1 or study.direction != optuna.study.StudyDirection.MINIMIZE:
         return None
-    values = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    values = [t.value / float(t.user_attrs.get(f"{ATTR}chance_loss", 1.0))
+              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
               if t.value is not None and math.isfinite(t.value)]
     return min(values) if values else None
 
@@ -137,7 +147,7 @@ def _live_row(study: optuna.Study, trial: FrozenTrial) -> dict:
     chance = float(trial.user_attrs.get(f"{ATTR}chance_loss", 1.0))
     values = dict(trial.intermediate_values)
     last = max(values, default=-1)
-    row["val_loss"] = [values.get(s, math.inf) * chance for s in range(last + 1)]
+    row["val_loss"] = [values.get(s, math.inf) for s in range(last + 1)]
     row["chance_loss"] = chance
     if setup.get("task"):
         row["threshold"] = _task_threshold(setup["task"], row["task_options"])
@@ -179,7 +189,10 @@ class LyapunovPruner(BasePruner):
             value (the predictor's 10% quantile of the final normalised loss) is worse than the
             best final value the study has seen. It needs the trial's reported values on that
             scale (the final value normalised as the intermediate ones are, as ``lepredict
-            sweep`` reports them); it does nothing in a maximising or multi-objective study.
+            sweep`` reports them, or raw with ``report_spectrum(..., chance_loss=...)``), and the
+            same number of epochs as the predictor's corpus (10 for the shipped one; a
+            ``lepredict sweep`` study of another length skips the comparison). It does nothing
+            in a maximising or multi-objective study.
         n_startup_trials: finished trials needed before the online predictor is fitted.
         trainable_below: the final value under which a finished trial counts as trainable for
             the online predictor; ``None`` takes the task's threshold for studies made by
@@ -288,10 +301,13 @@ class LyapunovPruner(BasePruner):
             return False
         frame = pd.DataFrame([_live_row(study, trial)])
         p, low = np.mean([_predict(model, frame) for model in models], axis=0).tolist()
-        threshold = float(np.mean([self._threshold_of(model) for model in models]))
+        # In "both" mode the given predictor's threshold stands (the online one has none).
+        threshold = self._threshold_of(models[0])
         prune = p < threshold
         best = _best_value(study) if self._compare_to_best else None
-        if not prune and best is not None:
+        if best is not None and not _same_horizon(study, models):
+            best = None  # final values after another number of epochs than predicted
+        if not prune and best is not None and math.isfinite(low):
             prune = low > best
         self._record(study, trial, step, {"p_trainable": p, "threshold": threshold,
                                           "source": "+".join(sources), "pruned": prune,

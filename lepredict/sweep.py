@@ -185,8 +185,12 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
                     heartbeat_stale_trial_callback=retry(max_retry=1),
                     engine_kwargs={"pool_pre_ping": True},
                 )
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == SCHEMA_RETRIES - 1:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                sqlalchemy.exc.OperationalError) as err:
+            # SQLite reports the same race as "table ... already exists" or a locked database.
+            race = not isinstance(err, sqlalchemy.exc.OperationalError) or any(
+                word in str(err) for word in ("already exists", "locked"))
+            if not race or attempt == SCHEMA_RETRIES - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
 

@@ -435,7 +435,7 @@ def test_gram_qr_flags_what_it_cannot_factor():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4, 12, 12, generator=g)
     a[1, :, 3] = 0.0                     # exactly singular
-    a[2, :, 5] = a[2, :, 4] * (1 + 1e-9)  # numerically singular
+    a[2, :, 5] = a[2, :, 4] * (1 + 1e-9)  # a repeated column once rounded to float32
     a[3, 0, 0] = float("nan")
     q, d, ok = lepredict.lyapunov._gram_qr(a)
     assert ok.tolist() == [True, False, False, False]

@@ -119,3 +119,21 @@ def test_fit_and_evaluate_commands(runs, tmp_path):
     out = subprocess.run([*cmd, "fit", "--data", str(tmp_path / "missing.parquet"), "-o",
                           str(tmp_path / "x")], capture_output=True, text=True)
     assert out.returncode == 2 and "No such data file" in out.stderr
+
+
+def test_fit_records_a_pruning_threshold_and_evaluate_summarises(runs, tmp_path):
+    from lepredict.cli import main
+    from lepredict.evaluation import compare, format_summary
+
+    data = tmp_path / "runs.parquet"
+    runs.to_parquet(data)
+    assert main(["fit", "--data", str(data), "-o", str(tmp_path / "m"), "--budgets", "1"]) == 0
+    manifest = json.loads((tmp_path / "m" / "budget-1" / "manifest.json").read_text())
+    threshold = manifest["prune_threshold"]
+    assert threshold == manifest["metrics"]["held_out_configs"]["p_at_99_recall"]
+    assert 0.0 < threshold < 1.0
+    assert manifest["training_data"]["epochs"] == int(runs["epochs"].iloc[0])
+    table = compare(runs, budgets=(1,), feature_sets=("spectrum", "loss"), schemes=("configs",),
+                    progress=False)
+    text = format_summary(table)
+    assert "| spectrum | " in text and "| loss | " in text and "held-out configurations" in text

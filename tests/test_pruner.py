@@ -172,3 +172,26 @@ def test_default_threshold_is_the_predictors_own(runs, tmp_path):
     study = optuna.create_study(pruner=LyapunovPruner(model=model, threshold=0.0,
                                                       compare_to_best=False))
     assert not _replay(study, good)[1]  # an explicit threshold wins
+
+
+def test_raw_losses_with_chance_loss_predict_as_normalised_ones(runs, model_dir):
+    """Reporting raw losses with chance_loss= must give the prediction that reporting the
+    normalised losses gives, and be compared with the best on the normalised scale."""
+    row = runs[(runs["final_normalised_loss"] < 0.6) & (runs["status"] == "ok")].iloc[0]
+    records = []
+    for chance in (None, 2.0):
+        study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0))
+        done = study.ask()
+        if chance:
+            report_spectrum(done, {"mean": [0.0], "std": [0.0]}, 0, chance_loss=chance)
+        study.tell(done, 0.5 * (chance or 1.0))  # best so far: 0.5 normalised
+        trial = study.ask()
+        for e in (0, 1):
+            report_spectrum(trial, {"mean": row[f"le{e}_mean"], "std": row[f"le{e}_std"]}, e,
+                            chance_loss=chance)
+            trial.report(row["val_loss"][e] / 2.0 * (chance or 1.0), e)
+            trial.should_prune()
+        records.append(study.trials[trial.number].user_attrs[f"{ATTR}prediction:1"])
+    assert records[0]["p_trainable"] == pytest.approx(records[1]["p_trainable"])
+    assert records[0]["final_loss_low"] == pytest.approx(records[1]["final_loss_low"])
+    assert records[0]["best_value"] == records[1]["best_value"] == pytest.approx(0.5)

@@ -246,3 +246,21 @@ def test_three_workers_share_one_postgres_study(tmp_path, space_file):
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         admin.dispose()
+
+
+def test_workers_opening_a_new_sqlite_store_together(tmp_path):
+    """Processes that create the same new SQLite store at once race on Optuna's schema; each
+    must open it (the losers retry)."""
+    script = textwrap.dedent("""
+        import sys, time
+        from lepredict.sweep import make_storage
+        start = float(sys.argv[2])
+        time.sleep(max(0.0, start - time.time()))
+        make_storage(sys.argv[1], "race")
+    """)
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    start = time.time() + 10.0  # past every process's imports, then all at once
+    procs = [subprocess.Popen([sys.executable, "-c", script, url, str(start)],
+                              stderr=subprocess.PIPE, text=True) for _ in range(6)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-800:] for e in errors if e]
