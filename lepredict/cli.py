@@ -108,6 +108,7 @@ def _pruner(args):
             return LyapunovPruner(model=args.pruner_model, mode=args.pruner_mode,
                                   threshold=args.pruner_threshold,
                                   n_warmup_steps=args.pruner_warmup,
+                                  compare_to_best=not args.pruner_no_compare_to_best,
                                   n_startup_trials=10,
                                   wrapped_pruner=median() if args.pruner_wrap_median else None)
         except (ModelFileError, ValueError) as err:
@@ -488,6 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "which kept 99%% of the trainable runs in cross-validation)")
     p.add_argument("--pruner-warmup", type=int, default=1,
                    help="no stability pruning before this epoch (0: may prune at initialisation)")
+    p.add_argument("--pruner-no-compare-to-best", action="store_true",
+                   help="prune by P(trainable) alone, not also by the predicted final loss "
+                   "against the best so far")
     p.add_argument("--pruner-wrap-median", action="store_true",
                    help="also prune by loss with a wrapped MedianPruner")
     p.add_argument("--n-jobs", type=int, default=1, help="trials at once in this process")
