@@ -1,0 +1,71 @@
+"""The predict-stability and analyze commands: results, and clear errors with exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lepredict.cli import main
+from lepredict.predictor import StabilityPredictor
+
+TINY = ["--task", "digits", "--task-option", "mode=row", "--arch", "gru", "--hidden", "8",
+        "--lr", "0.01", "--init-scale", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(runs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model")
+    for b in (0, 1):
+        StabilityPredictor(budget=b).fit(runs).save(out / f"budget-{b}")
+    return out
+
+
+def test_predict_stability_trains_the_budget_and_reports(model_dir, capsys):
+    assert main(["predict-stability", *TINY, "--model", str(model_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0.0 <= out["p_trainable"] <= 1.0 and out["budget"] == 1
+    low, high = out["final_loss_interval"]
+    assert low <= out["final_loss"] <= high
+    assert len(out["drivers"]) == 5 and out["train_seconds"] > 0 and out["status"] == "ok"
+    assert main(["predict-stability", *TINY, "--model", str(model_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "P(trainable) =" in text and "10-90%" in text and "what drove it" in text
+
+
+def test_predict_stability_from_a_spectrum_measured_elsewhere(model_dir, tmp_path, capsys):
+    assert main(["spectrum", *TINY, "--epochs", "1", "--json"]) == 0
+    record = tmp_path / "record.json"
+    record.write_text(capsys.readouterr().out)
+    assert main(["predict-stability", "--task", "digits", "--task-option", "mode=row",
+                 "--spectrum", str(record), "--model", str(model_dir), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["train_seconds"] == 0.0 and out["config"]["arch"] == "gru"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--task", "nope"], "nope"),
+    (["--hidden", "0"], "hidden"),
+    (["--lr", "-1"], "lr"),
+    (["--model", "missing-model"], "No model named 'missing-model'"),
+    (["--budget", "7"], "no predictor for budget 7"),
+])
+def test_predict_stability_bad_input_is_a_clear_error(model_dir, args, message, capsys):
+    defaults = {"--task": "digits", "--model": str(model_dir)}
+    given = dict(zip(args[::2], args[1::2]))
+    argv = ["predict-stability", "--task-option", "mode=row", "--arch", "gru", "--hidden", "8"]
+    for key, value in {**defaults, **given}.items():
+        argv += [key, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lepredict predict-stability: error:") and message in err
+
+
+def test_analyze_an_export_writes_the_report(runs, tmp_path, capsys):
+    data = tmp_path / "runs.parquet"
+    runs.to_parquet(data)
+    out = tmp_path / "report.html"
+    assert main(["analyze", "--data", str(data), "--model", "none", "-o", str(out)]) == 0
+    assert out.is_file() and out.read_text().count('id="figure-') >= 3
+    assert main(["analyze"]) == 2
+    assert "--study-name" in capsys.readouterr().err
