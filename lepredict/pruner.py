@@ -311,7 +311,8 @@ class LyapunovPruner(BasePruner):
             prune = low > best
         self._record(study, trial, step, {"p_trainable": p, "threshold": threshold,
                                           "source": "+".join(sources), "pruned": prune,
-                                          "final_loss_low": low, "best_value": best})
+                                          "final_loss_low": low if math.isfinite(low) else None,
+                                          "best_value": best})
         return prune
 
     @staticmethod
