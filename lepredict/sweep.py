@@ -224,6 +224,12 @@ class _Objective:
             raise
 
     def _run(self, trial: optuna.Trial) -> float:
+        # Optuna's heartbeat thread writes its first beat whenever it gets scheduled; a worker
+        # killed before then leaves a trial with no beat, which is never found stale and stays
+        # RUNNING for ever. One beat written here makes every started trial recoverable.
+        storage = trial.study._storage
+        if getattr(storage, "get_heartbeat_interval", lambda: None)():
+            storage.record_heartbeat(trial._trial_id)
         params = self.space.sample(trial)
         params.setdefault("seed", self.seed + trial.number)
         config = RunConfig.from_dict(params)
