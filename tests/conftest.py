@@ -50,3 +50,14 @@ def synthetic_runs(n: int = 240, seed: int = 0, budget: int = 3) -> pd.DataFrame
 @pytest.fixture(scope="session")
 def runs() -> pd.DataFrame:
     return synthetic_runs()
+
+
+@pytest.fixture(scope="session")
+def model_dir(runs, tmp_path_factory):
+    """Saved predictors for budgets 0 and 1, fitted on :func:`runs`."""
+    from lepredict.predictor import StabilityPredictor
+
+    out = tmp_path_factory.mktemp("model")
+    for b in (0, 1):
+        StabilityPredictor(budget=b).fit(runs).save(out / f"budget-{b}")
+    return out

@@ -7,18 +7,9 @@ import json
 import pytest
 
 from lepredict.cli import main
-from lepredict.predictor import StabilityPredictor
 
 TINY = ["--task", "digits", "--task-option", "mode=row", "--arch", "gru", "--hidden", "8",
         "--lr", "0.01", "--init-scale", "0.5"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(runs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model")
-    for b in (0, 1):
-        StabilityPredictor(budget=b).fit(runs).save(out / f"budget-{b}")
-    return out
 
 
 def test_predict_stability_trains_the_budget_and_reports(model_dir, capsys):

@@ -16,14 +16,6 @@ from lepredict.sweep import ATTR
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.fixture(scope="module")
-def model_dir(runs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("model")
-    for b in (0, 1):
-        StabilityPredictor(budget=b).fit(runs).save(out / f"budget-{b}")
-    return out
-
-
 def _replay(study, row, steps=(0, 1), tell=True):
     """A trial that reports what a recorded run measured (losses normalised, chance 2.0)."""
     trial = study.ask()
