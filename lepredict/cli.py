@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs at which to measure the spectrum (0 = initialisation)")
     p.add_argument("--le-k", type=int, default=None, help="exponents per spectrum (default: all)")
     p.add_argument("--probe-size", type=int, default=PROBE_SIZE,
-                   help="validation sequences the spectrum averages over (default: %(default)s, as the shipped predictor was fitted with)")
+                   help="validation sequences the spectrum averages over (default: "
+                   "%(default)s, as the shipped predictor was fitted with)")
     p.add_argument("--space", default=None, help="search space: NAME for studies/NAME.toml, or a path")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL or journal file (default: sqlite:///studies/NAME.db)")

@@ -183,7 +183,8 @@ class _Accumulator:
         self.basis0 = _initial_basis(B, k, n, dtype, device)
         # A host sync per step is free on CPU but stalls the CUDA launch queue, so on GPUs the
         # divergence check runs every few steps; a NaN row cannot leak into other rows meanwhile
-        # because every batched kernel here treats rows independently.
+        # because every batched kernel here treats rows independently. (The Gram route still
+        # syncs once per QR, to send the rows it cannot factor to Householder QR.)
         self.check_every = 1 if device.type == "cpu" else 16
         self.gram = device.type in GRAM_QR_DEVICES and dtype == torch.float32
 
