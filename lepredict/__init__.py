@@ -5,6 +5,7 @@ The pieces, each in a module named after what it holds:
 * :mod:`lepredict.lyapunov`: Lyapunov spectra of ``nn.RNN``/``nn.GRU``/``nn.LSTM`` and of any
   differentiable map (:func:`lyapunov_spectrum`, :func:`lyapunov_spectrum_map`).
 * :mod:`lepredict.tasks`: sequence tasks (``digits``, ``charlm``, ``adding``, ``copy``, ``lorenz``).
+* :mod:`lepredict.records`: the record schema the rooms share (runs, trial attributes, rows).
 * :mod:`lepredict.train`: short training runs that record curves and early spectra
   (:func:`train_run`).
 * :mod:`lepredict.sweep`: Optuna sweeps of such runs, their storage and exports.
@@ -17,12 +18,19 @@ The pieces, each in a module named after what it holds:
 
 from __future__ import annotations
 
-from lepredict import features, sweep, tasks
+from importlib.metadata import PackageNotFoundError, version
+
+from lepredict import features, records, sweep, tasks
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum, lyapunov_spectrum_map
-from lepredict.train import RunConfig, RunRecord, train_run
+from lepredict.records import RunRecord
+from lepredict.tasks import chance_loss
+from lepredict.train import RunConfig, train_run
 from lepredict.pruner import LyapunovPruner, measure_and_report, report_spectrum
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("lepredict")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "LyapunovPruner",
@@ -30,11 +38,13 @@ __all__ = [
     "RunConfig",
     "RunRecord",
     "__version__",
+    "chance_loss",
     "lyapunov_spectrum",
     "lyapunov_spectrum_map",
     "measure_and_report",
     "report_spectrum",
     "features",
+    "records",
     "sweep",
     "tasks",
     "train_run",

@@ -50,12 +50,18 @@ class LyapunovSpectrum:
             A non-zero count means a direction collapsed completely (a saturated unit), and the
             matching exponent is a lower bound rather than an estimate.
         steps: number of steps averaged (the sequence length minus ``warmup``).
+        state_size: the size ``n`` of the state the exponents belong to (``k < n`` for the
+            leading exponents only); ``None`` when not known.
+        convention: the state of an LSTM's map, ``"full"`` (``(h, c)``) or ``"hidden"``;
+            ``None`` for other maps.
     """
 
     exponents: Tensor
     diverged: Tensor
     floored: Tensor
     steps: int
+    state_size: int | None = None
+    convention: str | None = None
 
     @property
     def mean(self) -> Tensor:
@@ -401,6 +407,7 @@ def lyapunov_spectrum(
     if B < 1:
         raise ValueError("inputs hold no sequence (batch size 0).")
     n = L * per_layer
+    convention = lstm_state if cell == "lstm" else None
     k = _check_common(k, n, warmup, T, reorth_every)
     param = next(rnn.parameters())
     dtype = dtype or param.dtype
@@ -422,13 +429,13 @@ def lyapunov_spectrum(
         step = _STEPS[cell if cell != "lstm" else f"lstm_{lstm_state}"]
         if acc.gram and qt.is_cuda and reorth_every == 1 and T >= CUDA_GRAPH_MIN_STEPS:
             _run_graphed(step, weights, state, qt, gi0, N, acc)
-            return acc.result(dtype)
+            return dataclasses.replace(acc.result(dtype), state_size=n, convention=convention)
         for t in range(1, T + 1):
             state, qt = step(weights, state, qt, gi0[:, t - 1], N)
             if acc.needs_qr(t):
                 qt = acc.qr(t, qt)
             state, qt = acc.check(t, state, qt)
-        return acc.result(dtype)
+        return dataclasses.replace(acc.result(dtype), state_size=n, convention=convention)
 
 
 #: On CUDA (float32, a QR every step), sequences at least this long run their steps as replays
@@ -774,4 +781,4 @@ def lyapunov_spectrum_map(
             if acc.needs_qr(t):
                 qt = acc.qr(t, qt)
             (h,), qt = acc.check(t, [h], qt)
-    return acc.result(dtype)
+    return dataclasses.replace(acc.result(dtype), state_size=n)

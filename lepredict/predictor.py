@@ -175,6 +175,9 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
         self.regressor_ = reg.fit(features, target)
         self.interval_ = [_default_regressor(self.random_state, q).fit(features, target)
                           for q in (0.1, 0.9)] if self.interval else []
+        if self.interval:
+            self.oof_loss_, self.oof_residual_ = self._held_out_residuals(
+                features, target, X, reg)
         self.training_summary_ = {
             "runs": int(len(y)),
             "trainable_share": round(float(np.mean(y)), 4),
@@ -187,6 +190,45 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             else None,
         }
         return self
+
+    def _held_out_residuals(self, features: pd.DataFrame, target: np.ndarray, X: pd.DataFrame,
+                            reg) -> tuple[np.ndarray, np.ndarray]:
+        """Out-of-fold predictions of the final loss and their residuals (observed minus
+        predicted). Folds hold out whole studies where there are enough, so the residuals
+        measure the error on a study (a task) the regressor never saw: the error a user's own
+        study meets."""
+        from sklearn.model_selection import KFold, cross_val_predict
+
+        studies = np.asarray(X["study"]) if "study" in X else np.zeros(len(X))
+        if len(np.unique(studies)) >= 3:
+            cv, groups = GroupKFold(n_splits=min(5, len(np.unique(studies)))), studies
+        else:
+            cv, groups = KFold(5, shuffle=True, random_state=self.random_state), None
+        held_out = cross_val_predict(clone(reg), features, target, cv=cv, groups=groups)
+        return held_out.astype(float), (target - held_out).astype(float)
+
+    def prob_beats(self, loss: float, other: float) -> float:
+        """P(a run predicted to reach ``loss`` ends below one predicted to reach ``other``).
+
+        Both predictions come from this predictor at the same budget, so the comparison is like
+        with like whatever the user's horizon, batch size or loss scale. Each run's final loss is
+        its prediction plus a residual drawn from the held-out residuals of runs with similar
+        predictions (the nearest tenth, at least 50): a locally adaptive conformal distribution.
+        NaN for a predictor fitted without ``interval``.
+        """
+        if getattr(self, "oof_residual_", None) is None or len(self.oof_residual_) == 0:
+            return math.nan
+        mine = np.sort(self._local_residuals(loss))
+        theirs = self._local_residuals(other)
+        # P(loss + r_mine < other + r_theirs), averaged over r_theirs.
+        below = np.searchsorted(mine, other - loss + theirs, side="left")
+        return float(below.mean() / len(mine))
+
+    def _local_residuals(self, loss: float) -> np.ndarray:
+        n = len(self.oof_loss_)
+        size = min(n, max(50, n // 10))
+        nearest = np.argpartition(np.abs(self.oof_loss_ - loss), size - 1)[:size]
+        return self.oof_residual_[nearest]
 
     def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
         """``(n, 2)``: P(untrainable), P(trainable) for each run."""
@@ -237,8 +279,9 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
 
     def save(self, path: str | os.PathLike, *, metrics: dict | None = None) -> Path:
         """Write ``path/model.joblib`` and ``path/manifest.json``; returns ``path``."""
-        from lepredict import __version__
+        from importlib.metadata import version
 
+        __version__ = version("lepredict")
         if not hasattr(self, "classifier_"):
             raise ValueError("This StabilityPredictor is not fitted yet: call fit() before save().")
         path = Path(path)

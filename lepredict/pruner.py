@@ -5,69 +5,95 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections.abc import Mapping
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import optuna
 import pandas as pd
 import torch
 from optuna.pruners import BasePruner
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from lepredict.features import completed_runs
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
 from lepredict.predictor import StabilityPredictor, load_models, resolve_model
-from lepredict.sweep import ATTR, _jsonable, trial_row
+from lepredict.records import (CHANCE_LOSS, PREDICTION, SETUP, SPECTRUM, VAL_LOSS, jsonable,
+                               run_row, spectrum_dict)
 
 __all__ = ["LyapunovPruner", "measure_and_report", "report_spectrum"]
 
 _MODES = ("model", "online", "both")
 #: P(trainable) threshold for predictors that carry none of their own.
 DEFAULT_THRESHOLD = 0.5
+#: Without a declared chance loss, reported values are read as normalised losses only if the
+#: study's median loss at initialisation lies in this range: a network that learned nothing
+#: scores about its chance loss (1.0 normalised; 1.27 at most in the corpus for classification).
+NORMALISED_AT_INIT = (2 / 3, 1.5)
+
+_logger = optuna.logging.get_logger(f"optuna.{__name__}")
 
 
 def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, step: int, *,
-                    chance_loss: float | None = None) -> None:
+                    chance_loss: float | None = None, val_loss: float | None = None) -> None:
     """Store a spectrum measured at ``step`` in the trial, where :class:`LyapunovPruner` (and
-    ``lepredict analyze``) read it. Call it before ``trial.report(loss, step)``.
+    ``lepredict analyze``) read it. Call it before ``trial.report(value, step)``.
 
     Args:
         trial: the running trial.
-        spectrum: a :class:`lepredict.LyapunovSpectrum`, or a dict with ``"mean"`` and ``"std"``
-            lists (descending) and optionally ``"diverged"`` (share of trajectories).
-        step: the epoch, 0 being the initialisation.
-        chance_loss: the loss of the best constant prediction on the task. Give it (once is
-            enough) if the values you ``trial.report`` are raw losses; leave it out if they are
-            already normalised (loss / chance loss), as ``lepredict sweep`` reports them.
+        spectrum: a :class:`lepredict.LyapunovSpectrum`, or a dict with ``"mean"`` (descending)
+            and optionally ``"std"``, ``"diverged"`` (share of trajectories), ``"n"`` (the state
+            size, if only the leading exponents are given) and ``"convention"`` (``"hidden"`` for
+            an LSTM's hidden-only map).
+        step: the step you pass to ``trial.report`` (an epoch, 0 being the initialisation, or an
+            iteration count with ``LyapunovPruner(steps_per_epoch=...)``).
+        chance_loss: the scale of the losses: the loss of the best constant prediction
+            (:func:`lepredict.chance_loss`) if the values you report are raw losses, or ``1.0``
+            if they are already normalised (loss / chance loss). Once per trial is enough.
+        val_loss: the validation loss at ``step``, when the value you ``trial.report`` is not
+            the loss (an accuracy in a maximising study): the pruner reads this instead.
+
+    Raises:
+        ValueError: a spectrum the study's :class:`LyapunovPruner` cannot use (leading
+            exponents only, an LSTM's hidden-only map), or a bad ``step`` or ``chance_loss``.
     """
     if isinstance(spectrum, LyapunovSpectrum):
-        spec = {"mean": spectrum.mean.tolist(), "std": spectrum.std.tolist(),
-                "diverged": float(spectrum.diverged.float().mean()), "n": int(spectrum.n)}
+        spec = spectrum_dict(spectrum.mean.tolist(), spectrum.std.tolist(),
+                             diverged=float(spectrum.diverged.float().mean()),
+                             state_size=spectrum.state_size, convention=spectrum.convention)
     elif isinstance(spectrum, Mapping) and "mean" in spectrum:
-        mean = [float(v) for v in spectrum["mean"]]
-        spec = {"mean": mean, "std": [float(v) for v in spectrum.get("std", [0.0] * len(mean))],
-                "diverged": float(spectrum.get("diverged", 0.0)), "n": len(mean)}
+        spec = spectrum_dict(spectrum["mean"], spectrum.get("std"),
+                             diverged=float(spectrum.get("diverged", 0.0)),
+                             state_size=spectrum.get("n"), convention=spectrum.get("convention"))
     else:
         raise TypeError("spectrum must be a LyapunovSpectrum or a dict with 'mean' and 'std' "
                         f"lists, got {type(spectrum).__name__}.")
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int (the epoch), got {step=}.")
-    trial.set_user_attr(f"{ATTR}spectrum:{step}", _jsonable(spec))
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step must be a non-negative int (the step of trial.report), got {step=}.")
+    if chance_loss is not None and not (math.isfinite(chance_loss) and chance_loss > 0):
+        raise ValueError(f"chance_loss must be a positive finite number, got {chance_loss=}.")
+    pruner = getattr(trial.study, "pruner", None)
+    if isinstance(pruner, LyapunovPruner):
+        pruner.check_spectrum(spec)
+    trial.set_user_attr(f"{SPECTRUM}{step}", jsonable(spec))
     if chance_loss is not None:
-        trial.set_user_attr(f"{ATTR}chance_loss", float(chance_loss))
+        trial.set_user_attr(CHANCE_LOSS, float(chance_loss))
+    if val_loss is not None:
+        trial.set_user_attr(f"{VAL_LOSS}{step}", jsonable(float(val_loss)))
 
 
 def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.Tensor, step: int,
+                       *, chance_loss: float | None = None, val_loss: float | None = None,
                        **kwargs) -> LyapunovSpectrum:
-    """Measure the spectrum of ``rnn`` on a probe batch of task inputs (in eval mode, without
-    gradients) and :func:`report_spectrum` it, in one call; returns the spectrum.
+    """Measure the spectrum of ``rnn`` on a probe batch (in eval mode, without gradients) and
+    :func:`report_spectrum` it, in one call; returns the spectrum.
 
-    ``kwargs`` go to :func:`lepredict.lyapunov_spectrum` (``warmup``, ``k``...) except
-    ``chance_loss``, which goes to :func:`report_spectrum`.
+    The probe is what the recurrent module itself receives: a few validation sequences
+    (8, as the shipped predictor was fitted with), after any embedding, shaped as the module
+    expects. ``kwargs`` go to :func:`lepredict.lyapunov_spectrum` (``warmup``...).
     """
-    chance = kwargs.pop("chance_loss", None)
     was_training = rnn.training
     rnn.eval()
     try:
@@ -75,7 +101,7 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
             spec = lyapunov_spectrum(rnn, probe, **kwargs)
     finally:
         rnn.train(was_training)
-    report_spectrum(trial, spec, step, chance_loss=chance)
+    report_spectrum(trial, spec, step, chance_loss=chance_loss, val_loss=val_loss)
     return spec
 
 
@@ -93,117 +119,129 @@ def _models(model) -> dict[int, StabilityPredictor]:
     return _load_cached(str(path), mtime)
 
 
-def _predict(model: StabilityPredictor, frame: pd.DataFrame) -> tuple[float, float]:
-    """P(trainable) and an optimistic final loss: the 10% quantile, or NaN for a predictor
-    fitted without the interval (its point prediction is no optimistic bound)."""
-    p = float(model.predict_proba(frame)[0, 1])
-    if model.interval_:
-        return p, float(model.predict_loss(frame, interval=True)[1][0])
-    return p, math.nan
+def _by_epoch(items: Mapping[int, object], steps_per_epoch: int) -> dict[int, object]:
+    """Report steps that fall on an epoch's end, keyed by epoch."""
+    return {s // steps_per_epoch: v for s, v in items.items() if s % steps_per_epoch == 0}
 
 
-def _same_horizon(study: optuna.Study, models) -> bool:
-    """False when the study (as ``lepredict sweep`` records it) trains for another number of
-    epochs than the predictors' corpus did, so its final values are not what they predict."""
-    epochs = study.user_attrs.get(f"{ATTR}setup", {}).get("epochs")
-    horizons = {getattr(m, "training_summary_", {}).get("epochs") for m in models}
-    return epochs is None or horizons <= {None, epochs}
+def _attrs_by_step(trial: FrozenTrial, prefix: str) -> dict[int, object]:
+    out = {}
+    for key, value in trial.user_attrs.items():
+        if key.startswith(prefix) and key[len(prefix):].isdigit():
+            out[int(key[len(prefix):])] = value
+    return out
 
 
-def _best_value(study: optuna.Study) -> float | None:
-    """The best finite final value of a single-objective minimising study, if any, normalised
-    by the chance loss where the trial reported one (its values are then raw losses)."""
-    if len(study.directions) != 1 or study.direction != optuna.study.StudyDirection.MINIMIZE:
-        return None
-    values = [t.value / float(t.user_attrs.get(f"{ATTR}chance_loss", 1.0))
-              for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-              if t.value is not None and math.isfinite(t.value)]
-    return min(values) if values else None
-
-
-def _pick(models: Mapping[int, StabilityPredictor], step: int) -> StabilityPredictor | None:
-    usable = [b for b in models if b <= step]
-    return models[max(usable)] if usable else None
-
-
-@lru_cache(maxsize=16)
-def _task_threshold(name: str, options: str) -> float | None:
-    import json
-
-    from lepredict import tasks
-
+def _float(value) -> float:
     try:
-        return tasks.get(name, **json.loads(options)).threshold
-    except (KeyError, ValueError, TypeError):
-        return None
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
-def _live_row(study: optuna.Study, trial: FrozenTrial) -> dict:
-    """A trial as a trials-frame row, from what any training loop leaves in the storage: the
-    reported losses (intermediate values, normalised unless a chance loss was reported) and the
-    spectra."""
-    setup = study.user_attrs.get(f"{ATTR}setup", {})
-    row = trial_row(trial, study.study_name, setup)
-    chance = float(trial.user_attrs.get(f"{ATTR}chance_loss", 1.0))
-    values = dict(trial.intermediate_values)
-    last = max(values, default=-1)
-    row["val_loss"] = [values.get(s, math.inf) for s in range(last + 1)]
-    row["chance_loss"] = chance
-    if setup.get("task"):
-        row["threshold"] = _task_threshold(setup["task"], row["task_options"])
-    if trial.state == TrialState.COMPLETE and row["final_normalised_loss"] is None:
-        row["final_normalised_loss"] = trial.value
-    if row["status"] is None:
-        final = row["final_normalised_loss"]
-        row["status"] = "diverged" if final is not None and not math.isfinite(final) else "ok"
-    return row
+class _TrialView:
+    """What one trial left in the storage, read on the predictor's scale: losses and spectra by
+    epoch, the chance loss its values are divided by."""
+
+    def __init__(self, study: optuna.Study, trial: FrozenTrial, steps_per_epoch: int):
+        self.trial = trial
+        own = _attrs_by_step(trial, VAL_LOSS)
+        # A maximising study reports something else than the loss: only losses given to
+        # report_spectrum(val_loss=...) can be read then.
+        self.losses_from_attrs = bool(own) or study.direction != StudyDirection.MINIMIZE
+        raw = {s: _float(v) for s, v in own.items()} if self.losses_from_attrs \
+            else dict(trial.intermediate_values)
+        self.losses = _by_epoch(raw, steps_per_epoch)
+        self.spectra = _by_epoch(_attrs_by_step(trial, SPECTRUM), steps_per_epoch)
+        setup = study.user_attrs.get(SETUP, {})
+        declared = trial.user_attrs.get(CHANCE_LOSS)
+        if declared is None and setup.get("reported") == "normalised":
+            declared = 1.0
+        self.chance = None if declared is None else float(declared)
+
+    def budget(self, models: Mapping[int, StabilityPredictor], epoch: int) -> int | None:
+        """The largest budget a predictor exists for whose epochs all have a loss and a
+        spectrum."""
+        usable = [b for b in models if b <= epoch
+                  and all(e in self.losses and e in self.spectra for e in range(b + 1))]
+        return max(usable) if usable else None
+
+    def row(self, study_name: str, budget: int) -> dict:
+        chance = self.chance or 1.0
+        run = {"val_loss": [self.losses[e] for e in range(budget + 1)]}
+        meta = {"study": study_name, "number": self.trial.number, "state": "RUNNING",
+                "status": "ok", "chance_loss": chance}
+        spectra = {e: self.spectra[e] for e in range(budget + 1)}
+        return run_row(meta, run, self.trial.params, spectra)
 
 
 class LyapunovPruner(BasePruner):
-    """Prunes trials whose early Lyapunov spectra (and losses) predict they will not train.
+    """Prunes trials whose early Lyapunov spectra and losses predict they will not train, or
+    will very likely not beat the study's best.
 
-    The trial's training loop reports spectra with :func:`lepredict.report_spectrum` (or
-    :func:`lepredict.measure_and_report`) and losses with ``trial.report``; at each
-    ``should_prune()`` the pruner reads them back from the storage, predicts P(trainable) with
-    the predictor for the largest early budget not beyond the current step, and prunes when it
-    is below ``threshold``. Everything comes from the storage, so any number of workers on SQLite,
-    a journal file or PostgreSQL can share one study, and a restarted worker loses nothing. Each
-    prediction is written into the trial's user attributes (``lepredict:prediction:STEP``).
+    The training loop reports spectra with :func:`lepredict.report_spectrum` (or
+    :func:`lepredict.measure_and_report`) and losses with ``trial.report``. At each
+    ``should_prune()`` the pruner reads them back from the storage and uses the predictor for
+    the largest early budget (epochs ``0..b``) the trial has both a loss and a spectrum for.
+    Everything comes from the storage, so any number of workers can share one study.
+
+    **What it decides, and why that holds in your study.** The shipped predictors were fitted on
+    10-epoch runs; your study may train for 40 epochs, at another batch size, and report raw
+    losses. So the pruner never compares a prediction with a value your study observed:
+
+    1. *Unstable*: P(trainable) below the predictor's own cut-off (``threshold``), or a spectrum
+       that diverged on at least half of its trajectories, or a non-finite reported value.
+    2. *Cannot beat the best*: P(this trial's final loss < the best trial's), computed from the
+       two trials' predictions *at the same budget* (like with like), each with a residual
+       drawn from the predictor's held-out residuals (a conformal distribution), is below
+       ``risk``. The best trial is the best finished one by your study's own values and
+       direction, so the horizon and scale of those values never matter.
+    3. *Leaders are kept*: a trial whose reported value at this step is among the study's best
+       ``protect_top`` share of the values reported at the same step is never pruned by the
+       model (rules 1-2); only divergence or the wrapped pruner can stop it.
+
+    **What you report.** Losses, raw or normalised: give the chance loss once with
+    ``report_spectrum(..., chance_loss=lepredict.chance_loss(y_train, y_val))`` for raw losses,
+    or ``chance_loss=1.0`` if they are already normalised. Without it, values are read as
+    normalised only if the study's losses at initialisation sit near 1 (a network that learned
+    nothing scores its chance loss); otherwise the pruner warns once and prunes nothing on the
+    model. In a maximising study (an accuracy), report the loss beside it with
+    ``report_spectrum(..., val_loss=...)``; without that the pruner raises a ``ValueError`` at
+    the first ``should_prune()``. Report at every epoch (step = epoch), or at iterations with
+    ``steps_per_epoch`` set: the steps ``e * steps_per_epoch`` are then epoch ``e``'s ends.
+    The predictor needs the full spectrum (``k=None``; for an LSTM the ``(h, c)`` state): a
+    spectrum it cannot use is refused by :func:`report_spectrum`.
+
+    Every decision is written into the trial's user attributes (``lepredict:prediction:STEP``,
+    with its ``reason``) and a pruned trial is logged with its reason, e.g.
+    ``P(trainable)=0.03 < 0.08 at epoch 1``.
 
     Args:
-        model: a shipped predictor's name (``"default"``), a directory written by
-            ``lepredict fit`` or :meth:`StabilityPredictor.save`, or a fitted
-            :class:`StabilityPredictor`. Ignored when ``mode="online"``.
+        model: ``"default"`` (the shipped predictor), a directory written by ``lepredict fit``
+            or :meth:`StabilityPredictor.save`, or a fitted :class:`StabilityPredictor`.
+            Ignored when ``mode="online"``.
         mode: ``"model"`` (the given predictor), ``"online"`` (a predictor fitted on this study's
-            own finished trials, once ``n_startup_trials`` have finished; nothing is pruned for
-            stability before), or ``"both"`` (the mean of the two probabilities once the online
-            one exists, the given predictor alone before).
-        threshold: prune when P(trainable) is below this. ``None`` takes each predictor's own
-            (``prune_threshold_``, set by ``lepredict fit``: the P(trainable) under which 1% of
-            the trainable runs of its corpus fell in cross-validation), or
-            :data:`DEFAULT_THRESHOLD` for a predictor without one (online ones).
-        n_warmup_steps: no stability pruning before this step (epoch). The default, 1, waits
-            for one epoch of training: at initialisation (step 0) the shipped predictors rank
-            configurations far worse (held-out AUROC 0.80) than after one epoch (0.96).
-        compare_to_best: also prune when even an optimistic prediction of the trial's final
-            value (the predictor's 10% quantile of the final normalised loss) is worse than the
-            best final value the study has seen. It needs the trial's reported values on that
-            scale (the final value normalised as the intermediate ones are, as ``lepredict
-            sweep`` reports them, or raw with ``report_spectrum(..., chance_loss=...)``), and the
-            same number of epochs as the predictor's corpus (10 for the shipped one; a
-            ``lepredict sweep`` study of another length skips the comparison). It does nothing
-            in a maximising or multi-objective study.
+            own finished trials, once ``n_startup_trials`` have finished), or ``"both"`` (the
+            mean of the two once the online one exists).
+        threshold: prune when P(trainable) is below this. ``None`` takes the predictor's own
+            (``prune_threshold_``: the P(trainable) under which 1% of the trainable runs of its
+            corpus fell in cross-validation), or :data:`DEFAULT_THRESHOLD` for one without.
+        risk: prune when P(beats the best) is below this (rule 2). ``None`` turns rule 2 off.
+        protect_top: the share of trials, by the value reported at the same step, that the
+            model never prunes (rule 3); at least the single best is always kept.
+        steps_per_epoch: report steps per epoch, when ``trial.report`` is called with
+            iteration numbers.
+        n_warmup_steps: no model-based pruning before this step. ``None``: one epoch
+            (``steps_per_epoch``): at initialisation the shipped predictors rank configurations
+            far worse (held-out AUROC 0.80) than after one epoch (0.96).
         n_startup_trials: finished trials needed before the online predictor is fitted.
-        trainable_below: the final value under which a finished trial counts as trainable for
-            the online predictor; ``None`` takes the task's threshold for studies made by
-            ``lepredict sweep`` and the median final value otherwise.
+        trainable_below: the final normalised loss under which a finished trial counts as
+            trainable for the online predictor; ``None`` takes the study's recorded task
+            threshold (``lepredict sweep``) or the median final value.
         refit_every: refit the online predictor once this many more trials have finished.
-        wrapped_pruner: another pruner (e.g. ``MedianPruner``) asked too: the trial is pruned if
-            either says so.
-
-    A trial whose reported loss is not finite, or whose latest spectrum diverged on at least half
-    of its trajectories, is pruned at once. A trial with no spectrum yet is never pruned for its
-    stability (the wrapped pruner may still prune it).
+        wrapped_pruner: another pruner (e.g. ``MedianPruner``) asked first: the trial is pruned
+            if either says so.
+        compare_to_best: ``False`` is the same as ``risk=None``.
 
     Example:
         >>> import optuna
@@ -215,30 +253,39 @@ class LyapunovPruner(BasePruner):
         ...            log=True), "init_scale": trial.suggest_float("p", 0.05, 3.0, log=True)}
         ...     def on_epoch(epoch, rec):
         ...         if epoch in rec.spectra:
-        ...             lepredict.report_spectrum(trial, rec.spectra[epoch], epoch)
-        ...         trial.report(task.normalised_loss(rec.val_loss[-1]), epoch)
+        ...             lepredict.report_spectrum(trial, rec.spectra[epoch], epoch,
+        ...                                       chance_loss=task.chance_loss)
+        ...         trial.report(rec.val_loss[-1], epoch)  # the raw validation loss
         ...         if trial.should_prune():
         ...             raise optuna.TrialPruned()
         ...     rec = lepredict.train_run(cfg, task, epochs=2, le_epochs=[0, 1], callback=on_epoch)
-        ...     return rec.final_normalised_loss
-        >>> pruner = lepredict.LyapunovPruner(mode="online", n_startup_trials=4)
-        >>> study = optuna.create_study(pruner=pruner)
-        >>> study.optimize(objective, n_trials=6)
+        ...     return rec.final_val_loss
+        >>> study = optuna.create_study(pruner=lepredict.LyapunovPruner(model="default"))
+        >>> study.optimize(objective, n_trials=4)
         >>> len(study.trials)
-        6
+        4
     """
 
     def __init__(self, *, model: str | os.PathLike | StabilityPredictor | None = "default",
-                 mode: str = "model", threshold: float | None = None, n_warmup_steps: int = 1,
-                 compare_to_best: bool = True, n_startup_trials: int = 20,
+                 mode: str = "model", threshold: float | None = None,
+                 risk: float | None = 0.01, protect_top: float = 0.2, steps_per_epoch: int = 1,
+                 n_warmup_steps: int | None = None, n_startup_trials: int = 20,
                  trainable_below: float | None = None, refit_every: int = 10,
-                 wrapped_pruner: BasePruner | None = None) -> None:
+                 wrapped_pruner: BasePruner | None = None, compare_to_best: bool = True) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode=}.")
         if threshold is not None and not (isinstance(threshold, (int, float))
                                           and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold=}.")
-        if not isinstance(n_warmup_steps, int) or n_warmup_steps < 0:
+        if risk is not None and not (isinstance(risk, (int, float)) and 0.0 < risk < 1.0):
+            raise ValueError(f"risk must be a probability in (0, 1) or None, got {risk=}.")
+        if not (isinstance(protect_top, (int, float)) and 0.0 <= protect_top <= 1.0):
+            raise ValueError(f"protect_top must be a share in [0, 1], got {protect_top=}.")
+        if not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) \
+                or steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch=}.")
+        if n_warmup_steps is not None and (not isinstance(n_warmup_steps, int)
+                                           or n_warmup_steps < 0):
             raise ValueError(f"Number of warmup steps cannot be negative but got {n_warmup_steps=}.")
         if not isinstance(n_startup_trials, int) or n_startup_trials < 1:
             raise ValueError(f"n_startup_trials must be a positive int, got {n_startup_trials=}.")
@@ -257,14 +304,29 @@ class LyapunovPruner(BasePruner):
             self._models = {}
         self._model, self._mode = model, mode
         self._threshold = None if threshold is None else float(threshold)
-        self._n_warmup_steps, self._n_startup_trials = n_warmup_steps, n_startup_trials
-        self._compare_to_best = bool(compare_to_best)
+        self._risk = risk if compare_to_best else None
+        self._protect_top = float(protect_top)
+        self._steps_per_epoch = steps_per_epoch
+        self._n_warmup_steps = steps_per_epoch if n_warmup_steps is None else n_warmup_steps
+        self._n_startup_trials = n_startup_trials
         self._trainable_below, self._refit_every = trainable_below, refit_every
         self._wrapped_pruner = wrapped_pruner
-        # A cache of what the storage implies (the online fit for a given set of finished
-        # trials), not state: any worker computes the same from the same storage.
+        # Caches of what the storage implies (the online fit for a given set of finished
+        # trials; warnings already given), not state: any worker decides the same.
         self._online: dict[tuple[str, int], dict[int, StabilityPredictor]] = {}
+        self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
+
+    # -- what a spectrum must be ------------------------------------------------------------
+
+    def check_spectrum(self, spectrum: Mapping) -> None:
+        """Raise ``ValueError`` naming what to measure instead if the predictors cannot use
+        ``spectrum`` (a :func:`lepredict.records.spectrum_dict`)."""
+        problem = _spectrum_problem(spectrum)
+        if problem:
+            raise ValueError(problem)
+
+    # -- the decision ------------------------------------------------------------------------
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
@@ -272,58 +334,139 @@ class LyapunovPruner(BasePruner):
             return False
         value = trial.intermediate_values[step]
         if not math.isfinite(value):
-            return True
+            return self._prune(study, trial, step, {"reason": f"reported value {value} at step "
+                                                              f"{step}"})
         if self._wrapped_pruner is not None and self._wrapped_pruner.prune(study, trial):
             return True
-        spectra = sorted(int(k.rsplit(":", 1)[1]) for k in trial.user_attrs
-                         if k.startswith(f"{ATTR}spectrum:"))
-        if not spectra:
+        view = _TrialView(study, trial, self._steps_per_epoch)
+        if study.direction != StudyDirection.MINIMIZE and not _attrs_by_step(trial, VAL_LOSS):
+            raise ValueError(
+                f"LyapunovPruner: study {study.study_name!r} maximises, so its reported values "
+                "are not losses; report the validation loss beside them with "
+                "lepredict.report_spectrum(trial, spectrum, step, val_loss=...) at each epoch "
+                "the predictor uses (0..3), or minimise the loss.")
+        if not view.spectra:
             return False
-        latest = trial.user_attrs[f"{ATTR}spectrum:{spectra[-1]}"]
-        if float(latest.get("diverged", 0.0)) >= 0.5:
-            self._record(study, trial, step, {"p_trainable": None, "source": "diverged",
-                                              "pruned": True})
-            return True
+        latest = view.spectra[max(view.spectra)]
+        if _float(latest.get("diverged", 0.0)) >= 0.5:
+            return self._prune(study, trial, step, {
+                "reason": f"spectrum diverged on {_float(latest['diverged']):.0%} of its "
+                          f"trajectories at epoch {max(view.spectra)}"})
         if step < self._n_warmup_steps:
             return False
-        models, sources = [], []
+        epoch = step // self._steps_per_epoch
+        return self._decide(study, trial, view, step, epoch)
+
+    def _decide(self, study, trial, view: _TrialView, step: int, epoch: int) -> bool:
+        problem = next((_spectrum_problem(s) for s in view.spectra.values()
+                        if _spectrum_problem(s)), None)
+        if problem:
+            self._warn_once(study, "spectrum", f"LyapunovPruner prunes nothing on the model in "
+                            f"study {study.study_name!r}: {problem}")
+            return self._keep(study, trial, step, problem)
+        scale = self._scale_problem(study, view)
+        if scale:
+            self._warn_once(study, "scale", f"LyapunovPruner prunes nothing on the model in "
+                            f"study {study.study_name!r}: {scale}")
+            return self._keep(study, trial, step, scale)
+        models = []
         if self._mode in ("model", "both"):
-            model = _pick(self._models, step)
-            if model is not None:
-                models.append(model)
-                sources.append(f"model:{model.budget}")
+            models.append(self._models)
         if self._mode in ("online", "both"):
-            model = _pick(self._online_models(study), step)
-            if model is not None:
-                models.append(model)
-                sources.append(f"online:{model.budget}")
-        if not models:
+            online = self._online_models(study)
+            if online:
+                models.append(online)
+        budgets = [view.budget(m, epoch) for m in models]
+        chosen = [(m[b], b) for m, b in zip(models, budgets) if b is not None]
+        if not chosen:
+            return False  # no loss or spectrum yet for any budget a predictor exists for
+        model, budget = chosen[0]
+        sources = "+".join(f"{'online' if m is not self._models.get(b) else 'model'}:{b}"
+                           for m, b in chosen)
+        # Past the largest budget the features no longer change: the prediction made at an
+        # earlier step of this budget stands (the comparison with the best may not).
+        # (Online predictors are refitted as trials finish, so theirs are made anew.)
+        earlier = None if self._mode != "model" else next(
+            (r for r in _attrs_by_step(trial, PREDICTION).values()
+             if isinstance(r, Mapping) and r.get("source") == sources
+             and r.get("p_trainable") is not None), None)
+        if earlier is not None:
+            p, loss = float(earlier["p_trainable"]), float(earlier["final_loss"])
+        else:
+            row = pd.DataFrame([view.row(study.study_name, max(b for _, b in chosen))])
+            p = float(np.mean([m.predict_proba(row)[0, 1] for m, _ in chosen]))
+            loss = float(np.mean([m.predict_loss(row)[0] for m, _ in chosen]))
+        threshold = self._threshold_of(model)  # the given predictor's (online ones have none)
+        rank, reporting = _rank_at(study, trial, step)
+        leader = rank <= max(1, math.ceil(self._protect_top * reporting))
+        record = {"epoch": epoch, "budget": budget, "source": sources,
+                  "p_trainable": p, "threshold": threshold, "final_loss": loss,
+                  "rank": rank, "reporting": reporting, "leader": leader}
+        reason = None
+        if p < threshold:
+            reason = f"P(trainable)={p:.3f} < {threshold:.3f} at epoch {epoch}"
+        elif self._risk is not None:
+            best = _best_prediction(study, budget)
+            if best is not None and best[0] != trial.number:
+                beats = model.prob_beats(loss, best[1])
+                record.update(p_beats_best=beats, best_trial=best[0], best_final_loss=best[1])
+                if beats < self._risk:
+                    reason = (f"P(beats best)={beats:.1%} < {self._risk:.1%} at epoch {epoch} "
+                              f"(predicted final loss {loss:.3f} against {best[1]:.3f} for "
+                              f"trial {best[0]}, the best so far)")
+        if reason is not None and leader:
+            reason, record["kept"] = None, (f"a leader at step {step} (rank {rank} of "
+                                            f"{reporting}), not pruned by the model alone")
+        if reason is None:
+            record.update(pruned=False, reason=record.get("kept", "predicted to train"))
+            self._record(study, trial, step, record)
             return False
-        frame = pd.DataFrame([_live_row(study, trial)])
-        p, low = np.mean([_predict(model, frame) for model in models], axis=0).tolist()
-        # In "both" mode the given predictor's threshold stands (the online one has none).
-        threshold = self._threshold_of(models[0])
-        prune = p < threshold
-        best = _best_value(study) if self._compare_to_best else None
-        if best is not None and not _same_horizon(study, models):
-            best = None  # final values after another number of epochs than predicted
-        if not prune and best is not None and math.isfinite(low):
-            prune = low > best
-        self._record(study, trial, step, {"p_trainable": p, "threshold": threshold,
-                                          "source": "+".join(sources), "pruned": prune,
-                                          "final_loss_low": low if math.isfinite(low) else None,
-                                          "best_value": best})
-        return prune
+        return self._prune(study, trial, step, {**record, "reason": reason})
+
+    def _prune(self, study, trial, step: int, record: dict) -> bool:
+        self._record(study, trial, step, {**record, "pruned": True})
+        _logger.info(f"Trial {trial.number} pruned by LyapunovPruner: {record['reason']}.")
+        return True
+
+    def _keep(self, study, trial, step: int, reason: str) -> bool:
+        self._record(study, trial, step, {"pruned": False, "reason": reason})
+        return False
 
     @staticmethod
     def _record(study: optuna.Study, trial: FrozenTrial, step: int, prediction: dict) -> None:
-        study._storage.set_trial_user_attr(trial._trial_id, f"{ATTR}prediction:{step}",
-                                           prediction)
+        # A pruner gets a frozen trial: the storage is the only way to annotate it.
+        study._storage.set_trial_user_attr(trial._trial_id, f"{PREDICTION}{step}",
+                                           jsonable(prediction))
+
+    def _warn_once(self, study: optuna.Study, kind: str, message: str) -> None:
+        with self._lock:
+            if (study.study_name, kind) in self._warned:
+                return
+            self._warned.add((study.study_name, kind))
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+    def _scale_problem(self, study: optuna.Study, view: _TrialView) -> str | None:
+        """Why the reported values are evidently not losses on the predictor's scale, if so."""
+        if view.chance is not None:
+            return None
+        at_init = [v for t in study.get_trials(deepcopy=False)
+                   for v in [_TrialView(study, t, self._steps_per_epoch).losses.get(0)]
+                   if v is not None and math.isfinite(v)]
+        median = float(np.median(at_init)) if at_init else math.nan
+        low, high = NORMALISED_AT_INIT
+        if low <= median <= high:
+            return None
+        return (f"no chance loss was reported and the median loss at initialisation is "
+                f"{median:.4g}, not about 1, so the values are not normalised losses; pass "
+                "chance_loss=lepredict.chance_loss(y_train, y_val) to report_spectrum for raw "
+                "losses (chance_loss=1.0 if they are normalised)")
 
     def _threshold_of(self, model: StabilityPredictor) -> float:
         if self._threshold is not None:
             return self._threshold
         return float(getattr(model, "prune_threshold_", DEFAULT_THRESHOLD))
+
+    # -- the online predictor ---------------------------------------------------------------
 
     def _online_models(self, study: optuna.Study) -> dict[int, StabilityPredictor]:
         finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -340,18 +483,72 @@ class LyapunovPruner(BasePruner):
             return self._online[key]
 
     def _fit_online(self, study: optuna.Study, trials: list[FrozenTrial]):
-        frame = completed_runs(pd.DataFrame([_live_row(study, t) for t in trials]))
+        views = [_TrialView(study, t, self._steps_per_epoch) for t in trials]
+        budgets = sorted({e for v in views for e in v.spectra})[:4]
+        rows = []
+        for v in views:
+            b = max((e for e in budgets if all(x in v.losses and x in v.spectra
+                                               for x in range(e + 1))), default=None)
+            if b is None:
+                continue
+            row = v.row(study.study_name, b)
+            row.update(state="COMPLETE", final_normalised_loss=v.trial.value / (v.chance or 1.0))
+            rows.append(row)
+        if not rows:
+            return {}
+        frame = completed_runs(pd.DataFrame(rows))
         values = pd.to_numeric(frame["final_normalised_loss"], errors="coerce").astype(float)
         limit = self._trainable_below
         if limit is None:
-            limit = frame["threshold"].dropna().iloc[0] if frame["threshold"].notna().any() \
-                else float(np.nanmedian(values[np.isfinite(values)]))
-        budgets = sorted({int(k.rsplit(":", 1)[1]) for t in trials for k in t.user_attrs
-                          if k.startswith(f"{ATTR}spectrum:")})
+            limit = study.user_attrs.get(SETUP, {}).get("threshold") \
+                or float(np.nanmedian(values[np.isfinite(values)]))
+        frame = frame.assign(status=np.where(np.isfinite(values), "ok", "diverged"))
         models = {}
-        for b in budgets[:4]:
+        for b in budgets:
             try:
                 models[b] = StabilityPredictor(budget=b, threshold=float(limit)).fit(frame)
             except ValueError:
                 return {}  # one class only so far: nothing to learn yet
         return models
+
+
+def _spectrum_problem(spectrum: Mapping) -> str | None:
+    """Why the predictors, fitted on full spectra of the whole state, cannot use a spectrum."""
+    k = len(spectrum.get("mean", []))
+    n = int(spectrum.get("n") or k)
+    if spectrum.get("convention") == "hidden":
+        return ("the spectrum is of the LSTM's hidden-only map, but the predictors were fitted "
+                "on the full (h, c) state (2N exponents per layer): measure with "
+                "lstm_state='full' (the default)")
+    if k < n:
+        return (f"the spectrum holds {k} of the state's {n} exponents, but the predictors need "
+                "the full spectrum: measure with k=None (the default)")
+    return None
+
+
+def _rank_at(study: optuna.Study, trial: FrozenTrial, step: int) -> tuple[int, int]:
+    """The trial's rank (1 = best, in the study's direction) among the values reported at
+    ``step``, and how many trials reported there."""
+    mine = trial.intermediate_values[step]
+    others = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
+              if t.number != trial.number and step in t.intermediate_values
+              and math.isfinite(t.intermediate_values[step])]
+    sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
+    better = sum(sign * v < sign * mine for v in others)
+    return better + 1, len(others) + 1
+
+
+def _best_prediction(study: optuna.Study, budget: int) -> tuple[int, float] | None:
+    """The best finished trial (by the study's own values and direction) and its predicted
+    final loss at ``budget``, if the pruner recorded one."""
+    finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and math.isfinite(t.value)]
+    if not finished:
+        return None
+    best = (min if study.direction == StudyDirection.MINIMIZE else max)(
+        finished, key=lambda t: t.value)
+    for record in _attrs_by_step(best, PREDICTION).values():
+        if isinstance(record, Mapping) and record.get("budget") == budget \
+                and record.get("final_loss") is not None:
+            return best.number, float(record["final_loss"])
+    return None

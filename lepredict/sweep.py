@@ -32,7 +32,9 @@ from optuna.distributions import (
 )
 
 from lepredict import tasks
-from lepredict.train import PROBE_SIZE, RunConfig, RunRecord, train_run
+from lepredict.records import ATTR, RunRecord, run_row, trial_row
+from lepredict.records import jsonable as _jsonable
+from lepredict.train import PROBE_SIZE, RunConfig, train_run
 
 __all__ = [
     "ATTR",
@@ -48,8 +50,6 @@ __all__ = [
     "trials_frame",
 ]
 
-#: Prefix of every user attribute lepredict writes.
-ATTR = "lepredict:"
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -195,17 +195,6 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
             time.sleep(0.2 * (attempt + 1))
 
 
-def _jsonable(value):
-    """Floats as JSON allows them: inf and NaN become strings Optuna can store."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 class _Objective:
     def __init__(self, task: tasks.Task, space: SearchSpace, *, epochs: int, le_epochs, device: str,
                  seed: int, le_k: int | None, probe_size: int):
@@ -313,8 +302,12 @@ def run_sweep(
              "le_epochs": sorted(int(e) for e in le_epochs)}
     previous = study.user_attrs.get(f"{ATTR}setup")
     if previous is None:
-        study.set_user_attr(f"{ATTR}setup", _jsonable(setup))
-    elif previous != _jsonable(setup):
+        # The values it reports are normalised losses (chance loss 1.0); the task's own chance
+        # loss and threshold travel with the study for readers that cannot rebuild the task.
+        study.set_user_attr(f"{ATTR}setup", _jsonable({
+            **setup, "chance_loss": task_obj.chance_loss, "threshold": task_obj.threshold,
+            "reported": "normalised"}))
+    elif {k: previous.get(k) for k in setup} != _jsonable(setup):
         raise ValueError(
             f"Study {study_name!r} was run with {previous}, not {setup}; resume it with the same "
             "task and epochs, or pick another --study-name."
@@ -387,29 +380,6 @@ def trials_frame(study: optuna.Study):
     return pd.DataFrame(rows)
 
 
-def trial_row(t: optuna.trial.FrozenTrial, study_name: str, setup: dict,
-              chance_loss: float | None = None, threshold: float | None = None) -> dict:
-    """One trial as a :func:`trials_frame` row (also what the pruner builds for a live trial)."""
-    spectra = {attr.rsplit(":", 1)[1]: spec for attr, spec in t.user_attrs.items()
-               if attr.startswith(f"{ATTR}spectrum:")}
-    meta = {
-        "study": study_name,
-        "number": t.number,
-        "state": t.state.name,
-        "value": _float(t.value),
-        "status": t.user_attrs.get(f"{ATTR}status", "failed" if t.state.name == "FAIL" else None),
-        "task": setup.get("task"),
-        "task_options": json.dumps(setup.get("task_options", {}), sort_keys=True),
-        "epochs": setup.get("epochs"),
-        "chance_loss": chance_loss,
-        "threshold": threshold,
-        "fail_reason": t.user_attrs.get(f"{ATTR}error"),
-    }
-    run = t.user_attrs.get(f"{ATTR}run", {})
-    # The whole config (fixed values included), then the sampled params as Optuna holds them.
-    return _row(meta, run, {**run.get("config", {}), **t.params}, spectra)
-
-
 def record_frame(record: RunRecord, task: tasks.Task) -> pd.DataFrame:
     """A :class:`RunRecord` as a one-row trials frame, to get features of a run made outside a
     study."""
@@ -422,29 +392,7 @@ def record_frame(record: RunRecord, task: tasks.Task) -> pd.DataFrame:
         "chance_loss": task.chance_loss, "threshold": task.threshold, "fail_reason": None,
     }
     run = _jsonable(record.to_dict())
-    return pd.DataFrame([_row(meta, run, record.config, run["spectra"])])
-
-
-def _row(meta: dict, run: dict, params: dict, spectra: dict) -> dict:
-    row = dict(meta)
-    row.update({f"param_{k}": v for k, v in params.items()})
-    for key in ("final_normalised_loss", "final_val_loss", "wall_time", "le_time",
-                "epochs_completed", "pruned_at"):
-        row[key] = _float(run.get(key)) if key in run else None
-    for key in ("train_loss", "val_loss", "grad_norm"):
-        row[key] = [_float(v) for v in run.get(key, [])]
-    row["weights"] = json.dumps(run.get("weights", []))
-    for epoch, spec in spectra.items():
-        row[f"le{epoch}_mean"] = [_float(v) for v in spec["mean"]]
-        row[f"le{epoch}_std"] = [_float(v) for v in spec["std"]]
-        row[f"le{epoch}_diverged"] = _float(spec["diverged"])
-    return row
-
-
-def _float(v):
-    if v is None:
-        return None
-    return float(v)  # float("inf") parses the strings _jsonable wrote
+    return pd.DataFrame([run_row(meta, run, record.config, run["spectra"])])
 
 
 def export_trials(study: optuna.Study, path: str | os.PathLike) -> int:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "chance_loss",
     "Task",
     "available",
     "get",
@@ -298,6 +299,50 @@ def _constant_mse(y_train: Tensor, y_val: Tensor) -> float:
     size = y_train.shape[-1]
     mean = y_train.reshape(-1, size).double().mean(0)
     return float(((y_val.reshape(-1, size).double() - mean) ** 2).mean())
+
+
+def chance_loss(y_train, y_val=None, *, kind: str | None = None,
+                n_classes: int | None = None) -> float:
+    """The loss of the best constant prediction: what a model that learned nothing scores, and
+    the scale :class:`~lepredict.LyapunovPruner` and the shipped predictors read losses on
+    (``loss / chance_loss``, 1.0 = learned nothing).
+
+    Args:
+        y_train: training targets (tensor or array): integer class indices for cross-entropy,
+            floats (last axis = output size) for mean squared error.
+        y_val: the targets the loss is measured on; ``None`` uses ``y_train``.
+        kind: ``"classification"`` or ``"regression"``; ``None`` decides by the dtype.
+        n_classes: number of classes (default: the largest index + 1).
+
+    Returns:
+        For classification the cross-entropy of the (add-one smoothed) training class
+        frequencies on ``y_val``; for regression the mean squared error of the per-output
+        training mean on ``y_val``.
+
+    Example:
+        >>> import torch, lepredict
+        >>> round(lepredict.chance_loss(torch.tensor([0, 1, 2, 3] * 25)), 4)  # ln 4
+        1.3863
+    """
+    y_train = torch.as_tensor(np.asarray(y_train) if not torch.is_tensor(y_train) else y_train)
+    y_val = y_train if y_val is None else torch.as_tensor(
+        np.asarray(y_val) if not torch.is_tensor(y_val) else y_val)
+    if kind is None:
+        kind = REGRESSION if torch.is_floating_point(y_train) else CLASSIFICATION
+    if kind not in (CLASSIFICATION, REGRESSION):
+        raise ValueError(f"kind must be {CLASSIFICATION!r} or {REGRESSION!r}, got {kind=}.")
+    if y_train.numel() == 0 or y_val.numel() == 0:
+        raise ValueError("chance_loss needs at least one target.")
+    if kind == CLASSIFICATION:
+        y_train, y_val = y_train.long(), y_val.long()
+        n = int(max(y_train.max(), y_val.max())) + 1 if n_classes is None else int(n_classes)
+        if int(min(y_train.min(), y_val.min())) < 0 or n <= int(max(y_train.max(), y_val.max())):
+            raise ValueError(f"class indices must lie in [0, {n_classes=}).")
+        return _constant_cross_entropy(y_train, y_val, n)
+    y_train, y_val = y_train.double(), y_val.double()
+    if y_train.dim() == 1:
+        y_train, y_val = y_train[:, None], y_val.reshape(-1, 1)
+    return _constant_mse(y_train, y_val)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lepredict.lyapunov import lyapunov_spectrum
+from lepredict.records import RunRecord, spectrum_dict
 from lepredict.tasks import Task
 
 __all__ = ["RunConfig", "RunRecord", "SeqModel", "train_run", "weight_stats"]
@@ -144,56 +145,12 @@ def weight_stats(rnn: nn.Module) -> dict[str, float]:
             "w_ih_norm": math.sqrt(ih)}
 
 
-@dataclasses.dataclass
-class RunRecord:
-    """What a run measured. ``spectra`` maps an epoch to its spectrum summary.
-
-    Attributes:
-        config: the :class:`RunConfig` as a dict.
-        task: the task's name and options.
-        train_loss: mean training loss of each completed epoch (epochs 1..).
-        val_loss: validation loss at epoch 0 (initialisation) and after each completed epoch.
-        grad_norm: mean gradient norm (before clipping) of each completed epoch.
-        weights: :func:`weight_stats` at epoch 0 and after each completed epoch.
-        spectra: ``{epoch: {"mean": [...], "std": [...], "diverged": share, "n": n}}``.
-        final_val_loss: validation loss after the last epoch (``inf`` if the run diverged).
-        final_normalised_loss: ``final_val_loss / task.chance_loss``.
-        status: ``"ok"`` or ``"diverged"``.
-        epochs: epochs asked for; ``epochs_completed``: how many ran to the end.
-        wall_time: seconds for the whole run; ``le_time``: seconds of it spent on spectra.
-    """
-
-    config: dict
-    task: dict
-    train_loss: list[float] = dataclasses.field(default_factory=list)
-    val_loss: list[float] = dataclasses.field(default_factory=list)
-    grad_norm: list[float] = dataclasses.field(default_factory=list)
-    weights: list[dict] = dataclasses.field(default_factory=list)
-    spectra: dict[int, dict] = dataclasses.field(default_factory=dict)
-    final_val_loss: float = math.inf
-    final_normalised_loss: float = math.inf
-    status: str = "ok"
-    epochs: int = 0
-    epochs_completed: int = 0
-    wall_time: float = 0.0
-    le_time: float = 0.0
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["spectra"] = {str(k): v for k, v in self.spectra.items()}
-        return d
-
-
 def _spectrum_summary(rnn: nn.Module, probe: Tensor, warmup: int, k: int | None) -> dict:
     spec = lyapunov_spectrum(rnn, probe, warmup=warmup, k=k)
-    mean, std = spec.mean, spec.std
-    return {
-        "mean": [round(float(v), 6) for v in mean],
-        "std": [round(float(v), 6) for v in std],
-        "diverged": float(spec.diverged.float().mean()),
-        "floored": int(spec.floored.sum()),
-        "n": int(spec.n),
-    }
+    return spectrum_dict([round(float(v), 6) for v in spec.mean],
+                         [round(float(v), 6) for v in spec.std],
+                         diverged=float(spec.diverged.float().mean()), state_size=spec.state_size,
+                         convention=spec.convention, floored=int(spec.floored.sum()))
 
 
 @torch.no_grad()

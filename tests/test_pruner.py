@@ -34,11 +34,27 @@ def _replay(study, row, steps=(0, 1), tell=True):
     return trial, pruned
 
 
+def _leaders(study, n=3, steps=range(0, 4)):
+    """Finished trials that reported the best possible value at every step, so the trials
+    replayed next are never the study's leaders (whom the model does not prune)."""
+    for _ in range(n):
+        trial = study.ask()
+        for e in steps:
+            trial.report(0.9 if e == 0 else 0.0, e)  # about chance at initialisation
+        study.tell(trial, 0.0)
+
+
 def test_arguments_are_validated(model_dir):
     with pytest.raises(ValueError, match="n_warmup_steps=-1"):
         LyapunovPruner(model=model_dir, n_warmup_steps=-1)
     with pytest.raises(ValueError, match="threshold=1.5"):
         LyapunovPruner(model=model_dir, threshold=1.5)
+    with pytest.raises(ValueError, match="risk=0"):
+        LyapunovPruner(model=model_dir, risk=0)
+    with pytest.raises(ValueError, match="protect_top=2"):
+        LyapunovPruner(model=model_dir, protect_top=2)
+    with pytest.raises(ValueError, match="steps_per_epoch=0"):
+        LyapunovPruner(model=model_dir, steps_per_epoch=0)
     with pytest.raises(ValueError, match="mode="):
         LyapunovPruner(model=model_dir, mode="vibes")
     with pytest.raises(TypeError, match="wrapped_pruner"):
@@ -49,18 +65,40 @@ def test_arguments_are_validated(model_dir):
         LyapunovPruner(model=model_dir / "missing")
 
 
-def test_prunes_the_predicted_untrainable_and_records_why(runs, model_dir):
+def test_prunes_the_predicted_untrainable_and_says_why(runs, model_dir, caplog):
     study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.5,
                                                       n_warmup_steps=0, compare_to_best=False))
+    _leaders(study)
     ok = runs[(runs["final_normalised_loss"] < 0.3) & (runs["status"] == "ok")].iloc[0]
     bad = runs[(runs["final_normalised_loss"] > 0.9) & (runs["status"] == "ok")].iloc[0]
     t_ok, pruned_ok = _replay(study, ok)
-    t_bad, pruned_bad = _replay(study, bad)
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    try:
+        with caplog.at_level("INFO"):
+            t_bad, pruned_bad = _replay(study, bad)
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     assert not pruned_ok and pruned_bad
-    frozen = study.trials[t_bad.number]
-    pred = frozen.user_attrs[f"{ATTR}prediction:0"]
+    pred = study.trials[t_bad.number].user_attrs[f"{ATTR}prediction:0"]
     assert pred["pruned"] and pred["p_trainable"] < 0.5 and pred["source"] == "model:0"
-    assert study.trials[t_ok.number].user_attrs[f"{ATTR}prediction:1"]["source"] == "model:1"
+    assert pred["reason"] == f"P(trainable)={pred['p_trainable']:.3f} < 0.500 at epoch 0"
+    assert f"Trial {t_bad.number} pruned by LyapunovPruner: P(trainable)=" in caplog.text
+    kept = study.trials[t_ok.number].user_attrs[f"{ATTR}prediction:1"]
+    assert kept["source"] == "model:1" and not kept["pruned"] and kept["reason"]
+
+
+def test_leaders_are_not_pruned_by_the_model(runs, model_dir):
+    """Threshold 1.0 would prune every prediction: the trial with the best value reported at
+    a step is kept all the same, and says why."""
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
+                                                      n_warmup_steps=0, protect_top=0.0))
+    row = runs[runs["status"] == "ok"].iloc[0]
+    first, pruned = _replay(study, row)
+    assert not pruned  # alone at its steps: the leader
+    record = study.trials[first.number].user_attrs[f"{ATTR}prediction:1"]
+    assert record["leader"] and record["kept"].startswith("a leader at step 1 (rank 1 of 1)")
+    second, pruned = _replay(study, row.copy().assign(val_loss=[v * 1.5 for v in row["val_loss"]]))
+    assert pruned  # the same prediction, but behind the leader
 
 
 def test_no_spectrum_never_pruned_for_stability_and_divergence_pruned_at_once(model_dir):
@@ -72,37 +110,127 @@ def test_no_spectrum_never_pruned_for_stability_and_divergence_pruned_at_once(mo
     report_spectrum(trial, {"mean": [0.1, -0.2], "std": [0, 0], "diverged": 1.0}, 1)
     trial.report(0.8, 1)
     assert trial.should_prune()
+    assert "diverged on 100%" in study.trials[0].user_attrs[f"{ATTR}prediction:1"]["reason"]
     other = study.ask()
     other.report(math.inf, 0)
     assert other.should_prune()
 
 
-def test_prunes_what_cannot_beat_the_best_so_far(runs, model_dir):
-    """A trainable configuration whose optimistic predicted final loss is worse than the best
-    final value seen is pruned with compare_to_best, and kept without it."""
-    mediocre = runs[(runs["final_normalised_loss"] > 0.3) & (runs["final_normalised_loss"] < 0.6)
-                    & (runs["status"] == "ok")].iloc[0]
-    for compare, expect in ((False, False), (True, True)):
-        study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0,
-                                                          compare_to_best=compare))
-        first, _ = _replay(study, mediocre)
-        assert study.trials[first.number].user_attrs[f"{ATTR}prediction:1"]["best_value"] is None
-        study.tell(study.ask(), 0.001)  # a far better run finished meanwhile
-        trial, pruned = _replay(study, mediocre)
-        assert pruned == expect
-        record = study.trials[trial.number].user_attrs[f"{ATTR}prediction:1"]
-        assert record["final_loss_low"] > 0.001
-        assert record["best_value"] == (0.001 if compare else None)
+def _user_trial(study, row, steps=(0, 1), scale=2.0, chance=2.0, tell=None):
+    """A user's loop: raw losses (normalised x ``scale``) with the chance loss declared."""
+    trial = study.ask()
+    pruned = False
+    for e in steps:
+        report_spectrum(trial, {"mean": row[f"le{e}_mean"], "std": row[f"le{e}_std"]}, e,
+                        chance_loss=chance)
+        trial.report(row["val_loss"][e] / 2.0 * scale, e)
+        if trial.should_prune():
+            pruned = True
+            break
+    if tell is not None:
+        study.tell(trial, tell)
+    return trial, pruned
 
 
-def test_wrapped_pruner_and_warmup(runs, model_dir):
-    good = runs[(runs["final_normalised_loss"] < 0.3) & (runs["status"] == "ok")].iloc[0]
-    wrapped = optuna.pruners.ThresholdPruner(upper=0.01)  # prunes everything by loss
-    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, wrapped_pruner=wrapped))
-    assert _replay(study, good)[1]
-    bad = runs[(runs["final_normalised_loss"] > 0.9) & (runs["status"] == "ok")].iloc[0]
-    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, n_warmup_steps=5))
-    assert not _replay(study, bad)[1]
+def test_compares_predictions_with_predictions_whatever_the_horizon(runs, model_dir):
+    """A study of 40-epoch runs whose best observed final (raw) loss is far below anything a
+    10-epoch prediction can reach: the pruner compares the trial's prediction with the best
+    trial's prediction at the same budget, never with that observed value."""
+    good = runs[(runs["final_normalised_loss"] < 0.3) & (runs["status"] == "ok")]
+    poor = runs[(runs["final_normalised_loss"] > 0.9) & (runs["status"] == "ok")
+                & (runs["param_lr"] < 1e-3)]
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0,
+                                                      protect_top=0.0, risk=0.05))
+    _leaders(study, steps=())  # no reports: nobody leads at a step, and no prediction
+    best, _ = _user_trial(study, good.iloc[0], tell=1e-5)  # the best after 40 epochs
+    study.tell(study.ask(), 0.5)  # another finished trial, no report
+    similar, pruned_similar = _user_trial(study, good.iloc[1])
+    worse, pruned_worse = _user_trial(study, poor.iloc[0])
+    rec = study.trials[similar.number].user_attrs[f"{ATTR}prediction:1"]
+    assert rec["best_trial"] == best.number and not pruned_similar
+    assert rec["p_beats_best"] > 0.05
+    rec = study.trials[worse.number].user_attrs[f"{ATTR}prediction:1"]
+    assert pruned_worse and rec["p_beats_best"] < 0.05
+    assert rec["reason"].startswith("P(beats best)=") and f"trial {best.number}" in rec["reason"]
+
+
+def test_a_maximising_study_needs_the_loss_beside_its_metric(runs, model_dir):
+    row = runs[runs["status"] == "ok"].iloc[0]
+    study = optuna.create_study(direction="maximize", pruner=LyapunovPruner(model=model_dir))
+    trial = study.ask()
+    report_spectrum(trial, {"mean": row["le0_mean"]}, 0)
+    trial.report(0.1, 0)  # an accuracy
+    with pytest.raises(ValueError, match="maximises.*val_loss="):
+        trial.should_prune()
+    trial = study.ask()
+    for e in (0, 1):
+        report_spectrum(trial, {"mean": row[f"le{e}_mean"]}, e, chance_loss=2.0,
+                        val_loss=row["val_loss"][e])
+        trial.report(0.5, e)
+        trial.should_prune()
+    record = study.trials[trial.number].user_attrs[f"{ATTR}prediction:1"]
+    assert record["source"] == "model:1" and 0.0 <= record["p_trainable"] <= 1.0
+
+
+def test_raw_losses_without_a_chance_loss_warn_once_and_prune_nothing(runs, model_dir):
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
+                                                      protect_top=0.0))
+    _leaders(study, steps=())
+    rows = runs[runs["status"] == "ok"].iloc[:3]
+    with pytest.warns(UserWarning, match="no chance loss was reported") as caught:
+        pruned = [_user_trial(study, row, scale=3.2, chance=None)[1] for _, row in rows.iterrows()]
+    assert not any(pruned) and len(caught) == 1
+    record = study.trials[-1].user_attrs[f"{ATTR}prediction:1"]
+    assert not record["pruned"] and "chance_loss=" in record["reason"]
+    # Normalised values (about 1 at initialisation) need no declaration.
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
+                                                      protect_top=0.0))
+    _leaders(study, steps=())
+    _user_trial(study, rows.iloc[0], tell=0.5)
+    assert _user_trial(study, rows.iloc[1].copy().assign(
+        val_loss=[v * 1.2 for v in rows.iloc[1]["val_loss"]]), scale=1.0, chance=None)[1]
+
+
+def test_reports_at_iterations_with_steps_per_epoch(runs, model_dir):
+    row = runs[runs["status"] == "ok"].iloc[0]
+
+    def loop(study):
+        trial = study.ask()
+        for it in range(0, 201, 50):
+            if it % 100 == 0:
+                report_spectrum(trial, {"mean": row[f"le{it // 100}_mean"]}, it, chance_loss=2.0)
+            trial.report(row["val_loss"][min(it // 100, 1)], it)
+            trial.should_prune()
+        return study.trials[trial.number].user_attrs
+
+    attrs = loop(optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0,
+                                                           steps_per_epoch=100)))
+    assert f"{ATTR}prediction:50" not in attrs  # within epoch 0: the warm-up
+    assert attrs[f"{ATTR}prediction:100"]["source"] == "model:1"
+    assert attrs[f"{ATTR}prediction:200"]["epoch"] == 2
+    # Read as epochs, step 50 has no loss at epochs 1..49: no prediction, never an inf loss.
+    attrs = loop(optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0)))
+    assert not any(k.startswith(f"{ATTR}prediction:") for k in attrs)
+
+
+def test_spectra_the_predictor_cannot_use_are_refused(model_dir):
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir))
+    trial = study.ask()
+    lstm = torch.nn.LSTM(2, 6, batch_first=True)
+    probe = torch.randn(3, 20, 2)
+    with pytest.raises(ValueError, match="3 of the state's 12 exponents.*k=None"):
+        lepredict.measure_and_report(trial, lstm, probe, 0, k=3)
+    with pytest.raises(ValueError, match="hidden-only map.*lstm_state='full'"):
+        lepredict.measure_and_report(trial, lstm, probe, 0, lstm_state="hidden")
+    with pytest.raises(ValueError, match="k=None"):
+        report_spectrum(trial, {"mean": [0.1, -0.1], "n": 64}, 0)
+    full = lepredict.measure_and_report(trial, lstm, probe, 0)
+    stored = study.trials[0].user_attrs[f"{ATTR}spectrum:0"]
+    assert stored["n"] == stored["k"] == full.state_size == 12 and stored["convention"] == "full"
+    # Without the pruner a partial spectrum is stored as it is, for analysis.
+    other = optuna.create_study().ask()
+    report_spectrum(other, lepredict.lyapunov_spectrum(lstm, probe, k=3), 0)
+    assert other.study.trials[0].user_attrs[f"{ATTR}spectrum:0"]["n"] == 12
 
 
 def test_online_mode_fits_on_the_study_and_is_stateless(runs):
@@ -130,7 +258,7 @@ def test_measure_and_report_restores_training_mode():
     trial = study.ask()
     rnn = torch.nn.GRU(3, 5, batch_first=True).train()
     spec = lepredict.measure_and_report(trial, rnn, torch.randn(4, 12, 3), 0, chance_loss=2.0)
-    assert rnn.training and spec.exponents.shape == (4, 5)
+    assert rnn.training and spec.exponents.shape == (4, 5) and spec.state_size == 5
     stored = study.trials[0].user_attrs
     assert stored[f"{ATTR}spectrum:0"]["mean"] == pytest.approx(spec.mean.tolist())
     assert stored[f"{ATTR}chance_loss"] == 2.0
@@ -158,32 +286,24 @@ def test_default_threshold_is_the_predictors_own(runs, tmp_path):
         model.save(tmp_path / f"m{own}" / "budget-1")
         study = optuna.create_study(pruner=LyapunovPruner(model=tmp_path / f"m{own}",
                                                           compare_to_best=False))
+        _leaders(study)
         trial, was_pruned = _replay(study, good)
         assert was_pruned == pruned
         assert study.trials[trial.number].user_attrs[f"{ATTR}prediction:1"]["threshold"] == own
     study = optuna.create_study(pruner=LyapunovPruner(model=model, threshold=0.0,
                                                       compare_to_best=False))
+    _leaders(study)
     assert not _replay(study, good)[1]  # an explicit threshold wins
 
 
 def test_raw_losses_with_chance_loss_predict_as_normalised_ones(runs, model_dir):
-    """Reporting raw losses with chance_loss= must give the prediction that reporting the
-    normalised losses gives, and be compared with the best on the normalised scale."""
+    """Raw losses with chance_loss= give the prediction normalised losses give."""
     row = runs[(runs["final_normalised_loss"] < 0.6) & (runs["status"] == "ok")].iloc[0]
     records = []
-    for chance in (None, 2.0):
+    for chance in (1.0, 2.0, 7.5):
         study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0))
-        done = study.ask()
-        if chance:
-            report_spectrum(done, {"mean": [0.0], "std": [0.0]}, 0, chance_loss=chance)
-        study.tell(done, 0.5 * (chance or 1.0))  # best so far: 0.5 normalised
-        trial = study.ask()
-        for e in (0, 1):
-            report_spectrum(trial, {"mean": row[f"le{e}_mean"], "std": row[f"le{e}_std"]}, e,
-                            chance_loss=chance)
-            trial.report(row["val_loss"][e] / 2.0 * (chance or 1.0), e)
-            trial.should_prune()
+        trial, _ = _user_trial(study, row, scale=chance, chance=chance)
         records.append(study.trials[trial.number].user_attrs[f"{ATTR}prediction:1"])
-    assert records[0]["p_trainable"] == pytest.approx(records[1]["p_trainable"])
-    assert records[0]["final_loss_low"] == pytest.approx(records[1]["final_loss_low"])
-    assert records[0]["best_value"] == records[1]["best_value"] == pytest.approx(0.5)
+    for other in records[1:]:
+        assert other["p_trainable"] == pytest.approx(records[0]["p_trainable"])
+        assert other["final_loss"] == pytest.approx(records[0]["final_loss"])

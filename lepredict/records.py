@@ -1,0 +1,169 @@
+"""The record schema every room shares: what a run measured, and how a trial stores it.
+
+A run (:class:`RunRecord`, made by :func:`lepredict.train_run`) becomes one row of a *trials
+frame*: the table that sweeps export, features are computed from, predictors are fitted on and
+the pruner builds for a live trial. A trial stores its run in Optuna user attributes under the
+prefix :data:`ATTR`; the names of those attributes and the columns of a row are defined here and
+nowhere else, so the sweep, the pruner, the features and the exports agree without reaching into
+each other.
+
+User attributes of a trial (all optional but the spectra):
+
+* ``lepredict:spectrum:STEP``: a spectrum measured at report step ``STEP`` (:func:`spectrum_dict`).
+* ``lepredict:val_loss:STEP``: the validation loss at ``STEP``, when the study's own values are
+  something else (an accuracy in a maximising study).
+* ``lepredict:chance_loss``: the chance loss the trial's losses are divided by (1.0 when they are
+  already normalised).
+* ``lepredict:run``, ``lepredict:status``, ``lepredict:error``: what ``lepredict sweep`` stores.
+* ``lepredict:prediction:STEP``: what :class:`~lepredict.LyapunovPruner` predicted and decided.
+
+Study attribute ``lepredict:setup``: what ``lepredict sweep`` ran (task, options, epochs, and the
+task's chance loss and threshold).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+
+__all__ = [
+    "ATTR",
+    "RunRecord",
+    "jsonable",
+    "run_row",
+    "spectrum_dict",
+    "trial_row",
+]
+
+#: Prefix of every user attribute lepredict writes.
+ATTR = "lepredict:"
+SPECTRUM = f"{ATTR}spectrum:"
+VAL_LOSS = f"{ATTR}val_loss:"
+PREDICTION = f"{ATTR}prediction:"
+CHANCE_LOSS = f"{ATTR}chance_loss"
+SETUP = f"{ATTR}setup"
+RUN = f"{ATTR}run"
+STATUS = f"{ATTR}status"
+ERROR = f"{ATTR}error"
+
+
+@dataclasses.dataclass
+class RunRecord:
+    """What a run measured. ``spectra`` maps an epoch to its spectrum summary.
+
+    Attributes:
+        config: the :class:`~lepredict.RunConfig` as a dict.
+        task: the task's name and options.
+        train_loss: mean training loss of each completed epoch (epochs 1..).
+        val_loss: validation loss at epoch 0 (initialisation) and after each completed epoch.
+        grad_norm: mean gradient norm (before clipping) of each completed epoch.
+        weights: recurrent-weight statistics at epoch 0 and after each completed epoch.
+        spectra: ``{epoch: spectrum_dict(...)}``.
+        final_val_loss: validation loss after the last epoch (``inf`` if the run diverged).
+        final_normalised_loss: ``final_val_loss / task.chance_loss``.
+        status: ``"ok"`` or ``"diverged"``.
+        epochs: epochs asked for; ``epochs_completed``: how many ran to the end.
+        wall_time: seconds for the whole run; ``le_time``: seconds of it spent on spectra.
+    """
+
+    config: dict
+    task: dict
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    val_loss: list[float] = dataclasses.field(default_factory=list)
+    grad_norm: list[float] = dataclasses.field(default_factory=list)
+    weights: list[dict] = dataclasses.field(default_factory=list)
+    spectra: dict[int, dict] = dataclasses.field(default_factory=dict)
+    final_val_loss: float = math.inf
+    final_normalised_loss: float = math.inf
+    status: str = "ok"
+    epochs: int = 0
+    epochs_completed: int = 0
+    wall_time: float = 0.0
+    le_time: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["spectra"] = {str(k): v for k, v in self.spectra.items()}
+        return d
+
+
+def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | None = None,
+                  convention: str | None = None, floored: int | None = None) -> dict:
+    """A spectrum as records store it: the mean and spread over trajectories of the leading
+    ``k = len(mean)`` exponents (descending), the share of diverged trajectories, the size ``n``
+    of the state they are exponents of (``k < n`` for a partial spectrum) and the state
+    convention (``"full"`` or ``"hidden"`` for an LSTM, ``None`` otherwise)."""
+    mean = [float(v) for v in mean]
+    std = [0.0] * len(mean) if std is None else [float(v) for v in std]
+    if len(std) != len(mean):
+        raise ValueError(f"std has {len(std)} values but mean has {len(mean)}.")
+    n = len(mean) if state_size is None else int(state_size)
+    if n < len(mean):
+        raise ValueError(f"state_size={n} is smaller than the {len(mean)} exponents given.")
+    out = {"mean": mean, "std": std, "diverged": float(diverged), "n": n, "k": len(mean),
+           "convention": convention}
+    if floored is not None:
+        out["floored"] = int(floored)
+    return out
+
+
+def jsonable(value):
+    """Floats as Optuna's JSON storage takes them: inf and NaN become strings
+    (``float(...)`` reads them back)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _float(v):
+    if v is None:
+        return None
+    return float(v)  # float("inf") parses the strings jsonable wrote
+
+
+def run_row(meta: dict, run: Mapping, params: Mapping, spectra: Mapping) -> dict:
+    """One trials-frame row: ``meta`` (study, number, state, task...), the stored run, the
+    hyperparameters (``param_*`` columns) and the spectra by epoch (``leE_*`` columns)."""
+    row = dict(meta)
+    row.update({f"param_{k}": v for k, v in params.items()})
+    for key in ("final_normalised_loss", "final_val_loss", "wall_time", "le_time",
+                "epochs_completed", "pruned_at"):
+        row[key] = _float(run.get(key)) if key in run else None
+    for key in ("train_loss", "val_loss", "grad_norm"):
+        row[key] = [_float(v) for v in run.get(key, [])]
+    row["weights"] = json.dumps(run.get("weights", []))
+    for epoch, spec in spectra.items():
+        row[f"le{epoch}_mean"] = [_float(v) for v in spec["mean"]]
+        row[f"le{epoch}_std"] = [_float(v) for v in spec.get("std", [0.0] * len(spec["mean"]))]
+        row[f"le{epoch}_diverged"] = _float(spec.get("diverged", 0.0))
+        row[f"le{epoch}_n"] = int(spec.get("n", len(spec["mean"])))
+    return row
+
+
+def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = None,
+              threshold: float | None = None) -> dict:
+    """A finished or running trial of a ``lepredict sweep`` study as a trials-frame row."""
+    spectra = {attr[len(SPECTRUM):]: spec for attr, spec in t.user_attrs.items()
+               if attr.startswith(SPECTRUM)}
+    meta = {
+        "study": study_name,
+        "number": t.number,
+        "state": t.state.name,
+        "value": _float(t.value),
+        "status": t.user_attrs.get(STATUS, "failed" if t.state.name == "FAIL" else None),
+        "task": setup.get("task"),
+        "task_options": json.dumps(setup.get("task_options", {}), sort_keys=True),
+        "epochs": setup.get("epochs"),
+        "chance_loss": chance_loss if chance_loss is not None else setup.get("chance_loss"),
+        "threshold": threshold if threshold is not None else setup.get("threshold"),
+        "fail_reason": t.user_attrs.get(ERROR),
+    }
+    run = t.user_attrs.get(RUN, {})
+    # The whole config (fixed values included), then the sampled params as Optuna holds them.
+    return run_row(meta, run, {**run.get("config", {}), **t.params}, spectra)
