@@ -63,7 +63,7 @@ def pruners() -> dict:
         "wilcoxon": lambda: P.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2),
         "top25%@1": lambda: KeepTopAfterOneEpoch(0.25),
         "lyapunov": lambda: lepredict.LyapunovPruner(model="default"),
-        "lyap.P-only": lambda: lepredict.LyapunovPruner(model="default", compare_to_best=False),
+        "lyap.P-only": lambda: lepredict.LyapunovPruner(model="default", risk=None),
         "lyap.online": lambda: lepredict.LyapunovPruner(mode="online", model=None,
                                                         n_startup_trials=10),
         "lyap+median": lambda: lepredict.LyapunovPruner(
@@ -89,7 +89,8 @@ def replay(runs: pd.DataFrame, pruner, epochs: int) -> dict:
             spec = row.get(f"le{e}_mean")
             if isinstance(spec, list) and spec:
                 lepredict.report_spectrum(trial, {"mean": spec, "std": row[f"le{e}_std"],
-                                                  "diverged": row[f"le{e}_diverged"]}, e)
+                                                  "diverged": row[f"le{e}_diverged"]}, e,
+                                          chance_loss=1.0)  # the values are normalised
             used = e
             trial.report(float(loss) / chance, e)
             if trial.should_prune():

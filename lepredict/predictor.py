@@ -207,6 +207,17 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
         held_out = cross_val_predict(clone(reg), features, target, cv=cv, groups=groups)
         return held_out.astype(float), (target - held_out).astype(float)
 
+    def fit_residuals(self, X: pd.DataFrame) -> StabilityPredictor:
+        """Recompute the held-out residuals behind :meth:`prob_beats` on the finished runs of
+        ``X`` (those the predictor was fitted on), without refitting either head: how a saved
+        predictor fitted before they existed gets them. Returns ``self``."""
+        X = completed_runs(X)
+        features = self._features(X)[self.feature_names_]
+        target = outcomes(X, threshold=self.threshold)["final_loss"].to_numpy()
+        self.oof_loss_, self.oof_residual_ = self._held_out_residuals(features, target, X,
+                                                                      self.regressor_)
+        return self
+
     def prob_beats(self, loss: float, other: float) -> float:
         """P(a run predicted to reach ``loss`` ends below one predicted to reach ``other``).
 
