@@ -80,17 +80,17 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
 
 
 @lru_cache(maxsize=8)
-def _load_cached(path: str, mtime: float) -> dict[int, StabilityPredictor]:
-    return load_models(path)
+def _load_cached(path: str, mtime: float, trust: bool) -> dict[int, StabilityPredictor]:
+    return load_models(path, trust=trust)
 
 
-def _models(model) -> dict[int, StabilityPredictor]:
+def _models(model, trust: bool = False) -> dict[int, StabilityPredictor]:
     if isinstance(model, StabilityPredictor):
         return {int(model.budget): model}
     path = resolve_model(model)
     manifest_dirs = [path] if (path / "manifest.json").exists() else list(path.glob("*/"))
     mtime = max((p.stat().st_mtime for p in manifest_dirs), default=0.0)
-    return _load_cached(str(path), mtime)
+    return _load_cached(str(path), mtime, bool(trust))
 
 
 def _predict(model: StabilityPredictor, frame: pd.DataFrame) -> tuple[float, float]:
@@ -200,6 +200,9 @@ class LyapunovPruner(BasePruner):
         refit_every: refit the online predictor once this many more trials have finished.
         wrapped_pruner: another pruner (e.g. ``MedianPruner``) asked too: the trial is pruned if
             either says so.
+        trust_model: you trust the files of ``model``: a pickled predictor (``model.joblib``,
+            which runs code when loaded) is loaded, and so is a shipped one that differs from
+            its pinned hash (:func:`lepredict.predictor.load`).
 
     A trial whose reported loss is not finite, or whose latest spectrum diverged on at least half
     of its trajectories, is pruned at once. A trial with no spectrum yet is never pruned for its
@@ -232,7 +235,7 @@ class LyapunovPruner(BasePruner):
                  mode: str = "model", threshold: float | None = None, n_warmup_steps: int = 1,
                  compare_to_best: bool = True, n_startup_trials: int = 20,
                  trainable_below: float | None = None, refit_every: int = 10,
-                 wrapped_pruner: BasePruner | None = None) -> None:
+                 wrapped_pruner: BasePruner | None = None, trust_model: bool = False) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode=}.")
         if threshold is not None and not (isinstance(threshold, (int, float))
@@ -252,7 +255,7 @@ class LyapunovPruner(BasePruner):
         if mode != "online":
             if model is None:
                 raise ValueError(f"{mode=} needs a model: 'default', a path, or a predictor.")
-            self._models = _models(model)  # fails here, not mid-study, on a bad model
+            self._models = _models(model, trust_model)  # fails here, not mid-study
         else:
             self._models = {}
         self._model, self._mode = model, mode
