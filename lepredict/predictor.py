@@ -484,7 +484,7 @@ def load(path: str | os.PathLike, *, trust: bool = False) -> StabilityPredictor:
         model_path = path / LEGACY_MODEL_FILE
     if not model_path.is_file():
         raise ModelFileError(f"{model_path} is missing; the predictor is incomplete: fit it again.")
-    _check_pinned([path / MANIFEST, model_path], trust)
+    _check_pinned([model_path, path / MANIFEST], trust)
     if _sha256(model_path) != manifest.get("sha256"):
         raise ModelFileError(
             f"{model_path} does not match the sha256 in its manifest: the file is corrupt or was "
