@@ -18,7 +18,7 @@ this release shipped. A pickle (``model.joblib``, the format before skops) can r
 loaded, so it is loaded only with ``trust=True``.
 
 Maintainers: after refitting the shipped predictors, pin them again with
-``python -m lepredict.predictor --pin`` (:func:`pin_shipped_models`).
+:func:`pin_shipped_models` (:data:`PIN_COMMAND`).
 """
 
 from __future__ import annotations
@@ -62,12 +62,16 @@ ALLOWED_TYPES = (
 )
 #: sha256 of every file of the shipped predictors, by path under :data:`MODELS_DIR`.
 PIN_FILE = Path(__file__).resolve().parent / "shipped_models.json"
+#: The maintainer's command that pins the shipped predictors again after a refit.
+PIN_COMMAND = ('python -c "from lepredict.predictor import pin_shipped_models; '
+               'pin_shipped_models()"')
 #: What the errors tell a user to pass when they trust a file that lepredict will not load alone.
 TRUST_HINT = "trust=True (CLI: --trust-model)"
 #: Fewest runs of each class a fit accepts (the calibration's 3 folds need one each).
 MIN_PER_CLASS = 3
 #: Where the shipped predictors live: ``models/`` at the top of the repository (an editable
 #: install, as the README sets up), or the directory named by ``LEPREDICT_MODELS``.
+#: Either way its files load only if they match :data:`PIN_FILE` (or with ``trust=True``).
 MODELS_DIR = Path(os.environ.get("LEPREDICT_MODELS",
                                  Path(__file__).resolve().parent.parent / "models"))
 
@@ -382,13 +386,13 @@ def _check_pinned(files: Sequence[Path], trust: bool) -> None:
             raise ModelFileError(
                 f"{file} is in the shipped models directory ({MODELS_DIR}) but is not one of "
                 f"the files pinned in {PIN_FILE.name}, so it is not loaded as a shipped model; "
-                f"after a refit, run `python -m lepredict.predictor --pin`, or pass {TRUST_HINT}."
+                f"after a refit, run `{PIN_COMMAND}`, or pass {TRUST_HINT}."
             )
         if _sha256(file) != pins[key]:
             raise ModelFileError(
                 f"{file} does not match the sha256 pinned for the shipped model in "
                 f"{PIN_FILE.name}: it was modified, so it is not loaded. Restore it (git "
-                "checkout models/); after a refit, run `python -m lepredict.predictor --pin`; "
+                f"checkout models/); after a refit, run `{PIN_COMMAND}`; "
                 f"or pass {TRUST_HINT} to load it as it is."
             )
 
@@ -569,9 +573,9 @@ def resolve_model(model: str | os.PathLike) -> Path:
 def pin_shipped_models() -> Path:
     """Write :data:`PIN_FILE`: the sha256 of each shipped predictor's model file and manifest.
 
-    For maintainers, after refitting the shipped predictors (``python -m lepredict.predictor
-    --pin``): the package then loads exactly these files as its shipped models. Pickles cannot
-    be pinned: re-save them first.
+    For maintainers, after refitting the shipped predictors (:data:`PIN_COMMAND`): the package
+    then loads exactly these files as its shipped models. Pickles cannot be pinned: re-save
+    them first.
     """
     root = Path(MODELS_DIR).resolve()
     pins = {}
@@ -585,7 +589,7 @@ def pin_shipped_models() -> Path:
         raise ModelFileError(f"No saved predictors under {str(root)!r} to pin.")
     PIN_FILE.write_text(json.dumps({
         "comment": "sha256 of the shipped predictors' files under models/; regenerate after a "
-                   "refit with: python -m lepredict.predictor --pin",
+                   "refit with lepredict.predictor.pin_shipped_models()",
         "sha256": pins}, indent=2) + "\n")
     return PIN_FILE
 
@@ -609,16 +613,3 @@ def metric_table(y_true, proba, loss_true, loss_pred) -> dict[str, float]:
         "n": int(len(y_true)),
         "trainable_share": float(y_true.mean()),
     }
-
-
-if __name__ == "__main__":
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m lepredict.predictor", description="Maintenance of the shipped predictors.")
-    parser.add_argument("--pin", action="store_true", help=f"pin the predictors under {MODELS_DIR} "
-                        f"(after a refit): write their sha256 to {PIN_FILE}")
-    if not parser.parse_args().pin:
-        parser.error("nothing to do: pass --pin")
-    out = pin_shipped_models()
-    print(f"pinned {len(_pinned())} files under {MODELS_DIR} in {out}")

@@ -175,7 +175,7 @@ def test_shipped_files_match_their_pins():
         for name in ("manifest.json", "model.skops"):
             key = (directory / name).relative_to(predictor.MODELS_DIR).as_posix()
             assert pins[key] == predictor._sha256(directory / name), (
-                f"{key} changed since it was pinned: run python -m lepredict.predictor --pin")
+                f"{key} changed since it was pinned: run {predictor.PIN_COMMAND}")
     assert len(pins) == 2 * len(shipped)
 
 
@@ -197,7 +197,7 @@ def test_a_tampered_shipped_model_is_refused(fitted, shipped, tmp_path):
                                                                     "prune_threshold": 0.99}))
     with pytest.raises(ModelFileError, match="does not match the sha256 pinned") as err:
         load_models(resolve_model("default"))
-    assert "\n" not in str(err.value) and "--pin" in str(err.value)
+    assert "\n" not in str(err.value) and predictor.PIN_COMMAND in str(err.value)
     assert load_models(resolve_model("default"), trust=True)[0].manifest_["prune_threshold"] == 0.99
 
     pin_shipped_models()
