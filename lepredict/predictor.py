@@ -443,8 +443,22 @@ def _check_trees(model, model_path: Path) -> None:
     process or read arbitrary memory when it predicts, though loading it ran nothing."""
     from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
 
+    def numeric_only(est) -> bool:
+        # Categorical features make predict() write into bitsets at indices read from the file
+        # (the bin mapper's known categories), again unchecked; a StabilityPredictor has none.
+        cat = getattr(getattr(est, "_bin_mapper", None), "is_categorical_", None)
+        return (getattr(est, "_preprocessor", None) is None
+                and getattr(est, "is_categorical_", None) is None
+                and (cat is None or (isinstance(cat, np.ndarray) and not cat.any())))
+
     for est in _hist_gradient_boosting_models(model):
         n_features = getattr(est, "n_features_in_", None)
+        if not numeric_only(est):
+            raise ModelFileError(
+                f"{model_path} holds a gradient-boosting model with categorical features, which "
+                "a StabilityPredictor never has, so it is not loaded; the file is corrupt or "
+                "crafted."
+            )
         for tree in (t for trees in getattr(est, "_predictors", []) for t in trees):
             nodes = getattr(tree, "nodes", None)
             ok = (isinstance(n_features, (int, np.integer)) and isinstance(nodes, np.ndarray)

@@ -266,3 +266,10 @@ def test_a_tree_pointing_outside_itself_is_refused(fitted, runs, tmp_path):
     tree.nodes["feature_idx"][split] = est.n_features_in_
     with pytest.raises(ModelFileError, match="not well formed"):
         load(model.save(tmp_path / "m"))
+    tree.nodes["feature_idx"][split] = fitted.regressor_._predictors[0][0].nodes["feature_idx"][split]
+    assert np.array_equal(load(model.save(tmp_path / "m")).predict_loss(runs.head(5)),
+                          fitted.predict_loss(runs.head(5)))
+    # categorical features: bitsets indexed by values from the file
+    est._bin_mapper.is_categorical_ = np.ones_like(est._bin_mapper.is_categorical_)
+    with pytest.raises(ModelFileError, match="categorical"):
+        load(model.save(tmp_path / "m"))
