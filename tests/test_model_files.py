@@ -240,7 +240,8 @@ def test_round_trip_keeps_predictions_and_plain_attributes(fitted, runs, tmp_pat
     finally:
         del fitted.residuals_, fitted.folds_
     assert np.array_equal(again.predict_proba(runs), fitted.predict_proba(runs))
-    for a, b in zip(again.predict_loss(runs, interval=True), fitted.predict_loss(runs, interval=True)):
+    expected = fitted.predict_loss(runs, interval=True)
+    for a, b in zip(again.predict_loss(runs, interval=True), expected):
         assert np.array_equal(a, b)
     assert again.explain(runs.head(2)) == fitted.explain(runs.head(2))
     assert list(again.reference_.index) == list(fitted.reference_.index)
@@ -266,7 +267,8 @@ def test_a_tree_pointing_outside_itself_is_refused(fitted, runs, tmp_path):
     tree.nodes["feature_idx"][split] = est.n_features_in_
     with pytest.raises(ModelFileError, match="not well formed"):
         load(model.save(tmp_path / "m"))
-    tree.nodes["feature_idx"][split] = fitted.regressor_._predictors[0][0].nodes["feature_idx"][split]
+    original = fitted.regressor_._predictors[0][0].nodes
+    tree.nodes["feature_idx"][split] = original["feature_idx"][split]
     assert np.array_equal(load(model.save(tmp_path / "m")).predict_loss(runs.head(5)),
                           fitted.predict_loss(runs.head(5)))
     # categorical features: bitsets indexed by values from the file
