@@ -106,7 +106,7 @@ def _pruner(args):
 
         try:
             return LyapunovPruner(model=args.pruner_model, mode=args.pruner_mode,
-                                  threshold=args.pruner_threshold,
+                                  trust_model=args.trust_model, threshold=args.pruner_threshold,
                                   n_warmup_steps=args.pruner_warmup,
                                   compare_to_best=not args.pruner_no_compare_to_best,
                                   n_startup_trials=10,
@@ -145,7 +145,7 @@ def _cmd_sweep(args) -> int:
 
         model = None
         try:
-            models = load_models(resolve_model(args.pruner_model))
+            models = load_models(resolve_model(args.pruner_model), trust=args.trust_model)
             model = models[min(models, key=lambda b: abs(b - 1))]
         except ModelFileError:
             pass  # the report without the predictor's figures
@@ -286,7 +286,7 @@ def _cmd_evaluate(args) -> int:
             print(format_summary(table))
         return 0
     try:
-        models = load_models(resolve_model(args.model))
+        models = load_models(resolve_model(args.model), trust=args.trust_model)
     except ModelFileError as err:
         raise CLIError(str(err)) from None
     runs = completed_runs(frame)
@@ -306,11 +306,11 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def _load_predictors(name: str):
+def _load_predictors(name: str, trust: bool = False):
     from lepredict.predictor import ModelFileError, load_models, resolve_model
 
     try:
-        return load_models(resolve_model(name))
+        return load_models(resolve_model(name), trust=trust)
     except ModelFileError as err:
         raise CLIError(str(err)) from None
 
@@ -335,7 +335,7 @@ def _cmd_predict(args) -> int:
     from lepredict.train import RunConfig, RunRecord, train_run
 
     t0 = time.perf_counter()
-    models = _load_predictors(args.model)
+    models = _load_predictors(args.model, args.trust_model)
     budget = max(models) if args.budget is None else args.budget
     if budget not in models:
         raise CLIError(f"The model has no predictor for budget {budget}; it has {sorted(models)}.")
@@ -426,7 +426,7 @@ def _cmd_analyze(args) -> int:
         raise CLIError("Say what to analyse: --study-name NAME [--storage URL], or --data FILE.")
     model = None
     if args.model != "none":
-        models = _load_predictors(args.model)
+        models = _load_predictors(args.model, args.trust_model)
         model = models[min(models, key=lambda b: abs(b - args.budget))]
     reference = _read_data(args.reference) if args.reference else None
     output = args.output or f"studies/{(args.study_name or 'report')}-report.html"
@@ -484,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner", default="none", choices=["none", "lyapunov", "median", "hyperband"])
     p.add_argument("--pruner-model", default="default",
                    help="predictor of --pruner lyapunov: shipped name or directory")
+    _add_trust_arg(p, "--pruner-model")
     p.add_argument("--pruner-mode", default="model", choices=["model", "online", "both"])
     p.add_argument("--pruner-threshold", type=float, default=None,
                    help="prune when P(trainable) is below this (default: the predictor's own, "
@@ -528,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a predictor on data, or the cross-validated "
                        "comparison with the baselines (without --model)")
     p.add_argument("--model", default=None, help="model directory or shipped name ('default')")
+    _add_trust_arg(p)
     p.add_argument("--data", nargs="+", required=True)
     p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--schemes", nargs="+", default=["configs", "task", "arch"],
@@ -546,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectrum", default=None, help="predict from spectra measured elsewhere "
                    "(JSON: a `lepredict spectrum --json` record, or {epoch: {mean, std}})")
     p.add_argument("--model", default="default", help="shipped name or model directory")
+    _add_trust_arg(p)
     p.add_argument("--budget", type=int, default=None,
                    help="early budget in epochs (default: the model's largest)")
     p.add_argument("--probe-size", type=int, default=PROBE_SIZE)
@@ -558,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", default=None)
     p.add_argument("--data", nargs="+", default=None, help="exported trials instead of a study")
     p.add_argument("--model", default="default", help="predictor to show ('none' for no model)")
+    _add_trust_arg(p)
     p.add_argument("--budget", type=int, default=1, help="early budget of the predictor shown")
     p.add_argument("--reference", nargs="+", default=None,
                    help="exports of full runs: what pruned configurations would have reached")
@@ -567,6 +571,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also save the figures into the study for optuna-dashboard")
     p.set_defaults(func=_cmd_analyze)
     return parser
+
+
+def _add_trust_arg(p, option: str = "--model") -> None:
+    p.add_argument("--trust-model", action="store_true",
+                   help=f"load {option} even if loading it could run code from it (a pickled "
+                   "model.joblib) or it is a shipped model that differs from its pinned hash; "
+                   "only for files you trust")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,20 @@ row, as :func:`lepredict.sweep.trials_frame` or an export gives it): it computes
 features (:mod:`lepredict.features`) from the epochs ``0..budget``, so it can be cloned,
 cross-validated and grid-searched like any other estimator, with the runs' study as groups.
 
-Saved predictors are a directory holding ``model.joblib`` and ``manifest.json`` (lepredict
-version, feature names, training summary, metrics, and the sha256 of ``model.joblib``).
-:func:`load` checks the hash and the feature names before it unpickles anything.
+Saved predictors are a directory holding ``model.skops`` and ``manifest.json`` (lepredict
+version, feature names, training summary, metrics, and the sha256 of ``model.skops``).
+
+Loading a model file must not run code from it, whoever wrote it. A skops file is a description
+of objects, not a program: :func:`load` builds one only if every type it names is one that skops
+trusts (builtins, numpy, scikit-learn estimators) or one of :data:`ALLOWED_TYPES`, whatever
+``trust`` says. The manifest's sha256 only catches corruption, since whoever writes the file
+writes the manifest beside it; the shipped predictors are also checked against the hashes pinned
+inside the package (``lepredict/shipped_models.json``), so that ``model="default"`` is the model
+this release shipped. A pickle (``model.joblib``, the format before skops) can run anything when
+loaded, so it is loaded only with ``trust=True``.
+
+Maintainers: after refitting the shipped predictors, pin them again with
+:func:`pin_shipped_models` (:data:`PIN_COMMAND`).
 """
 
 from __future__ import annotations
@@ -16,10 +27,10 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
@@ -31,14 +42,36 @@ from sklearn.preprocessing import StandardScaler
 
 from lepredict.features import build_features, completed_runs, feature_names, outcomes
 
-__all__ = ["ModelFileError", "StabilityPredictor", "load", "load_models", "resolve_model"]
+__all__ = ["ModelFileError", "StabilityPredictor", "load", "load_models", "pin_shipped_models",
+           "resolve_model"]
 
-MODEL_FILE = "model.joblib"
+MODEL_FILE = "model.skops"
+#: The pickle format of lepredict 0.1: loaded only with ``trust=True``, since unpickling runs code.
+LEGACY_MODEL_FILE = "model.joblib"
 MANIFEST = "manifest.json"
+#: The types a fitted StabilityPredictor holds that skops does not trust by default (it trusts
+#: builtins, numpy arrays and scalars, and scikit-learn's estimators). Each is constructed
+#: without calling its ``__init__`` and given its saved attributes, which runs no code from the
+#: file. Anything else named in a model file is refused, with or without ``trust``: a new fitted
+#: attribute that is a number, a string, a list, a dict or a numpy array needs nothing here.
+ALLOWED_TYPES = (
+    "lepredict.predictor.StabilityPredictor",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+)
+#: sha256 of every file of the shipped predictors, by path under :data:`MODELS_DIR`.
+PIN_FILE = Path(__file__).resolve().parent / "shipped_models.json"
+#: The maintainer's command that pins the shipped predictors again after a refit.
+PIN_COMMAND = ('python -c "from lepredict.predictor import pin_shipped_models; '
+               'pin_shipped_models()"')
+#: What the errors tell a user to pass when they trust a file that lepredict will not load alone.
+TRUST_HINT = "trust=True (CLI: --trust-model)"
 #: Fewest runs of each class a fit accepts (the calibration's 3 folds need one each).
 MIN_PER_CLASS = 3
 #: Where the shipped predictors live: ``models/`` at the top of the repository (an editable
 #: install, as the README sets up), or the directory named by ``LEPREDICT_MODELS``.
+#: Either way its files load only if they match :data:`PIN_FILE` (or with ``trust=True``).
 MODELS_DIR = Path(os.environ.get("LEPREDICT_MODELS",
                                  Path(__file__).resolve().parent.parent / "models"))
 
@@ -288,16 +321,37 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             y = outcomes(X, threshold=self.threshold)["trainable"].to_numpy()
         return super().score(X, y, sample_weight=sample_weight)
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        # skops cannot store a pandas Series (its blocks have no plain state), and a model file
+        # should not need pandas' internals: the medians travel as names and floats.
+        ref = state.get("reference_")
+        if isinstance(ref, pd.Series):
+            state = {**state, "reference_": {"names": [str(n) for n in ref.index],
+                                             "values": ref.to_numpy(dtype=float)}}
+        return state
+
+    def __setstate__(self, state):
+        ref = state.get("reference_")
+        if isinstance(ref, dict):
+            state = {**state, "reference_": pd.Series(np.asarray(ref["values"], dtype=float),
+                                                      index=list(ref["names"]))}
+        super().__setstate__(state)
+
     def save(self, path: str | os.PathLike, *, metrics: dict | None = None) -> Path:
-        """Write ``path/model.joblib`` and ``path/manifest.json``; returns ``path``."""
+        """Write ``path/model.skops`` and ``path/manifest.json``; returns ``path``."""
         from importlib.metadata import version
+
+        import skops.io
 
         __version__ = version("lepredict")
         if not hasattr(self, "classifier_"):
             raise ValueError("This StabilityPredictor is not fitted yet: call fit() before save().")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        joblib.dump(self, path / MODEL_FILE, compress=3)
+        skops.io.dump(self, path / MODEL_FILE, compression=zipfile.ZIP_DEFLATED)
+        # A pickle left beside the new file would be what an older lepredict loads.
+        (path / LEGACY_MODEL_FILE).unlink(missing_ok=True)
         manifest = {
             "lepredict_version": __version__,
             "budget": int(self.budget),
@@ -311,15 +365,16 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             "model_selection": {"best_params": getattr(self, "best_params_", None),
                                 "grouped_cv_auroc": getattr(self, "search_score_", None)},
             "prune_threshold": getattr(self, "prune_threshold_", None),
+            "model_file": MODEL_FILE,
             "sha256": _sha256(path / MODEL_FILE),
         }
         (path / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> StabilityPredictor:
-        """:func:`load` (a saved predictor, checked before it is unpickled)."""
-        return load(path)
+    def load(cls, path: str | os.PathLike, *, trust: bool = False) -> StabilityPredictor:
+        """:func:`load` (a saved predictor, checked before anything in it is built)."""
+        return load(path, trust=trust)
 
 
 def _json_default(value):
@@ -348,29 +403,168 @@ def read_manifest(path: str | os.PathLike) -> dict:
             "Fit one with `lepredict fit --data ... -o DIR`, or use model='default'."
         )
     try:
-        return json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFileError(f"{manifest_path} is not valid JSON ({err}); the predictor is "
                              "corrupt: fit it again.") from None
+    if not isinstance(manifest, dict):
+        raise ModelFileError(f"{manifest_path} is not a predictor's manifest (a JSON object); "
+                             "the predictor is corrupt: fit it again.")
+    return manifest
 
 
-def load(path: str | os.PathLike) -> StabilityPredictor:
-    """Load a saved predictor, refusing a file whose sha256 does not match its manifest or whose
-    features differ from what this version of lepredict computes. Nothing is unpickled before
-    both checks pass."""
+def _shipped_key(file: Path) -> str | None:
+    """``file``'s path under :data:`MODELS_DIR` (the key of its pinned hash), or None for a file
+    that is not shipped."""
+    try:
+        return file.resolve().relative_to(Path(MODELS_DIR).resolve()).as_posix()
+    except ValueError:
+        return None
+
+
+def _pinned() -> dict[str, str]:
+    try:
+        return json.loads(PIN_FILE.read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no pins: no file under MODELS_DIR counts as shipped-and-intact
+
+
+def _check_pinned(files: Sequence[Path], trust: bool) -> None:
+    """Refuse a file of the shipped predictors that is not the one this release pinned."""
+    pins = _pinned()
+    for file in files:
+        key = _shipped_key(file)
+        if key is None or trust:
+            continue
+        if key not in pins:
+            raise ModelFileError(
+                f"{file} is in the shipped models directory ({MODELS_DIR}) but is not one of "
+                f"the files pinned in {PIN_FILE.name}, so it is not loaded as a shipped model; "
+                f"after a refit, run `{PIN_COMMAND}`, or pass {TRUST_HINT}."
+            )
+        if _sha256(file) != pins[key]:
+            raise ModelFileError(
+                f"{file} does not match the sha256 pinned for the shipped model in "
+                f"{PIN_FILE.name}: it was modified, so it is not loaded. Restore it (git "
+                f"checkout models/); after a refit, run `{PIN_COMMAND}`; "
+                f"or pass {TRUST_HINT} to load it as it is."
+            )
+
+
+def _load_skops(model_path: Path):
+    import skops.io
+    from skops.io.exceptions import UntrustedTypesFoundException
+
+    try:
+        # skops audits every type the file names (as get_untrusted_types does) before it builds
+        # anything; one pass instead of two, since parsing the trees is most of the load time.
+        return skops.io.load(model_path, trusted=list(ALLOWED_TYPES))
+    except UntrustedTypesFoundException as err:
+        # trust does not widen this: a StabilityPredictor never holds these types.
+        foreign = ", ".join(sorted(err.args[0])) if err.args and isinstance(
+            err.args[0], (set, frozenset, list)) else str(err)
+        raise ModelFileError(
+            f"{model_path} names types a StabilityPredictor does not hold ({foreign}), so it is "
+            "not loaded, not even with trust=True / --trust-model; inspect it with "
+            "skops.io.get_untrusted_types if you expected them."
+        ) from None
+    except Exception as err:  # a broken zip or schema
+        raise ModelFileError(f"{model_path} is not a readable skops file ({type(err).__name__}: "
+                             f"{err}); the predictor is corrupt: fit it again.") from None
+
+
+def _hist_gradient_boosting_models(obj, seen=None):
+    """The histogram gradient-boosting estimators anywhere in ``obj``'s attributes."""
+    from sklearn.ensemble._hist_gradient_boosting.gradient_boosting import (
+        BaseHistGradientBoosting,
+    )
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (str, bytes, np.ndarray, np.generic, pd.Series)):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, BaseHistGradientBoosting):
+        yield obj
+    children = (obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple))
+                else vars(obj).values() if hasattr(obj, "__dict__") else ())
+    for child in children:
+        yield from _hist_gradient_boosting_models(child, seen)
+
+
+def _check_trees(model, model_path: Path) -> None:
+    """Refuse trees whose node indices would send scikit-learn's prediction loop (compiled
+    without bounds checks) outside its arrays: a crafted file could otherwise crash the
+    process or read arbitrary memory when it predicts, though loading it ran nothing."""
+    from sklearn.ensemble._hist_gradient_boosting.common import PREDICTOR_RECORD_DTYPE
+
+    def numeric_only(est) -> bool:
+        # Categorical features make predict() write into bitsets at indices read from the file
+        # (the bin mapper's known categories), again unchecked; a StabilityPredictor has none.
+        cat = getattr(getattr(est, "_bin_mapper", None), "is_categorical_", None)
+        return (getattr(est, "_preprocessor", None) is None
+                and getattr(est, "is_categorical_", None) is None
+                and (cat is None or (isinstance(cat, np.ndarray) and not cat.any())))
+
+    for est in _hist_gradient_boosting_models(model):
+        n_features = getattr(est, "n_features_in_", None)
+        if not numeric_only(est):
+            raise ModelFileError(
+                f"{model_path} holds a gradient-boosting model with categorical features, which "
+                "a StabilityPredictor never has, so it is not loaded; the file is corrupt or "
+                "crafted."
+            )
+        for tree in (t for trees in getattr(est, "_predictors", []) for t in trees):
+            nodes = getattr(tree, "nodes", None)
+            ok = (isinstance(n_features, (int, np.integer)) and isinstance(nodes, np.ndarray)
+                  and nodes.dtype == PREDICTOR_RECORD_DTYPE and nodes.ndim == 1 and len(nodes))
+            if ok:
+                split = nodes["is_leaf"] == 0
+                own = np.flatnonzero(split)
+                # children after their parent: every walk ends, inside the array
+                ok = (not nodes["is_categorical"][split].any()  # all features are numeric
+                      and np.all((nodes["feature_idx"][split] >= 0)
+                                 & (nodes["feature_idx"][split] < n_features))
+                      and all(np.all((nodes[side][split] > own)
+                                     & (nodes[side][split] < len(nodes)))
+                              for side in ("left", "right")))
+            if not ok:
+                raise ModelFileError(
+                    f"{model_path} holds a gradient-boosting tree that is not well formed (node "
+                    "indices out of range), so it is not loaded; the file is corrupt or crafted."
+                )
+
+
+def load(path: str | os.PathLike, *, trust: bool = False) -> StabilityPredictor:
+    """Load a saved predictor without running code from its files.
+
+    Checked before anything is built: the model file's sha256 against the manifest (corruption),
+    against the hash pinned in the package for a shipped predictor (under :data:`MODELS_DIR`),
+    and the feature names against what this version of lepredict computes. A skops file is then
+    built only if it names no type outside those skops trusts and :data:`ALLOWED_TYPES`.
+
+    Args:
+        path: a directory written by :meth:`StabilityPredictor.save` (``lepredict fit``).
+        trust: the user vouches for the files: a legacy pickle (``model.joblib``) is unpickled,
+            which runs whatever code it holds, and a shipped file that differs from its pin is
+            loaded. A skops file still loads only the allowed types.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     model_path = path / MODEL_FILE
+    legacy = not model_path.is_file() and (path / LEGACY_MODEL_FILE).is_file()
+    if legacy:
+        model_path = path / LEGACY_MODEL_FILE
     if not model_path.is_file():
         raise ModelFileError(f"{model_path} is missing; the predictor is incomplete: fit it again.")
+    _check_pinned([model_path, path / MANIFEST], trust)
     if _sha256(model_path) != manifest.get("sha256"):
         raise ModelFileError(
             f"{model_path} does not match the sha256 in its manifest: the file is corrupt or was "
-            "modified, so it will not be unpickled. Restore it, or fit the predictor again."
+            "modified, so it will not be loaded. Restore it, or fit the predictor again."
         )
     try:
         expected = feature_names(manifest["budget"], manifest["feature_sets"])
-    except (KeyError, ValueError) as err:
+    except (KeyError, TypeError, ValueError) as err:
         raise ModelFileError(f"{path / MANIFEST} does not describe usable features: {err}") from None
     if expected != manifest.get("feature_names"):
         raise ModelFileError(
@@ -378,39 +572,94 @@ def load(path: str | os.PathLike) -> StabilityPredictor:
             "lepredict computes (made with lepredict "
             f"{manifest.get('lepredict_version')}); fit it again with this version."
         )
-    model = joblib.load(model_path)
-    if not isinstance(model, StabilityPredictor) or model.feature_names_ != expected:
+    if legacy:
+        if not trust:
+            raise ModelFileError(
+                f"{model_path} is a pickle (lepredict 0.1's format), and unpickling runs any code "
+                f"the file holds, so it is not loaded; if you trust whoever wrote it, pass "
+                f"{TRUST_HINT}, then re-save it with .save() to convert it to {MODEL_FILE}."
+            )
+        import joblib
+
+        model = joblib.load(model_path)
+    else:
+        model = _load_skops(model_path)
+    if not isinstance(model, StabilityPredictor) or getattr(
+            model, "feature_names_", None) != expected:
         raise ModelFileError(f"{model_path} does not hold the StabilityPredictor its manifest "
                              "describes; fit it again.")
+    _check_trees(model, model_path)
     model.manifest_ = manifest
     return model
 
 
-def load_models(path: str | os.PathLike) -> dict[int, StabilityPredictor]:
+def load_models(path: str | os.PathLike, *, trust: bool = False) -> dict[int, StabilityPredictor]:
     """All predictors of a model directory, by budget: ``path`` itself if it is a saved predictor,
-    else each subdirectory that is one (as ``lepredict fit`` writes them)."""
+    else each subdirectory that is one (as ``lepredict fit`` writes them). ``trust``: as in
+    :func:`load`."""
     path = Path(path)
     if (path / MANIFEST).is_file():
-        model = load(path)
+        model = load(path, trust=trust)
         return {int(model.budget): model}
     subdirs = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file()) if path.is_dir() else []
     if not subdirs:
         read_manifest(path)  # raises the "no saved predictor" error
-    models = [load(p) for p in subdirs]
+    models = [load(p, trust=trust) for p in subdirs]
     return {int(m.budget): m for m in models}
 
 
+def _is_name(model) -> bool:
+    # A bare word names a shipped model; anything that looks like a path is one. Only a str can
+    # be a name: a Path object is always a path.
+    return (isinstance(model, str) and bool(model) and model not in (".", "..")
+            and not model.startswith("~")
+            and not any(sep and sep in model for sep in ("/", os.sep, os.altsep)))
+
+
 def resolve_model(model: str | os.PathLike) -> Path:
-    """``"default"`` (or another name under the shipped ``models/``) or a path, as a path."""
-    if isinstance(model, str) and os.sep not in model and not Path(model).exists():
-        candidate = MODELS_DIR / model
-        if candidate.exists():
+    """``"default"`` (or another name of a shipped model) or a path, as a path.
+
+    A bare name always means the shipped model under :data:`MODELS_DIR`, never a directory of
+    that name where the program happens to run: a path needs a separator (``./default``). A path
+    that does not exist is an error naming it.
+    """
+    if _is_name(model):
+        candidate = Path(MODELS_DIR) / model
+        if candidate.is_dir():
             return candidate
-        shipped = sorted(p.name for p in MODELS_DIR.iterdir() if p.is_dir()) \
-            if MODELS_DIR.is_dir() else []
-        raise ModelFileError(f"No model named {model!r}; shipped models: {shipped or 'none'}. "
-                             "Pass a path to a saved predictor instead.")
-    return Path(model)
+        shipped = sorted(p.name for p in Path(MODELS_DIR).iterdir() if p.is_dir()) \
+            if Path(MODELS_DIR).is_dir() else []
+        raise ModelFileError(f"No model named {model!r} is shipped (shipped: {shipped or 'none'}); "
+                             f"for a saved predictor in a directory, pass its path, such as "
+                             f"'./{model}'.")
+    path = Path(os.fspath(model)).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"No saved predictor at {str(model)!r}: no such directory.")
+    return path
+
+
+def pin_shipped_models() -> Path:
+    """Write :data:`PIN_FILE`: the sha256 of each shipped predictor's model file and manifest.
+
+    For maintainers, after refitting the shipped predictors (:data:`PIN_COMMAND`): the package
+    then loads exactly these files as its shipped models. Pickles cannot be pinned: re-save
+    them first.
+    """
+    root = Path(MODELS_DIR).resolve()
+    pins = {}
+    for manifest in sorted(root.rglob(MANIFEST)):
+        if not (manifest.parent / MODEL_FILE).is_file():
+            raise ModelFileError(f"{manifest.parent} has no {MODEL_FILE}: re-save it "
+                                 f"(StabilityPredictor.save) before pinning.")
+        for file in (manifest, manifest.parent / MODEL_FILE):
+            pins[file.relative_to(root).as_posix()] = _sha256(file)
+    if not pins:
+        raise ModelFileError(f"No saved predictors under {str(root)!r} to pin.")
+    PIN_FILE.write_text(json.dumps({
+        "comment": "sha256 of the shipped predictors' files under models/; regenerate after a "
+                   "refit with lepredict.predictor.pin_shipped_models()",
+        "sha256": pins}, indent=2) + "\n")
+    return PIN_FILE
 
 
 def metric_table(y_true, proba, loss_true, loss_pred) -> dict[str, float]:

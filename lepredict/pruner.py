@@ -106,17 +106,17 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
 
 
 @lru_cache(maxsize=8)
-def _load_cached(path: str, mtime: float) -> dict[int, StabilityPredictor]:
-    return load_models(path)
+def _load_cached(path: str, mtime: float, trust: bool) -> dict[int, StabilityPredictor]:
+    return load_models(path, trust=trust)
 
 
-def _models(model) -> dict[int, StabilityPredictor]:
+def _models(model, trust: bool = False) -> dict[int, StabilityPredictor]:
     if isinstance(model, StabilityPredictor):
         return {int(model.budget): model}
     path = resolve_model(model)
     manifest_dirs = [path] if (path / "manifest.json").exists() else list(path.glob("*/"))
     mtime = max((p.stat().st_mtime for p in manifest_dirs), default=0.0)
-    return _load_cached(str(path), mtime)
+    return _load_cached(str(path), mtime, bool(trust))
 
 
 def _by_epoch(items: Mapping[int, object], steps_per_epoch: int) -> dict[int, object]:
@@ -242,6 +242,9 @@ class LyapunovPruner(BasePruner):
         wrapped_pruner: another pruner (e.g. ``MedianPruner``) asked first: the trial is pruned
             if either says so.
         compare_to_best: ``False`` is the same as ``risk=None``.
+        trust_model: you trust the files of ``model``: a pickled predictor (``model.joblib``,
+            which runs code when loaded) is loaded, and so is a shipped one that differs from
+            its pinned hash (:func:`lepredict.predictor.load`).
 
     Example:
         >>> import optuna
@@ -271,7 +274,8 @@ class LyapunovPruner(BasePruner):
                  risk: float | None = 0.01, protect_top: float = 0.2, steps_per_epoch: int = 1,
                  n_warmup_steps: int | None = None, n_startup_trials: int = 20,
                  trainable_below: float | None = None, refit_every: int = 10,
-                 wrapped_pruner: BasePruner | None = None, compare_to_best: bool = True) -> None:
+                 wrapped_pruner: BasePruner | None = None, compare_to_best: bool = True,
+                 trust_model: bool = False) -> None:
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode=}.")
         if threshold is not None and not (isinstance(threshold, (int, float))
@@ -299,7 +303,7 @@ class LyapunovPruner(BasePruner):
         if mode != "online":
             if model is None:
                 raise ValueError(f"{mode=} needs a model: 'default', a path, or a predictor.")
-            self._models = _models(model)  # fails here, not mid-study, on a bad model
+            self._models = _models(model, trust_model)  # fails here, not mid-study
         else:
             self._models = {}
         self._model, self._mode = model, mode

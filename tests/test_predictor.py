@@ -73,7 +73,7 @@ def test_save_load_round_trip_and_tampering(runs, fitted, tmp_path):
 
     bad = tmp_path / "tampered"
     shutil.copytree(path, bad)
-    with open(bad / "model.joblib", "ab") as f:
+    with open(bad / "model.skops", "ab") as f:
         f.write(b"\0")
     with pytest.raises(ModelFileError, match="does not match the sha256"):
         load(bad)
