@@ -294,10 +294,14 @@ def read_manifest(path: str | os.PathLike) -> dict:
             "Fit one with `lepredict fit --data ... -o DIR`, or use model='default'."
         )
     try:
-        return json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise ModelFileError(f"{manifest_path} is not valid JSON ({err}); the predictor is "
                              "corrupt: fit it again.") from None
+    if not isinstance(manifest, dict):
+        raise ModelFileError(f"{manifest_path} holds a JSON {type(manifest).__name__}, not an "
+                             "object; the predictor is corrupt: fit it again.")
+    return manifest
 
 
 def load(path: str | os.PathLike) -> StabilityPredictor:
