@@ -19,9 +19,11 @@ class CLIError(Exception):
 def _dumps(obj, **kwargs) -> str:
     """Strict JSON: NaN and infinities, which ``json.dumps`` writes as tokens no JSON parser but
     Python's accepts, become ``null``."""
+    import numpy as np
+
     def strict(value):
-        if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-            value = value.item()  # numpy scalars
+        if isinstance(value, (np.generic, np.ndarray)):
+            value = value.tolist()
         if isinstance(value, float) and not math.isfinite(value):
             return None
         if isinstance(value, dict):
@@ -61,6 +63,20 @@ def _check_device(name: str) -> None:
 def _first_line(err: BaseException) -> str:
     text = str(getattr(err, "orig", None) or err).strip()
     return text.splitlines()[0].strip() if text else type(err).__name__
+
+
+def _shown(storage: str | None) -> str:
+    """``--storage`` as messages show it: without a password."""
+    if storage is None:
+        return "studies/"
+    if "://" not in storage:
+        return storage
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: there is no password to hide
+        return storage
 
 
 def _check_rdb(url: str, *, read_only: bool) -> bool:
@@ -135,7 +151,7 @@ def _open_study(storage: str | None, study_name: str):
     """Load a study for a command that only reads it: nothing is created when it is missing."""
     import optuna
 
-    missing = CLIError(f"No study named {study_name!r} in {storage or 'studies/'}; check "
+    missing = CLIError(f"No study named {study_name!r} in {_shown(storage)}; check "
                        "--study-name and --storage.")
     if storage is None:
         path = Path("studies") / f"{study_name}.db"
@@ -150,7 +166,8 @@ def _open_study(storage: str | None, study_name: str):
         try:
             backend = optuna.storages.RDBStorage(storage, skip_table_creation=True)
         except RuntimeError as err:  # a schema of another Optuna version
-            raise CLIError(f"Cannot read --storage {storage!r}: {_first_line(err)}") from None
+            raise CLIError(f"Cannot read --storage {_shown(storage)}: {_first_line(err)}"
+                           ) from None
     elif storage.endswith((".log", ".jsonl")):
         if not Path(storage).is_file():
             raise CLIError(f"No journal file {storage!r}; check --storage.")
@@ -701,6 +718,8 @@ def _cmd_analyze(args) -> int:
     study = None
     if args.output is not None:
         _check_output(args.output, (".html",))
+    if args.publish and (args.data or not args.study_name):
+        raise CLIError("--publish saves figures into a study: use --study-name, not --data.")
     if args.data:
         frame = _read_data(args.data)
         title = ", ".join(args.data)
@@ -722,8 +741,6 @@ def _cmd_analyze(args) -> int:
     try:
         path = report.analyze(frame, output, model=model, title=title, reference=reference)
         if args.publish:
-            if study is None:
-                raise CLIError("--publish saves figures into a study: use --study-name.")
             n = report.publish(study, report.figures(frame, model=model, reference=reference))
             print(f"published {n} figures to study {study.study_name} for optuna-dashboard")
     except (ValueError, ImportError) as err:

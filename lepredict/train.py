@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from lepredict.lyapunov import lyapunov_spectrum
 from lepredict.tasks import Task
 
-__all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "train_run",
-           "weight_stats"]
+__all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "diverged_loss",
+           "train_run", "weight_stats"]
 
 ARCHS = ("rnn", "gru", "lstm")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
