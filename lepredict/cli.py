@@ -35,6 +35,10 @@ def _dumps(obj, **kwargs) -> str:
     return json.dumps(strict(obj), allow_nan=False, **kwargs)
 
 
+#: Epochs ``sweep`` measures spectra at when ``--le-epochs`` is not given.
+DEFAULT_LE_EPOCHS = (0, 1, 2, 3)
+
+
 def _check_int(option: str, value: int, low: int, meaning: str) -> None:
     if value < low:
         raise CLIError(f"{option} must be >= {low} ({meaning}), got {option} {value}.")
@@ -305,8 +309,13 @@ def _cmd_sweep(args) -> int:
                "over")
     if args.le_k is not None:
         _check_int("--le-k", args.le_k, 1, "exponents per spectrum; leave it out for all")
+    given = args.le_epochs is not None
+    if not given:
+        # The default as it always was (and as studies made with it store it); with fewer
+        # epochs, the run ignores the epochs it does not reach.
+        args.le_epochs = list(DEFAULT_LE_EPOCHS)
     outside = sorted({e for e in args.le_epochs if not 0 <= e <= args.epochs})
-    if outside:
+    if outside and given:
         raise CLIError(f"--le-epochs {' '.join(map(str, outside))} outside 0..{args.epochs}: "
                        "spectra are measured at epochs 0 (initialisation) to --epochs.")
     _check_device(args.device)
@@ -776,8 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--n-trials", type=int, default=20, help="trials the study should hold in total")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--le-epochs", type=int, nargs="+", default=[0, 1, 2, 3],
-                   help="epochs at which to measure the spectrum (0 = initialisation)")
+    p.add_argument("--le-epochs", type=int, nargs="+", default=None,
+                   help="epochs at which to measure the spectrum (0 = initialisation; default: "
+                   f"{' '.join(map(str, DEFAULT_LE_EPOCHS))}, those up to --epochs)")
     p.add_argument("--le-k", type=int, default=None, help="exponents per spectrum (default: all)")
     p.add_argument("--probe-size", type=int, default=PROBE_SIZE,
                    help="validation sequences the spectrum averages over (default: "

@@ -117,6 +117,10 @@ CASES = {
     "sweep-device-banana": ([*SWEEP, "--device", "banana"], None, "--device 'banana'"),
     "sweep-le-epochs-beyond-epochs": (
         [*SWEEP, "--le-epochs", "0", "99"], None, "--le-epochs 99 outside 0..1"),
+    # The default --le-epochs (0 1 2 3) is no error with fewer epochs: the storage is reached.
+    "sweep-default-le-epochs-with-2-epochs": (
+        ["sweep", *DIGITS, "--epochs", "2", "--storage", "foo://bar"], None,
+        "unknown database kind"),
     "sweep-le-epochs-negative": (
         [*SWEEP, "--le-epochs", "-1", "0"], None, "--le-epochs -1 outside 0..1"),
     "sweep-space-missing": ([*SWEEP, "--space", "nope"], None, "Search space 'nope' not found"),
