@@ -7,12 +7,184 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
 
 
 class CLIError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def _dumps(obj, **kwargs) -> str:
+    """Strict JSON: NaN and infinities, which ``json.dumps`` writes as tokens no JSON parser but
+    Python's accepts, become ``null``."""
+    import numpy as np
+
+    def strict(value):
+        if isinstance(value, (np.generic, np.ndarray)):
+            value = value.tolist()
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): strict(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [strict(v) for v in value]
+        return value
+
+    return json.dumps(strict(obj), allow_nan=False, **kwargs)
+
+
+#: Epochs ``sweep`` measures spectra at when ``--le-epochs`` is not given.
+DEFAULT_LE_EPOCHS = (0, 1, 2, 3)
+
+
+def _check_int(option: str, value: int, low: int, meaning: str) -> None:
+    if value < low:
+        raise CLIError(f"{option} must be >= {low} ({meaning}), got {option} {value}.")
+
+
+def _check_device(name: str) -> None:
+    """Fail here, not in every trial: a sweep whose device is wrong fails all its trials."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device {name!r} is not a device lepredict can train on; use cpu, "
+                       "cuda, cuda:N or mps.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu.")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA "
+                       "device(s), numbered from 0.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device {name}: MPS is not available here; use --device cpu.")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(getattr(err, "orig", None) or err).strip()
+    return text.splitlines()[0].strip() if text else type(err).__name__
+
+
+def _shown(storage: str | None) -> str:
+    """``--storage`` as messages show it: without a password."""
+    if storage is None:
+        return "studies/"
+    if "://" not in storage:
+        return storage
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: there is no password to hide
+        return storage
+
+
+def _check_rdb(url: str, *, read_only: bool) -> bool:
+    """Check a database URL before Optuna opens it: a bad URL, a missing driver, a closed port or
+    a missing database become one line here instead of a SQLAlchemy traceback, and a read-only
+    command never creates a SQLite file. Returns whether Optuna's tables exist (read-only only)."""
+    import sqlalchemy
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise CLIError(f"--storage {url!r} is not a database URL; use sqlite:///FILE.db, "
+                       "postgresql://USER@HOST/DB, or a journal file ending in .log or .jsonl."
+                       ) from None
+    shown = parsed.render_as_string(hide_password=True)
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database or ""
+        if db in ("", ":memory:"):
+            if read_only:
+                raise CLIError(f"--storage {shown} is an in-memory database, which holds no "
+                               "study; name the database file: sqlite:///FILE.db.")
+            return False
+        path = Path(db)
+        if read_only and not path.is_file():
+            raise CLIError(f"No SQLite database {db!r} (from --storage {shown}); check the path "
+                           "(sqlite:///relative.db, sqlite:////absolute.db).")
+        if not read_only:
+            if not path.parent.is_dir():
+                raise CLIError(f"Cannot create the SQLite database {db!r}: directory "
+                               f"{str(path.parent)!r} does not exist; create it first "
+                               "(sqlite:///relative.db, sqlite:////absolute.db).")
+            return False  # connecting would create the file: leave that to the sweep
+    try:
+        engine = sqlalchemy.create_engine(parsed)
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise CLIError(f"--storage {shown}: unknown database kind {parsed.drivername!r}; use "
+                       "sqlite:///FILE.db, postgresql://USER@HOST/DB, or a journal file ending "
+                       "in .log or .jsonl.") from None
+    except ImportError as err:
+        raise CLIError(f"--storage {shown} needs a database driver that is not installed "
+                       f"({_first_line(err)}); install it, or name an installed one in the URL "
+                       "(e.g. postgresql+psycopg2://...).") from None
+    except (sqlalchemy.exc.ArgumentError, TypeError, ValueError) as err:
+        raise CLIError(f"--storage {shown}: {_first_line(err)}.") from None
+    try:
+        with engine.connect() as conn:
+            return sqlalchemy.inspect(conn).has_table("studies")
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        raise CLIError(f"Cannot open --storage {shown}: {_first_line(err)}; check that the "
+                       "server runs, the database exists and the URL is right.") from None
+    finally:
+        engine.dispose()
+
+
+def _check_storage_for_sweep(storage: str | None) -> None:
+    """What a sweep will open, checked before anything is created."""
+    if storage is None:
+        return  # studies/NAME.db, created by the sweep
+    if "://" in storage:
+        _check_rdb(storage, read_only=False)
+    elif not storage.endswith((".log", ".jsonl")):
+        raise CLIError(f"--storage {storage!r} is neither a database URL (sqlite:///..., "
+                       "postgresql://...) nor a journal file path ending in .log or .jsonl.")
+    elif not Path(storage).absolute().parent.is_dir():
+        raise CLIError(f"Cannot create the journal file {storage!r}: its directory does not "
+                       "exist; create it first.")
+
+
+def _open_study(storage: str | None, study_name: str):
+    """Load a study for a command that only reads it: nothing is created when it is missing."""
+    import optuna
+
+    missing = CLIError(f"No study named {study_name!r} in {_shown(storage)}; check "
+                       "--study-name and --storage.")
+    if storage is None:
+        path = Path("studies") / f"{study_name}.db"
+        if not path.is_file():
+            raise missing
+        storage = f"sqlite:///{path}"
+    if "://" in storage:
+        if not _check_rdb(storage, read_only=True):
+            raise missing
+        # No heartbeat (nothing runs trials here), and no schema created in a database Optuna
+        # has never used.
+        try:
+            backend = optuna.storages.RDBStorage(storage, skip_table_creation=True)
+        except RuntimeError as err:  # a schema of another Optuna version
+            raise CLIError(f"Cannot read --storage {_shown(storage)}: {_first_line(err)}"
+                           ) from None
+    elif storage.endswith((".log", ".jsonl")):
+        if not Path(storage).is_file():
+            raise CLIError(f"No journal file {storage!r}; check --storage.")
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        backend = JournalStorage(JournalFileBackend(storage))
+    else:
+        raise CLIError(f"--storage {storage!r} is neither a database URL (sqlite:///..., "
+                       "postgresql://...) nor a journal file path ending in .log or .jsonl.")
+    try:
+        return optuna.load_study(study_name=study_name, storage=backend)
+    except KeyError:
+        raise missing from None
 
 
 def _task_options(pairs: list[str]) -> dict:
@@ -70,14 +242,18 @@ def _cmd_spectrum(args) -> int:
     from lepredict.features import kaplan_yorke
     from lepredict.train import train_run
 
-    task = _get_task(args.task, _task_options(args.task_option))
+    _check_int("--epochs", args.epochs, 0, "epochs to train; 0 measures the initialisation only")
+    _check_int("--probe-size", args.probe_size, 1, "validation sequences the spectrum averages "
+               "over")
+    _check_device(args.device)
     config = _config_from_args(args)
+    task = _get_task(args.task, _task_options(args.task_option))
     le_epochs = list(range(args.epochs + 1))
     t0 = time.perf_counter()
     rec = train_run(config, task, epochs=args.epochs, le_epochs=le_epochs, device=args.device,
                     probe_size=args.probe_size)
     if args.json:
-        print(json.dumps(rec.to_dict()))
+        print(_dumps(rec.to_dict()))
         return 0
     print(f"task {task.name} (T={task.seq_len}), {config.arch.upper()} N={config.hidden} x "
           f"{config.layers} layer(s), init {config.init} {config.init_scale:g}; spectrum over "
@@ -124,15 +300,42 @@ def _pruner(args):
 def _cmd_sweep(args) -> int:
     from lepredict.sweep import load_space, run_sweep
 
+    # Everything is checked before the study exists: a study created with a bad setup is pinned
+    # to it (resuming must repeat it), and every one of its trials would fail.
+    _check_int("--n-trials", args.n_trials, 1, "trials the study should hold")
+    _check_int("--n-jobs", args.n_jobs, 1, "trials at once")
+    _check_int("--epochs", args.epochs, 1, "epochs each trial trains")
+    _check_int("--probe-size", args.probe_size, 1, "validation sequences the spectrum averages "
+               "over")
+    if args.le_k is not None:
+        _check_int("--le-k", args.le_k, 1, "exponents per spectrum; leave it out for all")
+    given = args.le_epochs is not None
+    if not given:
+        # The default as it always was (and as studies made with it store it); with fewer
+        # epochs, the run ignores the epochs it does not reach.
+        args.le_epochs = list(DEFAULT_LE_EPOCHS)
+    outside = sorted({e for e in args.le_epochs if not 0 <= e <= args.epochs})
+    if outside and given:
+        raise CLIError(f"--le-epochs {' '.join(map(str, outside))} outside 0..{args.epochs}: "
+                       "spectra are measured at epochs 0 (initialisation) to --epochs.")
+    _check_device(args.device)
     options = _task_options(args.task_option)
-    _get_task(args.task, options)  # a clear error before any storage is touched
+    _get_task(args.task, options)
     try:
         space = load_space(args.space)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if args.le_k is not None and args.le_k > _smallest_state(space):
+        raise CLIError(f"--le-k {args.le_k} exceeds the state size of the smallest network the "
+                       f"space holds ({_smallest_state(space)}); lower --le-k or leave it out.")
+    pruner = _pruner(args)
+    _check_storage_for_sweep(args.storage)
+    try:
         study = run_sweep(
             args.task, n_trials=args.n_trials, epochs=args.epochs, le_epochs=args.le_epochs,
             storage=args.storage, study_name=args.study_name, space=space, task_options=options,
             device=args.device, n_jobs=args.n_jobs, sampler=args.sampler,
-            pruner=_pruner(args), seed=args.seed, le_k=args.le_k, probe_size=args.probe_size,
+            pruner=pruner, seed=args.seed, le_k=args.le_k, probe_size=args.probe_size,
             show_progress_bar=not args.quiet,
         )
     except ValueError as err:
@@ -157,6 +360,27 @@ def _cmd_sweep(args) -> int:
         except ValueError as err:
             print(f"  {'report':<15} not written: {err}")
     return 0
+
+
+def _smallest_state(space) -> int:
+    """State size of the smallest network a search space can sample (``--le-k`` may not
+    exceed it)."""
+    from optuna.distributions import CategoricalDistribution
+
+    from lepredict.train import RunConfig
+
+    default = RunConfig()
+
+    def values(name):
+        if name in space.fixed:
+            return [space.fixed[name]]
+        dist = space.params.get(name)
+        if dist is None:
+            return [getattr(default, name)]
+        return list(dist.choices) if isinstance(dist, CategoricalDistribution) else [dist.low]
+
+    width = min(values("hidden")) * min(values("layers"))
+    return int(width * min(2 if arch == "lstm" else 1 for arch in values("arch")))
 
 
 def _print_summary(study, epochs: int) -> None:
@@ -195,22 +419,36 @@ def _print_summary(study, epochs: int) -> None:
         print(f"  {key:<15} {value}")
 
 
+def _check_output(path: str, suffixes: tuple[str, ...]) -> None:
+    """An output path that can be written, checked before the (slow) work that fills it."""
+    out = Path(path)
+    if out.suffix not in suffixes:
+        raise CLIError(f"Cannot tell the format of -o {path!r}: name it "
+                       f"{' or '.join('FILE' + s for s in suffixes)}.")
+    if out.is_dir():
+        raise CLIError(f"-o {path!r} is a directory; name a file in it.")
+    if not out.absolute().parent.is_dir():
+        raise CLIError(f"-o {path!r}: directory {str(out.parent)!r} does not exist; create it "
+                       "first.")
+
+
 def _cmd_export(args) -> int:
-    import optuna
+    from lepredict.sweep import export_trials
 
-    from lepredict.sweep import export_trials, make_storage
-
+    _check_output(args.output, (".parquet", ".csv"))
+    study = _open_study(args.storage, args.study_name)
     try:
-        study = optuna.load_study(study_name=args.study_name,
-                                  storage=make_storage(args.storage, args.study_name))
         n = export_trials(study, args.output)
-    except KeyError:
-        raise CLIError(f"No study named {args.study_name!r} in {args.storage or 'studies/'}; "
-                       "check --study-name and --storage.") from None
+    except OSError as err:
+        raise CLIError(f"Cannot write -o {args.output!r}: {err.strerror or err}.") from None
     except ValueError as err:
         raise CLIError(str(err)) from None
     print(f"wrote {n} trials to {args.output}")
     return 0
+
+
+#: Columns every export has (``lepredict.sweep.trials_frame``) and every command reading one uses.
+_EXPORT_COLUMNS = ("study", "state", "status", "final_normalised_loss", "val_loss")
 
 
 def _read_data(paths: list[str]):
@@ -225,12 +463,20 @@ def _read_data(paths: list[str]):
     frames = []
     for f in files:
         try:
-            frames.append(read_trials(f))
+            frame = read_trials(f)
         except FileNotFoundError:
             raise CLIError(f"No such data file: {f!r}; pass exports written by "
                            "`lepredict export` (.parquet or .csv).") from None
+        except OSError as err:
+            raise CLIError(f"Cannot read --data {f!r}: {err.strerror or err}.") from None
         except ValueError as err:
             raise CLIError(str(err)) from None
+        # Any CSV reads as a frame; one of something else would fail later as a KeyError.
+        lacking = [c for c in _EXPORT_COLUMNS if c not in frame.columns]
+        if lacking:
+            raise CLIError(f"{f!r} is not a lepredict export: it has no column(s) {lacking}; "
+                           "write exports with `lepredict export`.")
+        frames.append(frame)
     if not frames:
         raise CLIError("No data: pass --data FILE [FILE ...].")
     return pd.concat(frames, ignore_index=True)
@@ -279,7 +525,7 @@ def _cmd_evaluate(args) -> int:
         except ValueError as err:
             raise CLIError(str(err)) from None
         if args.json:
-            print(table.to_json(orient="records", indent=1))
+            print(_dumps(table.to_dict(orient="records"), indent=1))
         else:
             print(format_table(table))
             print()
@@ -297,7 +543,7 @@ def _cmd_evaluate(args) -> int:
                          model.predict_loss(runs))
         rows.append({"budget": budget, **m})
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(_dumps(rows, indent=1))
         return 0
     print(f"{'budget':>6} {'runs':>6} {'AUROC':>7} {'AP':>7} {'Brier':>7} {'Spearman':>9} {'MAE':>7}")
     for r in rows:
@@ -329,6 +575,86 @@ def _read_config_file(path: str) -> dict:
                        f" {err}") from None
 
 
+_SPECTRUM_FORMAT = ("a run record from `lepredict spectrum --json`, or {\"0\": {\"mean\": "
+                    "[...], \"std\": [...]}, \"1\": ..., \"val_loss\": [...]}")
+
+
+def _read_spectrum_file(path: str, budget: int, *, uses_loss: bool, chance_loss: float) -> dict:
+    """Spectra measured elsewhere, checked: a prediction from a file with an epoch missing or a
+    NaN loss would look as confident as any other."""
+    from lepredict.train import diverged_loss
+
+    def bad(problem: str) -> CLIError:
+        return CLIError(f"--spectrum {path!r}: {problem}")
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise bad(f"cannot read it ({err.strerror or err}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise bad(f"not valid JSON ({err}).") from None
+    if not isinstance(data, dict):
+        raise bad(f"holds a JSON {type(data).__name__}, not an object; expected "
+                  f"{_SPECTRUM_FORMAT}.")
+    raw = data["spectra"] if "spectra" in data else {k: v for k, v in data.items()
+                                                     if k.isdigit()}
+    if not isinstance(raw, dict) or not raw:
+        raise bad(f"holds no spectra; expected {_SPECTRUM_FORMAT}.")
+
+    def numbers(where: str, values) -> list[float]:
+        # null stands for NaN: strict JSON (`lepredict spectrum --json`) writes it so.
+        if not isinstance(values, list) or not all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+                for v in values):
+            raise bad(f"{where} must be a list of numbers.")
+        return [math.nan if v is None else float(v) for v in values]
+
+    spectra = {}
+    for key, spec in raw.items():
+        if not str(key).isdigit():
+            raise bad(f"spectrum key {key!r} is not an epoch (0, 1, ...).")
+        if not isinstance(spec, dict) or "mean" not in spec or "std" not in spec:
+            raise bad(f"the spectrum of epoch {key} needs \"mean\" and \"std\" lists.")
+        mean, std = numbers(f"epoch {key} mean", spec["mean"]), numbers(f"epoch {key} std",
+                                                                         spec["std"])
+        if not mean or len(mean) != len(std):
+            raise bad(f"epoch {key}: \"mean\" and \"std\" must be non-empty and of one length, "
+                      f"got {len(mean)} and {len(std)}.")
+        share = spec.get("diverged", 0.0)  # optional: the share of diverged trajectories
+        if not (isinstance(share, (int, float)) and not isinstance(share, bool)
+                and 0.0 <= share <= 1.0):
+            raise bad(f"epoch {key}: \"diverged\" is the share of diverged trajectories, a "
+                      f"number in [0, 1], got {share!r}.")
+        spectra[int(key)] = {**spec, "mean": mean, "std": std, "diverged": float(share)}
+    status = data.get("status", "ok")
+    if status not in ("ok", "diverged"):
+        raise bad(f"\"status\" must be \"ok\" or \"diverged\", got {status!r}.")
+    val = numbers("\"val_loss\"", data.get("val_loss", []))
+    config = data.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise bad("\"config\" must be an object of hyperparameters.")
+    # A diverged run has nothing from the epoch it diverged in on: its missing epochs are
+    # features of their own. Any other run must cover every epoch the predictor reads.
+    if status != "diverged":
+        missing = [e for e in range(budget + 1) if e not in spectra]
+        if missing:
+            raise bad(f"no spectrum for epoch(s) {missing}; the budget-{budget} predictor reads "
+                      f"epochs 0..{budget}: measure them, or pass a smaller --budget.")
+        if uses_loss and len(val) < budget + 1:
+            raise bad(f"the predictor reads the validation loss of epochs 0..{budget}, and "
+                      f"\"val_loss\" has {len(val)}: add them, or use a model fitted on "
+                      "spectra alone.")
+        for epoch, loss in enumerate(val[:budget + 1]):
+            if not math.isfinite(loss):
+                raise bad(f"val_loss[{epoch}] is {loss}: a run whose loss is not finite "
+                          "diverged; mark it \"status\": \"diverged\" or fix the value.")
+        if any(diverged_loss(v, chance_loss) for v in val[:budget + 1]):
+            status = "diverged"  # the divergence rule of lepredict.train, as a live run would
+    elif 0 not in spectra:
+        raise bad("no spectrum for epoch 0 (the initialisation), which every predictor reads.")
+    return {"spectra": spectra, "val_loss": val, "status": status, "config": config}
+
+
 def _cmd_predict(args) -> int:
     """Train for the early budget (or read spectra measured elsewhere) and predict."""
     from lepredict.sweep import record_frame
@@ -342,30 +668,21 @@ def _cmd_predict(args) -> int:
     model = models[budget]
     task = _get_task(args.task, _task_options(args.task_option))
     if args.spectrum:
-        try:
-            data = json.loads(open(args.spectrum).read())
-        except (OSError, json.JSONDecodeError) as err:
-            raise CLIError(f"Cannot read --spectrum {args.spectrum!r}: {err}") from None
-        spectra = data.get("spectra", data if "0" in data else None)
-        if not isinstance(spectra, dict) or not spectra:
-            raise CLIError(f"{args.spectrum!r} holds no spectra: expected a run record from "
-                           "`lepredict spectrum --json`, or {\"0\": {\"mean\": [...], "
-                           "\"std\": [...]}, ...}.")
-        config = data.get("config") or (_read_config_file(args.config) if args.config else
-                                         _config_from_args(args).to_dict())
-        val = data.get("val_loss", [])
-        if "loss" in model.feature_sets and len(val) < budget + 1:
-            raise CLIError(f"The predictor uses the validation loss of epochs 0..{budget}, which "
-                           f"{args.spectrum!r} lacks: add \"val_loss\": [...] or pick a model "
-                           "fitted on spectra alone.")
+        data = _read_spectrum_file(args.spectrum, budget, uses_loss="loss" in model.feature_sets,
+                                   chance_loss=task.chance_loss)
+        config = data["config"] or (_read_config_file(args.config) if args.config else
+                                    _config_from_args(args).to_dict())
         try:
             config = RunConfig.from_dict(config).to_dict()
         except (ValueError, TypeError) as err:
             raise CLIError(str(err)) from None
-        rec = RunRecord(config=config, task={"name": task.name}, val_loss=list(val),
-                        spectra={int(k): v for k, v in spectra.items()}, epochs=budget)
+        rec = RunRecord(config=config, task={"name": task.name}, val_loss=data["val_loss"],
+                        spectra=data["spectra"], status=data["status"], epochs=budget)
         measured = 0.0
     else:
+        _check_int("--probe-size", args.probe_size, 1, "validation sequences the spectrum "
+                   "averages over")
+        _check_device(args.device)
         if args.config:
             try:
                 config = RunConfig.from_dict(_read_config_file(args.config))
@@ -387,7 +704,7 @@ def _cmd_predict(args) -> int:
         "seconds": time.perf_counter() - t0,
     }
     if args.json:
-        print(json.dumps(result))
+        print(_dumps(result))
         return 0
     verdict = "likely to train" if p >= 0.5 else "likely NOT to train"
     print(f"{task.name}: {rec.config['arch'].upper()} N={rec.config['hidden']}, lr "
@@ -404,24 +721,24 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_analyze(args) -> int:
-    import optuna
-
     from lepredict import report
-    from lepredict.sweep import make_storage, trials_frame
+    from lepredict.sweep import trials_frame
 
     study = None
+    if args.output is not None:
+        _check_output(args.output, (".html",))
+    if args.publish and (args.data or not args.study_name):
+        raise CLIError("--publish saves figures into a study: use --study-name, not --data.")
     if args.data:
         frame = _read_data(args.data)
         title = ", ".join(args.data)
     elif args.study_name:
-        try:
-            study = optuna.load_study(study_name=args.study_name,
-                                      storage=make_storage(args.storage, args.study_name))
-        except KeyError:
-            raise CLIError(f"No study named {args.study_name!r} in {args.storage or 'studies/'}; "
-                           "check --study-name and --storage.") from None
+        study = _open_study(args.storage, args.study_name)
         frame = trials_frame(study)
         title = args.study_name
+        if frame.empty:
+            raise CLIError(f"Study {args.study_name!r} has no trials yet, so nothing to analyse; "
+                           f"run `lepredict sweep --study-name {args.study_name}` first.")
     else:
         raise CLIError("Say what to analyse: --study-name NAME [--storage URL], or --data FILE.")
     model = None
@@ -433,8 +750,6 @@ def _cmd_analyze(args) -> int:
     try:
         path = report.analyze(frame, output, model=model, title=title, reference=reference)
         if args.publish:
-            if study is None:
-                raise CLIError("--publish saves figures into a study: use --study-name.")
             n = report.publish(study, report.figures(frame, model=model, reference=reference))
             print(f"published {n} figures to study {study.study_name} for optuna-dashboard")
     except (ValueError, ImportError) as err:
@@ -470,8 +785,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--n-trials", type=int, default=20, help="trials the study should hold in total")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--le-epochs", type=int, nargs="+", default=[0, 1, 2, 3],
-                   help="epochs at which to measure the spectrum (0 = initialisation)")
+    p.add_argument("--le-epochs", type=int, nargs="+", default=None,
+                   help="epochs at which to measure the spectrum (0 = initialisation; default: "
+                   f"{' '.join(map(str, DEFAULT_LE_EPOCHS))}, those up to --epochs)")
     p.add_argument("--le-k", type=int, default=None, help="exponents per spectrum (default: all)")
     p.add_argument("--probe-size", type=int, default=PROBE_SIZE,
                    help="validation sequences the spectrum averages over (default: "
@@ -585,7 +901,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except CLIError as err:
-        print(f"lepredict {args.command}: error: {err}", file=sys.stderr)
+        # One line whatever the message quotes (a database's or a parser's multi-line error).
+        print(f"lepredict {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

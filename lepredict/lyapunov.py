@@ -126,6 +126,16 @@ def _check_common(k: int | None, n: int, warmup: int, T: int, reorth_every: int)
     return k
 
 
+def _check_finite(name: str, value) -> None:
+    """Refuse NaN or infinite inputs: they would come out as "diverged" trajectories, which
+    reads as a property of the network when it is a bug in the caller's data."""
+    for part in (value if isinstance(value, (tuple, list)) else (value,)):
+        if isinstance(part, Tensor) and part.is_floating_point() and not bool(torch.isfinite(part).all()):
+            bad = int((~torch.isfinite(part)).sum())
+            raise ValueError(f"{name} has {bad} NaN or infinite value(s); the spectrum of a "
+                             "network is only defined for finite inputs: clean the data first.")
+
+
 def _initial_basis(B: int, k: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``(B, k, n)`` orthonormal rows: the identity for the full spectrum, else a fixed random
     basis (a coordinate subspace could be invariant, e.g. the units of an undriven layer)."""
@@ -382,8 +392,8 @@ def lyapunov_spectrum(
         A :class:`LyapunovSpectrum`.
 
     Raises:
-        ValueError: unsupported module, wrong input or ``h0`` shape, ``k`` larger than the state,
-            ``warmup >= T``.
+        ValueError: unsupported module, wrong input or ``h0`` shape, NaN or infinite values in
+            ``inputs`` or ``h0``, ``k`` larger than the state, ``warmup >= T``.
 
     Example:
         >>> import torch, lepredict
@@ -406,6 +416,8 @@ def lyapunov_spectrum(
         )
     if B < 1:
         raise ValueError("inputs hold no sequence (batch size 0).")
+    _check_finite("inputs", x)
+    _check_finite("h0", h0)
     n = L * per_layer
     convention = lstm_state if cell == "lstm" else None
     k = _check_common(k, n, warmup, T, reorth_every)
@@ -736,6 +748,10 @@ def lyapunov_spectrum_map(
     Returns:
         A :class:`LyapunovSpectrum`.
 
+    Raises:
+        ValueError: ``step`` not callable, wrong ``h0`` or ``inputs`` shape, NaN or infinite
+            values in ``h0`` or ``inputs``, ``k`` larger than the state, ``warmup >= T``.
+
     Example:
         >>> import torch, lepredict
         >>> def henon(h):
@@ -757,6 +773,7 @@ def lyapunov_spectrum_map(
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype=}.")
     B, n = h0.shape
     device = h0.device
+    _check_finite("h0", h0)
     if inputs is None:
         if steps is None:
             raise ValueError("An autonomous map needs steps=T; or pass inputs of shape (B, T, ...).")
@@ -769,6 +786,7 @@ def lyapunov_spectrum_map(
                 f"{getattr(inputs, 'shape', type(inputs).__name__)}."
             )
         T = inputs.shape[1]
+        _check_finite("inputs", inputs)
         xs = inputs.detach().to(device=device, dtype=dtype) if inputs.is_floating_point() else inputs
     k = _check_common(k, n, warmup, T, reorth_every)
 

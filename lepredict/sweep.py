@@ -77,23 +77,29 @@ def _parse_space(raw: dict, source: str) -> SearchSpace:
     unknown = set(raw) - {"params", "fixed"}
     if unknown:
         raise ValueError(f"{source}: unknown sections {sorted(unknown)}; use [params.NAME] and [fixed].")
+    for section in ("params", "fixed"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise ValueError(f"{source}: {section} must be a table ([{section}] or "
+                             f"[{section}.NAME]), got {raw[section]!r}.")
     params: dict[str, BaseDistribution] = {}
     for name, spec in raw.get("params", {}).items():
         if not isinstance(spec, dict):
             raise ValueError(f"{source}: params.{name} must be a table with 'choices' or 'low'/'high'.")
-        if "choices" in spec:
-            params[name] = CategoricalDistribution(list(spec["choices"]))
-        elif {"low", "high"} <= set(spec):
-            low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
-            try:
+        try:
+            if "choices" in spec:
+                if not isinstance(spec["choices"], list) or not spec["choices"]:
+                    raise ValueError(f"choices must be a non-empty list, got {spec['choices']!r}.")
+                params[name] = CategoricalDistribution(list(spec["choices"]))
+            elif {"low", "high"} <= set(spec):
+                low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
                 if isinstance(low, int) and isinstance(high, int):
                     params[name] = IntDistribution(low, high, log=log, step=int(spec.get("step", 1)))
                 else:
                     params[name] = FloatDistribution(float(low), float(high), log=log, step=spec.get("step"))
-            except ValueError as err:
-                raise ValueError(f"{source}: params.{name}: {err}") from None
-        else:
-            raise ValueError(f"{source}: params.{name} needs 'choices', or 'low' and 'high'.")
+            else:
+                raise ValueError("needs 'choices', or 'low' and 'high'.")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{source}: params.{name}: {err}") from None
     fixed = dict(raw.get("fixed", {}))
     both = set(params) & set(fixed)
     if both:
@@ -103,7 +109,26 @@ def _parse_space(raw: dict, source: str) -> SearchSpace:
         raise ValueError(
             f"{source}: unknown hyperparameters {sorted(unknown)}; known: {sorted(_CONFIG_FIELDS)}."
         )
+    _check_values(params, fixed, source)
     return SearchSpace(params, fixed)
+
+
+def _check_values(params: dict[str, BaseDistribution], fixed: dict, source: str) -> None:
+    """Every value the space can give must make a valid :class:`RunConfig`; otherwise every
+    trial that samples it fails, in a study already pinned to this setup. The fixed values are
+    checked together, then each distribution's choices or bounds on top of them (RunConfig's
+    rules are per field, and a range is valid when both its ends are)."""
+    try:
+        RunConfig(**fixed)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source}: [fixed]: {err}") from None
+    for name, dist in params.items():
+        values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+        for value in values:
+            try:
+                RunConfig(**{**fixed, name: value})
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{source}: params.{name}: {err}") from None
 
 
 #: The space used when none is given: stable, marginal and unstable configurations alike.

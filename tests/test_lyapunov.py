@@ -381,6 +381,34 @@ def test_map_bad_input():
         lepredict.lyapunov_spectrum_map("henon", torch.zeros(2, 2), steps=3)
 
 
+@pytest.mark.parametrize("where", ["inputs", "h0", "c0"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_inputs_are_refused_not_reported_as_divergence(where, bad):
+    """NaN in the data would otherwise come out as spec.diverged, i.e. as a property of the
+    network."""
+    m = nn.LSTM(3, 4, batch_first=True)
+    x, h0, c0 = torch.randn(2, 5, 3), torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)
+    {"inputs": x, "h0": h0, "c0": c0}[where].view(-1)[3] = bad
+    name = "inputs" if where == "inputs" else "h0"
+    with pytest.raises(ValueError, match=rf"{name} has 1 NaN or infinite value"):
+        lepredict.lyapunov_spectrum(m, x, h0=(h0, c0))
+
+
+def test_map_non_finite_inputs_are_refused():
+    h0 = torch.full((2, 2), 0.1, dtype=F64)
+    with pytest.raises(ValueError, match="h0 has 1 NaN"):
+        lepredict.lyapunov_spectrum_map(henon, h0.index_put((torch.tensor(1), torch.tensor(0)),
+                                                            torch.tensor(math.nan, dtype=F64)),
+                                        steps=3)
+    drive = torch.zeros(2, 5, 1, dtype=F64)
+    drive[0, 4, 0] = -math.inf  # the last step: refused before any step is taken
+    with pytest.raises(ValueError, match="inputs has 1 NaN"):
+        lepredict.lyapunov_spectrum_map(lambda h, x: 0.5 * h + x, h0, drive)
+    # Finite inputs still run and give the known answer.
+    spec = lepredict.lyapunov_spectrum_map(lambda h, x: 0.5 * h + x, h0, drive.nan_to_num(neginf=0))
+    torch.testing.assert_close(spec.mean, torch.full((2,), math.log(0.5), dtype=F64))
+
+
 def test_module_weights_untouched_and_no_grad_leak():
     m = nn.LSTM(2, 5, num_layers=2, batch_first=True)
     before = [p.clone() for p in m.parameters()]

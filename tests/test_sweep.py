@@ -17,6 +17,7 @@ import pytest
 from lepredict.cli import main
 from lepredict.sweep import (
     ATTR,
+    SearchSpace,
     export_trials,
     load_space,
     make_storage,
@@ -107,9 +108,8 @@ def test_diverged_run_is_a_complete_trial_with_inf_value(tmp_path):
 
 
 def test_failed_trial_is_recorded_with_its_error(tmp_path):
-    space = tmp_path / "bad.toml"
-    space.write_text("[fixed]\nlr = -1.0\n")
-    study = _sweep(tmp_path, space, n_trials=1, space=load_space(space))
+    # load_space refuses this value; a space built in code reaches the trial with it.
+    study = _sweep(tmp_path, None, n_trials=1, space=SearchSpace({}, {"lr": -1.0}))
     (t,) = study.trials
     assert t.state == optuna.trial.TrialState.FAIL
     assert "lr must be a positive" in t.user_attrs[f"{ATTR}error"]
@@ -123,6 +123,8 @@ def test_failed_trial_is_recorded_with_its_error(tmp_path):
         ("[params.lr]\nlow = 0.0\nhigh = 1.0\nlog = true\n", "params.lr"),
         ("[bogus]\n", "unknown sections"),
         ("not toml [", "not valid TOML"),
+        ("[fixed]\nlr = -1.0\n", r"\[fixed\]: lr must be a positive"),
+        ("[params.hidden]\nchoices = [8, 0]\n", "params.hidden: hidden must be a positive int"),
     ],
 )
 def test_bad_search_space(tmp_path, text, match):

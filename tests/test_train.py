@@ -65,6 +65,39 @@ def test_diverging_run_is_a_result_not_a_crash(digits_row):
     json.dumps(rec.to_dict())
 
 
+def _sum_task() -> tasks.Task:
+    """Regress the sum of 5 uniform inputs: small, and its MSE stays finite under Adam however
+    large the learning rate, so only the loss-ratio rule can call such a run diverged."""
+    g = torch.Generator().manual_seed(0)
+    x_train, x_val = torch.rand(128, 5, 1, generator=g), torch.rand(64, 5, 1, generator=g)
+    y_train, y_val = x_train.sum(1), x_val.sum(1)
+    chance = float(((y_val - y_train.mean()) ** 2).mean())
+    return tasks.Task(name="sum", x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val,
+                      input_size=1, output_size=1, kind="regression", chance_loss=chance,
+                      threshold=0.5, options={}, scored_steps=1)
+
+
+def test_exploding_but_finite_loss_is_diverged(monkeypatch):
+    from lepredict import train
+
+    task = _sum_task()
+    cfg = {"arch": "rnn", "hidden": 4, "lr": 100.0, "optimizer": "adam", "batch_size": 32}
+    rec = lepredict.train_run(cfg, task, epochs=3, le_epochs=[0, 1])
+    peak = rec.val_loss[-1] / task.chance_loss
+    assert math.isfinite(peak) and peak > train.DIVERGED_LOSS_RATIO  # finite, yet diverged
+    assert rec.status == "diverged" and rec.epochs_completed == 0
+    assert math.isinf(rec.final_normalised_loss) and sorted(rec.spectra) == [0]
+    json.dumps(rec.to_dict())
+    # The constant is what decides: above that peak, the same run trains to the end as "ok".
+    monkeypatch.setattr(train, "DIVERGED_LOSS_RATIO", 10 * peak)
+    rec = lepredict.train_run(cfg, task, epochs=3, le_epochs=[])
+    assert rec.status == "ok" and rec.epochs_completed == 3
+    # A sane learning rate on the same task is not affected.
+    monkeypatch.undo()
+    rec = lepredict.train_run({**cfg, "lr": 1e-2}, task, epochs=2, le_epochs=[])
+    assert rec.status == "ok" and max(rec.val_loss) < train.DIVERGED_LOSS_RATIO * task.chance_loss
+
+
 def test_init_schemes():
     cfg = RunConfig(arch="rnn", hidden=200, init="uniform", init_scale=0.3)
     m = SeqModel(1, 2, cfg)

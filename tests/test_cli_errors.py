@@ -1,0 +1,293 @@
+"""Bad input to the CLI: one line naming the problem, exit code 2, no traceback, no file made.
+
+Each row is a command line, plus the files it reads (written before the directory is listed).
+The command runs in an empty working directory, so a study, database or output it should not
+have created shows up as a new path there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import socket
+from pathlib import Path
+
+import pytest
+
+from lepredict.cli import main
+
+DIGITS = ["--task", "digits", "--task-option", "mode=row"]
+TINY = [*DIGITS, "--arch", "gru", "--hidden", "8", "--lr", "0.01"]
+SWEEP = ["sweep", *DIGITS, "--n-trials", "1", "--epochs", "1", "--le-epochs", "0", "1",
+         "--quiet", "--study-name", "s"]
+
+
+def _pg_driver() -> str | None:
+    for module, driver in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return driver
+    return None
+
+
+def _pg_server() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:  # bound, never listening: connections to it are refused
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PG = _pg_driver()
+NO_DRIVER = pytest.mark.skipif(PG is None, reason="no PostgreSQL driver (psycopg, psycopg2)")
+NO_SERVER = pytest.mark.skipif(PG is None or not _pg_server(),
+                               reason="no PostgreSQL server at 127.0.0.1:5432")
+
+
+def write(name: str, text: str):
+    def setup(tmp: Path) -> None:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / name).write_text(text)
+    return setup
+
+
+def empty_study(tmp: Path) -> None:
+    import optuna
+
+    (tmp / "studies").mkdir()
+    optuna.create_study(study_name="s", storage=f"sqlite:///{tmp / 'studies' / 's.db'}")
+
+
+SPECTRUM = {"0": {"mean": [0.1, -0.5], "std": [0.01, 0.02]},
+            "1": {"mean": [0.05, -0.6], "std": [0.01, 0.02]}}
+
+
+def spectrum_file(**changes):
+    data = {**SPECTRUM, "val_loss": [2.3, 1.9], **changes}
+    return write("spec.json", json.dumps({k: v for k, v in data.items() if v is not None}))
+
+
+def model_manifest_list(tmp: Path) -> None:
+    (tmp / "m" / "budget-1").mkdir(parents=True)
+    (tmp / "m" / "budget-1" / "manifest.json").write_text("[]")
+
+
+# (argv, setup, what the message must name)
+CASES = {
+    # Storage: a URL, a driver, a server, a database or a directory that is not there.
+    "sweep-unknown-url-scheme": (
+        [*SWEEP, "--storage", "foo://bar"], None, "unknown database kind 'foo'"),
+    "sweep-sqlite-missing-dir": (
+        [*SWEEP, "--storage", "sqlite:////no/such/dir/x.db"], None,
+        "directory '/no/such/dir' does not exist"),
+    "sweep-journal-missing-dir": (
+        [*SWEEP, "--storage", "no/such/dir/j.log"], None, "its directory does not exist"),
+    "sweep-storage-neither": (
+        [*SWEEP, "--storage", "study.txt"], None, "neither a database URL"),
+    "sweep-postgres-closed-port": pytest.param(
+        [*SWEEP, "--storage", f"{PG}://postgres@127.0.0.1:{_closed_port()}/test"], None,
+        "Cannot open --storage", marks=NO_DRIVER),
+    "sweep-postgres-missing-database": pytest.param(
+        [*SWEEP, "--storage", f"{PG}://postgres@127.0.0.1:5432/lepredict_no_such_db"], None,
+        "lepredict_no_such_db", marks=NO_SERVER),
+    "export-postgres-missing-database": pytest.param(
+        ["export", "--storage", f"{PG}://postgres@127.0.0.1:5432/lepredict_no_such_db",
+         "--study-name", "s", "-o", "x.csv"], None, "lepredict_no_such_db", marks=NO_SERVER),
+    "export-postgres-closed-port": pytest.param(
+        ["export", "--storage", f"{PG}://postgres@127.0.0.1:{_closed_port()}/test",
+         "--study-name", "s", "-o", "x.csv"], None, "Cannot open --storage", marks=NO_DRIVER),
+    "export-driver-not-installed": pytest.param(
+        ["export", "--storage", "mysql+mysqldb://u@127.0.0.1/db", "--study-name", "s",
+         "-o", "x.csv"], None, "driver that is not installed",
+        marks=pytest.mark.skipif(importlib.util.find_spec("MySQLdb") is not None,
+                                 reason="MySQLdb is installed here")),
+    # Sweep arguments that would make every trial fail, in a study pinned to them.
+    "sweep-negative-epochs": ([*SWEEP, "--epochs", "-2"], None, "--epochs must be >= 1"),
+    "sweep-zero-trials": ([*SWEEP, "--n-trials", "0"], None, "--n-trials must be >= 1"),
+    "sweep-probe-size-0": ([*SWEEP, "--probe-size", "0"], None, "--probe-size must be >= 1"),
+    "sweep-le-k-0": ([*SWEEP, "--le-k", "0"], None, "--le-k must be >= 1"),
+    "sweep-le-k-beyond-state": (
+        [*SWEEP, "--le-k", "100000"], None, "exceeds the state size"),
+    "sweep-device-banana": ([*SWEEP, "--device", "banana"], None, "--device 'banana'"),
+    "sweep-le-epochs-beyond-epochs": (
+        [*SWEEP, "--le-epochs", "0", "99"], None, "--le-epochs 99 outside 0..1"),
+    # The default --le-epochs (0 1 2 3) is no error with fewer epochs: the storage is reached.
+    "sweep-default-le-epochs-with-2-epochs": (
+        ["sweep", *DIGITS, "--epochs", "2", "--storage", "foo://bar"], None,
+        "unknown database kind"),
+    "sweep-le-epochs-negative": (
+        [*SWEEP, "--le-epochs", "-1", "0"], None, "--le-epochs -1 outside 0..1"),
+    "sweep-space-missing": ([*SWEEP, "--space", "nope"], None, "Search space 'nope' not found"),
+    "sweep-space-bad-fixed": (
+        [*SWEEP, "--space", "bad.toml"], write("bad.toml", "[fixed]\nhidden = 0\n"),
+        "[fixed]: hidden must be a positive int"),
+    "sweep-space-bad-low": (
+        [*SWEEP, "--space", "bad.toml"],
+        write("bad.toml", "[params.lr]\nlow = -1.0\nhigh = 0.1\n"), "params.lr: lr must be"),
+    "sweep-space-float-hidden": (
+        [*SWEEP, "--space", "bad.toml"],
+        write("bad.toml", "[params.hidden]\nlow = 8.0\nhigh = 64.0\n"),
+        "params.hidden: hidden must be a positive int"),
+    "sweep-space-bad-choice": (
+        [*SWEEP, "--space", "bad.toml"],
+        write("bad.toml", "[params.arch]\nchoices = ['rnn', 'transformer']\n"),
+        "params.arch: arch must be one of"),
+    "sweep-space-choices-not-list": (
+        [*SWEEP, "--space", "bad.toml"], write("bad.toml", "[params.arch]\nchoices = 3\n"),
+        "params.arch: choices must be a non-empty list"),
+    "sweep-space-fixed-not-table": (
+        [*SWEEP, "--space", "bad.toml"], write("bad.toml", "fixed = 3\n"),
+        "fixed must be a table"),
+    "sweep-space-fixed-vs-bound": (
+        [*SWEEP, "--space", "bad.toml"],
+        write("bad.toml", "[fixed]\nclip = -1.0\n[params.lr]\nlow = 0.001\nhigh = 0.1\n"),
+        "[fixed]: clip must be >= 0"),
+    # Commands that only read: nothing is created, whatever is missing.
+    "export-missing-study": (
+        ["export", "--study-name", "nope", "-o", "x.csv"], None, "No study named 'nope'"),
+    "export-missing-sqlite-file": (
+        ["export", "--storage", "sqlite:///nope.db", "--study-name", "s", "-o", "x.csv"], None,
+        "No SQLite database 'nope.db'"),
+    "export-sqlite-missing-dir": (
+        ["export", "--storage", "sqlite:////no/such/dir", "--study-name", "s", "-o", "x.csv"],
+        None, "No SQLite database '/no/such/dir'"),
+    "export-unknown-url-scheme": (
+        ["export", "--storage", "foo://bar", "--study-name", "s", "-o", "x.csv"], None,
+        "unknown database kind 'foo'"),
+    "export-missing-journal": (
+        ["export", "--storage", "j.log", "--study-name", "s", "-o", "x.csv"], None,
+        "No journal file 'j.log'"),
+    "export-output-dir-missing": (
+        ["export", "--study-name", "s", "-o", "/nonexistent/x.parquet"], empty_study,
+        "directory '/nonexistent' does not exist"),
+    "export-output-format": (
+        ["export", "--study-name", "s", "-o", "x.txt"], empty_study, "FILE.parquet or FILE.csv"),
+    "analyze-missing-study": (
+        ["analyze", "--study-name", "nope", "--model", "none"], None, "No study named 'nope'"),
+    "analyze-empty-study": (
+        ["analyze", "--study-name", "s", "--model", "none"], empty_study, "has no trials yet"),
+    "analyze-unknown-url-scheme": (
+        ["analyze", "--storage", "foo://bar", "--study-name", "s"], None, "unknown database"),
+    "evaluate-unrelated-csv": (
+        ["evaluate", "--data", "other.csv"], write("other.csv", "a,b\n1,2\n3,4\n"),
+        "'other.csv' is not a lepredict export"),
+    "fit-unrelated-csv": (
+        ["fit", "--data", "other.csv", "-o", "models/m"], write("other.csv", "a,b\n1,2\n"),
+        "is not a lepredict export"),
+    "evaluate-data-is-a-directory": (
+        ["evaluate", "--data", "d.csv"], lambda tmp: (tmp / "d.csv").mkdir(), "Cannot read"),
+    # Training runs.
+    "spectrum-negative-epochs": (
+        ["spectrum", *TINY, "--epochs", "-1"], None, "--epochs must be >= 0"),
+    "spectrum-probe-size-0": (["spectrum", *TINY, "--probe-size", "0"], None, "--probe-size"),
+    "spectrum-device-banana": (["spectrum", *TINY, "--device", "banana"], None, "banana"),
+    # Predictions: files measured elsewhere, and model files.
+    "predict-probe-size-0": (
+        ["predict-stability", *TINY, "--model", "{model}", "--probe-size", "0"], None,
+        "--probe-size must be >= 1"),
+    "predict-device-banana": (
+        ["predict-stability", *TINY, "--model", "{model}", "--device", "banana"], None,
+        "--device 'banana'"),
+    "predict-spectrum-json-list": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
+        write("spec.json", "[[0.1, -0.5]]"), "holds a JSON list, not an object"),
+    "predict-spectrum-missing-epoch": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
+        spectrum_file(**{"1": None}), "no spectrum for epoch(s) [1]"),
+    "predict-spectrum-nan-loss": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
+        write("spec.json", json.dumps({**SPECTRUM, "val_loss": [2.3, math.nan]})),
+        "val_loss[1] is nan"),
+    "predict-spectrum-null-loss": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
+        spectrum_file(val_loss=[2.3, None]), "val_loss[1] is nan"),
+    "predict-spectrum-short-loss": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
+        spectrum_file(val_loss=[2.3]), "\"val_loss\" has 1"),
+    "predict-spectrum-ragged": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
+        spectrum_file(**{"0": {"mean": [0.1, -0.5], "std": [0.01]}}), "of one length"),
+    "predict-spectrum-bad-share": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
+        spectrum_file(**{"0": {"mean": [0.1], "std": [0.0], "diverged": 2}}), "in [0, 1]"),
+    "predict-spectrum-not-json": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
+        write("spec.json", "{0: 1"), "not valid JSON"),
+    "predict-manifest-is-a-list": (
+        ["predict-stability", *TINY, "--model", "m"], model_manifest_list,
+        "holds a JSON list, not an object"),
+}
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("argv, setup, message", list(CASES.values()), ids=list(CASES))
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(argv, setup, message, tmp_path,
+                                                          monkeypatch, capsys, request):
+    monkeypatch.chdir(tmp_path)
+    if "{model}" in argv:
+        argv = [str(request.getfixturevalue("model_dir")) if a == "{model}" else a for a in argv]
+    if setup is not None:
+        setup(tmp_path)
+    before = _listing(tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"lepredict {argv[0]}: error: "), err
+    assert message in lines[0], err
+    assert _listing(tmp_path) == before
+
+
+def _strict_json(text: str):
+    def refuse(token):
+        raise AssertionError(f"not strict JSON: {token}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_documented_spectrum_format_predicts_and_json_is_strict(model_dir, tmp_path, capsys):
+    """{epoch: {mean, std}} without "diverged", as the help and README describe it."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SPECTRUM, "val_loss": [2.3, 1.9]}))
+    argv = ["predict-stability", *TINY, "--model", str(model_dir), "--spectrum", str(spec),
+            "--json"]
+    assert main(argv) == 0
+    out = _strict_json(capsys.readouterr().out)
+    assert out["status"] == "ok" and 0.0 <= out["p_trainable"] <= 1.0
+    # A loss far beyond chance is a diverged run by lepredict.train's rule, as in a live run.
+    from lepredict import tasks
+    from lepredict.train import DIVERGED_LOSS_RATIO
+
+    chance = tasks.get("digits", mode="row").chance_loss
+    spec.write_text(json.dumps({**SPECTRUM, "val_loss": [2.3, 10 * DIVERGED_LOSS_RATIO * chance]}))
+    assert main(argv) == 0
+    diverged = _strict_json(capsys.readouterr().out)
+    assert diverged["status"] == "diverged"
+    assert diverged["p_trainable"] < out["p_trainable"]
+
+
+def test_diverged_run_record_is_strict_json_and_reads_back(model_dir, tmp_path, capsys):
+    """A diverged run's record has infinite losses: null in the JSON, and still a record
+    predict-stability reads."""
+    argv = ["spectrum", *DIGITS, "--arch", "rnn", "--hidden", "8", "--init-scale", "3",
+            "--lr", "1e38", "--optimizer", "sgd", "--epochs", "1", "--json"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    record = _strict_json(text)
+    assert record["status"] == "diverged" and record["final_normalised_loss"] is None
+    path = tmp_path / "record.json"
+    path.write_text(text)
+    assert main(["predict-stability", *DIGITS, "--model", str(model_dir), "--spectrum", str(path),
+                 "--json"]) == 0
+    out = _strict_json(capsys.readouterr().out)
+    assert out["status"] == "diverged"
