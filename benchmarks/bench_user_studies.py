@@ -94,6 +94,7 @@ def sample_config(rng: np.random.Generator) -> dict:
 
 def _train_one(name: str, options: dict, config: dict) -> pd.DataFrame:
     torch.set_num_threads(1)
+    tasks.register("waves", make_waves, overwrite=True)  # worker processes import nothing
     task = tasks.get(name, **options)
     rec = lepredict.train_run(config, task, epochs=max(HORIZONS), le_epochs=[0, 1, 2, 3])
     return record_frame(rec, task)
@@ -104,6 +105,8 @@ def make_pool(n_per_task: int, n_jobs: int) -> None:
     from tqdm.auto import tqdm
 
     for name, options in POOL_TASKS.items():
+        if (POOL_DIR / f"userpool-{name}.parquet").is_file():
+            continue  # delete the file to train it again
         rng = np.random.default_rng(sum(map(ord, name)))  # a stable seed per task
         configs = [sample_config(rng) for _ in range(n_per_task)]
         t0 = time.perf_counter()

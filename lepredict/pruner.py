@@ -368,6 +368,14 @@ class LyapunovPruner(BasePruner):
             self._warn_once(study, "spectrum", f"LyapunovPruner prunes nothing on the model in "
                             f"study {study.study_name!r}: {problem}")
             return self._keep(study, trial, step, problem)
+        steps = sorted(trial.intermediate_values)
+        if self._steps_per_epoch == 1 and steps[-1] + 1 > len(steps) + 1:
+            gaps = (f"trial {trial.number} reported at steps {', '.join(map(str, steps[:4]))}"
+                    f"{'...' if len(steps) > 4 else ''}, not at every epoch; if the steps are "
+                    "iterations, pass LyapunovPruner(steps_per_epoch=...)")
+            self._warn_once(study, "steps", f"LyapunovPruner prunes nothing on the model in "
+                            f"study {study.study_name!r}: {gaps}")
+            return self._keep(study, trial, step, gaps)
         scale = self._scale_problem(study, view)
         if scale:
             self._warn_once(study, "scale", f"LyapunovPruner prunes nothing on the model in "

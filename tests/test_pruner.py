@@ -34,14 +34,21 @@ def _replay(study, row, steps=(0, 1), tell=True):
     return trial, pruned
 
 
-def _leaders(study, n=3, steps=range(0, 4)):
+def _with(row, **values):
+    row = row.copy()
+    for key, value in values.items():
+        row[key] = value
+    return row
+
+
+def _leaders(study, n=3, steps=range(0, 4), value=0.0):
     """Finished trials that reported the best possible value at every step, so the trials
     replayed next are never the study's leaders (whom the model does not prune)."""
     for _ in range(n):
         trial = study.ask()
         for e in steps:
             trial.report(0.9 if e == 0 else 0.0, e)  # about chance at initialisation
-        study.tell(trial, 0.0)
+        study.tell(trial, value)
 
 
 def test_arguments_are_validated(model_dir):
@@ -73,10 +80,12 @@ def test_prunes_the_predicted_untrainable_and_says_why(runs, model_dir, caplog):
     bad = runs[(runs["final_normalised_loss"] > 0.9) & (runs["status"] == "ok")].iloc[0]
     t_ok, pruned_ok = _replay(study, ok)
     optuna.logging.set_verbosity(optuna.logging.INFO)
+    optuna.logging.enable_propagation()  # to pytest's handler
     try:
         with caplog.at_level("INFO"):
             t_bad, pruned_bad = _replay(study, bad)
     finally:
+        optuna.logging.disable_propagation()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
     assert not pruned_ok and pruned_bad
     pred = study.trials[t_bad.number].user_attrs[f"{ATTR}prediction:0"]
@@ -97,7 +106,7 @@ def test_leaders_are_not_pruned_by_the_model(runs, model_dir):
     assert not pruned  # alone at its steps: the leader
     record = study.trials[first.number].user_attrs[f"{ATTR}prediction:1"]
     assert record["leader"] and record["kept"].startswith("a leader at step 1 (rank 1 of 1)")
-    second, pruned = _replay(study, row.copy().assign(val_loss=[v * 1.5 for v in row["val_loss"]]))
+    second, pruned = _replay(study, _with(row, val_loss=[v * 1.5 for v in row["val_loss"]]))
     assert pruned  # the same prediction, but behind the leader
 
 
@@ -141,7 +150,7 @@ def test_compares_predictions_with_predictions_whatever_the_horizon(runs, model_
                 & (runs["param_lr"] < 1e-3)]
     study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0,
                                                       protect_top=0.0, risk=0.05))
-    _leaders(study, steps=())  # no reports: nobody leads at a step, and no prediction
+    _leaders(study, steps=(), value=1.0)  # no reports: they lead at no step, predict nothing
     best, _ = _user_trial(study, good.iloc[0], tell=1e-5)  # the best after 40 epochs
     study.tell(study.ask(), 0.5)  # another finished trial, no report
     similar, pruned_similar = _user_trial(study, good.iloc[1])
@@ -187,8 +196,9 @@ def test_raw_losses_without_a_chance_loss_warn_once_and_prune_nothing(runs, mode
                                                       protect_top=0.0))
     _leaders(study, steps=())
     _user_trial(study, rows.iloc[0], tell=0.5)
-    assert _user_trial(study, rows.iloc[1].copy().assign(
-        val_loss=[v * 1.2 for v in rows.iloc[1]["val_loss"]]), scale=1.0, chance=None)[1]
+    assert _user_trial(study, _with(rows.iloc[1], val_loss=[v * 1.2 for v in
+                                                           rows.iloc[1]["val_loss"]]),
+                       scale=1.0, chance=None)[1]
 
 
 def test_reports_at_iterations_with_steps_per_epoch(runs, model_dir):
@@ -208,9 +218,12 @@ def test_reports_at_iterations_with_steps_per_epoch(runs, model_dir):
     assert f"{ATTR}prediction:50" not in attrs  # within epoch 0: the warm-up
     assert attrs[f"{ATTR}prediction:100"]["source"] == "model:1"
     assert attrs[f"{ATTR}prediction:200"]["epoch"] == 2
-    # Read as epochs, step 50 has no loss at epochs 1..49: no prediction, never an inf loss.
-    attrs = loop(optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0)))
-    assert not any(k.startswith(f"{ATTR}prediction:") for k in attrs)
+    # Read as epochs, the steps leave gaps: a warning naming steps_per_epoch, no model decision,
+    # and never a loss made up for the missing epochs.
+    with pytest.warns(UserWarning, match="steps_per_epoch"):
+        attrs = loop(optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0)))
+    records = [v for k, v in attrs.items() if k.startswith(f"{ATTR}prediction:")]
+    assert records and all(not r["pruned"] and "p_trainable" not in r for r in records)
 
 
 def test_spectra_the_predictor_cannot_use_are_refused(model_dir):
