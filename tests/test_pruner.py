@@ -195,7 +195,7 @@ def test_raw_losses_without_a_chance_loss_warn_once_and_prune_nothing(runs, mode
     study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
                                                       protect_top=0.0))
     _leaders(study, steps=())
-    _user_trial(study, rows.iloc[0], tell=0.5)
+    _user_trial(study, rows.iloc[0], scale=1.0, chance=None, tell=0.5)
     assert _user_trial(study, _with(rows.iloc[1], val_loss=[v * 1.2 for v in
                                                            rows.iloc[1]["val_loss"]]),
                        scale=1.0, chance=None)[1]
