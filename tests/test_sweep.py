@@ -78,7 +78,7 @@ def test_sweep_stores_records_spectra_and_values(tmp_path, space_file):
         assert t.value == pytest.approx(run["final_normalised_loss"])
         for epoch in (0, 1):
             spec = t.user_attrs[f"{ATTR}spectrum:{epoch}"]
-            assert len(spec["mean"]) == 8
+            assert len(spec["mean"]) == (16 if t.params["arch"] == "lstm" else 8)  # LSTM: (h, c)
         assert f"{ATTR}spectrum:2" not in t.user_attrs
         assert set(t.intermediate_values) == {0, 1, 2}
         assert set(t.params) == {"arch", "lr"}
@@ -146,7 +146,8 @@ def test_export_round_trip(tmp_path, space_file, suffix):
     assert len(frame) == 2
     assert set(frame["param_arch"]) <= {"rnn", "gru", "lstm"}
     row = frame.iloc[0]
-    assert len(row["le0_mean"]) == 8 and len(row["val_loss"]) == 3
+    assert len(row["le0_mean"]) == (16 if row["param_arch"] == "lstm" else 8)
+    assert len(row["val_loss"]) == 3
     assert row["value"] == pytest.approx(row["final_normalised_loss"])
 
 
