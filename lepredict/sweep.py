@@ -214,10 +214,12 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
                     heartbeat_stale_trial_callback=retry(max_retry=1),
                     engine_kwargs={"pool_pre_ping": True},
                 )
-        except ModuleNotFoundError as err:
-            # SQLAlchemy imports the URL's driver only now, and fails with a long traceback.
+        except ImportError as err:
+            # SQLAlchemy imports the URL's driver only now; Optuna re-raises its failure as a
+            # long traceback naming no module.
+            module = getattr(err.__cause__, "name", None) or err.name or "its driver"
             raise ValueError(
-                f"Storage {url.split('://')[0]}://... needs the Python module {err.name!r}, which "
+                f"Storage {url.split('://')[0]}://... needs the Python module {module!r}, which "
                 "is not installed; for postgresql:// URLs: pip install 'lepredict[postgres]' "
                 "(psycopg 3).") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,

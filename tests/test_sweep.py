@@ -39,7 +39,8 @@ batch_size = 256
 init_scale = 0.3
 """
 
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+# As the README writes it: SQLAlchemy picks psycopg 3, the driver lepredict[postgres] installs.
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def _postgres_reason() -> str | None:
