@@ -17,13 +17,16 @@ configuration already in the study is not drawn again (see :class:`_PerTrialSamp
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
 import hashlib
 import itertools
 import json
 import math
 import os
 import random
+import socket
 import threading
 import time
 import tomllib
@@ -414,6 +417,10 @@ class _Objective:
         storage = trial.study._storage
         if getattr(storage, "get_heartbeat_interval", lambda: None)():
             storage.record_heartbeat(trial._trial_id)
+            # Killed before this beat, a trial has no heartbeat at all: the mark tells
+            # _fail_stale_trials that one without it, older than the grace period, is dead.
+            trial.set_user_attr(_WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
+                                               "trial": trial.number})
         params = self.space.sample(trial)
         params.setdefault("seed", self.seed + trial.number)
         config = RunConfig.from_dict(params)
@@ -470,9 +477,10 @@ def run_sweep(
 ) -> optuna.Study:
     """Run (or resume) a sweep until the study holds ``n_trials`` trials.
 
-    ``n_trials`` counts the study's trials in any state but waiting, so several workers (processes or
-    machines) pointed at the same study share the work and together stop at about ``n_trials``
-    (at most ``n_workers - 1`` over, never a lost trial). First, trials whose worker was killed
+    ``n_trials`` counts the study's trials in any state but waiting (a killed trial that was
+    retried counts through its retry), so several workers (processes or machines) pointed at the
+    same study share the work and together stop at about ``n_trials`` (at most ``n_workers - 1``
+    over, never a lost trial). First, trials whose worker was killed
     (no heartbeat for ``grace_period`` seconds) are failed and their retries queued; queued
     (waiting) trials always run, even once the count is reached. When this returns, no trial of
     this worker is left running; trials still running belong to other workers (or to killed ones
@@ -485,7 +493,8 @@ def run_sweep(
 
     Args:
         task: Task name (see :func:`lepredict.tasks.get`) or a task object.
-        n_trials: Trials the study should hold in total, failed ones included.
+        n_trials: Trials the study should hold in total, failed ones included except killed
+            ones that were retried (their retry counts instead).
         epochs: Training epochs per trial.
         le_epochs: Epochs after which to measure the spectrum (0: at initialisation).
         storage: A URL, a journal file path, ``None`` (``studies/STUDY_NAME.db``) or an Optuna
@@ -526,9 +535,14 @@ def run_sweep(
                 "random": lambda s: optuna.samplers.RandomSampler(seed=s)}
     if sampler not in samplers:
         raise ValueError(f"sampler must be one of {sorted(samplers)}, got {sampler=}.")
+    store = make_storage(storage, study_name, heartbeat_interval=heartbeat_interval,
+                         grace_period=grace_period)
+    if getattr(store, "heartbeat_interval", None):  # as Optuna's default when none is set
+        grace = getattr(store, "grace_period", None) or 2 * store.heartbeat_interval
+    else:
+        grace = None  # no heartbeat: killed workers' trials cannot be told from running ones
     study = optuna.create_study(
-        storage=make_storage(storage, study_name, heartbeat_interval=heartbeat_interval,
-                             grace_period=grace_period),
+        storage=store,
         study_name=study_name,
         direction="minimize",
         sampler=_PerTrialSampler(samplers[sampler], seed, space.params),
@@ -553,7 +567,7 @@ def run_sweep(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
     # Optuna looks for killed workers' trials only before starting one: a resume with the count
     # already reached would otherwise leave them RUNNING, and their retries WAITING, for ever.
-    _fail_stale_trials(study)
+    _fail_stale_trials(study, grace)
     remaining, waiting = _work_left(study, n_trials)
     if remaining <= 0 and waiting == 0:
         return study
@@ -562,7 +576,7 @@ def run_sweep(
     objective = _Objective(task_obj, space, epochs=epochs, le_epochs=le_epochs, device=device,
                            seed=seed, le_k=le_k, probe_size=probe_size)
     bar = _Progress(max(remaining, 0) + waiting, study) if show_progress_bar else None
-    stop = _StopWhenDone(n_trials, space.params)
+    stop = _StopWhenDone(n_trials, space.params, grace)
     cbs = [stop] + list(callbacks or [])
     if bar is not None:
         cbs.append(bar)
@@ -579,19 +593,69 @@ def run_sweep(
     return study
 
 
+def _retried(trials) -> set[int]:
+    """Numbers of the trials that have a retry (a retry lists its original last in its history)."""
+    return {t.system_attrs["retry_history"][-1] for t in trials
+            if t.system_attrs.get("retry_history")}
+
+
 def _work_left(study: optuna.Study, n_trials: int) -> tuple[int, int]:
-    """(trials still to start to reach ``n_trials``, possibly negative; waiting trials)."""
-    # Waiting trials (retries, enqueued ones) are work to do, not work done.
+    """(trials still to start to reach ``n_trials``, possibly negative; waiting trials).
+
+    Waiting trials (retries, enqueued ones) are work to do, not work done; a killed trial that
+    has a retry does not count, its retry does: killing workers does not shrink the sweep.
+    """
     trials = study.get_trials(deepcopy=False)
     waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
-    return n_trials - (len(trials) - waiting), waiting
+    retried = _retried(trials)
+    replaced = sum(t.state == optuna.trial.TrialState.FAIL and t.number in retried for t in trials)
+    return n_trials - (len(trials) - waiting - replaced), waiting
 
 
-def _fail_stale_trials(study: optuna.Study) -> None:
-    """Fail the running trials whose heartbeat stopped and queue their retries (RDB storages)."""
+#: Written right after a trial's first heartbeat: the worker (host, pid) and trial number.
+_WORKER_ATTR = f"{ATTR}worker"
+
+
+def _fail_stale_trials(study: optuna.Study, grace_period: int | None) -> None:
+    """Fail the running trials whose worker was killed and queue their retries (RDB storages).
+
+    Optuna's ``fail_stale_trials`` misses two ways a killed worker loses a trial, both found by
+    killing workers at random: killed between creating a trial and writing its first heartbeat
+    (milliseconds, longer while the database is busy), the trial has no heartbeat and stays
+    RUNNING for ever; killed while failing another worker's stale trial, between failing it and
+    queueing its retry, that trial is never retried. So a running trial without the mark written
+    after the first beat, started more than the grace period ago, is failed and retried; and a
+    failed trial without an error of its own (killed or interrupted, not raised) and without a
+    retry, failed more than the grace period ago, gets its retry. Two workers repairing the same
+    trial in the same instant could both queue one; that needs a second kill in that window.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    if not grace_period:
+        return
+    storage = study._storage
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_period)
+    retry = storage.get_heartbeat_stale_trial_callback()
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    for t in trials:
+        # A retry inherits its original's user attributes, the mark included: it must be its own.
+        marked = (t.user_attrs.get(_WORKER_ATTR) or {}).get("trial") == t.number
+        if (t.state == optuna.trial.TrialState.RUNNING and not marked
+                and t.datetime_start is not None and t.datetime_start < cutoff):
+            try:
+                if not storage.set_trial_state_values(t._trial_id,
+                                                      state=optuna.trial.TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker failed it first, and retries it
+            if retry is not None:
+                retry(study, storage.get_trial(t._trial_id))
+        elif (t.state == optuna.trial.TrialState.FAIL and t.number not in retried
+              and f"{ATTR}error" not in t.user_attrs and t.datetime_complete is not None
+              and t.datetime_complete < cutoff and retry is not None):
+            retry(study, copy.deepcopy(t))  # it declines once the trial's retries are used up
 
 
 class _StopWhenDone:
@@ -602,11 +666,13 @@ class _StopWhenDone:
     rather than failing one trial after another.
     """
 
-    def __init__(self, n_trials: int, space: dict[str, BaseDistribution]):
-        self.n_trials, self.space, self.exhausted = n_trials, space, False
+    def __init__(self, n_trials: int, space: dict[str, BaseDistribution],
+                 grace_period: int | None):
+        self.n_trials, self.space, self.grace_period = n_trials, space, grace_period
+        self.exhausted = False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        _fail_stale_trials(study)  # a killed worker's trial found now is retried now
+        _fail_stale_trials(study, self.grace_period)  # a killed worker's trial found now runs now
         remaining, waiting = _work_left(study, self.n_trials)
         if remaining <= 0 and waiting == 0:
             study.stop()

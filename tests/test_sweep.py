@@ -342,9 +342,11 @@ def test_killed_sweep_resumes(tmp_path, space_file, heartbeat_thread):
     time.sleep(3)  # past the grace period
     study = _sweep(tmp_path, space_file, n_trials=3, storage=storage, study_name="k", epochs=1,
                    le_epochs=[0])
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    # The killed trial's retry takes its place in the count: one more new trial follows it.
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert study.trials[2].system_attrs.get("failed_trial") == 1
     assert study.trials[2].params == orphan_params
+    assert study.trials[3].params != orphan_params
 
 
 @pytest.mark.postgres
