@@ -581,10 +581,23 @@ def run_sweep(
     if bar is not None:
         cbs.append(bar)
     try:
-        # No trial count: the callback stops this worker when the study's count is reached and
-        # no retry waits, whoever ran the trials and however many retries turned up meanwhile.
-        study.optimize(objective, n_trials=None, n_jobs=n_jobs, callbacks=cbs,
-                       catch=(Exception,))
+        while True:
+            try:
+                # No trial count: the callback stops this worker when the study's count is
+                # reached and no retry waits, whoever ran the trials and however many retries
+                # turned up meanwhile.
+                study.optimize(objective, n_trials=None, n_jobs=n_jobs, callbacks=cbs,
+                               catch=(Exception,))
+            except optuna.exceptions.UpdateFinishedTrialError as err:
+                # Another worker finished this trial first: it found the heartbeat late (a busy
+                # machine or database) and failed it, retrying it; or, on SQLite, which has no
+                # row locks, it took the same waiting retry. Its outcome stands: carry on.
+                optuna.logging.get_logger("lepredict").warning(
+                    f"{err} Another worker finished it first; carrying on.")
+                remaining, waiting = _work_left(study, n_trials)
+                if not stop.exhausted and (remaining > 0 or waiting > 0):
+                    continue
+            break
     finally:
         if bar is not None:
             bar.close()
