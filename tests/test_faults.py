@@ -98,40 +98,61 @@ def postgres_url():
         admin.dispose()
 
 
-def _chaos(ctx, argv: list[str], logs, seed: int) -> float:
-    """Run WORKERS workers, each SIGKILLed KILLS_PER_WORKER times at random moments and
-    restarted at once, until all finish by themselves; returns the time of the last kill."""
+def _running_pids(url: str) -> set[int]:
+    """The workers (pids) with a trial running, from the mark each trial gets when it starts."""
+    try:
+        study = optuna.load_study(study_name="faults", storage=url)
+    except KeyError:  # not created yet
+        return set()
+    return {(t.user_attrs.get(f"{ATTR}worker") or {}).get("pid")
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+
+
+def _chaos(ctx, argv: list[str], url: str, logs, seed: int) -> tuple[float, int]:
+    """Run WORKERS workers, each SIGKILLed KILLS_PER_WORKER times and restarted at once, until
+    all finish by themselves; returns the time of the last kill and the number of kills.
+
+    Half the kills, drawn at random, come at a random moment of the worker's life (starting up,
+    between trials, before a trial's first heartbeat...); the others a random fraction of a
+    second after the worker is seen running a trial, so that some surely land in trials however
+    fast or slow the machine is.
+    """
     rng = random.Random(seed)
     n_started = 0
 
-    def start():
+    def start(kills: int) -> list:
         nonlocal n_started
         n_started += 1
         proc = ctx.Process(target=_worker, args=(argv, str(logs / f"worker-{n_started}.log")))
         proc.start()
-        return proc, n_started, time.monotonic() + rng.uniform(1.0, 5.0)
+        anytime = rng.random() < 0.5
+        kill_at = time.monotonic() + rng.uniform(0.2, 3.0) if anytime else None
+        return [proc, n_started, kill_at, rng.uniform(0.0, 0.4), kills]
 
-    slots = [[*start(), KILLS_PER_WORKER] for _ in range(WORKERS)]
-    last_kill, deadline = time.monotonic(), time.monotonic() + 180
+    slots = [start(KILLS_PER_WORKER) for _ in range(WORKERS)]
+    last_kill, n_kills, deadline = time.monotonic(), 0, time.monotonic() + 180
     exits = {}
     while slots:
         assert time.monotonic() < deadline, f"workers still running after 180 s (seed {seed})"
+        running = _running_pids(url) if any(s[2] is None and s[4] for s in slots) else set()
         for slot in list(slots):
-            proc, number, kill_at, kills = slot
+            proc, number, kill_at, delay, kills = slot
             if not proc.is_alive():
                 proc.join()
                 exits[number] = proc.exitcode
                 slots.remove(slot)
-            elif kills and time.monotonic() >= kill_at:
+            elif kills and kill_at is None and proc.pid in running:
+                slot[2] = time.monotonic() + delay
+            elif kills and kill_at is not None and time.monotonic() >= kill_at:
                 proc.kill()  # SIGKILL: no cleanup, as a lost node or the OOM killer
                 proc.join()
-                last_kill = time.monotonic()
-                slot[:] = [*start(), kills - 1]
-        time.sleep(0.02)
+                last_kill, n_kills = time.monotonic(), n_kills + 1
+                slot[:] = start(kills - 1)
+        time.sleep(0.05)
     failed = {n: (c, (logs / f"worker-{n}.log").read_text()[-1500:]) for n, c in exits.items()
               if c != 0}
     assert not failed, f"workers exited non-zero (seed {seed}): {failed}"
-    return last_kill
+    return last_kill, n_kills
 
 
 def _check(study: optuna.Study, seed: int) -> None:
@@ -178,7 +199,7 @@ def test_workers_killed_at_random_lose_and_repeat_nothing(backend, forkserver, s
             str(N_TRIALS), "--epochs", "2", "--le-epochs", "0", "1", "--space", str(space),
             "--storage", url, "--study-name", "faults", "--sampler", "random", "--quiet",
             "--heartbeat-interval", str(HEARTBEAT), "--grace-period", str(GRACE)]
-    last_kill = _chaos(forkserver, argv, logs, seed)
+    last_kill, n_kills = _chaos(forkserver, argv, url, logs, seed)
     # Killed workers' trials may be RUNNING still: a sweep started past the grace period fails
     # and retries them, even though the study has reached its count.
     time.sleep(max(0.0, last_kill + GRACE + 1 - time.monotonic()))
@@ -193,5 +214,5 @@ def test_workers_killed_at_random_lose_and_repeat_nothing(backend, forkserver, s
     study = optuna.load_study(study_name="faults", storage=make_storage(
         url, "faults", heartbeat_interval=HEARTBEAT, grace_period=GRACE))
     _check(study, seed)
-    print(f"{backend}: {len(study.trials)} trials, "
-          f"{sum(t.state.name == 'FAIL' for t in study.trials)} killed")
+    print(f"{backend}: {n_kills} kills, {len(study.trials)} trials, "
+          f"{sum(t.state.name == 'FAIL' for t in study.trials)} of them killed")
