@@ -225,6 +225,8 @@ def main(argv=None) -> None:
                     rows.append(row)
             print(f"H={horizon} {task}: {args.sets} sets ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
+    if not rows:
+        return
     table = pd.DataFrame(rows)
     table.to_csv("benchmarks/bench_user_studies.csv", index=False)
     print_table(table)

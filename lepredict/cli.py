@@ -320,7 +320,12 @@ def _cmd_sweep(args) -> int:
                        "spectra are measured at epochs 0 (initialisation) to --epochs.")
     _check_device(args.device)
     options = _task_options(args.task_option)
-    _get_task(args.task, options)
+    _get_task(args.task, options)  # a clear error before any storage is touched
+    mine = []  # the trials this worker ran, for the exit code
+
+    def record(study, trial) -> None:
+        mine.append(trial)
+
     try:
         space = load_space(args.space)
     except ValueError as err:
@@ -336,11 +341,12 @@ def _cmd_sweep(args) -> int:
             storage=args.storage, study_name=args.study_name, space=space, task_options=options,
             device=args.device, n_jobs=args.n_jobs, sampler=args.sampler,
             pruner=pruner, seed=args.seed, le_k=args.le_k, probe_size=args.probe_size,
-            show_progress_bar=not args.quiet,
+            show_progress_bar=not args.quiet, callbacks=[record],
+            heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
         )
     except ValueError as err:
         raise CLIError(str(err)) from None
-    _print_summary(study, args.epochs)
+    _print_summary(study, args.epochs, grace_period=args.grace_period)
     if args.report:
         from lepredict import report
         from lepredict.predictor import ModelFileError, load_models, resolve_model
@@ -359,6 +365,11 @@ def _cmd_sweep(args) -> int:
             print(f"  {'report':<15} {path}")
         except ValueError as err:
             print(f"  {'report':<15} not written: {err}")
+    errors = [t.number for t in mine if t.state.name == "FAIL"]
+    if errors:
+        print(f"lepredict sweep: {_numbers(errors, 'trial')} of this run failed with an error "
+              "(see 'failed' above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -383,15 +394,23 @@ def _smallest_state(space) -> int:
     return int(width * min(2 if arch == "lstm" else 1 for arch in values("arch")))
 
 
-def _print_summary(study, epochs: int) -> None:
+def _numbers(numbers: list[int], noun: str = "trial", most: int = 6) -> str:
+    """``[3, 5, 9]`` -> ``"trials 3, 5, 9"``, the list cut short after ``most``."""
+    shown = ", ".join(str(n) for n in numbers[:most])
+    more = f" and {len(numbers) - most} more" if len(numbers) > most else ""
+    return f"{noun}{'s' if len(numbers) != 1 else ''} {shown}{more}"
+
+
+def _print_summary(study, epochs: int, grace_period: int | None = None) -> None:
     import optuna
 
-    states = [t.state for t in study.trials]
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
     count = {s.name.lower(): states.count(s) for s in optuna.trial.TrialState}
-    diverged = sum(t.user_attrs.get("lepredict:status") == "diverged" for t in study.trials)
+    diverged = sum(t.user_attrs.get("lepredict:status") == "diverged" for t in trials)
     # Epochs each trial trained: to its end, to its pruning, or to the epoch it diverged in.
     spent = 0
-    for t in study.trials:
+    for t in trials:
         run = t.user_attrs.get("lepredict:run", {})
         if t.state == optuna.trial.TrialState.PRUNED:
             spent += int(run.get("pruned_at", t.last_step or 0))
@@ -400,14 +419,31 @@ def _print_summary(study, epochs: int) -> None:
             spent += done if run.get("status") != "diverged" else min(done + 1, epochs)
     finished = count["complete"] + count["pruned"]
     full = finished * epochs
+    waiting = f"; {count['waiting']} waiting" if count["waiting"] else ""
     rows = [
-        ("trials run", f"{len(states)} ({count['complete']} complete, {diverged} of them "
-                       f"diverged; {count['fail']} failed; {count['running']} running)"),
+        ("trials run", f"{len(states) - count['waiting']} ({count['complete']} complete, "
+                       f"{diverged} of them diverged; {count['fail']} failed; "
+                       f"{count['running']} running{waiting})"),
+    ]
+    if count["fail"]:
+        rows.append(("failed", _failures(trials)))
+    if count["running"]:
+        # This worker finished all it started: what still runs is another worker's, or was a
+        # killed worker's whose heartbeat has not been missing for the grace period yet.
+        running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        after = f"{grace_period} s" if grace_period else "the grace period"
+        rows.append(("still running", f"{_numbers(running)}: in other workers, or killed ones "
+                                      f"not yet {after} without a heartbeat (a sweep started "
+                                      "after that fails and retries them)"))
+    if count["waiting"]:
+        rows.append(("waiting", f"{count['waiting']} (retries of killed trials, or enqueued): "
+                                "the next sweep runs them"))
+    rows += [
         ("pruned", f"{count['pruned']}"),
         ("epochs trained", f"{spent} of {full} without pruning"),
         ("compute saved", f"{100 * (1 - spent / full):.0f}% of the epochs" if full else "-"),
     ]
-    finite = [t for t in study.trials if t.value is not None and math.isfinite(t.value)]
+    finite = [t for t in trials if t.value is not None and math.isfinite(t.value)]
     if finite:
         best = min(finite, key=lambda t: t.value)
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -430,6 +466,30 @@ def _check_output(path: str, suffixes: tuple[str, ...]) -> None:
     if not out.absolute().parent.is_dir():
         raise CLIError(f"-o {path!r}: directory {str(out.parent)!r} does not exist; create it "
                        "first.")
+
+
+def _failures(trials) -> str:
+    """What became of the failed trials: killed (retried or not) or an error, with the first."""
+    fail = [t for t in trials if t.state.name == "FAIL"]
+    # A retry lists the trials it repeats in "retry_history", its direct original last.
+    retry_of = {t.system_attrs["retry_history"][-1]: t.number for t in trials
+                if t.system_attrs.get("retry_history")}
+    errors = [t for t in fail if "lepredict:error" in t.user_attrs]
+    killed = [t.number for t in fail if "lepredict:error" not in t.user_attrs]
+    retried = [n for n in killed if n in retry_of]
+    parts = []
+    if retried:
+        parts.append(f"{_numbers(retried)} killed, retried as "
+                     f"{', '.join(str(retry_of[n]) for n in retried[:6])}")
+    if len(retried) < len(killed):
+        lost = [n for n in killed if n not in retry_of]
+        parts.append(f"{_numbers(lost)} killed, not retried (retries of killed trials are "
+                     "not retried again)")
+    if errors:
+        first = errors[0]
+        parts.append(f"{_numbers([t.number for t in errors])} raised an error (trial "
+                     f"{first.number}: {first.user_attrs['lepredict:error'][:200]})")
+    return f"{len(fail)}: " + "; ".join(parts)
 
 
 def _cmd_export(args) -> int:
@@ -780,7 +840,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.set_defaults(func=_cmd_spectrum)
 
-    p = sub.add_parser("sweep", help="run or resume an Optuna sweep of short training runs")
+    p = sub.add_parser(
+        "sweep", help="run or resume an Optuna sweep of short training runs",
+        description="Run or resume an Optuna sweep of short training runs. Any number of "
+        "workers may run it on one study (--storage postgresql://... or sqlite:///...); "
+        "together they stop at --n-trials. Trials of killed workers are failed and run again "
+        "once by the next sweep started more than --grace-period seconds after the kill.",
+        epilog="Exit status: 0 when every trial this run started completed or was pruned "
+        "(diverged runs are complete), even if other workers' trials are still running (the "
+        "summary lists them); 1 when a trial this run started failed with an error (the "
+        "summary says which); 2 for bad input, including a finite search space whose every "
+        "configuration is already in the study.")
     p.add_argument("--task", default="digits")
     p.add_argument("--task-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--n-trials", type=int, default=20, help="trials the study should hold in total")
@@ -814,7 +884,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also prune by loss with a wrapped MedianPruner")
     p.add_argument("--n-jobs", type=int, default=1, help="trials at once in this process")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="with the trial number, seeds each trial's sampler and run: the same "
+                   "seed and trial number give the same configuration, and workers started "
+                   "alike draw distinct ones (default: %(default)s)")
+    p.add_argument("--heartbeat-interval", type=int, default=30, metavar="SECONDS",
+                   help="seconds between a running trial's heartbeats in a database storage "
+                   "(default: %(default)s)")
+    p.add_argument("--grace-period", type=int, default=90, metavar="SECONDS",
+                   help="seconds without a heartbeat after which a running trial counts as "
+                   "killed, is failed and run again (default: %(default)s; longer than "
+                   "--heartbeat-interval)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--report", action="store_true",
                    help="write the analysis report (studies/NAME-report.html) at the end")

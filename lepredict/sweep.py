@@ -9,14 +9,25 @@ normalised validation loss per epoch, so Optuna's pruners work unchanged.
 
 Storage is whatever Optuna takes: a SQLite or PostgreSQL URL (run with a heartbeat, so a trial
 whose worker was killed is marked failed and retried when the sweep resumes), or a journal file.
+
+Configurations are drawn per trial, from a sampler seeded with the sweep's seed and the trial
+number, so workers started alike and resumed sweeps draw distinct configurations, and a
+configuration already in the study is not drawn again (see :class:`_PerTrialSampler`).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import datetime
+import hashlib
+import itertools
 import json
 import math
 import os
+import random
+import socket
+import threading
 import time
 import tomllib
 import warnings
@@ -40,6 +51,7 @@ __all__ = [
     "ATTR",
     "DEFAULT_SPACE",
     "SearchSpace",
+    "SpaceExhausted",
     "export_trials",
     "load_space",
     "make_storage",
@@ -178,9 +190,29 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
                  heartbeat_interval: int = 30, grace_period: int = 90):
     """Optuna storage for ``url``: an RDB URL (SQLite, PostgreSQL...) with a heartbeat, a journal
     file (a path ending in ``.log`` or ``.jsonl``), ``None`` for ``studies/NAME.db``, or an Optuna
-    storage object, returned as it is."""
+    storage object, returned as it is.
+
+    Args:
+        url: The storage, as above. ``postgresql://`` URLs use psycopg 3 (``lepredict[postgres]``).
+        study_name: Names the SQLite file when ``url`` is ``None``.
+        studies_dir: Where that file goes.
+        heartbeat_interval: Seconds between a running trial's heartbeats (RDB storages).
+        grace_period: Seconds without a heartbeat after which a running trial counts as killed:
+            a sweep started after that fails it and runs its configuration again (once).
+
+    Raises:
+        ValueError: A URL that is neither a database nor a journal file, a database driver that
+            is not installed, or a grace period not longer than the heartbeat interval.
+    """
     if isinstance(url, optuna.storages.BaseStorage):
         return url
+    for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int (seconds), got {name}={value!r}.")
+    if grace_period <= heartbeat_interval:
+        # A live trial whose beat is merely late would be failed and run twice.
+        raise ValueError(f"grace_period must be longer than heartbeat_interval, got "
+                         f"{grace_period=}, {heartbeat_interval=}; make it several intervals.")
     if url is None:
         Path(studies_dir).mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{Path(studies_dir) / f'{study_name}.db'}"
@@ -210,6 +242,14 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
                     heartbeat_stale_trial_callback=retry(max_retry=1),
                     engine_kwargs={"pool_pre_ping": True},
                 )
+        except ImportError as err:
+            # SQLAlchemy imports the URL's driver only now; Optuna re-raises its failure as a
+            # long traceback naming no module.
+            module = getattr(err.__cause__, "name", None) or err.name or "its driver"
+            raise ValueError(
+                f"Storage {url.split('://')[0]}://... needs the Python module {module!r}, which "
+                "is not installed; for postgresql:// URLs: pip install 'lepredict[postgres]' "
+                "(psycopg 3).") from None
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
                 sqlalchemy.exc.OperationalError) as err:
             # SQLite reports the same race as "table ... already exists" or a locked database.
@@ -218,6 +258,153 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
             if not race or attempt == SCHEMA_RETRIES - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+#: Draws from the trial's sampler before a configuration already in the study is accepted as
+#: unavoidable (finite spaces then pick among the unseen configurations directly).
+MAX_RESAMPLE = 20
+
+#: Finite spaces up to this many configurations are enumerated to find the unseen ones.
+ENUMERATE_LIMIT = 100_000
+
+
+class SpaceExhausted(ValueError):
+    """Every configuration of a finite search space is already in the study."""
+
+
+def _values(dist: BaseDistribution) -> list | None:
+    """Every value ``dist`` can take, or ``None`` when it is continuous."""
+    if isinstance(dist, CategoricalDistribution):
+        return list(dist.choices)
+    if isinstance(dist, IntDistribution):
+        return list(range(dist.low, dist.high + 1, dist.step))
+    if isinstance(dist, FloatDistribution) and dist.step is not None:
+        n = int(round((dist.high - dist.low) / dist.step)) + 1
+        return [dist.low + i * dist.step for i in range(n)]
+    return None
+
+
+def _single_value(dist: BaseDistribution):
+    """The value Optuna gives a one-valued distribution without asking the sampler."""
+    if not dist.single():
+        return None
+    return dist.choices[0] if isinstance(dist, CategoricalDistribution) else dist.low
+
+
+def _space_size(space: dict[str, BaseDistribution]) -> int | None:
+    """Configurations in ``space``; ``None`` when a parameter is continuous."""
+    size = 1
+    for dist in space.values():
+        if isinstance(dist, (CategoricalDistribution, IntDistribution)) or (
+                isinstance(dist, FloatDistribution) and dist.step is not None):
+            size *= len(_values(dist))
+        else:
+            return None
+    return size
+
+
+def _configs(trials, names: list[str]) -> set[tuple]:
+    """The configurations of ``trials`` over ``names`` (trials missing one are left out)."""
+    return {tuple(t.params[n] for n in names) for t in trials if all(n in t.params for n in names)}
+
+
+def _exhausted_message(study: optuna.Study, space: dict[str, BaseDistribution], size: int) -> str:
+    return (f"Search space exhausted: study {study.study_name!r} already holds all {size} "
+            f"configurations of {sorted(space)}; widen the space (or sample a continuous "
+            "parameter), or lower the trial count.")
+
+
+def _is_exhausted(study: optuna.Study, space: dict[str, BaseDistribution]) -> bool:
+    size = _space_size(space)
+    if not space or size is None:
+        return False
+    return len(_configs(study.get_trials(deepcopy=False), sorted(space))) >= size
+
+
+class _PerTrialSampler(optuna.samplers.BaseSampler):
+    """Samples each trial with its own sampler, seeded from the sweep's seed and the trial number.
+
+    A sampler seeded once per process draws the same sequence in every worker started with the
+    same seed, and again in a resumed sweep, so workers and resumes repeated each other's
+    configurations. The storage hands out every trial number once across workers, so a seed
+    derived from it differs everywhere, while the same seed and trial number still give the same
+    configuration (for TPE: given the same finished trials). Optuna has no public way to reseed a
+    sampler with a chosen seed, hence a fresh inner sampler per trial (cheap to build).
+
+    All of a trial's parameters are drawn at once, as Optuna's "relative" sampling, so that a
+    draw repeating a configuration already in the study can be rejected and drawn again.
+    Workers sampling at the same moment do not see each other's draws: in a small finite space
+    two of them can still pick one configuration.
+    """
+
+    def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int,
+                 space: dict[str, BaseDistribution]):
+        self._make, self._seed, self._space = make, seed, dict(space)
+        self._inner: dict[int, optuna.samplers.BaseSampler] = {}
+        self._lock = threading.Lock()  # n_jobs > 1 runs trials in threads
+
+    def trial_seed(self, number: int) -> int:
+        """The seed of trial ``number``'s sampler (any int seed, a 32-bit result)."""
+        digest = hashlib.sha256(f"lepredict:{self._seed}:{number}".encode()).digest()
+        return int.from_bytes(digest[:4], "little")
+
+    def _sampler(self, trial: optuna.trial.FrozenTrial) -> optuna.samplers.BaseSampler:
+        with self._lock:
+            if trial.number not in self._inner:
+                self._inner[trial.number] = self._make(self.trial_seed(trial.number))
+            return self._inner[trial.number]
+
+    def reseed_rng(self) -> None:
+        pass  # draws depend on the seed and the trial number alone, by design
+
+    def before_trial(self, study, trial) -> None:
+        self._sampler(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._sampler(trial).after_trial(study, trial, state, values)
+        with self._lock:
+            self._inner.pop(trial.number, None)
+
+    def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
+        return dict(self._space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._sampler(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def sample_relative(self, study, trial, search_space) -> dict:
+        # A retry or an enqueued trial comes with its parameters: those are not drawn.
+        given = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+        todo = {n: d for n, d in search_space.items() if n not in given and not d.single()}
+        if not todo:
+            return {}
+        names = sorted(search_space)
+        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        seen = _configs(others, names)
+        inner = self._sampler(trial)
+
+        def key(params: dict) -> tuple:
+            full = {**given, **params}
+            return tuple(full[n] if n in full else _single_value(search_space[n]) for n in names)
+
+        for _ in range(MAX_RESAMPLE):
+            params = {n: inner.sample_independent(study, trial, n, d) for n, d in todo.items()}
+            if key(params) not in seen:
+                return params
+        size = _space_size(todo)
+        if size is None or size > ENUMERATE_LIMIT:
+            # Continuous or huge: repeats are the sampler converging, and rare; run it.
+            optuna.logging.get_logger("lepredict").warning(
+                f"Trial {trial.number}: {MAX_RESAMPLE} draws all repeated configurations "
+                "already in the study; running a repeat.")
+            return params
+        # A guided sampler can keep proposing the same few configurations of a small space:
+        # pick one it has not run, uniformly (and reproducibly).
+        unseen = [dict(zip(todo, combo)) for combo in
+                  itertools.product(*(_values(d) for d in todo.values()))
+                  if key(dict(zip(todo, combo))) not in seen]
+        if not unseen:
+            raise SpaceExhausted(_exhausted_message(study, todo, size))
+        return random.Random(self.trial_seed(trial.number)).choice(unseen)
 
 
 class _Objective:
@@ -244,6 +431,10 @@ class _Objective:
         storage = trial.study._storage
         if getattr(storage, "get_heartbeat_interval", lambda: None)():
             storage.record_heartbeat(trial._trial_id)
+            # Killed before this beat, a trial has no heartbeat at all: the mark tells
+            # _fail_stale_trials that one without it, older than the grace period, is dead.
+            trial.set_user_attr(_WORKER_ATTR, {"host": socket.gethostname(), "pid": os.getpid(),
+                                               "trial": trial.number})
         params = self.space.sample(trial)
         params.setdefault("seed", self.seed + trial.number)
         config = RunConfig.from_dict(params)
@@ -295,14 +486,57 @@ def run_sweep(
     probe_size: int = PROBE_SIZE,
     show_progress_bar: bool = True,
     callbacks: list[Callable] | None = None,
+    heartbeat_interval: int = 30,
+    grace_period: int = 90,
 ) -> optuna.Study:
     """Run (or resume) a sweep until the study holds ``n_trials`` trials.
 
-    ``n_trials`` counts the study's trials in any state but waiting, so several workers (processes or
-    machines) pointed at the same study share the work and together stop at about ``n_trials``
-    (Optuna's ``MaxTrialsCallback``: at most ``n_workers - 1`` over, never a lost trial).
-    ``storage`` is a URL, a journal file path, ``None`` (``studies/STUDY_NAME.db``) or an Optuna
-    storage object (see :func:`make_storage`).
+    ``n_trials`` counts the study's trials in any state but waiting (a killed trial that was
+    retried counts through its retry), so several workers (processes or machines) pointed at the
+    same study share the work and together stop at about ``n_trials`` (at most ``n_workers - 1``
+    over, never a lost trial). First, trials whose worker was killed
+    (no heartbeat for ``grace_period`` seconds) are failed and their retries queued; queued
+    (waiting) trials always run, even once the count is reached. When this returns, no trial of
+    this worker is left running; trials still running belong to other workers (or to killed ones
+    not yet past the grace period).
+
+    Configurations come from a sampler seeded per trial with ``seed`` and the trial number, so
+    workers started alike and resumed sweeps draw distinct ones, and the same seed and trial
+    number give the same configuration. A configuration already in the study is not drawn
+    again.
+
+    Args:
+        task: Task name (see :func:`lepredict.tasks.get`) or a task object.
+        n_trials: Trials the study should hold in total, failed ones included except killed
+            ones that were retried (their retry counts instead).
+        epochs: Training epochs per trial.
+        le_epochs: Epochs after which to measure the spectrum (0: at initialisation).
+        storage: A URL, a journal file path, ``None`` (``studies/STUDY_NAME.db``) or an Optuna
+            storage object (see :func:`make_storage`).
+        study_name: The study to create or resume.
+        space: The search space (default :data:`DEFAULT_SPACE`).
+        task_options: Options of ``task`` when it is a name.
+        device: Torch device of the training runs.
+        n_jobs: Trials at once in this process (threads).
+        sampler: ``"tpe"`` or ``"random"``.
+        pruner: Optuna pruner (default: none).
+        seed: Seeds the sampler (per trial, with the trial number) and each run's initialisation
+            (``seed + trial number`` unless the space sets ``seed``).
+        le_k: Exponents per spectrum (default: all).
+        probe_size: Validation sequences each spectrum averages over.
+        show_progress_bar: A tqdm bar over this worker's trials.
+        callbacks: Optuna callbacks, called after each of this worker's trials.
+        heartbeat_interval: Seconds between heartbeats (see :func:`make_storage`); ignored when
+            ``storage`` is a storage object.
+        grace_period: Seconds without a heartbeat after which a trial counts as killed.
+
+    Returns:
+        The study.
+
+    Raises:
+        ValueError: Bad arguments, a study run with another setup, or a finite search space whose
+            every configuration is already in the study (:class:`SpaceExhausted`) while trials
+            are still to run.
     """
     if not isinstance(n_trials, int) or n_trials < 1:
         raise ValueError(f"n_trials must be a positive int, got {n_trials=}.")
@@ -311,15 +545,21 @@ def run_sweep(
     task_options = dict(task_options or {})
     task_obj = task if isinstance(task, tasks.Task) else tasks.get(task, **task_options)
     space = space or DEFAULT_SPACE
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed)}
+    samplers = {"tpe": lambda s: optuna.samplers.TPESampler(seed=s),
+                "random": lambda s: optuna.samplers.RandomSampler(seed=s)}
     if sampler not in samplers:
         raise ValueError(f"sampler must be one of {sorted(samplers)}, got {sampler=}.")
+    store = make_storage(storage, study_name, heartbeat_interval=heartbeat_interval,
+                         grace_period=grace_period)
+    if getattr(store, "heartbeat_interval", None):  # as Optuna's default when none is set
+        grace = getattr(store, "grace_period", None) or 2 * store.heartbeat_interval
+    else:
+        grace = None  # no heartbeat: killed workers' trials cannot be told from running ones
     study = optuna.create_study(
-        storage=make_storage(storage, study_name),
+        storage=store,
         study_name=study_name,
         direction="minimize",
-        sampler=samplers[sampler](),
+        sampler=_PerTrialSampler(samplers[sampler], seed, space.params),
         pruner=pruner or optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
@@ -343,24 +583,133 @@ def run_sweep(
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))
-    # Enqueued (WAITING) trials are work to do, not work done.
-    counted = tuple(s for s in optuna.trial.TrialState if s != optuna.trial.TrialState.WAITING)
-    remaining = n_trials - len(study.get_trials(deepcopy=False, states=counted))
-    if remaining <= 0:
+    # Optuna looks for killed workers' trials only before starting one: a resume with the count
+    # already reached would otherwise leave them RUNNING, and their retries WAITING, for ever.
+    _fail_stale_trials(study, grace)
+    remaining, waiting = _work_left(study, n_trials)
+    if remaining <= 0 and waiting == 0:
         return study
+    if waiting == 0 and _is_exhausted(study, space.params):
+        raise SpaceExhausted(_exhausted_message(study, space.params, _space_size(space.params)))
     objective = _Objective(task_obj, space, epochs=epochs, le_epochs=le_epochs, device=device,
                            seed=seed, le_k=le_k, probe_size=probe_size)
-    bar = _Progress(remaining, study) if show_progress_bar else None
-    cbs = [optuna.study.MaxTrialsCallback(n_trials, states=counted)] + list(callbacks or [])
+    bar = _Progress(max(remaining, 0) + waiting, study) if show_progress_bar else None
+    stop = _StopWhenDone(n_trials, space.params, grace)
+    cbs = [stop] + list(callbacks or [])
     if bar is not None:
         cbs.append(bar)
     try:
-        study.optimize(objective, n_trials=remaining, n_jobs=n_jobs, callbacks=cbs,
-                       catch=(Exception,))
+        while True:
+            try:
+                # No trial count: the callback stops this worker when the study's count is
+                # reached and no retry waits, whoever ran the trials and however many retries
+                # turned up meanwhile.
+                study.optimize(objective, n_trials=None, n_jobs=n_jobs, callbacks=cbs,
+                               catch=(Exception,))
+            except optuna.exceptions.UpdateFinishedTrialError as err:
+                # Another worker finished this trial first: it found the heartbeat late (a busy
+                # machine or database) and failed it, retrying it; or, on SQLite, which has no
+                # row locks, it took the same waiting retry. Its outcome stands: carry on.
+                optuna.logging.get_logger("lepredict").warning(
+                    f"{err} Another worker finished it first; carrying on.")
+                remaining, waiting = _work_left(study, n_trials)
+                if not stop.exhausted and (remaining > 0 or waiting > 0):
+                    continue
+            break
     finally:
         if bar is not None:
             bar.close()
+    if stop.exhausted:
+        raise SpaceExhausted(_exhausted_message(study, space.params, _space_size(space.params)))
     return study
+
+
+def _retried(trials) -> set[int]:
+    """Numbers of the trials that have a retry (a retry lists its original last in its history)."""
+    return {t.system_attrs["retry_history"][-1] for t in trials
+            if t.system_attrs.get("retry_history")}
+
+
+def _work_left(study: optuna.Study, n_trials: int) -> tuple[int, int]:
+    """(trials still to start to reach ``n_trials``, possibly negative; waiting trials).
+
+    Waiting trials (retries, enqueued ones) are work to do, not work done; a killed trial that
+    has a retry does not count, its retry does: killing workers does not shrink the sweep.
+    """
+    trials = study.get_trials(deepcopy=False)
+    waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
+    retried = _retried(trials)
+    replaced = sum(t.state == optuna.trial.TrialState.FAIL and t.number in retried for t in trials)
+    return n_trials - (len(trials) - waiting - replaced), waiting
+
+
+#: Written right after a trial's first heartbeat: the worker (host, pid) and trial number.
+_WORKER_ATTR = f"{ATTR}worker"
+
+
+def _fail_stale_trials(study: optuna.Study, grace_period: int | None) -> None:
+    """Fail the running trials whose worker was killed and queue their retries (RDB storages).
+
+    Optuna's ``fail_stale_trials`` misses two ways a killed worker loses a trial, both found by
+    killing workers at random: killed between creating a trial and writing its first heartbeat
+    (milliseconds, longer while the database is busy), the trial has no heartbeat and stays
+    RUNNING for ever; killed while failing another worker's stale trial, between failing it and
+    queueing its retry, that trial is never retried. So a running trial without the mark written
+    after the first beat, started more than the grace period ago, is failed and retried; and a
+    failed trial without an error of its own (killed or interrupted, not raised) and without a
+    retry, failed more than the grace period ago, gets its retry. Two workers repairing the same
+    trial in the same instant could both queue one; that needs a second kill in that window.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    if not grace_period:
+        return
+    storage = study._storage
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace_period)
+    retry = storage.get_heartbeat_stale_trial_callback()
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried(trials)
+    for t in trials:
+        # A retry inherits its original's user attributes, the mark included: it must be its own.
+        marked = (t.user_attrs.get(_WORKER_ATTR) or {}).get("trial") == t.number
+        if (t.state == optuna.trial.TrialState.RUNNING and not marked
+                and t.datetime_start is not None and t.datetime_start < cutoff):
+            try:
+                if not storage.set_trial_state_values(t._trial_id,
+                                                      state=optuna.trial.TrialState.FAIL):
+                    continue
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker failed it first, and retries it
+            if retry is not None:
+                retry(study, storage.get_trial(t._trial_id))
+        elif (t.state == optuna.trial.TrialState.FAIL and t.number not in retried
+              and f"{ATTR}error" not in t.user_attrs and t.datetime_complete is not None
+              and t.datetime_complete < cutoff and retry is not None):
+            retry(study, copy.deepcopy(t))  # it declines once the trial's retries are used up
+
+
+class _StopWhenDone:
+    """Stops the worker once the study holds ``n_trials`` counted trials and no retry waits.
+
+    Unlike Optuna's ``MaxTrialsCallback``, a retry queued for a killed trial still runs when the
+    count is reached; and a finite space whose configurations have all been run stops the sweep
+    rather than failing one trial after another.
+    """
+
+    def __init__(self, n_trials: int, space: dict[str, BaseDistribution],
+                 grace_period: int | None):
+        self.n_trials, self.space, self.grace_period = n_trials, space, grace_period
+        self.exhausted = False
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        _fail_stale_trials(study, self.grace_period)  # a killed worker's trial found now runs now
+        remaining, waiting = _work_left(study, self.n_trials)
+        if remaining <= 0 and waiting == 0:
+            study.stop()
+        elif waiting == 0 and _is_exhausted(study, self.space):
+            self.exhausted = True
+            study.stop()
 
 
 class _Progress:

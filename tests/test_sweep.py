@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 import uuid
+import warnings
 
 import optuna
 import pytest
@@ -18,6 +19,9 @@ from lepredict.cli import main
 from lepredict.sweep import (
     ATTR,
     SearchSpace,
+    SpaceExhausted,
+    _parse_space,
+    _PerTrialSampler,
     export_trials,
     load_space,
     make_storage,
@@ -40,7 +44,8 @@ batch_size = 256
 init_scale = 0.3
 """
 
-PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+# As the README writes it: SQLAlchemy picks psycopg 3, the driver lepredict[postgres] installs.
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def _postgres_reason() -> str | None:
@@ -79,7 +84,7 @@ def test_sweep_stores_records_spectra_and_values(tmp_path, space_file):
         assert t.value == pytest.approx(run["final_normalised_loss"])
         for epoch in (0, 1):
             spec = t.user_attrs[f"{ATTR}spectrum:{epoch}"]
-            assert len(spec["mean"]) == 8
+            assert len(spec["mean"]) == (16 if t.params["arch"] == "lstm" else 8)  # LSTM: (h, c)
         assert f"{ATTR}spectrum:2" not in t.user_attrs
         assert set(t.intermediate_values) == {0, 1, 2}
         assert set(t.params) == {"arch", "lr"}
@@ -148,7 +153,8 @@ def test_export_round_trip(tmp_path, space_file, suffix):
     assert len(frame) == 2
     assert set(frame["param_arch"]) <= {"rnn", "gru", "lstm"}
     row = frame.iloc[0]
-    assert len(row["le0_mean"]) == 8 and len(row["val_loss"]) == 3
+    assert len(row["le0_mean"]) == (16 if row["param_arch"] == "lstm" else 8)
+    assert len(row["val_loss"]) == 3
     assert row["value"] == pytest.approx(row["final_normalised_loss"])
 
 
@@ -165,6 +171,127 @@ def test_cli_sweep_and_export(tmp_path, space_file, capsys):
     assert rc == 0 and (tmp_path / "c.csv").exists()
     rc = main(["export", "--storage", db, "--study-name", "missing", "-o", str(tmp_path / "m.csv")])
     assert rc == 2 and "No study named 'missing'" in capsys.readouterr().err
+
+
+def _configs(study) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in study.trials]
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_alike_workers_and_resumes_draw_distinct_configurations(tmp_path, space_file, sampler):
+    """Two workers with the same seed on one study (one after the other, as a resume) used to
+    replay one sampler sequence; now each trial's draw depends on its number."""
+    first = _sweep(tmp_path, space_file, n_trials=3, epochs=1, le_epochs=[0], sampler=sampler)
+    assert len(set(_configs(first))) == 3
+    both = _sweep(tmp_path, space_file, n_trials=6, epochs=1, le_epochs=[0], sampler=sampler)
+    configs = _configs(both)
+    assert len(configs) == 6 and len(set(configs)) == 6, configs
+
+
+def _draws(sampler, space, n, storage=None, name="s"):
+    study = optuna.create_study(sampler=sampler, storage=storage, study_name=name,
+                                load_if_exists=True)
+    study.optimize(lambda t: float(len(space.sample(t))), n_trials=n)
+    return study
+
+
+@pytest.mark.parametrize("kind", ["random", "tpe"])
+def test_same_seed_and_trial_number_give_the_same_configuration(space_file, kind):
+    space = load_space(space_file)
+    make = {"random": lambda s: optuna.samplers.RandomSampler(seed=s),
+            "tpe": lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=3)}[kind]
+    a = _configs(_draws(_PerTrialSampler(make, 7, space.params), space, 6))
+    b = _configs(_draws(_PerTrialSampler(make, 7, space.params), space, 6))
+    other = _configs(_draws(_PerTrialSampler(make, 8, space.params), space, 6))
+    assert a == b  # TPE included, past its 3 random start-up trials
+    assert len(set(a)) == 6 and not set(a) & set(other)
+
+
+def test_a_finite_space_is_run_without_repeats_then_reported_exhausted():
+    """50 choices: the last draws mostly hit configurations already run, so the sampler picks
+    among the unseen ones; the 51st trial cannot be distinct and says so instead of looping."""
+    space = _parse_space({"params": {"hidden": {"low": 1, "high": 50}}}, "test")
+    sampler = _PerTrialSampler(lambda s: optuna.samplers.RandomSampler(seed=s), 0, space.params)
+    study = _draws(sampler, space, 50)
+    assert sorted(t.params["hidden"] for t in study.trials) == list(range(1, 51))
+    with pytest.raises(SpaceExhausted, match="already holds all 50 configurations"):
+        study.optimize(lambda t: float(len(space.sample(t))), n_trials=1)
+
+
+def test_sweep_stops_when_a_categorical_space_is_exhausted(tmp_path, capsys):
+    space = tmp_path / "two.toml"
+    space.write_text('[params.arch]\nchoices = ["rnn", "gru"]\n[fixed]\nhidden = 4\n'
+                     'batch_size = 256\n')
+    with pytest.raises(SpaceExhausted, match="all 2 configurations of \\['arch'\\]"):
+        _sweep(tmp_path, space, n_trials=4, epochs=1, le_epochs=[0], space=load_space(space))
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 's.db'}")
+    assert sorted(t.params["arch"] for t in study.trials) == ["gru", "rnn"]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    rc = main(["sweep", "--task", "digits", "--task-option", "mode=row", "--n-trials", "3",
+               "--epochs", "1", "--le-epochs", "0", "--space", str(space), "--storage",
+               f"sqlite:///{tmp_path / 's.db'}", "--study-name", "t", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Search space exhausted" in err, err
+    assert len(optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 's.db'}").trials) == 2
+
+
+def _cli_sweep(db, space_file, n_trials, *extra):
+    return main(["sweep", "--task", "digits", "--task-option", "mode=row", "--n-trials",
+                 str(n_trials), "--epochs", "1", "--le-epochs", "0", "--space", str(space_file),
+                 "--storage", db, "--study-name", "k", "--quiet", *extra])
+
+
+def test_resume_at_its_count_fails_a_stale_trial_and_runs_its_retry(tmp_path, space_file, capsys):
+    """A killed worker's trial (RUNNING, heartbeat stopped) in a study already at its count:
+    within the grace period the summary says it may still be running; after it, the resumed
+    sweep fails it and runs its configuration again, leaving nothing running or waiting."""
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    beat = ["--heartbeat-interval", "1", "--grace-period", "2"]
+    assert _cli_sweep(db, space_file, 2, *beat) == 0
+    capsys.readouterr()
+    storage = make_storage(db, "k", heartbeat_interval=1, grace_period=2)
+    study = optuna.load_study(study_name="k", storage=storage)
+    with warnings.catch_warnings():  # Optuna warns that ask() does not beat: that is the point
+        warnings.simplefilter("ignore", UserWarning)
+        killed = study.ask()
+    load_space(space_file).sample(killed)
+    storage.record_heartbeat(killed._trial_id)  # its worker then dies: no more beats
+    assert _cli_sweep(db, space_file, 3, *beat) == 0
+    out = capsys.readouterr().out
+    assert "0 failed; 1 running)" in out and "still running   trial 2: in other workers" in out
+    time.sleep(2.5)  # past the grace period
+    assert _cli_sweep(db, space_file, 3, *beat) == 0
+    out = capsys.readouterr().out
+    assert "4 (3 complete, 0 of them diverged; 1 failed; 0 running)" in out, out
+    assert "failed          1: trial 2 killed, retried as 3" in out
+    trials = optuna.load_study(study_name="k", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[3].system_attrs["failed_trial"] == 2 and trials[3].params == trials[2].params
+
+
+def test_cli_sweep_exit_codes(tmp_path, space_file, capsys):
+    """A trial that raises makes the run exit 1, naming it; bad heartbeat settings exit 2."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[fixed]\nlr = -1.0\n")
+    db = f"sqlite:///{tmp_path / 'e.db'}"
+    assert _cli_sweep(db, bad, 1) == 1
+    captured = capsys.readouterr()
+    assert "trial 0 raised an error (trial 0: ValueError: lr must be a positive" in captured.out
+    assert "trial 0 of this run failed with an error" in captured.err
+    assert _cli_sweep(db, space_file, 1, "--heartbeat-interval", "10", "--grace-period", "5") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grace_period must be longer than heartbeat_interval" in err
+
+
+def test_a_missing_database_driver_is_one_clear_error():
+    pytest.importorskip("sqlalchemy")
+    try:
+        import pg8000  # noqa: F401
+        pytest.skip("pg8000 is installed: no missing driver to report")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="needs the Python module 'pg8000'.*lepredict\\[postgres\\]"):
+        make_storage("postgresql+pg8000://postgres@127.0.0.1:5432/test", "x")
 
 
 def _worker_cmd(storage: str, study: str, space_file, n_trials: int) -> list[str]:
@@ -217,9 +344,11 @@ def test_killed_sweep_resumes(tmp_path, space_file, heartbeat_thread):
     time.sleep(3)  # past the grace period
     study = _sweep(tmp_path, space_file, n_trials=3, storage=storage, study_name="k", epochs=1,
                    le_epochs=[0])
-    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    # The killed trial's retry takes its place in the count: one more new trial follows it.
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert study.trials[2].system_attrs.get("failed_trial") == 1
     assert study.trials[2].params == orphan_params
+    assert study.trials[3].params != orphan_params
 
 
 @pytest.mark.postgres
