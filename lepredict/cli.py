@@ -758,7 +758,8 @@ def _cmd_predict(args) -> int:
     loss, low, high = (float(v[0]) for v in model.predict_loss(frame, interval=True))
     drivers = model.explain(frame, top=5)[0]
     result = {
-        "p_trainable": p, "trainable": p >= 0.5, "final_loss": loss, "final_loss_interval":
+        "p_trainable": p, "trainable": p >= model.cutoff, "cutoff": model.cutoff,
+        "final_loss": loss, "final_loss_interval":
         [low, high], "budget": budget, "status": rec.status, "drivers": drivers,
         "task": task.name, "config": rec.config, "train_seconds": measured,
         "seconds": time.perf_counter() - t0,
@@ -766,11 +767,13 @@ def _cmd_predict(args) -> int:
     if args.json:
         print(_dumps(result))
         return 0
-    verdict = "likely to train" if p >= 0.5 else "likely NOT to train"
+    verdict = "likely to train" if p >= model.cutoff else "likely NOT to train"
     print(f"{task.name}: {rec.config['arch'].upper()} N={rec.config['hidden']}, lr "
           f"{rec.config['lr']:g}, init {rec.config['init']} {rec.config['init_scale']:g}, "
           f"{rec.config['optimizer']}")
     print(f"P(trainable) = {p:.3f}  ({verdict}; status after {budget} epoch(s): {rec.status})")
+    print(f"cut-off {model.cutoff:.3f}: the predictor's own, the P(trainable) LyapunovPruner "
+          "prunes below")
     print(f"predicted final normalised loss {loss:.3f}  (10-90%: {low:.3f} - {high:.3f}; "
           f"trainable below {task.threshold:g})")
     print("what drove it (P minus P with that feature at a typical value):")

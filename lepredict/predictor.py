@@ -67,6 +67,8 @@ PIN_COMMAND = ('python -c "from lepredict.predictor import pin_shipped_models; '
                'pin_shipped_models()"')
 #: What the errors tell a user to pass when they trust a file that lepredict will not load alone.
 TRUST_HINT = "trust=True (CLI: --trust-model)"
+#: P(trainable) cut-off of a predictor that carries none of its own (see ``cutoff``).
+DEFAULT_CUTOFF = 0.5
 #: Fewest runs of each class a fit accepts (the calibration's 3 folds need one each).
 MIN_PER_CLASS = 3
 #: Where the shipped predictors live: ``models/`` at the top of the repository (an editable
@@ -239,6 +241,15 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             cv, groups = KFold(5, shuffle=True, random_state=self.random_state), None
         held_out = cross_val_predict(clone(reg), features, target, cv=cv, groups=groups)
         return held_out.astype(float), (target - held_out).astype(float)
+
+    @property
+    def cutoff(self) -> float:
+        """The P(trainable) below which a run is called untrainable: the predictor's own
+        ``prune_threshold_`` (set by ``lepredict fit``: the P under which 1% of the trainable
+        runs of its corpus fell in cross-validation), else :data:`DEFAULT_CUTOFF`. Both
+        :class:`~lepredict.LyapunovPruner` and ``lepredict predict-stability`` use it."""
+        own = getattr(self, "prune_threshold_", None)
+        return DEFAULT_CUTOFF if own is None else float(own)
 
     def fit_residuals(self, X: pd.DataFrame) -> StabilityPredictor:
         """Recompute the held-out residuals behind :meth:`prob_beats` on the finished runs of

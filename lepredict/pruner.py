@@ -26,8 +26,6 @@ from lepredict.records import (CHANCE_LOSS, PREDICTION, SETUP, SPECTRUM, VAL_LOS
 __all__ = ["LyapunovPruner", "measure_and_report", "report_spectrum"]
 
 _MODES = ("model", "online", "both")
-#: P(trainable) threshold for predictors that carry none of their own.
-DEFAULT_THRESHOLD = 0.5
 #: Without a declared chance loss, reported values are read as normalised losses only if the
 #: study's median loss at initialisation lies in this range: a network that learned nothing
 #: scores about its chance loss (1.0 normalised; 1.27 at most in the corpus for classification).
@@ -225,7 +223,7 @@ class LyapunovPruner(BasePruner):
             mean of the two once the online one exists).
         threshold: prune when P(trainable) is below this. ``None`` takes the predictor's own
             (``prune_threshold_``: the P(trainable) under which 1% of the trainable runs of its
-            corpus fell in cross-validation), or :data:`DEFAULT_THRESHOLD` for one without.
+            corpus fell in cross-validation; :attr:`StabilityPredictor.cutoff`).
         risk: prune when P(beats the best) is below this (rule 2). ``None`` turns rule 2 off.
         protect_top: the share of trials, by the value reported at the same step, that the
             model never prunes (rule 3); at least the single best is always kept.
@@ -476,7 +474,7 @@ class LyapunovPruner(BasePruner):
     def _threshold_of(self, model: StabilityPredictor) -> float:
         if self._threshold is not None:
             return self._threshold
-        return float(getattr(model, "prune_threshold_", DEFAULT_THRESHOLD))
+        return model.cutoff
 
     # -- the online predictor ---------------------------------------------------------------
 

@@ -16,6 +16,7 @@ def test_predict_stability_trains_the_budget_and_reports(model_dir, capsys):
     assert main(["predict-stability", *TINY, "--model", str(model_dir), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert 0.0 <= out["p_trainable"] <= 1.0 and out["budget"] == 1
+    assert out["trainable"] == (out["p_trainable"] >= out["cutoff"])  # the pruner's cut-off
     low, high = out["final_loss_interval"]
     assert low <= out["final_loss"] <= high
     assert len(out["drivers"]) == 5 and out["train_seconds"] > 0 and out["status"] == "ok"
