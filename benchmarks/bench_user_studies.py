@@ -121,9 +121,16 @@ def make_pool(n_per_task: int, n_jobs: int) -> None:
         print(f"{path}: {len(pool)} runs in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def pruners(horizon: int) -> dict:
+def _variant(spec: str):
+    """``"risk=0.05,protect_top=0.3"`` -> a LyapunovPruner with those keyword arguments."""
+    kwargs = {k: (None if v == "None" else float(v)) for k, v in
+              (part.split("=") for part in spec.split(",") if part)}
+    return lambda: lepredict.LyapunovPruner(model="default", **kwargs)
+
+
+def pruners(horizon: int, variants=()) -> dict:
     P = optuna.pruners
-    return {
+    return {**{f"lyapunov[{v}]": _variant(v) for v in variants},
         "none": lambda: P.NopPruner(),
         "median": lambda: P.MedianPruner(n_startup_trials=5, n_warmup_steps=1),
         "percentile25": lambda: P.PercentilePruner(25.0, n_startup_trials=5, n_warmup_steps=1),
@@ -193,6 +200,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sets", type=int, default=8, help="random sets per task and horizon")
     ap.add_argument("--horizons", type=int, nargs="+", default=list(HORIZONS))
     ap.add_argument("--pruners", nargs="+", default=None)
+    ap.add_argument("--variants", nargs="+", default=[], metavar="KEY=VALUE,...",
+                    help="also LyapunovPruner with these arguments, e.g. risk=0.05,protect_top=0.3")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.make_pool:
@@ -205,11 +214,12 @@ def main(argv=None) -> None:
     rows = []
     t0 = time.perf_counter()
     for horizon in args.horizons:
-        names = args.pruners or list(pruners(horizon))
+        table = pruners(horizon, args.variants)
+        names = (args.pruners or list(pruners(horizon))) + [n for n in table if "[" in n]
         for task, pool in pools.items():
             for s in range(args.sets):
                 runs = pool.iloc[rng.choice(len(pool), SET_SIZE, replace=False)]
-                results = {name: run_study(runs, pruners(horizon)[name](), horizon)
+                results = {name: run_study(runs, table[name](), horizon)
                            for name in ["none"] + [n for n in names if n != "none"]}
                 base = results["none"]
                 best_index = int(np.argmin([row.val_loss[horizon] if len(row.val_loss) > horizon

@@ -220,8 +220,8 @@ CASES = {
         ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
         write("spec.json", "{0: 1"), "not valid JSON"),
     "predict-manifest-is-a-list": (
-        ["predict-stability", *TINY, "--model", "m"], model_manifest_list,
-        "holds a JSON list, not an object"),
+        ["predict-stability", *TINY, "--model", "./m"], model_manifest_list,
+        "is not a predictor's manifest (a JSON object)"),
 }
 
 
