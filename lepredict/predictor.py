@@ -23,6 +23,7 @@ Maintainers: after refitting the shipped predictors, pin them again with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -404,9 +405,17 @@ def _few_threads(rows: int):
     of 0.07 s (measured on 2 loaded cores)."""
     from contextlib import nullcontext
 
-    from threadpoolctl import threadpool_limits
+    if rows >= _SMALL:
+        return nullcontext()
+    return _openmp().limit(limits=1, user_api="openmp")
 
-    return threadpool_limits(1, user_api="openmp") if rows < _SMALL else nullcontext()
+
+@functools.lru_cache(maxsize=1)
+def _openmp():
+    # Finding the loaded thread pools scans the process's libraries (27 ms): once is enough.
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _json_default(value):

@@ -317,6 +317,7 @@ class LyapunovPruner(BasePruner):
         # trials; warnings already given), not state: any worker decides the same.
         self._online: dict[tuple[str, int], dict[int, StabilityPredictor]] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._predicted: dict[tuple[str, int, str], tuple[float, float]] = {}
         self._lock = threading.Lock()
 
     # -- what a spectrum must be ------------------------------------------------------------
@@ -396,16 +397,19 @@ class LyapunovPruner(BasePruner):
         # Past the largest budget the features no longer change: the prediction made at an
         # earlier step of this budget stands (the comparison with the best may not).
         # (Online predictors are refitted as trials finish, so theirs are made anew.)
-        earlier = None if self._mode != "model" else next(
-            (r for r in _attrs_by_step(trial, PREDICTION).values()
-             if isinstance(r, Mapping) and r.get("source") == sources
-             and r.get("p_trainable") is not None), None)
-        if earlier is not None:
-            p, loss = float(earlier["p_trainable"]), float(earlier["final_loss"])
+        # (The trial Optuna hands a pruner is its cached copy, without what _record wrote, so
+        # the prediction is kept here: a worker predicts only for the trials it runs.)
+        key = (study.study_name, trial.number, sources)
+        if self._mode == "model" and key in self._predicted:
+            p, loss = self._predicted[key]
         else:
             row = pd.DataFrame([view.row(study.study_name, max(b for _, b in chosen))])
             p = float(np.mean([m.predict_proba(row)[0, 1] for m, _ in chosen]))
             loss = float(np.mean([m.predict_loss(row)[0] for m, _ in chosen]))
+            with self._lock:
+                if len(self._predicted) > 10_000:
+                    self._predicted.clear()
+                self._predicted[key] = (p, loss)
         threshold = self._threshold_of(model)  # the given predictor's (online ones have none)
         rank, reporting = _rank_at(study, trial, step)
         leader = rank <= max(1, math.ceil(self._protect_top * reporting))
