@@ -189,6 +189,9 @@ class LyapunovPruner(BasePruner):
 
     1. *Unstable*: P(trainable) below the predictor's own cut-off (``threshold``), or a spectrum
        that diverged on at least half of its trajectories, or a non-finite reported value.
+       P(trainable) is the chance of training within the predictor's horizon (10 epochs for
+       the shipped one); once the study's finished trials show it trains for ``H`` epochs more,
+       the cut-off is scaled by ``10 / H``, so slow starters get the longer horizon's benefit.
     2. *Cannot beat the best*: P(this trial's final loss < the best trial's), computed from the
        two trials' predictions *at the same budget* (like with like), each with a residual
        drawn from the predictor's held-out residuals (a conformal distribution), is below
@@ -411,9 +414,16 @@ class LyapunovPruner(BasePruner):
                     self._predicted.clear()
                 self._predicted[key] = (p, loss)
         threshold = self._threshold_of(model)  # the given predictor's (online ones have none)
+        # P(trainable) is the chance of training within the predictor's own horizon. A study
+        # whose finished trials trained longer gives slow starters more time: only those very
+        # unlikely to train even within the shorter horizon are pruned for it.
+        horizon = _horizon(study, self._steps_per_epoch)
+        trained = (getattr(model, "training_summary_", None) or {}).get("epochs")
+        if horizon and trained and horizon > trained:
+            threshold *= trained / horizon
         rank, reporting = _rank_at(study, trial, step)
         leader = rank <= max(1, math.ceil(self._protect_top * reporting))
-        record = {"epoch": epoch, "budget": budget, "source": sources,
+        record = {"epoch": epoch, "budget": budget, "source": sources, "horizon": horizon,
                   "p_trainable": p, "threshold": threshold, "final_loss": loss,
                   "rank": rank, "reporting": reporting, "leader": leader}
         reason = None
@@ -538,6 +548,13 @@ def _spectrum_problem(spectrum: Mapping) -> str | None:
         return (f"the spectrum holds {k} of the state's {n} exponents, but the predictors need "
                 "the full spectrum: measure with k=None (the default)")
     return None
+
+
+def _horizon(study: optuna.Study, steps_per_epoch: int) -> int | None:
+    """The epochs the study's finished trials trained for (the longest), if any finished."""
+    steps = [t.last_step for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+             if t.last_step is not None]
+    return max(steps) // steps_per_epoch if steps else None
 
 
 def _rank_at(study: optuna.Study, trial: FrozenTrial, step: int) -> tuple[int, int]:
