@@ -41,6 +41,7 @@ import pandas as pd
 import torch
 
 import lepredict
+from bench_pruners import best_at  # benchmarks/ is on the path when run as a script
 from lepredict import tasks
 from lepredict.sweep import read_trials, record_frame
 
@@ -175,15 +176,6 @@ def run_study(runs: pd.DataFrame, pruner, horizon: int) -> dict:
             best = min(best, final)
         curve.append((spent, best))
     return {"spent": spent, "best": best, "curve": curve, "pruned": pruned_numbers}
-
-
-def best_at(curve, budget) -> float:
-    best = math.inf
-    for spent, b in curve:
-        if spent > budget:
-            break
-        best = b
-    return best
 
 
 def relative(found: float, reference: float) -> float:
