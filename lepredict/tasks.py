@@ -298,7 +298,7 @@ def get(name: str, **options) -> Task:
             factory that does not return a :class:`Task`.
 
     Example:
-        >>> tasks.get("digits", mode="row").seq_len
+        >>> get("digits", mode="row").seq_len
         8
     """
     factory, external = _factory(name)
@@ -356,7 +356,7 @@ def describe(name: str) -> dict:
         ValueError: as :func:`get` for a name it cannot find or import.
 
     Example:
-        >>> tasks.describe("digits")["options"]
+        >>> describe("digits")["options"]
         {'mode': 'pixel', 'val_fraction': 0.2, 'seed': 0}
     """
     factory, _ = _factory(name)
