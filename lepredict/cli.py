@@ -243,10 +243,14 @@ def _trained_variant(model, task: str) -> dict | None:
     return dict(options) if study in summary.get("studies", ()) else None
 
 
+def _option_value(value) -> str:
+    """A task option's value as --task-option takes it: strings bare, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _options_text(options: dict) -> str:
     """``{"mode": "row", "seed": 0}`` -> ``mode=row seed=0``, as --task-option takes them."""
-    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}"
-                    for k, v in options.items())
+    return " ".join(f"{k}={_option_value(v)}" for k, v in options.items())
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -307,8 +311,7 @@ def _cmd_tasks(args) -> int:
         if i:
             print()
         print(f"{info['name']}: {info['description'].replace('``', '')}")
-        rows = [(f"{k}={_options_text({k: v}).split('=', 1)[1]}", k) for k, v in
-                info["options"].items()]
+        rows = [(f"{k}={_option_value(v)}", k) for k, v in info["options"].items()]
         rows += [(f"{k}=... (required)", k) for k in info["required"]]
         width = max((len(r[0]) for r in rows), default=0)
         for shown, key in rows:
