@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -201,29 +204,76 @@ def _task_options(pairs: list[str]) -> dict:
     return out
 
 
+def _own_task_importable(name: str) -> None:
+    """Let ``--task module:function`` find a module in the working directory."""
+    if ":" in name and "" not in sys.path and os.getcwd() not in sys.path:
+        # The `lepredict` script, unlike `python -m`, does not put the working directory on
+        # sys.path: without it, --task mytasks:make_waves would not find ./mytasks.py.
+        sys.path.insert(0, os.getcwd())
+
+
 def _get_task(name: str, options: dict):
     from lepredict import tasks
 
+    _own_task_importable(name)
     try:
         return tasks.get(name, **options)
     except (ValueError, TypeError) as err:
         raise CLIError(str(err)) from None
 
 
+#: The task variants the shipped predictors (``models/default``) were trained on: options that
+#: differ from the task's defaults, by the corpus study they came from. Their manifests record
+#: the studies (``training_data``) but not the task options, so these were read once from the
+#: ``task_options`` column of the corpus exports (``studies/corpus-*.parquet``, written by
+#: ``studies/make_corpus.sh``). ``adding`` ran at two lengths; T=10 (``corpus-adding10``, 350
+#: runs) is the one make_corpus.sh went on with after T=24 (154 runs) proved nearly unlearnable.
+_CORPUS_VARIANTS = {
+    "digits": ("corpus-digits", {"mode": "row"}),
+    "charlm": ("corpus-charlm", {"seq_len": 24, "n_train": 500, "n_val": 200}),
+    "adding": ("corpus-adding10", {"seq_len": 10, "n_train": 1000, "n_val": 200}),
+    "lorenz": ("corpus-lorenz", {"seq_len": 24, "n_train": 500, "n_val": 200}),
+}
+
+
+def _trained_variant(model, task: str) -> dict | None:
+    """Options of the variant of ``task`` the predictor was trained on, or None if unknown."""
+    summary = getattr(model, "training_summary_", None) or {}
+    study, options = _CORPUS_VARIANTS.get(task, (None, None))
+    return dict(options) if study in summary.get("studies", ()) else None
+
+
+def _option_value(value) -> str:
+    """A task option's value as --task-option takes it: strings bare, the rest as JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _options_text(options: dict) -> str:
+    """``{"mode": "row", "seed": 0}`` -> ``mode=row seed=0``, as --task-option takes them."""
+    return " ".join(f"{k}={_option_value(v)}" for k, v in options.items())
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     from lepredict.train import RunConfig
 
     d = RunConfig()
-    p.add_argument("--arch", default="lstm", choices=["rnn", "gru", "lstm"])
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--layers", type=int, default=d.layers)
-    p.add_argument("--init", default=d.init, choices=["uniform", "gain", "default"])
-    p.add_argument("--init-scale", type=float, default=d.init_scale)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "rmsprop"])
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--clip", type=float, default=d.clip)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--arch", default="lstm", choices=["rnn", "gru", "lstm"],
+                   help="recurrent cell: tanh RNN, GRU or LSTM")
+    p.add_argument("--hidden", type=int, default=32, help="hidden units per layer")
+    p.add_argument("--layers", type=int, default=d.layers, help="stacked recurrent layers")
+    p.add_argument("--init", default=d.init, choices=["uniform", "gain", "default"],
+                   help="weight initialisation: uniform in [-s, s], Gaussian with gain s (std "
+                   "s/sqrt(fan_in)), or torch's default")
+    p.add_argument("--init-scale", type=float, default=d.init_scale,
+                   help="scale s of --init (ignored by --init default)")
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "rmsprop"],
+                   help="optimizer")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
+    p.add_argument("--clip", type=float, default=d.clip,
+                   help="gradient-norm clipping (0: none)")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the initialisation and the batch order")
 
 
 def _config_from_args(args):
@@ -235,6 +285,42 @@ def _config_from_args(args):
                          batch_size=args.batch_size, clip=args.clip, seed=args.seed)
     except ValueError as err:
         raise CLIError(str(err)) from None
+
+
+def _cmd_tasks(args) -> int:
+    """Each task with its one-line description and its options with their defaults."""
+    from lepredict import tasks
+
+    for name in args.names:
+        _own_task_importable(name)
+    names = args.names or tasks.available()
+    described = []
+    for name in names:
+        try:
+            described.append(tasks.describe(name))
+        except (ValueError, TypeError) as err:
+            if args.names:  # asked for by name: that is the user's error
+                raise CLIError(str(err)) from None
+            # An installed package's entry point that fails to load should not hide the rest.
+            described.append({"name": name, "description": f"(cannot be loaded: {err})",
+                              "options": {}, "required": [], "help": {}})
+    if args.json:
+        print(_dumps(described, indent=1))
+        return 0
+    for i, info in enumerate(described):
+        if i:
+            print()
+        print(f"{info['name']}: {info['description'].replace('``', '')}")
+        rows = [(f"{k}={_option_value(v)}", k) for k, v in info["options"].items()]
+        rows += [(f"{k}=... (required)", k) for k in info["required"]]
+        width = max((len(r[0]) for r in rows), default=0)
+        for shown, key in rows:
+            text = info["help"].get(key, "").replace("``", "")
+            print(f"  {shown:<{width}}  {text}".rstrip())
+    print()
+    print("Use one with --task NAME --task-option KEY=VALUE ...; a task of your own with --task "
+          "module:function, or by name from a package's 'lepredict.tasks' entry points.")
+    return 0
 
 
 def _cmd_spectrum(args) -> int:
@@ -336,14 +422,16 @@ def _cmd_sweep(args) -> int:
     pruner = _pruner(args)
     _check_storage_for_sweep(args.storage)
     try:
-        study = run_sweep(
-            args.task, n_trials=args.n_trials, epochs=args.epochs, le_epochs=args.le_epochs,
-            storage=args.storage, study_name=args.study_name, space=space, task_options=options,
-            device=args.device, n_jobs=args.n_jobs, sampler=args.sampler,
-            pruner=pruner, seed=args.seed, le_k=args.le_k, probe_size=args.probe_size,
-            show_progress_bar=not args.quiet, callbacks=[record],
-            heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
-        )
+        with _optuna_log(verbose=args.verbose, bar=not args.quiet):
+            study = run_sweep(
+                args.task, n_trials=args.n_trials, epochs=args.epochs, le_epochs=args.le_epochs,
+                storage=args.storage, study_name=args.study_name, space=space,
+                task_options=options, device=args.device, n_jobs=args.n_jobs,
+                sampler=args.sampler, pruner=pruner, seed=args.seed, le_k=args.le_k,
+                probe_size=args.probe_size, show_progress_bar=not args.quiet,
+                callbacks=[record], heartbeat_interval=args.heartbeat_interval,
+                grace_period=args.grace_period,
+            )
     except ValueError as err:
         raise CLIError(str(err)) from None
     _print_summary(study, args.epochs, grace_period=args.grace_period)
@@ -371,6 +459,29 @@ def _cmd_sweep(args) -> int:
               "(see 'failed' above)", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _optuna_log(*, verbose: bool, bar: bool):
+    """Optuna's log while a sweep runs: warnings only unless ``verbose`` (its INFO line per trial
+    would otherwise interleave with the progress bar), and, under a bar, written through tqdm so
+    lines land above the bar instead of inside it. The verbosity is restored afterwards."""
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    try:
+        if bar:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            # lepredict's own warnings (sweep.py) go through Optuna's logger machinery too.
+            with logging_redirect_tqdm(loggers=[logging.getLogger("optuna"),
+                                                logging.getLogger("lepredict")]):
+                yield
+        else:
+            yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 def _smallest_state(space) -> int:
@@ -726,7 +837,14 @@ def _cmd_predict(args) -> int:
     if budget not in models:
         raise CLIError(f"The model has no predictor for budget {budget}; it has {sorted(models)}.")
     model = models[budget]
-    task = _get_task(args.task, _task_options(args.task_option))
+    options = _task_options(args.task_option)
+    variant = None
+    if not args.task_option:
+        # The predictor knows the dynamics of the variant it was trained on (digits read row by
+        # row, T=8), not the task's defaults (pixel by pixel, T=64, and eight times slower).
+        variant = _trained_variant(model, args.task)
+        options = variant or {}
+    task = _get_task(args.task, options)
     if args.spectrum:
         data = _read_spectrum_file(args.spectrum, budget, uses_loss="loss" in model.feature_sets,
                                    chance_loss=task.chance_loss)
@@ -756,19 +874,27 @@ def _cmd_predict(args) -> int:
     frame = record_frame(rec, task)
     p = float(model.predict_proba(frame)[0, 1])
     loss, low, high = (float(v[0]) for v in model.predict_loss(frame, interval=True))
-    drivers = model.explain(frame, top=5)[0]
+    drivers = [(name, delta, _feature_words(name)) for name, delta in
+               model.explain(frame, top=5)[0]]
     result = {
         "p_trainable": p, "trainable": p >= model.cutoff, "cutoff": model.cutoff,
         "final_loss": loss, "final_loss_interval":
         [low, high], "budget": budget, "status": rec.status, "drivers": drivers,
-        "task": task.name, "config": rec.config, "train_seconds": measured,
+        "task": task.name, "task_options": task.options,
+        "task_variant": "trained" if variant else ("given" if args.task_option else "default"),
+        "config": rec.config, "train_seconds": measured,
         "seconds": time.perf_counter() - t0,
     }
     if args.json:
         print(_dumps(result))
         return 0
     verdict = "likely to train" if p >= model.cutoff else "likely NOT to train"
-    print(f"{task.name}: {rec.config['arch'].upper()} N={rec.config['hidden']}, lr "
+    why = {"trained": "the variant the predictor was trained on",
+           "given": "as given by --task-option",
+           "default": "the task's defaults: the predictor has no record of a variant of it"}
+    print(f"task {args.task} {_options_text(task.options)} (T={task.seq_len}; "
+          f"{why[result['task_variant']]})")
+    print(f"{rec.config['arch'].upper()} N={rec.config['hidden']}, lr "
           f"{rec.config['lr']:g}, init {rec.config['init']} {rec.config['init_scale']:g}, "
           f"{rec.config['optimizer']}")
     print(f"P(trainable) = {p:.3f}  ({verdict}; status after {budget} epoch(s): {rec.status})")
@@ -777,10 +903,19 @@ def _cmd_predict(args) -> int:
     print(f"predicted final normalised loss {loss:.3f}  (10-90%: {low:.3f} - {high:.3f}; "
           f"trainable below {task.threshold:g})")
     print("what drove it (P minus P with that feature at a typical value):")
-    for name, delta in drivers:
-        print(f"  {name:<22} {delta:+.3f}")
+    for name, delta, words in drivers:
+        print(f"  {name:<22} {delta:+.3f}  {words}")
     print(f"took {result['seconds']:.1f} s ({measured:.1f} s training and spectra)")
     return 0
+
+
+def _feature_words(name: str) -> str:
+    from lepredict.features import describe_feature
+
+    try:
+        return describe_feature(name)
+    except ValueError:  # a model from another version, with features this one does not name
+        return ""
 
 
 def _cmd_analyze(args) -> int:
@@ -821,6 +956,36 @@ def _cmd_analyze(args) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, as ``ArgumentDefaultsHelpFormatter`` does, but not for
+    defaults that mean "not given" (None, a flag's False), which the help words instead, and
+    lists as the command line takes them (``0 1 2 3``, not ``[0, 1, 2, 3]``)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or default is None or default is False
+                or default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        if isinstance(default, (list, tuple)):
+            shown = " ".join(map(str, default)).replace("%", "%%")
+            return f"{text} (default: {shown})"
+        return f"{text} (default: %(default)s)"
+
+
+def _add_task_args(p: argparse.ArgumentParser, options_default: str | None = None) -> None:
+    from lepredict import tasks
+
+    p.add_argument("--task", default="digits",
+                   help=f"task to train on: {', '.join(tasks.available())}; or a task of your "
+                   "own as module:function (a function returning a lepredict.tasks.Task)")
+    p.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                   help="option of the task, e.g. --task-option mode=row (repeatable; VALUE is "
+                   "read as JSON, else as a string); `lepredict tasks` lists each task's "
+                   "options and defaults" + (f" (default: {options_default})"
+                                             if options_default else ""))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lepredict import __version__
     from lepredict.train import PROBE_SIZE
@@ -828,22 +993,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lepredict",
         description="Predict early in training whether an RNN's hyperparameters will train well.",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lepredict {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("spectrum", help="train a network briefly and print its Lyapunov spectra")
-    p.add_argument("--task", default="digits")
-    p.add_argument("--task-option", action="append", metavar="KEY=VALUE",
-                   help="task option, e.g. --task-option mode=row (repeatable)")
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+
+    def probe_size(p) -> None:
+        p.add_argument("--probe-size", type=int, default=PROBE_SIZE,
+                       help="validation sequences the spectrum averages over (default: "
+                       "%(default)s, as the shipped predictor was fitted with)")
+
+    def device(p) -> None:
+        p.add_argument("--device", default="cpu", help="torch device to train on: cpu, cuda, "
+                       "cuda:N or mps")
+
+    def storage(p, default: str = "studies/NAME.db") -> None:
+        p.add_argument("--storage", default=None,
+                       help="Optuna storage: a database URL (sqlite:///FILE.db, "
+                       f"postgresql://USER@HOST/DB) or a journal file (.log, .jsonl) (default: "
+                       f"{default}, NAME the --study-name)")
+
+    p = command("tasks", help="list the tasks and their options",
+                description="List the tasks --task takes, what each is, and its options "
+                "(--task-option KEY=VALUE) with their defaults. Tasks of your own run as "
+                "--task module:function, or by name once a package declares them in the "
+                "'lepredict.tasks' entry-point group.")
+    p.add_argument("names", nargs="*", metavar="TASK",
+                   help="tasks to describe, names or module:function (default: all of them)")
+    p.add_argument("--json", action="store_true", help="print the descriptions as JSON")
+    p.set_defaults(func=_cmd_tasks)
+
+    p = command("spectrum", help="train a network briefly and print its Lyapunov spectra")
+    _add_task_args(p)
     _add_config_args(p)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--probe-size", type=int, default=PROBE_SIZE)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="epochs to train; the spectrum is measured at 0 (initialisation) and "
+                   "after each")
+    probe_size(p)
+    device(p)
     p.add_argument("--json", action="store_true", help="print the run record as JSON")
     p.set_defaults(func=_cmd_spectrum)
 
-    p = sub.add_parser(
+    p = command(
         "sweep", help="run or resume an Optuna sweep of short training runs",
         description="Run or resume an Optuna sweep of short training runs. Any number of "
         "workers may run it on one study (--storage postgresql://... or sqlite:///...); "
@@ -854,27 +1048,31 @@ def build_parser() -> argparse.ArgumentParser:
         "summary lists them); 1 when a trial this run started failed with an error (the "
         "summary says which); 2 for bad input, including a finite search space whose every "
         "configuration is already in the study.")
-    p.add_argument("--task", default="digits")
-    p.add_argument("--task-option", action="append", metavar="KEY=VALUE")
+    _add_task_args(p)
     p.add_argument("--n-trials", type=int, default=20, help="trials the study should hold in total")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="epochs each trial trains")
     p.add_argument("--le-epochs", type=int, nargs="+", default=None,
                    help="epochs at which to measure the spectrum (0 = initialisation; default: "
                    f"{' '.join(map(str, DEFAULT_LE_EPOCHS))}, those up to --epochs)")
     p.add_argument("--le-k", type=int, default=None, help="exponents per spectrum (default: all)")
-    p.add_argument("--probe-size", type=int, default=PROBE_SIZE,
-                   help="validation sequences the spectrum averages over (default: "
-                   "%(default)s, as the shipped predictor was fitted with)")
-    p.add_argument("--space", default=None, help="search space: NAME for studies/NAME.toml, or a path")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage URL or journal file (default: sqlite:///studies/NAME.db)")
-    p.add_argument("--study-name", default="lepredict")
-    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
-    p.add_argument("--pruner", default="none", choices=["none", "lyapunov", "median", "hyperband"])
+    probe_size(p)
+    p.add_argument("--space", default=None,
+                   help="search space: NAME for studies/NAME.toml, or a path (default: "
+                   "lepredict.sweep.DEFAULT_SPACE)")
+    storage(p)
+    p.add_argument("--study-name", default="lepredict",
+                   help="study to create, or to resume when it exists")
+    p.add_argument("--sampler", default="tpe", choices=["tpe", "random"],
+                   help="Optuna sampler")
+    p.add_argument("--pruner", default="none", choices=["none", "lyapunov", "median", "hyperband"],
+                   help="Optuna pruner: lyapunov prunes runs the stability predictor expects "
+                   "not to train")
     p.add_argument("--pruner-model", default="default",
                    help="predictor of --pruner lyapunov: shipped name or directory")
     _add_trust_arg(p, "--pruner-model")
-    p.add_argument("--pruner-mode", default="model", choices=["model", "online", "both"])
+    p.add_argument("--pruner-mode", default="model", choices=["model", "online", "both"],
+                   help="predictor --pruner lyapunov decides by: --pruner-model, one fitted "
+                   "online on this study's finished trials, or the mean of both")
     p.add_argument("--pruner-threshold", type=float, default=None,
                    help="prune when P(trainable) is below this (default: the predictor's own, "
                    "which kept 99%% of the trainable runs in cross-validation)")
@@ -886,7 +1084,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner-wrap-median", action="store_true",
                    help="also prune by loss with a wrapped MedianPruner")
     p.add_argument("--n-jobs", type=int, default=1, help="trials at once in this process")
-    p.add_argument("--device", default="cpu")
+    device(p)
     p.add_argument("--seed", type=int, default=0,
                    help="with the trial number, seeds each trial's sampler and run: the same "
                    "seed and trial number give the same configuration, and workers started "
@@ -899,25 +1097,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "killed, is failed and run again (default: %(default)s; longer than "
                    "--heartbeat-interval)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Optuna's log (a line per trial) above the progress bar; without "
+                   "it only Optuna's warnings show")
     p.add_argument("--report", action="store_true",
                    help="write the analysis report (studies/NAME-report.html) at the end")
     p.set_defaults(func=_cmd_sweep)
 
-    p = sub.add_parser("export", help="write a study's trials to Parquet or CSV")
-    p.add_argument("--storage", default=None)
-    p.add_argument("--study-name", required=True)
+    p = command("export", help="write a study's trials to Parquet or CSV")
+    storage(p)
+    p.add_argument("--study-name", required=True, help="study to export")
     p.add_argument("-o", "--output", required=True, help="FILE.parquet or FILE.csv")
     p.set_defaults(func=_cmd_export)
 
     from lepredict.features import FEATURE_SETS
 
-    p = sub.add_parser("fit", help="fit stability predictors on exported sweeps")
+    p = command("fit", help="fit stability predictors on exported sweeps")
     p.add_argument("--data", nargs="+", required=True, help="exports (.parquet/.csv); globs work")
     p.add_argument("-o", "--output", required=True, help="model directory (one subdirectory "
                    "per budget)")
     p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 3],
                    help="early budgets in epochs (one predictor each)")
-    p.add_argument("--features", nargs="+", default=["spectrum", "loss"], choices=FEATURE_SETS)
+    p.add_argument("--features", nargs="+", default=["spectrum", "loss"], choices=FEATURE_SETS,
+                   help="feature sets the predictors read")
     p.add_argument("--threshold", type=float, default=None,
                    help="trainability threshold on the final normalised loss (default: the task's)")
     p.add_argument("--no-cv", action="store_true", help="skip the held-out metrics")
@@ -925,39 +1127,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose the classifier's hyperparameters by grouped cross-validation")
     p.set_defaults(func=_cmd_fit)
 
-    p = sub.add_parser("evaluate", help="metrics of a predictor on data, or the cross-validated "
-                       "comparison with the baselines (without --model)")
-    p.add_argument("--model", default=None, help="model directory or shipped name ('default')")
+    p = command("evaluate", help="metrics of a predictor on data, or the cross-validated "
+                "comparison with the baselines (without --model)")
+    p.add_argument("--model", default=None, help="model directory or shipped name ('default') "
+                   "(default: none, the cross-validated comparison)")
     _add_trust_arg(p)
-    p.add_argument("--data", nargs="+", required=True)
-    p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--data", nargs="+", required=True, help="exports (.parquet/.csv); globs work")
+    p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 3],
+                   help="early budgets in epochs to compare (without --model)")
     p.add_argument("--schemes", nargs="+", default=["configs", "task", "arch"],
-                   choices=["configs", "task", "arch"])
-    p.add_argument("--threshold", type=float, default=None)
-    p.add_argument("--n-jobs", type=int, default=None, help="folds fitted in parallel")
-    p.add_argument("--json", action="store_true")
+                   choices=["configs", "task", "arch"],
+                   help="what the cross-validation holds out: configurations, whole tasks, or "
+                   "whole architectures")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="trainability threshold on the final normalised loss (default: the "
+                   "model's, else each run's task's)")
+    p.add_argument("--n-jobs", type=int, default=None,
+                   help="folds fitted in parallel (default: one at a time)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=_cmd_evaluate)
 
-    p = sub.add_parser("predict-stability", help="train for the early budget and predict whether "
-                       "a configuration will train")
-    p.add_argument("--task", default="digits")
-    p.add_argument("--task-option", action="append", metavar="KEY=VALUE")
+    p = command("predict-stability", help="train for the early budget and predict whether "
+                "a configuration will train")
+    _add_task_args(p, "the variant the predictor was trained on, e.g. mode=row for digits; "
+                   "the task's defaults for a task it was not")
     _add_config_args(p)
-    p.add_argument("--config", default=None, help="hyperparameters from a TOML or JSON file")
+    p.add_argument("--config", default=None, help="hyperparameters from a TOML or JSON file "
+                   "(instead of --arch, --hidden, ...)")
     p.add_argument("--spectrum", default=None, help="predict from spectra measured elsewhere "
                    "(JSON: a `lepredict spectrum --json` record, or {epoch: {mean, std}})")
     p.add_argument("--model", default="default", help="shipped name or model directory")
     _add_trust_arg(p)
     p.add_argument("--budget", type=int, default=None,
                    help="early budget in epochs (default: the model's largest)")
-    p.add_argument("--probe-size", type=int, default=PROBE_SIZE)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true")
+    probe_size(p)
+    device(p)
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("analyze", help="HTML report of a sweep (plotly figures)")
-    p.add_argument("--storage", default=None)
-    p.add_argument("--study-name", default=None)
+    p = command("analyze", help="HTML report of a sweep (plotly figures)")
+    storage(p)
+    p.add_argument("--study-name", default=None, help="study to analyse")
     p.add_argument("--data", nargs="+", default=None, help="exported trials instead of a study")
     p.add_argument("--model", default="default", help="predictor to show ('none' for no model)")
     _add_trust_arg(p)

@@ -31,6 +31,7 @@ __all__ = [
     "GRID",
     "build_features",
     "completed_runs",
+    "describe_feature",
     "feature_names",
     "kaplan_yorke",
     "outcomes",
@@ -269,6 +270,93 @@ def feature_names(budget: int, sets: Sequence[str]) -> list[str]:
         **{f"le{e}_mean": [0.0, 0.0] for e in range(budget + 1)},
     })
     return [k for s in sets for k in _BUILDERS[s](row, int(budget))]
+
+
+#: Plain words for the spectrum summaries of :func:`spectrum_summary`.
+_SUMMARY_WORDS = {
+    "lmax": "largest Lyapunov exponent",
+    "mean": "mean Lyapunov exponent",
+    "n_pos": f"number of positive Lyapunov exponents (above {NEAR_ZERO})",
+    "share_pos": f"share of positive Lyapunov exponents (above {NEAR_ZERO})",
+    "share_zero": f"share of near-zero Lyapunov exponents (|exponent| <= {NEAR_ZERO})",
+    "ky": "Kaplan-Yorke dimension as a share of the state size",
+    "spread": "mean spread of the exponents over the probe sequences",
+    "spread_max": "largest spread of an exponent over the probe sequences",
+    "diverged": "share of probe trajectories that diverged",
+}
+_WEIGHT_WORDS = {
+    "radius": "log spectral radius of the recurrent weights",
+    "opnorm": "log largest singular value of the recurrent weights",
+    "hh_rms": "log Frobenius norm of the recurrent weights / sqrt(hidden units)",
+    "ih_rms": "log Frobenius norm of the input weights / sqrt(hidden units)",
+}
+_HPARAM_WORDS = {
+    "log2_hidden": "log2 of the hidden units",
+    "layers": "number of recurrent layers",
+    "log10_init_scale": "log10 of the initialisation scale",
+    "log10_lr": "log10 of the learning rate",
+    "log2_batch_size": "log2 of the batch size",
+    "clip": "gradient clipping norm (0: none)",
+    **{f"arch_{a}": f"architecture is {a.upper()} (1) or not (0)" for a in _ARCHS},
+    **{f"opt_{o}": f"optimizer is {o} (1) or not (0)" for o in _OPTIMIZERS},
+    **{f"init_{i}": f"initialisation is {i!r} (1) or not (0)" for i in _INITS},
+}
+
+
+def _when(epoch: int) -> str:
+    return "at initialisation" if epoch == 0 else f"after epoch {epoch}"
+
+
+def _between(epoch: int) -> str:
+    return f"from {'initialisation' if epoch == 1 else f'epoch {epoch - 1}'} to epoch {epoch}"
+
+
+def describe_feature(name: str) -> str:
+    """A feature column of :func:`build_features` in plain words.
+
+    Args:
+        name: a name :func:`feature_names` gives, e.g. ``"spec_e1_lmax"``.
+
+    Returns:
+        What the feature measures and when, e.g. ``"largest Lyapunov exponent after epoch 1"``.
+
+    Raises:
+        ValueError: for a name no feature set produces.
+
+    Example:
+        >>> describe_feature("loss_d1")
+        'change in the validation loss (normalised by chance) from initialisation to epoch 1'
+    """
+    import re
+
+    match = re.fullmatch(r"spec_e(\d+)_g(\d+)", name)
+    if match and int(match[2]) < GRID:
+        epoch, i = int(match[1]), int(match[2])
+        # Grid point i sits at (i + 1/2) / GRID of the descending spectrum (spectrum_grid).
+        return (f"Lyapunov exponent {(i + 0.5) / GRID:.0%} of the way down the spectrum "
+                f"(largest first), {_when(epoch)}")
+    match = re.fullmatch(r"spec_([ed])(\d+)_(\w+)", name)
+    if match and match[3] in _SUMMARY_WORDS and (match[1] == "e" or int(match[2]) > 0):
+        what, epoch = _SUMMARY_WORDS[match[3]], int(match[2])
+        if match[1] == "e":
+            return f"{what} {_when(epoch)}"
+        return f"change in the {what} {_between(epoch)}"
+    match = re.fullmatch(r"loss_([ed])(\d+)", name)
+    if match and (match[1] == "e" or int(match[2]) > 0):
+        epoch = int(match[2])
+        if match[1] == "e":
+            return f"validation loss (normalised by chance) {_when(epoch)}"
+        return f"change in the validation loss (normalised by chance) {_between(epoch)}"
+    match = re.fullmatch(r"w_e(\d+)_(\w+)", name)
+    if match and match[2] in _WEIGHT_WORDS:
+        return f"{_WEIGHT_WORDS[match[2]]} {_when(int(match[1]))}"
+    match = re.fullmatch(r"grad_e(\d+)", name)
+    if match and int(match[1]) > 0:
+        return f"log10 of the mean gradient norm during epoch {int(match[1])}"
+    match = re.fullmatch(r"hp_(\w+)", name)
+    if match and match[1] in _HPARAM_WORDS:
+        return _HPARAM_WORDS[match[1]]
+    raise ValueError(f"{name!r} is not a feature lepredict builds; see feature_names().")
 
 
 def completed_runs(frame: pd.DataFrame) -> pd.DataFrame:

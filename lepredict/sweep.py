@@ -506,7 +506,8 @@ def run_sweep(
     again.
 
     Args:
-        task: Task name (see :func:`lepredict.tasks.get`) or a task object.
+        task: Task name, ``"module:function"`` of a task of one's own (stored as given, so a
+            resume rebuilds it; see :func:`lepredict.tasks.get`), or a task object.
         n_trials: Trials the study should hold in total, failed ones included except killed
             ones that were retried (their retry counts instead).
         epochs: Training epochs per trial.
@@ -563,7 +564,10 @@ def run_sweep(
         pruner=pruner or optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
-    setup = {"task": task_obj.name, "task_options": task_obj.options, "epochs": epochs,
+    # A task of one's own is stored as the module:function that builds it, not the name its
+    # Task carries: a resume, and trials_frame, rebuild it from what is stored.
+    task_name = task if isinstance(task, str) and ":" in task else task_obj.name
+    setup = {"task": task_name, "task_options": task_obj.options, "epochs": epochs,
              "le_epochs": sorted(int(e) for e in le_epochs)}
     previous = study.user_attrs.get(f"{ATTR}setup")
     if previous is None:

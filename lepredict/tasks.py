@@ -15,7 +15,10 @@ Built-in tasks (see each ``make_*`` function for the options):
 * ``copy``: the copy-memory task, cross-entropy over the recall window.
 * ``lorenz``: one-step forecasting of Lorenz-63 trajectories, MSE at every step.
 
-Tasks are looked up by name with :func:`get`; new ones are added with :func:`register`.
+Tasks are looked up by name with :func:`get`; new ones are added with :func:`register`, by an
+installed package through the ``lepredict.tasks`` entry-point group (:data:`ENTRY_POINT_GROUP`),
+or named without registering as ``"module:function"``. :func:`describe` says what a task is and
+which options it takes.
 
 Example:
     >>> from lepredict import tasks
@@ -29,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import importlib
 import math
 from collections.abc import Callable
 
@@ -38,9 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "chance_loss",
     "Task",
     "available",
+    "describe",
     "get",
     "make_adding",
     "make_charlm",
@@ -202,36 +208,174 @@ def register(name: str, factory: Callable[..., Task], *, overwrite: bool = False
     _REGISTRY[name] = factory
 
 
+#: Entry-point group through which an installed package makes its tasks available by name: in
+#: its ``pyproject.toml``, ``[project.entry-points."lepredict.tasks"]`` then ``waves =
+#: "mypkg.tasks:make_waves"``. A name registered in this process wins over an entry point's.
+ENTRY_POINT_GROUP = "lepredict.tasks"
+
+
+def _entry_points() -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def available() -> list[str]:
-    """Sorted names of the registered tasks."""
-    return sorted(_REGISTRY)
+    """Sorted names of the registered tasks and of those installed packages declare in the
+    :data:`ENTRY_POINT_GROUP` entry-point group (not imported until used)."""
+    return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def _import_factory(spec: str) -> Callable[..., Task]:
+    """The callable a ``"module:function"`` spec names (``function`` may be dotted)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"task {spec!r}: a task of your own is named as module:function, "
+                         "e.g. mypkg.tasks:make_waves")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (module_name + ".").startswith(err.name + "."):
+            raise ValueError(f"task {spec!r}: no module named {err.name!r} can be imported; "
+                             "check the name, and that it is installed or on PYTHONPATH (or "
+                             "in the current directory)") from None
+        raise ValueError(f"task {spec!r}: importing {module_name!r} failed: {err}") from err
+    except Exception as err:  # the user's module fails to import: say so in one line
+        raise ValueError(f"task {spec!r}: importing {module_name!r} failed: "
+                         f"{type(err).__name__}: {err}") from err
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ValueError(f"task {spec!r}: module {module_name!r} has no {attr!r}") from None
+    if not callable(obj):
+        raise ValueError(f"task {spec!r}: {attr!r} in {module_name!r} is a "
+                         f"{type(obj).__name__}, not a function returning a Task")
+    return obj
+
+
+def _factory(name: str) -> tuple[Callable[..., Task], bool]:
+    """The factory of ``name`` and whether it is outside lepredict's control (an entry point or
+    a ``module:function`` spec), whose errors are any exception rather than ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"task name must be a str, got {type(name).__name__}")
+    if name in _REGISTRY:
+        return _REGISTRY[name], False
+    if ":" in name:
+        return _import_factory(name), True
+    entry = _entry_points().get(name)
+    if entry is not None:
+        try:
+            return entry.load(), True
+        except Exception as err:
+            raise ValueError(f"task {name!r}: loading its entry point {entry.value!r} (group "
+                             f"{ENTRY_POINT_GROUP}) failed: {type(err).__name__}: {err}"
+                             ) from err
+    raise ValueError(
+        f"unknown task {name!r}; known tasks: {', '.join(available()) or '(none)'}. "
+        "To add one, call lepredict.tasks.register(name, factory) with a factory that "
+        "takes keyword options and returns a lepredict.tasks.Task, name it as module:function, "
+        f"or declare it in the {ENTRY_POINT_GROUP!r} entry-point group of a package."
+    )
 
 
 def get(name: str, **options) -> Task:
-    """Build the task registered as ``name``.
+    """Build the task ``name``.
 
     Args:
-        name: registry name, one of :func:`available`.
+        name: a registered name (one of :func:`available`), the name of an entry point in the
+            :data:`ENTRY_POINT_GROUP` group, or ``"module:function"``: the function (of a module
+            importable from ``sys.path``) is called with ``options`` and must return a
+            :class:`Task`.
         **options: the factory's keyword options, e.g. ``seed=3`` or ``mode="row"``.
 
     Raises:
-        ValueError: for an unknown name (the message lists the known ones) or a bad option value.
+        ValueError: for an unknown name (the message lists the known ones), a bad option value,
+            a ``module:function`` that cannot be imported, or a task of one's own whose factory
+            raised (the message says what it raised).
         TypeError: for an option the task does not take (the message lists the valid ones), or a
             factory that does not return a :class:`Task`.
+
+    Example:
+        >>> get("digits", mode="row").seq_len
+        8
     """
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown task {name!r}; known tasks: {', '.join(available()) or '(none)'}. "
-            "To add one, call lepredict.tasks.register(name, factory) with a factory that "
-            "takes keyword options and returns a lepredict.tasks.Task."
-        ) from None
+    factory, external = _factory(name)
     _check_option_names(name, factory, options)
-    task = factory(**options)
+    if external:
+        try:
+            task = factory(**options)
+        except Exception as err:
+            what = getattr(factory, "__qualname__", repr(factory))
+            raise ValueError(f"task {name!r}: {what}() raised {type(err).__name__}: {err}"
+                             ) from err
+    else:
+        task = factory(**options)
     if not isinstance(task, Task):
         raise TypeError(f"factory for task {name!r} returned {type(task).__name__}, not a Task")
     return task
+
+
+def _arg_docs(doc: str) -> dict[str, str]:
+    """``{name: text}`` from the ``Args:`` section of a Google-style docstring."""
+    lines = inspect.cleandoc(doc).splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
+    except StopIteration:
+        return {}
+    out: dict[str, str] = {}
+    current = None
+    for line in lines[start + 1:]:
+        if line.strip() and not line.startswith(" "):
+            break  # the next section
+        body = line.strip()
+        head, sep, text = body.partition(":")
+        if sep and line.startswith("    ") and not line.startswith("     ") \
+                and head.replace("_", "").isalnum():
+            current = head
+            out[current] = text.strip()
+        elif current and body:
+            out[current] += " " + body
+    return out
+
+
+def describe(name: str) -> dict:
+    """What the task ``name`` is and which options it takes, from its factory.
+
+    Args:
+        name: as for :func:`get` (a ``module:function`` or entry-point task is imported).
+
+    Returns:
+        ``{"name", "description", "options", "required", "help"}``: ``description`` is the
+        first line of the factory's docstring (``""`` if it has none); ``options`` maps each
+        keyword option with a default to that default; ``required`` lists options without one;
+        ``help`` maps options to their text in the docstring's ``Args:`` section.
+
+    Raises:
+        ValueError: as :func:`get` for a name it cannot find or import.
+
+    Example:
+        >>> describe("digits")["options"]
+        {'mode': 'pixel', 'val_fraction': 0.2, 'seed': 0}
+    """
+    factory, _ = _factory(name)
+    doc = inspect.getdoc(factory) or ""
+    options: dict = {}
+    required: list[str] = []
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: options unknown
+        params = []
+    for p in params:
+        if p.kind not in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD):
+            continue
+        if p.default is p.empty:
+            required.append(p.name)
+        else:
+            options[p.name] = p.default
+    return {"name": name, "description": doc.splitlines()[0].strip() if doc else "",
+            "options": options, "required": required, "help": _arg_docs(doc)}
 
 
 def _check_option_names(name: str, factory: Callable[..., Task], options: dict) -> None:

@@ -79,3 +79,27 @@ def test_features_of_a_real_run():
     assert X["spec_e1_lmax"].iloc[0] == pytest.approx(rec.spectra[1]["mean"][0])
     assert X["loss_e1"].iloc[0] == pytest.approx(rec.val_loss[1] / task.chance_loss)
     assert math.isclose(X["hp_log2_hidden"].iloc[0], 3.0)
+
+
+@pytest.mark.parametrize("budget", [0, 3])
+def test_every_feature_name_has_a_plain_description(budget):
+    from lepredict.features import FEATURE_SETS, describe_feature
+
+    names = feature_names(budget, FEATURE_SETS)
+    words = {name: describe_feature(name) for name in names}
+    assert all(text and text != name and "_" not in text  # words, not another code
+               for name, text in words.items())
+    # Different features read differently: a description that ignored the epoch or the grid
+    # point would collapse several names onto one text.
+    assert len(set(words.values())) == len(names)
+    assert describe_feature("spec_e1_lmax") == "largest Lyapunov exponent after epoch 1"
+    assert "initialisation to epoch 1" in describe_feature("loss_d1")
+
+
+@pytest.mark.parametrize("name", ["spec_e0_nope", "spec_d0_lmax", "loss_d0", "grad_e0",
+                                  "spec_e0_g16", "hp_colour", "bogus"])
+def test_describing_an_unknown_feature_is_an_error(name):
+    from lepredict.features import describe_feature
+
+    with pytest.raises(ValueError, match="not a feature"):
+        describe_feature(name)
