@@ -269,12 +269,16 @@ def test_resume_at_its_count_fails_a_stale_trial_and_runs_its_retry(tmp_path, sp
     assert trials[3].system_attrs["failed_trial"] == 2 and trials[3].params == trials[2].params
 
 
-def test_cli_sweep_exit_codes(tmp_path, space_file, capsys):
+def test_cli_sweep_exit_codes(tmp_path, space_file, capsys, monkeypatch):
     """A trial that raises makes the run exit 1, naming it; bad heartbeat settings exit 2."""
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[fixed]\nlr = -1.0\n")
+    import lepredict.sweep
+
+    def broken(*args, **kwargs):  # a bad space file is refused up front: fail inside the run
+        raise ValueError("lr must be a positive finite number (simulated)")
+
+    monkeypatch.setattr(lepredict.sweep, "train_run", broken)
     db = f"sqlite:///{tmp_path / 'e.db'}"
-    assert _cli_sweep(db, bad, 1) == 1
+    assert _cli_sweep(db, space_file, 1) == 1
     captured = capsys.readouterr()
     assert "trial 0 raised an error (trial 0: ValueError: lr must be a positive" in captured.out
     assert "trial 0 of this run failed with an error" in captured.err
