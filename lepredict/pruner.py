@@ -72,7 +72,7 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         raise ValueError(f"step must be a non-negative int (the step of trial.report), got {step=}.")
     if chance_loss is not None and not (math.isfinite(chance_loss) and chance_loss > 0):
         raise ValueError(f"chance_loss must be a positive finite number, got {chance_loss=}.")
-    pruner = getattr(trial.study, "pruner", None)
+    pruner = getattr(getattr(trial, "study", None), "pruner", None)  # FixedTrial has no study
     if isinstance(pruner, LyapunovPruner):
         pruner.check_spectrum(spec)
     trial.set_user_attr(f"{SPECTRUM}{step}", jsonable(spec))
