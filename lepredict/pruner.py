@@ -6,7 +6,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 import numpy as np
@@ -21,7 +21,7 @@ from lepredict.features import completed_runs
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
 from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, PREDICTION, SETUP, SPECTRUM, VAL_LOSS, jsonable,
-                               run_row, spectrum_dict)
+                               run_row, spectrum_dict, spectrum_of)
 
 __all__ = ["LyapunovPruner", "measure_and_report", "report_spectrum"]
 
@@ -58,9 +58,7 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
             exponents only, an LSTM's hidden-only map), or a bad ``step`` or ``chance_loss``.
     """
     if isinstance(spectrum, LyapunovSpectrum):
-        spec = spectrum_dict(spectrum.mean.tolist(), spectrum.std.tolist(),
-                             diverged=float(spectrum.diverged.float().mean()),
-                             state_size=spectrum.state_size, convention=spectrum.convention)
+        spec = spectrum_of(spectrum)
     elif isinstance(spectrum, Mapping) and "mean" in spectrum:
         spec = spectrum_dict(spectrum["mean"], spectrum.get("std"),
                              diverged=float(spectrum.get("diverged", 0.0)),
@@ -144,6 +142,7 @@ class _TrialView:
     def __init__(self, study: optuna.Study, trial: FrozenTrial, steps_per_epoch: int):
         self.trial = trial
         own = _attrs_by_step(trial, VAL_LOSS)
+        self.reported_losses = bool(own)
         # A maximising study reports something else than the loss: only losses given to
         # report_spectrum(val_loss=...) can be read then.
         self.losses_from_attrs = bool(own) or study.direction != StudyDirection.MINIMIZE
@@ -157,10 +156,10 @@ class _TrialView:
             declared = 1.0
         self.chance = None if declared is None else float(declared)
 
-    def budget(self, models: Mapping[int, StabilityPredictor], epoch: int) -> int | None:
-        """The largest budget a predictor exists for whose epochs all have a loss and a
-        spectrum."""
-        usable = [b for b in models if b <= epoch
+    def budget(self, budgets: Iterable[int], epoch: int) -> int | None:
+        """The largest of ``budgets`` (those predictors exist for), at most ``epoch``, whose
+        epochs all have a loss and a spectrum."""
+        usable = [b for b in budgets if b <= epoch
                   and all(e in self.losses and e in self.spectra for e in range(b + 1))]
         return max(usable) if usable else None
 
@@ -345,7 +344,7 @@ class LyapunovPruner(BasePruner):
         if self._wrapped_pruner is not None and self._wrapped_pruner.prune(study, trial):
             return True
         view = _TrialView(study, trial, self._steps_per_epoch)
-        if study.direction != StudyDirection.MINIMIZE and not _attrs_by_step(trial, VAL_LOSS):
+        if study.direction != StudyDirection.MINIMIZE and not view.reported_losses:
             raise ValueError(
                 f"LyapunovPruner: study {study.study_name!r} maximises, so its reported values "
                 "are not losses; report the validation loss beside them with "
@@ -364,30 +363,22 @@ class LyapunovPruner(BasePruner):
         return self._decide(study, trial, view, step, epoch)
 
     def _decide(self, study, trial, view: _TrialView, step: int, epoch: int) -> bool:
-        problem = next((_spectrum_problem(s) for s in view.spectra.values()
-                        if _spectrum_problem(s)), None)
-        if problem:
-            self._warn_once(study, "spectrum", f"LyapunovPruner prunes nothing on the model in "
-                            f"study {study.study_name!r}: {problem}")
-            return self._keep(study, trial, step, problem)
-        steps = sorted(trial.intermediate_values)
-        if self._steps_per_epoch == 1 and steps[-1] + 1 > len(steps) + 1:
-            gaps = (f"trial {trial.number} reported at steps {', '.join(map(str, steps[:4]))}"
-                    f"{'...' if len(steps) > 4 else ''}, not at every epoch; if the steps are "
-                    "iterations, pass LyapunovPruner(steps_per_epoch=...)")
-            self._warn_once(study, "steps", f"LyapunovPruner prunes nothing on the model in "
-                            f"study {study.study_name!r}: {gaps}")
-            return self._keep(study, trial, step, gaps)
-        scale = self._scale_problem(study, view)
-        if scale:
-            self._warn_once(study, "scale", f"LyapunovPruner prunes nothing on the model in "
-                            f"study {study.study_name!r}: {scale}")
-            return self._keep(study, trial, step, scale)
+        # Every trial is read once per decision: each read is a query of an RDB storage.
+        trials = study.get_trials(deepcopy=False)
+        for kind, problem in (
+                ("spectrum", next(filter(None, map(_spectrum_problem, view.spectra.values())),
+                                  None)),
+                ("steps", self._steps_problem(trial)),
+                ("scale", self._scale_problem(study, trials, view))):
+            if problem:
+                self._warn_once(study, kind, f"LyapunovPruner prunes nothing on the model in "
+                                f"study {study.study_name!r}: {problem}")
+                return self._keep(study, trial, step, problem)
         models = []
         if self._mode in ("model", "both"):
             models.append(self._models)
         if self._mode in ("online", "both"):
-            online = self._online_models(study)
+            online = self._online_models(study, trials)
             if online:
                 models.append(online)
         budgets = [view.budget(m, epoch) for m in models]
@@ -417,11 +408,12 @@ class LyapunovPruner(BasePruner):
         # P(trainable) is the chance of training within the predictor's own horizon. A study
         # whose finished trials trained longer gives slow starters more time: only those very
         # unlikely to train even within the shorter horizon are pruned for it.
-        horizon = _horizon(study, self._steps_per_epoch)
+        finished = [t for t in trials if t.state == TrialState.COMPLETE]
+        horizon = _horizon(finished, self._steps_per_epoch)
         trained = (getattr(model, "training_summary_", None) or {}).get("epochs")
         if horizon and trained and horizon > trained:
             threshold *= trained / horizon
-        rank, reporting = _rank_at(study, trial, step)
+        rank, reporting = _rank_at(study, trials, trial, step)
         leader = rank <= max(1, math.ceil(self._protect_top * reporting))
         record = {"epoch": epoch, "budget": budget, "source": sources, "horizon": horizon,
                   "p_trainable": p, "threshold": threshold, "final_loss": loss,
@@ -430,7 +422,7 @@ class LyapunovPruner(BasePruner):
         if p < threshold:
             reason = f"P(trainable)={p:.3f} < {threshold:.3f} at epoch {epoch}"
         elif self._risk is not None:
-            best = _best_prediction(study, budget)
+            best = _best_prediction(study, finished, budget)
             if best is not None and best[0] != trial.number:
                 beats = model.prob_beats(loss, best[1])
                 record.update(p_beats_best=beats, best_trial=best[0], best_final_loss=best[1])
@@ -469,11 +461,21 @@ class LyapunovPruner(BasePruner):
             self._warned.add((study.study_name, kind))
         warnings.warn(message, UserWarning, stacklevel=3)
 
-    def _scale_problem(self, study: optuna.Study, view: _TrialView) -> str | None:
+    def _steps_problem(self, trial: FrozenTrial) -> str | None:
+        """Why the report steps cannot be read as epochs, if so."""
+        steps = sorted(trial.intermediate_values)
+        if self._steps_per_epoch != 1 or steps[-1] + 1 <= len(steps) + 1:
+            return None
+        return (f"trial {trial.number} reported at steps {', '.join(map(str, steps[:4]))}"
+                f"{'...' if len(steps) > 4 else ''}, not at every epoch; if the steps are "
+                "iterations, pass LyapunovPruner(steps_per_epoch=...)")
+
+    def _scale_problem(self, study: optuna.Study, trials: list[FrozenTrial],
+                       view: _TrialView) -> str | None:
         """Why the reported values are evidently not losses on the predictor's scale, if so."""
         if view.chance is not None:
             return None
-        at_init = [v for t in study.get_trials(deepcopy=False)
+        at_init = [v for t in trials
                    for v in [_TrialView(study, t, self._steps_per_epoch).losses.get(0)]
                    if v is not None and math.isfinite(v)]
         median = float(np.median(at_init)) if at_init else math.nan
@@ -492,8 +494,9 @@ class LyapunovPruner(BasePruner):
 
     # -- the online predictor ---------------------------------------------------------------
 
-    def _online_models(self, study: optuna.Study) -> dict[int, StabilityPredictor]:
-        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    def _online_models(self, study: optuna.Study,
+                       trials: list[FrozenTrial]) -> dict[int, StabilityPredictor]:
+        finished = [t for t in trials if t.state == TrialState.COMPLETE]
         if len(finished) < self._n_startup_trials:
             return {}
         # Refit on a bucketed count so all workers fit on the same trials at the same times.
@@ -511,8 +514,7 @@ class LyapunovPruner(BasePruner):
         budgets = sorted({e for v in views for e in v.spectra})[:4]
         rows = []
         for v in views:
-            b = max((e for e in budgets if all(x in v.losses and x in v.spectra
-                                               for x in range(e + 1))), default=None)
+            b = v.budget(budgets, max(budgets, default=0))
             if b is None:
                 continue
             row = v.row(study.study_name, b)
@@ -550,18 +552,18 @@ def _spectrum_problem(spectrum: Mapping) -> str | None:
     return None
 
 
-def _horizon(study: optuna.Study, steps_per_epoch: int) -> int | None:
+def _horizon(finished: list[FrozenTrial], steps_per_epoch: int) -> int | None:
     """The epochs the study's finished trials trained for (the longest), if any finished."""
-    steps = [t.last_step for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-             if t.last_step is not None]
+    steps = [t.last_step for t in finished if t.last_step is not None]
     return max(steps) // steps_per_epoch if steps else None
 
 
-def _rank_at(study: optuna.Study, trial: FrozenTrial, step: int) -> tuple[int, int]:
+def _rank_at(study: optuna.Study, trials: list[FrozenTrial], trial: FrozenTrial,
+             step: int) -> tuple[int, int]:
     """The trial's rank (1 = best, in the study's direction) among the values reported at
     ``step``, and how many trials reported there."""
     mine = trial.intermediate_values[step]
-    others = [t.intermediate_values[step] for t in study.get_trials(deepcopy=False)
+    others = [t.intermediate_values[step] for t in trials
               if t.number != trial.number and step in t.intermediate_values
               and math.isfinite(t.intermediate_values[step])]
     sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
@@ -569,11 +571,11 @@ def _rank_at(study: optuna.Study, trial: FrozenTrial, step: int) -> tuple[int, i
     return better + 1, len(others) + 1
 
 
-def _best_prediction(study: optuna.Study, budget: int) -> tuple[int, float] | None:
+def _best_prediction(study: optuna.Study, finished: list[FrozenTrial],
+                     budget: int) -> tuple[int, float] | None:
     """The best finished trial (by the study's own values and direction) and its predicted
     final loss at ``budget``, if the pruner recorded one."""
-    finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value)]
+    finished = [t for t in finished if t.value is not None and math.isfinite(t.value)]
     if not finished:
         return None
     best = (min if study.direction == StudyDirection.MINIMIZE else max)(

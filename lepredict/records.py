@@ -34,6 +34,7 @@ __all__ = [
     "jsonable",
     "run_row",
     "spectrum_dict",
+    "spectrum_of",
     "trial_row",
 ]
 
@@ -107,6 +108,19 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
     if floored is not None:
         out["floored"] = int(floored)
     return out
+
+
+def spectrum_of(spectrum, *, digits: int | None = None, floored: bool = False) -> dict:
+    """:func:`spectrum_dict` of a :class:`~lepredict.LyapunovSpectrum` (any object with its
+    ``mean``, ``std``, ``diverged``, ``state_size``, ``convention`` and ``floored``), its
+    values rounded to ``digits`` if given and the count of floored exponents kept if asked."""
+    def values(tensor):
+        return [float(v) if digits is None else round(float(v), digits) for v in tensor]
+
+    return spectrum_dict(values(spectrum.mean), values(spectrum.std),
+                         diverged=float(spectrum.diverged.float().mean()),
+                         state_size=spectrum.state_size, convention=spectrum.convention,
+                         floored=int(spectrum.floored.sum()) if floored else None)
 
 
 def jsonable(value):

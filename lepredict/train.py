@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lepredict.lyapunov import lyapunov_spectrum
-from lepredict.records import RunRecord, spectrum_dict
+from lepredict.records import RunRecord, spectrum_of
 from lepredict.tasks import Task
 
 __all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "diverged_loss",
@@ -148,11 +148,8 @@ def weight_stats(rnn: nn.Module) -> dict[str, float]:
 
 
 def _spectrum_summary(rnn: nn.Module, probe: Tensor, warmup: int, k: int | None) -> dict:
-    spec = lyapunov_spectrum(rnn, probe, warmup=warmup, k=k)
-    return spectrum_dict([round(float(v), 6) for v in spec.mean],
-                         [round(float(v), 6) for v in spec.std],
-                         diverged=float(spec.diverged.float().mean()), state_size=spec.state_size,
-                         convention=spec.convention, floored=int(spec.floored.sum()))
+    return spectrum_of(lyapunov_spectrum(rnn, probe, warmup=warmup, k=k), digits=6,
+                       floored=True)
 
 
 @torch.no_grad()
