@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from lepredict.records import MEASURED_EXPONENTS
+
 __all__ = ["main"]
 
 
@@ -336,8 +338,9 @@ def _cmd_spectrum(args) -> int:
     task = _get_task(args.task, _task_options(args.task_option))
     le_epochs = list(range(args.epochs + 1))
     t0 = time.perf_counter()
+    # The whole spectrum: this command shows it (mean, Kaplan-Yorke dimension, all exponents).
     rec = train_run(config, task, epochs=args.epochs, le_epochs=le_epochs, device=args.device,
-                    probe_size=args.probe_size)
+                    probe_size=args.probe_size, le_k=None)
     if args.json:
         print(_dumps(rec.to_dict()))
         return 0
@@ -393,8 +396,18 @@ def _cmd_sweep(args) -> int:
     _check_int("--epochs", args.epochs, 1, "epochs each trial trains")
     _check_int("--probe-size", args.probe_size, 1, "validation sequences the spectrum averages "
                "over")
-    if args.le_k is not None:
-        _check_int("--le-k", args.le_k, 1, "exponents per spectrum; leave it out for all")
+    le_k_given = args.le_k is not None
+    if args.le_k == "all":
+        args.le_k = None
+    elif le_k_given:
+        try:
+            args.le_k = int(args.le_k)
+        except ValueError:
+            raise CLIError(f"--le-k {args.le_k!r} is not a whole number: give the number of "
+                           "leading exponents per spectrum, or 'all'.") from None
+        _check_int("--le-k", args.le_k, 1, "leading exponents per spectrum, or 'all'")
+    else:
+        args.le_k = MEASURED_EXPONENTS
     given = args.le_epochs is not None
     if not given:
         # The default as it always was (and as studies made with it store it); with fewer
@@ -416,7 +429,7 @@ def _cmd_sweep(args) -> int:
         space = load_space(args.space)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    if args.le_k is not None and args.le_k > _smallest_state(space):
+    if le_k_given and args.le_k is not None and args.le_k > _smallest_state(space):
         raise CLIError(f"--le-k {args.le_k} exceeds the state size of the smallest network the "
                        f"space holds ({_smallest_state(space)}); lower --le-k or leave it out.")
     pruner = _pruner(args)
@@ -1054,7 +1067,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--le-epochs", type=int, nargs="+", default=None,
                    help="epochs at which to measure the spectrum (0 = initialisation; default: "
                    f"{' '.join(map(str, DEFAULT_LE_EPOCHS))}, those up to --epochs)")
-    p.add_argument("--le-k", type=int, default=None, help="exponents per spectrum (default: all)")
+    p.add_argument("--le-k", default=None,
+                   help="leading exponents per spectrum, measured with the sum of all; 'all' for "
+                   f"full spectra (default: {MEASURED_EXPONENTS}, what the predictor uses, or the "
+                   "state size if smaller)")
     probe_size(p)
     p.add_argument("--space", default=None,
                    help="search space: NAME for studies/NAME.toml, or a path (default: "

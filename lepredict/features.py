@@ -4,11 +4,16 @@ Every function here takes runs as rows of a trials frame (:func:`lepredict.sweep
 or an export read back with :func:`lepredict.sweep.read_trials`) and an early ``budget``: the
 epochs ``0..budget`` a prediction may look at (epoch 0 = at initialisation). Feature sets:
 
-* ``"spectrum"``: per early epoch, the mean spectrum on a common grid (exponent ``i`` of ``n`` sits
-  at ``(i + 1/2) / n``, so networks of any size compare), the largest exponent, the mean, the
-  number and share of positive and of near-zero exponents, the Kaplan-Yorke dimension as a share
-  of ``n``, the spread over trajectories and the share of diverged trajectories; and the change of
-  each summary from one epoch to the next.
+* ``"spectrum"``: per early epoch, the :data:`TOP` leading exponents (mean over the probe
+  trajectories), their mean, how many are positive, their spread over trajectories, the share of
+  diverged trajectories, ``log2 n`` and the mean of all ``n`` exponents (the sum rule's
+  ``log|det J|``, :attr:`lepredict.LyapunovSpectrum.exponent_sum`); and the change of each
+  summary from one epoch to the next. A measurement needs ``k = TOP`` exponents and the sum, so
+  its cost is ``O(n^2 k)`` per step, not the full spectrum's ``O(n^3)``.
+* ``"spectrum_full"``: the same from the whole spectrum: the spectrum on a common grid (exponent
+  ``i`` of ``n`` sits at ``(i + 1/2) / n``, so networks of any size compare), the largest
+  exponent, the mean, the number and share of positive and of near-zero exponents, the
+  Kaplan-Yorke dimension as a share of ``n``, the spreads and the diverged share.
 * Baselines, computed the same way: ``"loss"`` (the early validation loss curve, normalised by
   the task's chance loss, and its changes), ``"weights"`` (spectral radius and norms of the recurrent weights),
   ``"grad"`` (gradient norms; none at budget 0) and ``"hparams"`` (the hyperparameters).
@@ -26,9 +31,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from lepredict.records import MEASURED_EXPONENTS
+
 __all__ = [
     "FEATURE_SETS",
     "GRID",
+    "TOP",
     "build_features",
     "completed_runs",
     "describe_feature",
@@ -37,9 +45,10 @@ __all__ = [
     "outcomes",
     "spectrum_grid",
     "spectrum_summary",
+    "top_summary",
 ]
 
-FEATURE_SETS = ("spectrum", "loss", "weights", "grad", "hparams")
+FEATURE_SETS = ("spectrum", "spectrum_full", "loss", "weights", "grad", "hparams")
 #: Points of the common grid each spectrum is interpolated onto.
 GRID = 16
 #: Exponents are clipped to ``[-CLIP, CLIP]``: a floored (saturated) direction is very negative
@@ -55,8 +64,12 @@ TARGET_CAP = 3.0
 _ARCHS = ("rnn", "gru", "lstm")
 _OPTIMIZERS = ("sgd", "adam", "rmsprop")
 _INITS = ("uniform", "gain", "default")
-_SUMMARY = ("lmax", "mean", "n_pos", "share_pos", "share_zero", "ky", "spread", "spread_max",
-            "diverged")
+#: Summaries whose change from one epoch to the next is a feature too.
+_CHANGES = ("lmax", "mean", "top_mean", "n_pos", "share_pos", "share_zero", "ky", "spread",
+            "spread_max", "diverged")
+#: The ``"spectrum"`` features use this many leading exponents, so a measurement needs only
+#: ``k = TOP`` tangent directions: O(n^2 k) per step instead of the full spectrum's O(n^3).
+TOP = MEASURED_EXPONENTS
 
 
 def kaplan_yorke(exponents: Sequence[float]) -> float:
@@ -132,28 +145,98 @@ def _diverged_by(row: pd.Series, epoch: int) -> bool:
     return row.get("status") == "diverged" and len(_list(row.get("val_loss"))) <= epoch
 
 
-def _spectrum_features(row: pd.Series, budget: int) -> dict[str, float]:
+def _spectrum_rows(row: pd.Series, budget: int, summarise) -> dict[str, float]:
+    """Per early epoch the ``summarise``d spectrum, and its change from the epoch before; an
+    epoch without a finite spectrum repeats the last one (a zero spectrum before any)."""
     out: dict[str, float] = {}
-    last: tuple[np.ndarray, dict] | None = None
+    last: dict | None = None
     previous: dict | None = None
     for e in range(budget + 1):
         mean = _list(row.get(f"le{e}_mean"))
         if mean and all(math.isfinite(v) for v in mean):
             std = _list(row.get(f"le{e}_std"))
             div = _num(row.get(f"le{e}_diverged"), 0.0)
-            last = (spectrum_grid(mean), spectrum_summary(mean, std, div))
+            n = _num(row.get(f"le{e}_n"), float(len(mean)))
+            n = len(mean) if math.isnan(n) else int(n)
+            total = _num(row.get(f"le{e}_sum"))
+            if math.isnan(total) and n == len(mean):
+                total = math.fsum(mean)
+            last = summarise(mean, std, div, n, total)
         elif last is None:
             # No spectrum yet (or a state that overflowed at once): a flat zero spectrum.
-            last = (np.zeros(GRID), spectrum_summary([0.0], [0.0], 0.0))
-        grid, summary = last[0], dict(last[1])
+            last = summarise([0.0], [0.0], 0.0, 1, 0.0)
+        summary = dict(last)
         if _diverged_by(row, e) or not mean and row.get("status") == "diverged":
             summary["diverged"] = 1.0
-        out.update({f"spec_e{e}_g{i:02d}": float(v) for i, v in enumerate(grid)})
-        out.update({f"spec_e{e}_{k}": summary[k] for k in _SUMMARY})
+        out.update({f"spec_e{e}_{k}": v for k, v in summary.items()})
         if previous is not None:
-            out.update({f"spec_d{e}_{k}": summary[k] - previous[k] for k in _SUMMARY})
+            out.update({f"spec_d{e}_{k}": summary[k] - previous[k] for k in summary
+                        if k in _CHANGES})
         previous = summary
     return out
+
+
+def top_summary(mean: Sequence[float], std: Sequence[float] | None = None,
+                diverged: float = 0.0, n: int | None = None, exponent_sum: float | None = None,
+                *, top: int = TOP) -> dict[str, float]:
+    """Summaries of the ``top`` leading exponents of a spectrum of a state of size ``n``: the
+    exponents themselves (a spectrum shorter than ``top``, of a state smaller than ``top``, is
+    padded with ``-CLIP``: no direction there), their mean, how many are positive, their spread
+    over the trajectories, the trajectories' diverged share, ``log2 n``, and the mean of all
+    ``n`` exponents (``exponent_sum / n``; the sum of ``mean`` for a full spectrum).
+
+    Raises:
+        ValueError: fewer than ``top`` exponents of a state that has more, or a partial
+            spectrum without its ``exponent_sum``.
+    """
+    n = len(mean) if n is None else int(n)
+    have = min(len(mean), top)
+    if have < min(top, n):
+        raise ValueError(
+            f"The spectrum has {len(mean)} exponents of a state of size {n}, but the predictor "
+            f"uses the leading {top}: measure at least k={min(top, n)} exponents."
+        )
+    if exponent_sum is None or not math.isfinite(exponent_sum):
+        if len(mean) < n:
+            raise ValueError(
+                f"The spectrum has {len(mean)} of {n} exponents and not their sum, which the "
+                "predictor uses: measure with exponent_sum=True (lepredict.lyapunov_spectrum)."
+            )
+        exponent_sum = math.fsum(mean)
+    lam = np.full(top, -CLIP)
+    lam[:have] = np.clip(np.asarray(mean[:have], dtype=float), -CLIP, CLIP)
+    spread = np.zeros(top)
+    if std is not None and len(std) >= have:
+        spread[:have] = np.clip(np.asarray(std[:have], dtype=float), 0, CLIP)
+    out = {"lmax": float(lam[0])}
+    out.update({f"l{j + 1:02d}": float(lam[j]) for j in range(1, top)})
+    out.update({
+        "top_mean": float(lam[:have].mean()),
+        "n_pos": float((lam > NEAR_ZERO).sum()),
+        "spread": float(spread[:have].mean()),
+        "spread_max": float(spread.max()),
+        "diverged": float(diverged),
+        "log2_n": math.log2(max(n, 1)),
+        "mean": float(np.clip(exponent_sum / max(n, 1), -CLIP, CLIP)),
+    })
+    return out
+
+
+def _full_summary(mean, std, diverged, n, exponent_sum=None) -> dict[str, float]:
+    if len(mean) < n:
+        raise ValueError(f"The spectrum has {len(mean)} of {n} exponents, but the "
+                         "'spectrum_full' features need all: measure with k=None.")
+    out = {f"g{i:02d}": float(v) for i, v in enumerate(spectrum_grid(mean))}
+    out.update(spectrum_summary(mean, std, diverged))
+    return out
+
+
+def _spectrum_features(row: pd.Series, budget: int) -> dict[str, float]:
+    return _spectrum_rows(row, budget, top_summary)
+
+
+def _spectrum_full_features(row: pd.Series, budget: int) -> dict[str, float]:
+    return _spectrum_rows(row, budget, _full_summary)
 
 
 def _capped(v: float, cap: float) -> float:
@@ -222,6 +305,7 @@ def _hparam_features(row: pd.Series, budget: int) -> dict[str, float]:
 
 _BUILDERS = {
     "spectrum": _spectrum_features,
+    "spectrum_full": _spectrum_full_features,
     "loss": _loss_features,
     "weights": _weight_features,
     "grad": _grad_features,
@@ -275,7 +359,9 @@ def feature_names(budget: int, sets: Sequence[str]) -> list[str]:
 #: Plain words for the spectrum summaries of :func:`spectrum_summary`.
 _SUMMARY_WORDS = {
     "lmax": "largest Lyapunov exponent",
-    "mean": "mean Lyapunov exponent",
+    "mean": "mean Lyapunov exponent (of all, from the sum rule)",
+    "top_mean": f"mean of the {TOP} largest Lyapunov exponents",
+    "log2_n": "log2 of the size of the state the spectrum is of",
     "n_pos": f"number of positive Lyapunov exponents (above {NEAR_ZERO})",
     "share_pos": f"share of positive Lyapunov exponents (above {NEAR_ZERO})",
     "share_zero": f"share of near-zero Lyapunov exponents (|exponent| <= {NEAR_ZERO})",
@@ -335,8 +421,12 @@ def describe_feature(name: str) -> str:
         # Grid point i sits at (i + 1/2) / GRID of the descending spectrum (spectrum_grid).
         return (f"Lyapunov exponent {(i + 0.5) / GRID:.0%} of the way down the spectrum "
                 f"(largest first), {_when(epoch)}")
+    match = re.fullmatch(r"spec_e(\d+)_l(\d\d)", name)
+    if match and 2 <= int(match[2]) <= TOP:
+        return f"Lyapunov exponent number {int(match[2])} (largest first), {_when(int(match[1]))}"
     match = re.fullmatch(r"spec_([ed])(\d+)_(\w+)", name)
-    if match and match[3] in _SUMMARY_WORDS and (match[1] == "e" or int(match[2]) > 0):
+    if match and match[3] in _SUMMARY_WORDS and (
+            match[1] == "e" or int(match[2]) > 0 and match[3] in _CHANGES):
         what, epoch = _SUMMARY_WORDS[match[3]], int(match[2])
         if match[1] == "e":
             return f"{what} {_when(epoch)}"

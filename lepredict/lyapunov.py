@@ -54,6 +54,10 @@ class LyapunovSpectrum:
             leading exponents only); ``None`` when not known.
         convention: the state of an LSTM's map, ``"full"`` (``(h, c)``) or ``"hidden"``;
             ``None`` for other maps.
+        exponent_sum: ``(B,)`` the sum of all ``n`` exponents, the time average of
+            ``log|det J_t|`` (NaN where diverged): the row sums of ``exponents`` for a full
+            spectrum; for ``k < n`` measured from the Jacobians' determinants when asked for
+            (``exponent_sum=True``), else ``None``.
     """
 
     exponents: Tensor
@@ -62,6 +66,7 @@ class LyapunovSpectrum:
     steps: int
     state_size: int | None = None
     convention: str | None = None
+    exponent_sum: Tensor | None = None
 
     @property
     def mean(self) -> Tensor:
@@ -102,7 +107,7 @@ LOG_FLOOR = {torch.float32: _log_floor(torch.float32), torch.float64: _log_floor
 # Argument checks shared by both entry points.
 
 
-def _check_common(k: int | None, n: int, warmup: int, T: int, reorth_every: int) -> int:
+def _check_common(k: int | None, n: int, warmup: int, T: int, reorth_every: int | str) -> int:
     if T < 1:
         raise ValueError(f"The input sequence is empty ({T=}); pass at least one time step.")
     if not isinstance(warmup, int) or warmup < 0:
@@ -112,8 +117,8 @@ def _check_common(k: int | None, n: int, warmup: int, T: int, reorth_every: int)
             f"warmup must be smaller than the number of steps, got {warmup=} for {T=} steps; "
             "lower warmup or pass a longer sequence."
         )
-    if not isinstance(reorth_every, int) or reorth_every < 1:
-        raise ValueError(f"reorth_every must be a positive int, got {reorth_every=}.")
+    if reorth_every != "auto" and (not isinstance(reorth_every, int) or reorth_every < 1):
+        raise ValueError(f"reorth_every must be a positive int or 'auto', got {reorth_every=}.")
     if k is None:
         return n
     if not isinstance(k, int) or k < 1:
@@ -180,6 +185,22 @@ def _gram_qr(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q.to(a.dtype), (diag[0] * diag[1]).abs(), ok
 
 
+#: ``reorth_every="auto"`` lets the tangent basis run without a QR for ``m`` steps while the
+#: product of ``m`` Jacobians keeps the exponents above :data:`AUTO_ACCURATE_ABOVE` accurate:
+#: its columns then differ in growth by ``exp(m * spread)``, ``spread`` being the range of the
+#: per-step rates of the last QR down to the last such exponent, and rounding errors grow with
+#: that condition number. ``m * spread`` is kept under this budget for the dtype (float32:
+#: ``exp(8) * eps32`` is about 2e-4 relative error on a ``|R_ii|``, whose log is then off by that
+#: over ``m`` steps; measured on RNN, GRU and LSTM spectra in ``tests/test_lyapunov.py``).
+AUTO_CONDITION_BUDGET = {torch.float32: 8.0, torch.float64: 24.0}
+#: ... and ``m * max|rate|`` under this, so no tangent vector over- or underflows between QRs.
+AUTO_GROWTH_BUDGET = {torch.float32: 40.0, torch.float64: 300.0}
+#: Exponents below this (natural log per step) may lose accuracy under ``"auto"``.
+AUTO_ACCURATE_ABOVE = -20.0
+#: The longest run of steps without a QR under ``"auto"``.
+AUTO_MAX_EVERY = 16
+
+
 class _Accumulator:
     """Runs the QR schedule and accumulates ``log|diag R|`` with divergence handling.
 
@@ -187,13 +208,18 @@ class _Accumulator:
     are reset to harmless values so batched kernels never see NaN again, and they stop counting.
     """
 
-    def __init__(self, B: int, k: int, n: int, T: int, warmup: int, reorth_every: int,
+    def __init__(self, B: int, k: int, n: int, T: int, warmup: int, reorth_every: int | str,
                  dtype: torch.dtype, device: torch.device):
-        self.T, self.warmup, self.every = T, warmup, reorth_every
+        self.T, self.warmup = T, warmup
+        self.auto = reorth_every == "auto"
+        self.every = 1 if self.auto else reorth_every
+        self.next_qr, self.last_qr = 1, 0
+        self.dtype = dtype
         self.log_floor = _log_floor(dtype)
         self.tiny = torch.finfo(dtype).tiny
         # float64 sums: T float32 increments would otherwise lose digits over long runs.
         self.sum = torch.zeros(B, k, dtype=torch.float64, device=device)
+        self.logdet = torch.zeros(B, dtype=torch.float64, device=device)
         self.floored = torch.zeros(B, dtype=torch.int64, device=device)
         self.diverged = torch.zeros(B, dtype=torch.bool, device=device)
         self.basis0 = _initial_basis(B, k, n, dtype, device)
@@ -206,7 +232,27 @@ class _Accumulator:
 
     def needs_qr(self, t: int) -> bool:
         """QR after step ``t`` (1-based): on schedule, at the end of warm-up, and at the end."""
-        return t % self.every == 0 or t == self.warmup or t == self.T
+        on_schedule = t >= self.next_qr if self.auto else t % self.every == 0
+        return on_schedule or t == self.warmup or t == self.T
+
+    def schedule(self, t: int, d: Tensor) -> None:
+        """Under ``"auto"``, the next QR from the per-step rates of the QR just made."""
+        steps, self.last_qr = t - self.last_qr, t
+        rates = d.clamp_min(self.tiny).log().to(torch.float64) / steps
+        rates = rates[~self.diverged & torch.isfinite(rates).all(-1)]
+        if rates.numel() == 0:
+            self.next_qr = t + 1
+            return
+        # Columns up to the last one that must stay accurate; a collapsed direction above it
+        # makes the spread large, and the schedule falls back to a QR every step.
+        accurate = (rates > AUTO_ACCURATE_ABOVE).any(0).nonzero()
+        last = int(accurate.max()) + 1 if accurate.numel() else 1
+        kept = rates[:, :last]
+        spread = float((kept.amax(-1) - kept.amin(-1)).max())
+        growth = float(rates.abs().max())
+        m = min(AUTO_CONDITION_BUDGET[self.dtype] / max(spread, 1e-12),
+                AUTO_GROWTH_BUDGET[self.dtype] / max(growth, 1e-12), AUTO_MAX_EVERY)
+        self.next_qr = t + max(int(m), 1)
 
     def qr(self, t: int, qt: Tensor) -> Tensor:
         a = qt.transpose(-1, -2)
@@ -217,6 +263,8 @@ class _Accumulator:
             q, r = torch.linalg.qr(a)
             d = r.diagonal(dim1=-2, dim2=-1).abs()
         self.accumulate(t, d)
+        if self.auto:
+            self.schedule(t, d)
         return q.transpose(-1, -2)
 
     @staticmethod
@@ -234,6 +282,11 @@ class _Accumulator:
             self.floored += small.sum(-1)
             self.sum += d.clamp_min(self.tiny).log().to(torch.float64)
 
+    def accumulate_logdet(self, t: int, logdet: Tensor) -> None:
+        """Add step ``t``'s ``log|det J_t|`` (``(B,)``) once past the warm-up."""
+        if t > self.warmup:
+            self.logdet += logdet.to(torch.float64)
+
     def check(self, t: int, state: list[Tensor], qt: Tensor) -> tuple[list[Tensor], Tensor]:
         if t % self.check_every and t != self.T:
             return state, qt
@@ -249,13 +302,24 @@ class _Accumulator:
         state = [torch.where(keep.view(-1, *([1] * (s.dim() - 1))), s, 0) for s in state]
         qt = torch.where(keep[:, None, None], qt, self.basis0)
         self.sum = torch.where(keep[:, None], self.sum, 0)
+        self.logdet = torch.where(keep, self.logdet, 0)
         return state, qt
 
-    def result(self, dtype: torch.dtype) -> LyapunovSpectrum:
+    def result(self, dtype: torch.dtype, n: int, logdet: bool) -> LyapunovSpectrum:
+        """The spectrum; ``logdet``: the per-step ``log|det J_t|`` were accumulated."""
         steps = self.T - self.warmup
         ex = (self.sum / steps).sort(dim=-1, descending=True).values.to(dtype)
         ex = torch.where(self.diverged[:, None], float("nan"), ex)
-        return LyapunovSpectrum(ex, self.diverged.clone(), self.floored, steps)
+        if self.sum.shape[1] == n:
+            total = (self.sum.sum(-1) / steps).to(dtype)
+        elif logdet:
+            total = (self.logdet / steps).to(dtype)
+        else:
+            total = None
+        if total is not None:
+            total = torch.where(self.diverged, float("nan"), total)
+        return LyapunovSpectrum(ex, self.diverged.clone(), self.floored, steps,
+                                exponent_sum=total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,9 +425,10 @@ def lyapunov_spectrum(
     k: int | None = None,
     warmup: int = 0,
     h0=None,
-    reorth_every: int = 1,
+    reorth_every: int | str = 1,
     dtype: torch.dtype | None = None,
     lstm_state: str = "full",
+    exponent_sum: bool = False,
 ) -> LyapunovSpectrum:
     """Lyapunov spectrum of an ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` driven by ``inputs``.
 
@@ -382,11 +447,19 @@ def lyapunov_spectrum(
             averaged.
         h0: initial state in the module's own convention, ``(num_layers, B, N)`` or a tuple
             ``(h0, c0)`` for the LSTM; ``None`` starts from zeros.
-        reorth_every: QR every this many steps (and at the end of warm-up and at the end).
+        reorth_every: QR every this many steps (and at the end of warm-up and at the end); or
+            ``"auto"``: after each QR, as many steps as the spread of the last rates allows for
+            the exponents above :data:`AUTO_ACCURATE_ABOVE` to keep their accuracy (on CUDA,
+            where the Gram-route QR is cheap and steps run as a graph, every step).
         dtype: computation dtype (``torch.float64`` runs everything in double); ``None`` uses the
             module's parameter dtype.
         lstm_state: ``"full"`` for the ``(h, c)`` state; ``"hidden"`` for the hidden-only map of
             the papers' code, ``h_{t-1} -> h_t`` with ``c_{t-1}`` held fixed (``N`` per layer).
+        exponent_sum: with ``k < n``, also measure the sum of all ``n`` exponents
+            (:attr:`LyapunovSpectrum.exponent_sum`) as the mean ``log|det J_t|``: a few
+            elementwise operations per step for the RNN and the full LSTM state, an LU
+            factorisation per layer and step for the GRU and the hidden-only LSTM map. A full
+            spectrum always has it.
 
     Returns:
         A :class:`LyapunovSpectrum`.
@@ -427,6 +500,9 @@ def lyapunov_spectrum(
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype=}.")
     device = param.device
     x = x.detach().to(dtype=dtype, device=device)
+    if reorth_every == "auto" and device.type in GRAM_QR_DEVICES:
+        reorth_every = 1
+    map_name = cell if cell != "lstm" else f"lstm_{lstm_state}"
 
     with torch.no_grad():
         weights = _weights(rnn, dtype)
@@ -438,16 +514,21 @@ def lyapunov_spectrum(
         gi0 = x @ w_ih0.T
         if b0 is not None:
             gi0 = gi0 + b0[0]
-        step = _STEPS[cell if cell != "lstm" else f"lstm_{lstm_state}"]
-        if acc.gram and qt.is_cuda and reorth_every == 1 and T >= CUDA_GRAPH_MIN_STEPS:
+        step = _STEPS[map_name]
+        logdet = _logdet_constants(map_name, weights, N) if exponent_sum and k < n else None
+        if (acc.gram and qt.is_cuda and reorth_every == 1 and T >= CUDA_GRAPH_MIN_STEPS
+                and logdet is None):
             _run_graphed(step, weights, state, qt, gi0, N, acc)
-            return dataclasses.replace(acc.result(dtype), state_size=n, convention=convention)
-        for t in range(1, T + 1):
-            state, qt = step(weights, state, qt, gi0[:, t - 1], N)
-            if acc.needs_qr(t):
-                qt = acc.qr(t, qt)
-            state, qt = acc.check(t, state, qt)
-        return dataclasses.replace(acc.result(dtype), state_size=n, convention=convention)
+        else:
+            for t in range(1, T + 1):
+                state, qt, step_logdet = step(weights, state, qt, gi0[:, t - 1], N, logdet)
+                if step_logdet is not None:
+                    acc.accumulate_logdet(t, step_logdet)
+                if acc.needs_qr(t):
+                    qt = acc.qr(t, qt)
+                state, qt = acc.check(t, state, qt)
+        result = acc.result(dtype, n, logdet is not None)
+        return dataclasses.replace(result, state_size=n, convention=convention)
 
 
 #: On CUDA (float32, a QR every step), sequences at least this long run their steps as replays
@@ -467,7 +548,7 @@ class _GraphedStep:
         self.qt, self.x = qt.clone(), x.clone()
 
         def body():
-            new_state, pre = step(weights, self.state, self.qt, self.x, N)
+            new_state, pre, _ = step(weights, self.state, self.qt, self.x, N)
             q, d, ok = _gram_qr(pre.transpose(-1, -2))
             for old, new in zip(self.state, new_state):
                 old.copy_(new)
@@ -530,26 +611,48 @@ def _tangent_pre(qt_h: Tensor, w_hh: Tensor, dq_below: Tensor | None, w_ih: Tens
     return d
 
 
+def _sig_pair(pre: Tensor) -> tuple[Tensor, Tensor]:
+    """``sigmoid(pre)`` and ``1 - sigmoid(pre)``, the latter as ``sigmoid(-pre)``: subtracting a
+    saturated gate from 1 in float32 would leave few correct digits in a derivative."""
+    return torch.sigmoid(pre), torch.sigmoid(-pre)
+
+
+def _dtanh(pre: Tensor) -> Tensor:
+    """``1 - tanh(pre)**2`` as ``cosh(pre)**-2``, exact where tanh saturates in float32."""
+    return torch.cosh(pre).pow(-2)
+
+
+def _log_abs(v: Tensor, tiny: float) -> Tensor:
+    """``(B,)``: the sum over units of ``log|v|``, each floored like ``log|R_ii|``."""
+    return v.abs().clamp_min(tiny).log().sum(-1)
+
+
 def _step_rnn(act: str):
-    def step(weights, state, qt, gi0, N):
+    def step(weights, state, qt, gi0, N, logdet=None):
         out = torch.empty_like(qt)
         new_state = []
         h_below, dq_below = None, None
+        total = None
         for layer, (w_ih, w_hh, b) in enumerate(weights):
             h = state[layer]
             pre = _layer_input(weights, layer, gi0, h_below) + _hidden_pre(w_hh, b, h)
             if act == "tanh":
                 h_new = torch.tanh(pre)
-                deriv = 1 - h_new * h_new
+                deriv = _dtanh(pre)
             else:
                 h_new = torch.relu(pre)
                 deriv = (pre > 0).to(pre.dtype)
             dq = out[..., layer * N:(layer + 1) * N]
             torch.mul(_tangent_pre(qt[..., layer * N:(layer + 1) * N], w_hh, dq_below, w_ih),
                       deriv[:, None, :], out=dq)
+            if logdet is not None:
+                # The step's Jacobian is block lower triangular over layers, with the block
+                # diag(deriv) W_hh for layer l: det = prod_l det(W_hh_l) prod_i deriv_i.
+                part = _log_abs(deriv, torch.finfo(pre.dtype).tiny) + logdet[layer]
+                total = part if total is None else total + part
             new_state.append(h_new)
             h_below, dq_below = h_new, dq
-        return new_state, out
+        return new_state, out, total
 
     return step
 
@@ -559,44 +662,61 @@ def _step_rnn(act: str):
 GRU_EXPLICIT_SHARE = 4
 
 
-def _gru_jacobian_t(w: Tensor, coefficients, N: int) -> Tensor:
-    """``(B, N, N)``: the transposed Jacobian ``sum_g diag(a_g) W_g`` over the r, z, n gate blocks
-    of ``w`` (3N, N), each coefficient ``a_g`` of shape ``(B, 1, N)`` scaling its gate's rows."""
+def _gates_jacobian_t(w: Tensor, coefficients, N: int) -> Tensor:
+    """``(B, N, N)``: the transposed Jacobian ``sum_g diag(a_g) W_g`` over the gate blocks of
+    ``w`` (``len(coefficients) * N``, N), each coefficient ``a_g`` of shape ``(B, 1, N)``
+    scaling its gate's rows."""
     jac_t = w[:N].T * coefficients[0]
-    jac_t.addcmul_(w[N:2 * N].T, coefficients[1]).addcmul_(w[2 * N:].T, coefficients[2])
+    for g, a in enumerate(coefficients[1:], start=1):
+        jac_t.addcmul_(w[g * N:(g + 1) * N].T, a)
     return jac_t
 
 
-def _step_gru(weights, state, qt, gi0, N):
+def _logabsdet(jac: Tensor) -> Tensor:
+    """``(B,)`` ``log|det|`` of a batch of Jacobian blocks, in float64 and floored like the
+    exponents (a singular block gives ``N * log(tiny)`` rather than ``-inf``)."""
+    floor = jac.shape[-1] * _log_floor(jac.dtype)
+    return torch.linalg.slogdet(jac.double()).logabsdet.clamp_min(floor)
+
+
+def _step_gru(weights, state, qt, gi0, N, logdet=None):
     out = torch.empty_like(qt)
     new_state = []
     h_below, dq_below = None, None
+    total = None
     for layer, (w_ih, w_hh, b) in enumerate(weights):
         h = state[layer]
         gi = _layer_input(weights, layer, gi0, h_below)
         gh = _hidden_pre(w_hh, b, h)
-        r = torch.sigmoid(gi[:, :N] + gh[:, :N])
-        z = torch.sigmoid(gi[:, N:2 * N] + gh[:, N:2 * N])
+        r, r_off = _sig_pair(gi[:, :N] + gh[:, :N])
+        z, z_off = _sig_pair(gi[:, N:2 * N] + gh[:, N:2 * N])
         ghn = gh[:, 2 * N:]
-        c = torch.tanh(gi[:, 2 * N:] + r * ghn)
+        pre_n = gi[:, 2 * N:] + r * ghn
+        c = torch.tanh(pre_n)
         h_new = c + z * (h - c)
 
         # h' = (1 - z) c + z h with c = tanh(a_n + r * ghn): coefficients of each pre-activation.
-        e = (1 - z) * (1 - c * c)
-        a_r = (e * ghn * r * (1 - r))[:, None]
-        a_z = ((h - c) * z * (1 - z))[:, None]
+        e = z_off * _dtanh(pre_n)
+        a_r = (e * ghn * r * r_off)[:, None]
+        a_z = ((h - c) * z * z_off)[:, None]
         a_n = (e * r)[:, None]
         dq_h = qt[..., layer * N:(layer + 1) * N]
         dq = out[..., layer * N:(layer + 1) * N]
-        if qt.shape[1] * GRU_EXPLICIT_SHARE >= N:
+        explicit = qt.shape[1] * GRU_EXPLICIT_SHARE >= N
+        if explicit or logdet is not None:
+            jac_t = _gates_jacobian_t(w_hh, (a_r, a_z, a_n), N)
+            jac_t.diagonal(dim1=-2, dim2=-1).add_(z)
+        if logdet is not None:
+            # Block lower triangular over layers: each layer's own block's determinant.
+            part = _logabsdet(jac_t)
+            total = part if total is None else total + part
+        if explicit:
             # Many tangent rows: form each trajectory's Jacobian blocks, (B, N, N) for the hidden
             # and the input side, and push the rows through them with one batched product each,
             # a third of the GEMM work of pushing them through the three gates' weights.
-            jac_t = _gru_jacobian_t(w_hh, (a_r, a_z, a_n), N)
-            jac_t.diagonal(dim1=-2, dim2=-1).add_(z)
             res = torch.bmm(dq_h, jac_t)
             if layer:
-                res.baddbmm_(dq_below, _gru_jacobian_t(w_ih, (a_r, a_z, e[:, None]), N))
+                res.baddbmm_(dq_below, _gates_jacobian_t(w_ih, (a_r, a_z, e[:, None]), N))
             dq.copy_(res)
         else:
             dgh = dq_h @ w_hh.T
@@ -609,45 +729,73 @@ def _step_gru(weights, state, qt, gi0, N):
                 dq.addcmul_(dgi[..., 2 * N:], e[:, None])
         new_state.append(h_new)
         h_below, dq_below = h_new, dq
-    return new_state, out
+    return new_state, out, total
 
 
 def _step_lstm(full: bool):
-    def step(weights, state, qt, gi0, N):
+    def step(weights, state, qt, gi0, N, logdet=None):
         out = torch.empty_like(qt)
         new_state = []
         h_below, dh_below = None, None
         per = 2 * N if full else N
+        total = None
         for layer, (w_ih, w_hh, b) in enumerate(weights):
             h, c = state[2 * layer], state[2 * layer + 1]
             g = _layer_input(weights, layer, gi0, h_below) + _hidden_pre(w_hh, b, h)
-            i = torch.sigmoid(g[:, :N])
-            f = torch.sigmoid(g[:, N:2 * N])
+            i, i_off = _sig_pair(g[:, :N])
+            f, f_off = _sig_pair(g[:, N:2 * N])
             gg = torch.tanh(g[:, 2 * N:3 * N])
-            o = torch.sigmoid(g[:, 3 * N:])
+            o, o_off = _sig_pair(g[:, 3 * N:])
             c_new = f * c + i * gg
             tc = torch.tanh(c_new)
             h_new = o * tc
 
+            # c' = f c + i g and h' = o tanh(c'); with the hidden-only map c_{t-1} is held fixed.
+            a_i = i * i_off * gg
+            a_f = f * f_off * c
+            a_g = _dtanh(g[:, 2 * N:3 * N]) * i
+            a_o = o * o_off * tc
+            beta = o * _dtanh(c_new)
             base = layer * per
             dg = _tangent_pre(qt[..., base:base + N], w_hh, dh_below, w_ih)
             dh_new = out[..., base:base + N]
-            # c' = f c + i g and h' = o tanh(c'); with the hidden-only map c_{t-1} is held fixed.
             if full:
                 dc_new = out[..., base + N:base + 2 * N]
                 torch.mul(qt[..., base + N:base + 2 * N], f[:, None], out=dc_new)
-                dc_new.addcmul_(dg[..., :N], (i * (1 - i) * gg)[:, None])
+                dc_new.addcmul_(dg[..., :N], a_i[:, None])
             else:
-                dc_new = dg[..., :N] * (i * (1 - i) * gg)[:, None]
-            dc_new.addcmul_(dg[..., N:2 * N], (f * (1 - f) * c)[:, None])
-            dc_new.addcmul_(dg[..., 2 * N:3 * N], ((1 - gg * gg) * i)[:, None])
-            torch.mul(dg[..., 3 * N:], (o * (1 - o) * tc)[:, None], out=dh_new)
-            dh_new.addcmul_(dc_new, (o * (1 - tc * tc))[:, None])
+                dc_new = dg[..., :N] * a_i[:, None]
+            dc_new.addcmul_(dg[..., N:2 * N], a_f[:, None])
+            dc_new.addcmul_(dg[..., 2 * N:3 * N], a_g[:, None])
+            torch.mul(dg[..., 3 * N:], a_o[:, None], out=dh_new)
+            dh_new.addcmul_(dc_new, beta[:, None])
+            if logdet is not None:
+                if full:
+                    # Subtracting beta times the c' rows from the h' rows leaves
+                    # [[diag(a_o) W_o, 0], [dc'/dh, diag(f)]]: det = det(W_o) prod a_o prod f.
+                    tiny = torch.finfo(g.dtype).tiny
+                    part = _log_abs(a_o, tiny) + _log_abs(f, tiny) + logdet[layer]
+                else:
+                    coefficients = [(beta * a)[:, None] for a in (a_i, a_f, a_g)] + [a_o[:, None]]
+                    part = _logabsdet(_gates_jacobian_t(w_hh, coefficients, N))
+                total = part if total is None else total + part
             new_state += [h_new, c_new]
             h_below, dh_below = h_new, dh_new
-        return new_state, out
+        return new_state, out, total
 
     return step
+
+
+def _logdet_constants(cell: str, weights, N: int) -> list[float] | None:
+    """Per layer the weight determinant the step's ``log|det J_t|`` needs (``log|det W_hh|`` for
+    the RNN, ``log|det W_ho|`` for the full LSTM state), computed once in float64."""
+    if cell.startswith("rnn_"):
+        blocks = [w_hh for _, w_hh, _ in weights]
+    elif cell == "lstm_full":
+        blocks = [w_hh[3 * N:] for _, w_hh, _ in weights]
+    else:
+        return [0.0] * len(weights)
+    return [float(_logabsdet(w[None])[0]) for w in blocks]
 
 
 _STEPS = {
@@ -700,7 +848,7 @@ def _repeat(t: Tensor | None, k: int) -> Tensor | None:
     return t[:, None].expand(t.shape[0], k, *t.shape[1:]).reshape(t.shape[0] * k, *t.shape[1:])
 
 
-def _jq(step, h, x, qt):
+def _jq(step, h, x, qt, logdet: bool = False):
     """``h_next`` and the rows of ``(J @ Q).T``, with the Jacobians from one ``torch.func.vjp``.
 
     The map runs once on ``B * n`` copies of the states; because trajectories do not interact, the
@@ -715,7 +863,7 @@ def _jq(step, h, x, qt):
     out, vjp_fn = torch.func.vjp((lambda s: step(s, xr)) if x is not None else step, _repeat(h, n))
     eye = torch.eye(n, dtype=h.dtype, device=h.device).expand(B, n, n).reshape(B * n, n)
     jac = vjp_fn(eye)[0].view(B, n, n)
-    return out.view(B, n, n)[:, 0], qt @ jac.transpose(-1, -2)
+    return out.view(B, n, n)[:, 0], qt @ jac.transpose(-1, -2), _logabsdet(jac) if logdet else None
 
 
 def lyapunov_spectrum_map(
@@ -726,8 +874,9 @@ def lyapunov_spectrum_map(
     steps: int | None = None,
     k: int | None = None,
     warmup: int = 0,
-    reorth_every: int = 1,
+    reorth_every: int | str = 1,
     dtype: torch.dtype | None = None,
+    exponent_sum: bool = False,
 ) -> LyapunovSpectrum:
     """Lyapunov spectrum of any differentiable map on batched states.
 
@@ -744,6 +893,8 @@ def lyapunov_spectrum_map(
             where ``T`` is ``inputs.shape[1]``).
         k, warmup, reorth_every: as in :func:`lyapunov_spectrum`.
         dtype: computation dtype; ``None`` keeps ``h0``'s (floating) dtype.
+        exponent_sum: with ``k < n``, also the sum of all exponents, from ``log|det J_t|`` of
+            the Jacobians this path forms anyway (an LU per step).
 
     Returns:
         A :class:`LyapunovSpectrum`.
@@ -793,10 +944,13 @@ def lyapunov_spectrum_map(
     acc = _Accumulator(B, k, n, T, warmup, reorth_every, dtype, device)
     h = h0.detach().to(dtype)
     qt = acc.basis0.clone()
+    logdet = exponent_sum and k < n
     with torch.no_grad():
         for t in range(1, T + 1):
-            h, qt = _jq(step, h, xs[:, t - 1] if xs is not None else None, qt)
+            h, qt, step_logdet = _jq(step, h, xs[:, t - 1] if xs is not None else None, qt, logdet)
+            if logdet:
+                acc.accumulate_logdet(t, step_logdet)
             if acc.needs_qr(t):
                 qt = acc.qr(t, qt)
             (h,), qt = acc.check(t, [h], qt)
-    return dataclasses.replace(acc.result(dtype), state_size=n)
+    return dataclasses.replace(acc.result(dtype, n, logdet), state_size=n)

@@ -18,10 +18,11 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from lepredict.features import completed_runs
-from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
+from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum, rnn_state_size
 from lepredict.predictor import StabilityPredictor, load_models, resolve_model
-from lepredict.records import (CHANCE_LOSS, PREDICTION, SETUP, SPECTRUM, VAL_LOSS, jsonable,
-                               run_row, spectrum_dict, spectrum_of)
+from lepredict.records import (CHANCE_LOSS, MEASURED_EXPONENTS, PREDICTION, SETUP, SPECTRUM,
+                               VAL_LOSS, jsonable, run_row, spectrum_dict, spectrum_of)
+from lepredict.train import PROBE_SIZE
 
 __all__ = ["LyapunovPruner", "measure_and_report", "report_spectrum"]
 
@@ -43,8 +44,9 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         trial: the running trial.
         spectrum: a :class:`lepredict.LyapunovSpectrum`, or a dict with ``"mean"`` (descending)
             and optionally ``"std"``, ``"diverged"`` (share of trajectories), ``"n"`` (the state
-            size, if only the leading exponents are given) and ``"convention"`` (``"hidden"`` for
-            an LSTM's hidden-only map).
+            size, if only the leading exponents are given), ``"sum"`` (the sum of all ``n``
+            exponents, needed then) and ``"convention"`` (``"hidden"`` for an LSTM's
+            hidden-only map).
         step: the step you pass to ``trial.report`` (an epoch, 0 being the initialisation, or an
             iteration count with ``LyapunovPruner(steps_per_epoch=...)``).
         chance_loss: the scale of the losses: the loss of the best constant prediction
@@ -62,7 +64,8 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
     elif isinstance(spectrum, Mapping) and "mean" in spectrum:
         spec = spectrum_dict(spectrum["mean"], spectrum.get("std"),
                              diverged=float(spectrum.get("diverged", 0.0)),
-                             state_size=spectrum.get("n"), convention=spectrum.get("convention"))
+                             state_size=spectrum.get("n"), convention=spectrum.get("convention"),
+                             exponent_sum=spectrum.get("sum"))
     else:
         raise TypeError("spectrum must be a LyapunovSpectrum or a dict with 'mean' and 'std' "
                         f"lists, got {type(spectrum).__name__}.")
@@ -86,10 +89,27 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     """Measure the spectrum of ``rnn`` on a probe batch (in eval mode, without gradients) and
     :func:`report_spectrum` it, in one call; returns the spectrum.
 
-    The probe is what the recurrent module itself receives: a few validation sequences
-    (8, as the shipped predictor was fitted with), after any embedding, shaped as the module
-    expects. ``kwargs`` go to :func:`lepredict.lyapunov_spectrum` (``warmup``...).
+    The probe is what the recurrent module itself receives: validation sequences, after any
+    embedding, shaped as the module expects. By default the measurement is what the shipped
+    predictor uses and nothing more: the first :data:`lepredict.train.PROBE_SIZE` (8) sequences,
+    a warm-up of an eighth of their steps, the leading :data:`lepredict.records.MEASURED_EXPONENTS`
+    (16) exponents with the sum of all, re-orthonormalised as rarely as accuracy allows. That
+    costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``. ``kwargs`` go to
+    :func:`lepredict.lyapunov_spectrum` and override those choices (``k=None`` for the full
+    spectrum, ``warmup=``...); the spectrum is recorded with what was measured (state size,
+    ``k``, convention), and the pruner refuses one its predictors cannot use.
     """
+    batch_first = getattr(rnn, "batch_first", True)
+    sequences = probe if batch_first else probe.transpose(0, 1)
+    if "warmup" not in kwargs:
+        kwargs["warmup"] = sequences.shape[1] // 8
+    sequences = sequences[:PROBE_SIZE]
+    probe = sequences if batch_first else sequences.transpose(0, 1)
+    kwargs.setdefault("exponent_sum", True)
+    kwargs.setdefault("reorth_every", "auto")
+    if "k" not in kwargs:
+        kwargs["k"] = min(MEASURED_EXPONENTS, rnn_state_size(
+            rnn, lstm_state=kwargs.get("lstm_state", "full")))
     was_training = rnn.training
     rnn.eval()
     try:
@@ -539,16 +559,22 @@ class LyapunovPruner(BasePruner):
 
 
 def _spectrum_problem(spectrum: Mapping) -> str | None:
-    """Why the predictors, fitted on full spectra of the whole state, cannot use a spectrum."""
+    """Why the predictors, fitted on the leading exponents and the exponent sum of the whole
+    state's spectrum, cannot use a spectrum."""
     k = len(spectrum.get("mean", []))
     n = int(spectrum.get("n") or k)
     if spectrum.get("convention") == "hidden":
         return ("the spectrum is of the LSTM's hidden-only map, but the predictors were fitted "
                 "on the full (h, c) state (2N exponents per layer): measure with "
                 "lstm_state='full' (the default)")
-    if k < n:
-        return (f"the spectrum holds {k} of the state's {n} exponents, but the predictors need "
-                "the full spectrum: measure with k=None (the default)")
+    if k < min(MEASURED_EXPONENTS, n):
+        return (f"the spectrum holds {k} of the state's {n} exponents, but the predictors use "
+                f"the leading {min(MEASURED_EXPONENTS, n)}: measure with "
+                f"k={min(MEASURED_EXPONENTS, n)} or more (measure_and_report's default)")
+    if k < n and spectrum.get("sum") is None:
+        return (f"the spectrum holds {k} of the state's {n} exponents but not the sum of all, "
+                "which the predictors use: measure with exponent_sum=True "
+                "(measure_and_report's default)")
     return None
 
 

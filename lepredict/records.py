@@ -30,6 +30,7 @@ from collections.abc import Mapping
 
 __all__ = [
     "ATTR",
+    "MEASURED_EXPONENTS",
     "RunRecord",
     "jsonable",
     "run_row",
@@ -37,6 +38,10 @@ __all__ = [
     "spectrum_of",
     "trial_row",
 ]
+
+#: How many leading exponents a measurement takes by default (with the sum of all of them): what
+#: the ``"spectrum"`` features of :mod:`lepredict.features` use, so nothing more is computed.
+MEASURED_EXPONENTS = 16
 
 #: Prefix of every user attribute lepredict writes.
 ATTR = "lepredict:"
@@ -91,11 +96,14 @@ class RunRecord:
 
 
 def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | None = None,
-                  convention: str | None = None, floored: int | None = None) -> dict:
+                  convention: str | None = None, floored: int | None = None,
+                  exponent_sum: float | None = None) -> dict:
     """A spectrum as records store it: the mean and spread over trajectories of the leading
     ``k = len(mean)`` exponents (descending), the share of diverged trajectories, the size ``n``
-    of the state they are exponents of (``k < n`` for a partial spectrum) and the state
-    convention (``"full"`` or ``"hidden"`` for an LSTM, ``None`` otherwise)."""
+    of the state they are exponents of (``k < n`` for a partial spectrum), the state
+    convention (``"full"`` or ``"hidden"`` for an LSTM, ``None`` otherwise) and the sum of all
+    ``n`` exponents (``"sum"``; for a full spectrum the sum of ``mean``, else ``None`` unless
+    measured)."""
     mean = [float(v) for v in mean]
     std = [0.0] * len(mean) if std is None else [float(v) for v in std]
     if len(std) != len(mean):
@@ -103,8 +111,11 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
     n = len(mean) if state_size is None else int(state_size)
     if n < len(mean):
         raise ValueError(f"state_size={n} is smaller than the {len(mean)} exponents given.")
+    if exponent_sum is None and n == len(mean):
+        exponent_sum = math.fsum(mean)
     out = {"mean": mean, "std": std, "diverged": float(diverged), "n": n, "k": len(mean),
-           "convention": convention}
+           "convention": convention,
+           "sum": None if exponent_sum is None else float(exponent_sum)}
     if floored is not None:
         out["floored"] = int(floored)
     return out
@@ -157,6 +168,7 @@ def run_row(meta: dict, run: Mapping, params: Mapping, spectra: Mapping) -> dict
         row[f"le{epoch}_std"] = [_float(v) for v in spec.get("std", [0.0] * len(spec["mean"]))]
         row[f"le{epoch}_diverged"] = _float(spec.get("diverged", 0.0))
         row[f"le{epoch}_n"] = int(spec.get("n", len(spec["mean"])))
+        row[f"le{epoch}_sum"] = _float(spec.get("sum"))
     return row
 
 

@@ -43,7 +43,7 @@ from optuna.distributions import (
 )
 
 from lepredict import tasks
-from lepredict.records import ATTR, RunRecord, run_row, trial_row
+from lepredict.records import ATTR, MEASURED_EXPONENTS, RunRecord, run_row, trial_row
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, train_run
 
@@ -482,7 +482,7 @@ def run_sweep(
     sampler: str = "tpe",
     pruner: optuna.pruners.BasePruner | None = None,
     seed: int = 0,
-    le_k: int | None = None,
+    le_k: int | None = MEASURED_EXPONENTS,
     probe_size: int = PROBE_SIZE,
     show_progress_bar: bool = True,
     callbacks: list[Callable] | None = None,
@@ -523,7 +523,8 @@ def run_sweep(
         pruner: Optuna pruner (default: none).
         seed: Seeds the sampler (per trial, with the trial number) and each run's initialisation
             (``seed + trial number`` unless the space sets ``seed``).
-        le_k: Exponents per spectrum (default: all).
+        le_k: Leading exponents per spectrum (at most the state size), with the sum of all;
+            by default what the predictor uses; ``None`` for full spectra.
         probe_size: Validation sequences each spectrum averages over.
         show_progress_bar: A tqdm bar over this worker's trials.
         callbacks: Optuna callbacks, called after each of this worker's trials.

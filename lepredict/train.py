@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from lepredict.lyapunov import lyapunov_spectrum
-from lepredict.records import RunRecord, spectrum_of
+from lepredict.lyapunov import lyapunov_spectrum, rnn_state_size
+from lepredict.records import MEASURED_EXPONENTS, RunRecord, spectrum_of
 from lepredict.tasks import Task
 
 __all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "diverged_loss",
@@ -147,8 +147,18 @@ def weight_stats(rnn: nn.Module) -> dict[str, float]:
             "w_ih_norm": math.sqrt(ih)}
 
 
+def measured_spectrum(rnn: nn.Module, probe: Tensor, *, warmup: int,
+                      k: int | None = MEASURED_EXPONENTS):
+    """The spectrum as lepredict measures it by default: the leading ``min(k, n)`` exponents
+    and the sum of all (``k=None``: the full spectrum), re-orthonormalised as rarely as their
+    accuracy allows (``reorth_every="auto"``)."""
+    n = rnn_state_size(rnn)
+    return lyapunov_spectrum(rnn, probe, warmup=warmup, k=None if k is None else min(k, n),
+                             exponent_sum=True, reorth_every="auto")
+
+
 def _spectrum_summary(rnn: nn.Module, probe: Tensor, warmup: int, k: int | None) -> dict:
-    return spectrum_of(lyapunov_spectrum(rnn, probe, warmup=warmup, k=k), digits=6,
+    return spectrum_of(measured_spectrum(rnn, probe, warmup=warmup, k=k), digits=6,
                        floored=True)
 
 
@@ -193,7 +203,7 @@ def train_run(
     device: str | torch.device = "cpu",
     probe_size: int = PROBE_SIZE,
     le_warmup: int | None = None,
-    le_k: int | None = None,
+    le_k: int | None = MEASURED_EXPONENTS,
     callback: Callable[[int, RunRecord], None] | None = None,
 ) -> RunRecord:
     """Train one network and record its curves and early spectra.
@@ -208,7 +218,8 @@ def train_run(
         probe_size: number of validation sequences (the first ones, so the probe is the same
             for every run on the task) whose trajectories the spectrum averages over.
         le_warmup: spectrum warm-up steps; ``None`` uses ``T // 8``.
-        le_k: number of exponents; ``None`` for the full spectrum.
+        le_k: number of leading exponents (at most the state size; the sum of all is measured
+            too), by default what the predictor's features use; ``None`` for the full spectrum.
         callback: called as ``callback(epoch, record)`` after epoch 0 and each epoch, once the
             epoch's validation loss and spectrum are in the record; it may raise (for example
             ``optuna.TrialPruned``) to stop the run.
