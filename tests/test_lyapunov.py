@@ -152,6 +152,69 @@ def test_sum_rule(arch):
     torch.testing.assert_close(spec.exponents.sum(-1), expected, rtol=1e-7, atol=1e-7)
 
 
+@pytest.mark.parametrize("arch, lstm_state", [(a, "full") for a in ARCHS] + [("lstm", "hidden")])
+def test_exponent_sum_of_a_partial_spectrum_is_the_full_spectrums_sum(arch, lstm_state):
+    """With k < n the sum comes from log|det J_t| (analytic for the RNN and the LSTM's (h, c)
+    state, an LU otherwise); it must equal the full spectrum's sum to rounding."""
+    m = make(arch, layers=2, seed=3, scale=2.0)
+    x = torch.randn(3, 30, 3, dtype=F64)
+    if arch == "rnn_relu":
+        all_active(m)  # an inactive unit's direction is floored, differently by QR and by det
+        x = x.abs()
+    full = lepredict.lyapunov_spectrum(m, x, warmup=5, lstm_state=lstm_state)
+    part = lepredict.lyapunov_spectrum(m, x, warmup=5, k=3, exponent_sum=True,
+                                       lstm_state=lstm_state)
+    torch.testing.assert_close(full.exponent_sum, full.exponents.sum(-1))
+    torch.testing.assert_close(part.exponent_sum, full.exponent_sum, rtol=1e-9, atol=1e-9)
+    assert lepredict.lyapunov_spectrum(m, x, k=3).exponent_sum is None  # not asked for
+
+
+def test_map_exponent_sum_of_a_partial_spectrum():
+    m = make("gru", layers=1, seed=4, scale=2.0)
+    x = torch.randn(2, 20, 3, dtype=F64)
+    full = lepredict.lyapunov_spectrum_map(rnn_step(m), torch.zeros(2, 6, dtype=F64), x)
+    part = lepredict.lyapunov_spectrum_map(rnn_step(m), torch.zeros(2, 6, dtype=F64), x, k=2,
+                                           exponent_sum=True)
+    torch.testing.assert_close(part.exponent_sum, full.exponent_sum, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch, scale, layers", [
+    ("rnn_tanh", 1.0, 1), ("rnn_tanh", 3.0, 1), ("gru", 1.0, 1), ("gru", 3.0, 2),
+    ("lstm", 1.0, 1), ("lstm", 3.0, 1)])
+def test_auto_reorthonormalisation_keeps_the_accuracy(arch, scale, layers):
+    """reorth_every='auto' against a QR every step on the same trajectories: every exponent
+    above -20 within 2e-3, in float64 and in float32. (Float32 against float64 is not the
+    scheme's error: a chaotic network's float32 trajectory leaves the float64 one.)"""
+    cls, kw = ARCHS[arch]
+    torch.manual_seed(1)
+    m = cls(1, 48, num_layers=layers, batch_first=True, **kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(scale)
+    x = torch.randn(4, 200, 1)
+    for dtype in (F64, torch.float32):
+        every = lepredict.lyapunov_spectrum(m, x, warmup=20, dtype=dtype).exponents.double()
+        auto = lepredict.lyapunov_spectrum(m, x, warmup=20, dtype=dtype,
+                                           reorth_every="auto").exponents.double()
+        kept = every > -20
+        error = (auto - every)[kept].abs().max().item()
+        assert error < 2e-3, (dtype, error)
+
+
+def test_auto_reorthonormalisation_skips_qrs_where_conditioning_allows(monkeypatch):
+    calls = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda a, *args, **kw: calls.append(1) or qr(a, *args, **kw))
+    torch.manual_seed(0)
+    gru = nn.GRU(1, 32, batch_first=True)  # exponents within about 1 of each other
+    lepredict.lyapunov_spectrum(gru, torch.randn(2, 100, 1), reorth_every="auto")
+    assert 0 < len(calls) < 40
+    calls.clear()
+    rnn = make("rnn_tanh", layers=1, scale=6.0).float()  # saturated: exponents far apart
+    lepredict.lyapunov_spectrum(rnn, torch.randn(2, 100, 3), reorth_every="auto")
+    assert len(calls) >= 90
+
+
 def test_linear_map_gives_log_abs_eigenvalues():
     g = torch.Generator().manual_seed(0)
     eig = torch.tensor([1.3, -0.9, 0.6, 0.35, -0.1], dtype=F64)
@@ -351,6 +414,7 @@ def test_map_diverging_rows_do_not_contaminate_others():
         (lambda m, x: lepredict.lyapunov_spectrum(m, x, warmup=10), "warmup must be smaller"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x, warmup=-1), "warmup must be"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x, reorth_every=0), "reorth_every"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x, reorth_every="often"), "or 'auto'"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x, h0=torch.zeros(1, 2, 6)), "h0 has shape"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x, lstm_state="cell"), "lstm_state"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x, dtype=torch.int64), "dtype"),

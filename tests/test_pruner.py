@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -231,19 +232,43 @@ def test_spectra_the_predictor_cannot_use_are_refused(model_dir):
     trial = study.ask()
     lstm = torch.nn.LSTM(2, 6, batch_first=True)
     probe = torch.randn(3, 20, 2)
-    with pytest.raises(ValueError, match="3 of the state's 12 exponents.*k=None"):
+    with pytest.raises(ValueError, match="3 of the state's 12 exponents.*k=12"):
         lepredict.measure_and_report(trial, lstm, probe, 0, k=3)
     with pytest.raises(ValueError, match="hidden-only map.*lstm_state='full'"):
         lepredict.measure_and_report(trial, lstm, probe, 0, lstm_state="hidden")
-    with pytest.raises(ValueError, match="k=None"):
+    with pytest.raises(ValueError, match="2 of the state's 64 exponents.*k=16"):
         report_spectrum(trial, {"mean": [0.1, -0.1], "n": 64}, 0)
+    with pytest.raises(ValueError, match="not the sum of all.*exponent_sum=True"):
+        report_spectrum(trial, {"mean": [0.1] * 16, "n": 64}, 0)
+    report_spectrum(trial, {"mean": [0.1] * 16, "n": 64, "sum": -30.0}, 1)  # what it needs
     full = lepredict.measure_and_report(trial, lstm, probe, 0)
     stored = study.trials[0].user_attrs[f"{ATTR}spectrum:0"]
     assert stored["n"] == stored["k"] == full.state_size == 12 and stored["convention"] == "full"
+    assert stored["sum"] == pytest.approx(sum(stored["mean"]), abs=1e-4)
     # Without the pruner a partial spectrum is stored as it is, for analysis.
     other = optuna.create_study().ask()
     report_spectrum(other, lepredict.lyapunov_spectrum(lstm, probe, k=3), 0)
     assert other.study.trials[0].user_attrs[f"{ATTR}spectrum:0"]["n"] == 12
+
+
+def test_measure_and_report_measures_what_the_predictor_uses_and_no_more():
+    """16 leading exponents and the sum of all, over the first 8 probe sequences, a warm-up of
+    an eighth of the steps; the record says what was measured."""
+    trial = optuna.create_study().ask()
+    gru = torch.nn.GRU(3, 40, num_layers=2)  # sequence-first: the probe is (T, B, input)
+    probe = torch.randn(32, 12, 3)
+    spec = lepredict.measure_and_report(trial, gru, probe, 0)
+    assert spec.exponents.shape == (8, 16) and spec.steps == 32 - 4
+    stored = trial.study.trials[0].user_attrs[f"{ATTR}spectrum:0"]
+    assert (stored["n"], stored["k"]) == (80, 16)
+    reference = lepredict.lyapunov_spectrum(gru, probe[:, :8], warmup=4, dtype=torch.float64)
+    assert stored["sum"] == pytest.approx(float(reference.exponent_sum.mean()), rel=1e-4)
+    assert np.allclose(stored["mean"][:4], reference.mean[:4].numpy(), atol=0.05)
+    # Overrides go to the engine; a network smaller than 16 gets its whole spectrum.
+    spec = lepredict.measure_and_report(trial, gru, probe, 1, k=None, warmup=0)
+    assert spec.exponents.shape == (8, 80)
+    small = lepredict.measure_and_report(trial, torch.nn.RNN(3, 5), probe, 2)
+    assert small.exponents.shape == (8, 5)
 
 
 def test_online_mode_fits_on_the_study_and_is_stateless(runs):
