@@ -12,6 +12,8 @@ For RNN, GRU and LSTM at N = 64, 128, 256 (B = 32 trajectories, T = 500 steps, f
   the engine's memory layout and by the engine's QR for the device (LAPACK's Householder QR on
   CPUs; on CUDA the Cholesky-QR route, since cuSOLVER's batched QR is far slower there).
 
+* auto: the engine with ``reorth_every="auto"`` (a QR only as often as accuracy requires).
+
 Run: ``python benchmarks/bench_lyapunov.py`` (``--quick`` for T = 100, ``--device cuda`` on a GPU).
 """
 
@@ -41,9 +43,9 @@ def _timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
-def time_engine(rnn, x, device) -> float:
+def time_engine(rnn, x, device, reorth_every=1) -> float:
     lepredict.lyapunov_spectrum(rnn, x[:, :5])  # warm the allocator and kernels
-    return _timed(lambda: lepredict.lyapunov_spectrum(rnn, x), device)
+    return _timed(lambda: lepredict.lyapunov_spectrum(rnn, x, reorth_every=reorth_every), device)
 
 
 def time_unavoidable(B: int, n: int, T: int, device) -> float:
@@ -111,7 +113,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; B={B}, T={T}, float32, full spectrum")
     print(f"per-trajectory reference timed on {args.ref_traj} trajectories x {args.ref_steps} steps, scaled to B x T")
-    head = f"{'arch':5} {'N':>4} {'n':>4} | {'engine s':>9} {'per-traj s':>10} {'speed-up':>8} | {'unavoid s':>9} {'engine/unavoid':>14}"
+    head = (f"{'arch':5} {'N':>4} {'n':>4} | {'engine s':>9} {'per-traj s':>10} {'speed-up':>8} | "
+            f"{'unavoid s':>9} {'engine/unavoid':>14} | {'auto s':>7} {'auto/unavoid':>12}")
     print(head)
     print("-" * len(head))
     for arch in args.archs:
@@ -123,8 +126,10 @@ def main() -> None:
             t_ref = time_per_trajectory(rnn, x, args.ref_traj, args.ref_steps, device)
             t_ref *= (B * T) / (args.ref_traj * args.ref_steps)
             t_min = time_unavoidable(B, n, T, device)
+            t_auto = time_engine(rnn, x, device, reorth_every="auto")
             print(f"{arch:5} {N:>4} {n:>4} | {t_eng:>9.2f} {t_ref:>10.1f} {t_ref / t_eng:>7.0f}x | "
-                  f"{t_min:>9.2f} {t_eng / t_min:>14.2f}", flush=True)
+                  f"{t_min:>9.2f} {t_eng / t_min:>14.2f} | {t_auto:>7.2f} {t_auto / t_min:>12.2f}",
+                  flush=True)
 
 
 if __name__ == "__main__":
