@@ -623,9 +623,8 @@ def _check_readable(study, command: str, *, finished_only: bool = False) -> None
     if command == "export" and active and not finished_only:
         done = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
         raise CLIError(f"Study {name!r} is still running ({_numbers(active, 'trial')} not "
-                       f"finished), so their rows would be half-done; export when it has "
-                       f"finished, or pass --finished-only to export the {done} finished "
-                       "trials.")
+                       f"finished); export it when it has finished, or pass --finished-only to "
+                       f"export the {done} finished trials.")
 
 
 def _cmd_export(args) -> int:

@@ -111,6 +111,7 @@ class _Study:
     labelled: bool  # by a threshold (given or recorded), not by a median split
     horizon: pd.Series  # the study's horizon per row (epochs), NaN where unknown
     sweep: bool
+    params: list  # the param_* columns the trials varied
 
     @property
     def value_name(self) -> str:
@@ -220,7 +221,8 @@ def _read(frame: pd.DataFrame, threshold: float | None) -> _Study:
             horizon[missing] = max(ends) if ends else np.nan
     sweep = "task" in frame and frame["task"].map(lambda t: isinstance(t, str)).any()
     return _Study(frame, direction, normalised, curves, last, finished, pruned, final,
-                  trainable, good, bad, rule_words, labelled, horizon, bool(sweep))
+                  trainable, good, bad, rule_words, labelled, horizon, bool(sweep),
+                  _params(frame))
 
 
 def _epochs_word(s: _Study) -> str:
@@ -235,8 +237,7 @@ def _params(frame: pd.DataFrame) -> list[str]:
 
 def _hover(s: _Study, i) -> str:
     row = s.frame.loc[i]
-    params = ", ".join(f"{c[6:]}={_fmt(row[c])}" for c in _params(s.frame)
-                       if not _missing(row[c]))
+    params = ", ".join(f"{c[6:]}={_fmt(row[c])}" for c in s.params if not _missing(row[c]))
     return f"trial {row['number']}" + (f" ({row['study']})" if _text(row.get("study")) and
                                        s.frame["study"].nunique() > 1 else "") + \
         (f"<br>{params}" if params else "")
