@@ -298,7 +298,9 @@ def _curves_panel(s: _Study, reference: pd.DataFrame | None) -> Panel:
     for i in drawn:
         counts[group(i)[0]] = counts.get(group(i)[0], 0) + 1
     marks = 0
-    for i, (xs, ys) in sorted(drawn.items(), key=lambda kv: (kv[0] in s.pruned, kv[0])):
+    rank = {s.good: 0, s.bad: 1, "pruned": 2}
+    for i, (xs, ys) in sorted(drawn.items(), key=lambda kv: (rank.get(group(kv[0])[0], 3),
+                                                             kv[0])):
         name, color = group(i)
         ys = [min(y, cap) if math.isfinite(y) else None for y in ys]
         row = s.frame.loc[i]
@@ -431,31 +433,39 @@ def _decisions_panel(s: _Study, reference: pd.DataFrame | None) -> Panel:
     if not s.pruned.size:
         return Panel("decisions", heading, "No trial was pruned.")
     known = _reference_finals(reference)
+    recorded = sum(bool(_text(s.frame.at[i, "prune_reason"])) if "prune_reason" in s.frame
+                   else False for i in s.pruned)
+    predicted = "predicted_p_trainable" in s.frame and \
+        pd.to_numeric(s.frame.loc[s.pruned, "predicted_p_trainable"], errors="coerce").notna().any()
     rows = []
     for i in s.pruned:
         row = s.frame.loc[i]
         xs, ys = s.curves[i]
-        p, loss = _num(row.get("predicted_p_trainable")), _num(row.get("predicted_final_loss"))
-        full = known.get(_config_key(row)) if known else None
-        rows.append([str(row["number"]), str(xs[-1]) if xs else "",
-                     f"{ys[-1]:.4g}" if ys and math.isfinite(ys[-1]) else "",
-                     f"{p:.3f}" if math.isfinite(p) else "",
-                     f"{loss:.3f}" if math.isfinite(loss) else "", _reason(row)]
-                    + ([f"{full:.3f}" if full is not None else ""] if known else []))
-    header = ["trial", f"pruned at {_epochs_word(s)}", "value then", "P(trainable)",
-              "predicted final loss", "reason"] + (["full run reached"] if known else [])
-    widths = [45, 70, 70, 75, 80, 420] + ([80] if known else [])
+        cells = [str(row["number"]), str(xs[-1]) if xs else "",
+                 f"{ys[-1]:.4g}" if ys and math.isfinite(ys[-1]) else ""]
+        if predicted:
+            p, loss = _num(row.get("predicted_p_trainable")), _num(row.get("predicted_final_loss"))
+            cells += [f"{p:.3f}" if math.isfinite(p) else "",
+                      f"{loss:.3f}" if math.isfinite(loss) else ""]
+        cells.append(_reason(row))
+        if known:
+            full = known.get(_config_key(row))
+            cells.append(f"{full:.3f}" if full is not None else "")
+        rows.append(cells)
+    header = ["trial", f"pruned at {_epochs_word(s)}", "value then"] \
+        + (["P(trainable)", "predicted final loss"] if predicted else []) + ["reason"] \
+        + (["full run reached"] if known else [])
+    widths = [40, 55, 60] + ([90, 75] if predicted else []) + [380] + ([70] if known else [])
     fig = go.Figure(go.Table(
         columnwidth=widths,
         header={"values": [f"<b>{h}</b>" for h in header], "fill_color": "#e9ecef",
                 "align": "left"},
         cells={"values": list(map(list, zip(*rows))), "align": "left", "height": 26}))
-    recorded = sum(bool(_text(s.frame.at[i, "prune_reason"])) if "prune_reason" in s.frame
-                   else False for i in s.pruned)
-    _layout(fig, f"Why {len(s.pruned)} trials were pruned",
-            f"{recorded} decisions recorded by LyapunovPruner; P(trainable) and the predicted "
-            "final (normalised) loss as it predicted them",
-            height=min(720, 150 + 27 * len(rows)))
+    subtitle = (f"{recorded} decisions recorded by LyapunovPruner, with P(trainable) and the "
+                "predicted final normalised loss" if recorded else
+                "no reasons recorded: pruned by a pruner other than LyapunovPruner")
+    _layout(fig, f"Why {len(s.pruned)} trials were pruned", subtitle,
+            height=min(480, 160 + 40 * len(rows)))  # taller ones scroll
     fig.update_layout(margin={"t": 80, "l": 10, "r": 10, "b": 10})
     text = ("Each pruned trial, the step it was stopped at, its reported value then, and what "
             "LyapunovPruner predicted and decided (its record lepredict:prediction:STEP). A "
@@ -551,9 +561,9 @@ def _importance_panel(s: _Study) -> Panel:
         fig = optuna.visualization.plot_param_importances(study, evaluator=evaluator,
                                                           target_name=s.value_name)
     n_pruned = len(rows.intersection(s.pruned))
-    _layout(fig, f"Hyperparameter importance for the {s.value_name}",
-            f"fANOVA over {len(params)} hyperparameters, {len(rows)} trials "
-            f"({n_pruned} pruned, at their value when stopped)", showlegend=False,
+    _layout(fig, "Hyperparameter importance",
+            f"of the {s.value_name} (fANOVA), over {len(rows)} trials, {n_pruned} of them "
+            "pruned", showlegend=False,
             height=max(320, 160 + 40 * len(params)))
     text = (f"How much of the variation of the {s.value_name} each hyperparameter explains "
             "(Optuna's fANOVA importance), over every hyperparameter the trials varied. "
@@ -577,18 +587,21 @@ def _parallel_panel(s: _Study) -> Panel:
     extra = {}
     if s.pruned.size and len(set(stops.values())) > 1:
         word = _epochs_word(s)
-        extra[f"(stopped at {word})"] = (IntDistribution(min(stops.values()),
+        extra["(stopped at)"] = (IntDistribution(min(stops.values()),
                                                          max(stops.values())), stops)
     study, _ = _param_study(s, rows, target, extra)
-    fig = optuna.visualization.plot_parallel_coordinate(study, target_name=s.value_name)
+    # Short axis names: optuna-dashboard draws this figure a third as wide as the report.
+    fig = optuna.visualization.plot_parallel_coordinate(
+        study, target_name="loss" if s.normalised else "value")
     _layout(fig, "Hyperparameters of every trial",
             f"line colour: {s.value_name} (final, or when pruned)"
-            + ("; first axis: where each trial stopped" if extra else ""), height=540)
-    fig.update_layout(margin={"t": 110, "l": 80, "r": 80, "b": 40})
+            + (f"; second axis: the {_epochs_word(s)} each trial stopped at" if extra else ""),
+            height=480)  # optuna-dashboard clips figures taller than this
+    fig.update_layout(margin={"t": 100, "l": 70, "r": 70, "b": 40})
     text = ("Each line is a trial, across every hyperparameter the trials varied, coloured by "
             f"its {s.value_name} (final, or when it was pruned)."
-            + (f" The first axis is the {_epochs_word(s)} each trial stopped at: the pruned "
-               "trials sit low on it." if extra else ""))
+            + (f" The second axis is the {_epochs_word(s)} each trial stopped at: the "
+               "pruned trials sit low on it." if extra else ""))
     return Panel("parallel", heading, text, fig)
 
 
@@ -683,7 +696,7 @@ def _lmax_panel(s: _Study, epoch: int) -> Panel:
                 hovertemplate="%{text}<br>largest exponent %{x:.3f}, value %{y:.4g}"
                               "<extra></extra>"))
     fig.add_vline(x=0, line={"color": "#999", "width": 1, "dash": "dot"})
-    _layout(fig, f"Largest Lyapunov exponent at epoch {epoch} against the outcome",
+    _layout(fig, f"Largest exponent at epoch {epoch} vs outcome",
             "right of 0: chaotic dynamics; far left: vanishing memory",
             xaxis_title=f"largest exponent at epoch {epoch} (nats / step)",
             yaxis_title=s.value_name + (f" (capped at {_CAP:g})" if s.normalised else ""))
@@ -743,7 +756,10 @@ def _calibration_panel(s: _Study, model, proba: pd.Series) -> Panel:
                      "outcomes.")
     p = proba[rows].to_numpy()
     n_bins = int(np.clip(len(rows) // 5, 2, 10))
-    bins = pd.qcut(p, q=n_bins, duplicates="drop", labels=False)
+    # Quantile bins; a value many trials share (a confident predictor's 0.01) stays in one bin
+    # rather than swallowing its neighbours, as merged duplicate edges would.
+    edges = np.unique(np.quantile(p, np.linspace(0, 1, n_bins + 1)[1:-1]))
+    bins = np.searchsorted(edges, p, side="right")
     mean, share, low, high, count = [], [], [], [], []
     for b in sorted(set(bins)):
         m = bins == b
@@ -756,7 +772,7 @@ def _calibration_panel(s: _Study, model, proba: pd.Series) -> Panel:
         count.append(n)
     rng = np.random.default_rng(0)
     fig = go.Figure([
-        go.Scatter(x=[0, 1], y=[0, 1], line={"dash": "dash", "color": "grey"},
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dash", "color": "grey"},
                    name="perfect calibration", hoverinfo="skip"),
         go.Scatter(x=p, y=y + rng.uniform(-0.03, 0.03, len(y)), mode="markers",
                    marker={"size": 6, "color": [_GOOD if v else _BAD for v in y],
