@@ -352,8 +352,9 @@ def _curves_panel(s: _Study, reference: pd.DataFrame | None) -> Panel:
             xaxis_title=_epochs_word(s),
             yaxis_title=s.value_name + (f" (capped at {_CAP:g})" if s.normalised else ""))
     text = (f"Every trial's {s.value_name} at each {_epochs_word(s)} it reported. Finished "
-            f"trials are coloured by outcome ({s.rule}); pruned trials end with an x where "
-            "they were stopped: hover for what the pruner predicted and why it pruned them.")
+            f"trials are coloured by outcome ({s.rule})"
+            + ("; pruned trials end with an x where they were stopped: hover for what the "
+               "pruner predicted and why it pruned them." if s.pruned.size else "."))
     if reference is not None and not marks:
         text += (" The reference holds no full run of a pruned configuration, so no full "
                  "runs are marked.")
@@ -558,17 +559,24 @@ def _importance_panel(s: _Study) -> Panel:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fig = optuna.visualization.plot_param_importances(study, evaluator=evaluator,
-                                                          target_name=s.value_name)
+        try:
+            fig = optuna.visualization.plot_param_importances(study, evaluator=evaluator,
+                                                              target_name=s.value_name)
+        except (ValueError, RuntimeError) as err:  # e.g. no hyperparameter all trials share
+            return Panel("importance", heading, f"Optuna could not rank the hyperparameters: "
+                         f"{err}")
+    if not fig.data or not len(fig.data[0].y or ()):
+        return Panel("importance", heading, "No hyperparameter is shared by all the trials "
+                     "(conditional hyperparameters), so Optuna ranks none.")
     n_pruned = len(rows.intersection(s.pruned))
     _layout(fig, "Hyperparameter importance",
-            f"of the {s.value_name} (fANOVA), over {len(rows)} trials, {n_pruned} of them "
-            "pruned", showlegend=False,
+            f"of the {s.value_name} (fANOVA), over {len(rows)} trials"
+            + (f", {n_pruned} of them pruned" if n_pruned else ""), showlegend=False,
             height=max(320, 160 + 40 * len(params)))
     text = (f"How much of the variation of the {s.value_name} each hyperparameter explains "
-            "(Optuna's fANOVA importance), over every hyperparameter the trials varied. "
-            "Finished trials count with their final value, pruned trials with their value when "
-            "they were stopped, as Optuna's samplers rank them.")
+            "(Optuna's fANOVA importance), over every hyperparameter the trials varied."
+            + (" Finished trials count with their final value, pruned trials with their value "
+               "when they were stopped, as Optuna's samplers rank them." if n_pruned else ""))
     return Panel("importance", heading, text, fig)
 
 
@@ -594,12 +602,14 @@ def _parallel_panel(s: _Study) -> Panel:
     fig = optuna.visualization.plot_parallel_coordinate(
         study, target_name="loss" if s.normalised else "value")
     _layout(fig, "Hyperparameters of every trial",
-            f"line colour: {s.value_name} (final, or when pruned)"
+            f"line colour: {s.value_name}" + (" (final, or when pruned)" if s.pruned.size
+                                              else "")
             + (f"; second axis: the {_epochs_word(s)} each trial stopped at" if extra else ""),
             height=480)  # optuna-dashboard clips figures taller than this
     fig.update_layout(margin={"t": 100, "l": 70, "r": 70, "b": 40})
     text = ("Each line is a trial, across every hyperparameter the trials varied, coloured by "
-            f"its {s.value_name} (final, or when it was pruned)."
+            f"its {s.value_name}" + (" (final, or when it was pruned)." if s.pruned.size
+                                     else ".")
             + (f" The second axis is the {_epochs_word(s)} each trial stopped at: the "
                "pruned trials sit low on it." if extra else ""))
     return Panel("parallel", heading, text, fig)
@@ -657,7 +667,8 @@ def _spectrum_panel(s: _Study, epoch: int) -> Panel:
                      "(lepredict.report_spectrum stores them), so there are none to compare.")
     fig.add_hline(y=0, line={"color": "#999", "width": 1})
     _layout(fig, f"Lyapunov spectra at epoch {epoch}",
-            f"by outcome ({s.rule.split(';')[0]}) and pruned trials",
+            f"by outcome ({s.rule.split(':')[0]})" + (" and pruned trials" if s.pruned.size
+                                                      else ""),
             xaxis_title="exponent index i / n (largest first)",
             yaxis_title="exponent (nats / step)")
     text = (f"The spectra measured at epoch {epoch} (0: at initialisation) on a common grid, so "
@@ -678,6 +689,9 @@ def _lmax_panel(s: _Study, epoch: int) -> Panel:
         if lam and math.isfinite(_num(lam[0])) and math.isfinite(s.last[i]):
             points[i] = float(lam[0])
     n_finished = sum(i in s.finished for i in points)
+    if not n_finished:
+        return Panel("lmax", heading, f"No finished trial has a spectrum at epoch {epoch} "
+                     "(lepredict.report_spectrum stores them).")
     if n_finished < _SCATTER_MIN:
         return Panel("lmax", heading, f"Only {n_finished} finished trials have a spectrum at "
                      f"epoch {epoch} and a final value; a scatter needs at least "
@@ -701,7 +715,8 @@ def _lmax_panel(s: _Study, epoch: int) -> Panel:
             xaxis_title=f"largest exponent at epoch {epoch} (nats / step)",
             yaxis_title=s.value_name + (f" (capped at {_CAP:g})" if s.normalised else ""))
     text = (f"The largest exponent at epoch {epoch} of each trial against its final "
-            f"{s.value_name} (pruned trials: the value when they were stopped).")
+            f"{s.value_name}" + (" (pruned trials: the value when they were stopped)."
+                                 if s.pruned.size else "."))
     return Panel("lmax", heading, text, fig)
 
 
