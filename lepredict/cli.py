@@ -616,13 +616,38 @@ def _failures(trials) -> str:
     return f"{len(fail)}: " + "; ".join(parts)
 
 
+def _check_readable(study, command: str, *, finished_only: bool = False) -> None:
+    """A study ``export`` and ``analyze`` can read: one objective, something reported, and (for
+    an export) no trial still running unless only the finished ones are asked for."""
+    trials = study.get_trials(deepcopy=False)
+    name = study.study_name
+    if len(study.directions) > 1:
+        raise CLIError(f"Study {name!r} has {len(study.directions)} objectives "
+                       f"({', '.join(d.name.lower() for d in study.directions)}); lepredict "
+                       f"{command} reads single-objective studies only.")
+    if not trials:
+        raise CLIError(f"Study {name!r} has no trials yet, so nothing to {command}; run "
+                       f"`lepredict sweep --study-name {name}` or your own loop first.")
+    if not any(t.intermediate_values or t.value is not None for t in trials):
+        raise CLIError(f"None of the {len(trials)} trials of study {name!r} reported a value "
+                       f"(trial.report) or finished with one, so there is nothing to {command}; "
+                       "report the validation loss with trial.report(loss, epoch).")
+    active = [t.number for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    if command == "export" and active and not finished_only:
+        done = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
+        raise CLIError(f"Study {name!r} is still running ({_numbers(active, 'trial')} not "
+                       f"finished); export it when it has finished, or pass --finished-only to "
+                       f"export the {done} finished trials.")
+
+
 def _cmd_export(args) -> int:
     from lepredict.sweep import export_trials
 
     _check_output(args.output, (".parquet", ".csv"))
     study = _open_study(args.storage, args.study_name)
+    _check_readable(study, "export", finished_only=args.finished_only)
     try:
-        n = export_trials(study, args.output)
+        n = export_trials(study, args.output, finished_only=args.finished_only)
     except OSError as err:
         raise CLIError(f"Cannot write -o {args.output!r}: {err.strerror or err}.") from None
     except ValueError as err:
@@ -940,16 +965,16 @@ def _cmd_analyze(args) -> int:
         _check_output(args.output, (".html",))
     if args.publish and (args.data or not args.study_name):
         raise CLIError("--publish saves figures into a study: use --study-name, not --data.")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise CLIError(f"--threshold must be a finite number, got {args.threshold}.")
     if args.data:
         frame = _read_data(args.data)
         title = ", ".join(args.data)
     elif args.study_name:
         study = _open_study(args.storage, args.study_name)
+        _check_readable(study, "analyse")
         frame = trials_frame(study)
         title = args.study_name
-        if frame.empty:
-            raise CLIError(f"Study {args.study_name!r} has no trials yet, so nothing to analyse; "
-                           f"run `lepredict sweep --study-name {args.study_name}` first.")
     else:
         raise CLIError("Say what to analyse: --study-name NAME [--storage URL], or --data FILE.")
     model = None
@@ -959,13 +984,20 @@ def _cmd_analyze(args) -> int:
     reference = _read_data(args.reference) if args.reference else None
     output = args.output or f"studies/{(args.study_name or 'report')}-report.html"
     try:
-        path = report.analyze(frame, output, model=model, title=title, reference=reference)
+        sections = report.panels(frame, model=model, reference=reference,
+                                 threshold=args.threshold)
+        path = report.analyze(frame, output, model=model, title=title, reference=reference,
+                              threshold=args.threshold, sections=sections)
         if args.publish:
-            n = report.publish(study, report.figures(frame, model=model, reference=reference))
+            n = report.publish(study, {p.key: p.figure for p in sections if p.figure},
+                               notes=[p for p in sections if p.figure is None])
             print(f"published {n} figures to study {study.study_name} for optuna-dashboard")
     except (ValueError, ImportError) as err:
         raise CLIError(str(err)) from None
     print(f"wrote {path}")
+    for p in sections:
+        if p.figure is None:
+            print(f"  not drawn: {p.heading}: {p.text}")
     return 0
 
 
@@ -1120,10 +1152,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the analysis report (studies/NAME-report.html) at the end")
     p.set_defaults(func=_cmd_sweep)
 
-    p = command("export", help="write a study's trials to Parquet or CSV")
+    p = command("export", help="write a study's trials to Parquet or CSV: a lepredict sweep, "
+                "or any single-objective Optuna study of your own")
     storage(p)
     p.add_argument("--study-name", required=True, help="study to export")
     p.add_argument("-o", "--output", required=True, help="FILE.parquet or FILE.csv")
+    p.add_argument("--finished-only", action="store_true",
+                   help="export the finished trials (complete, pruned, failed) of a study that "
+                   "still has trials running; without it such a study is refused")
     p.set_defaults(func=_cmd_export)
 
     from lepredict.features import FEATURE_SETS
@@ -1181,19 +1217,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p.set_defaults(func=_cmd_predict)
 
-    p = command("analyze", help="HTML report of a sweep (plotly figures)")
+    p = command("analyze", help="HTML report of a study (plotly figures): a lepredict sweep, "
+                "or any single-objective Optuna study of your own")
     storage(p)
     p.add_argument("--study-name", default=None, help="study to analyse")
     p.add_argument("--data", nargs="+", default=None, help="exported trials instead of a study")
-    p.add_argument("--model", default="default", help="predictor to show ('none' for no model)")
+    p.add_argument("--model", default="default", help="predictor whose calibration is shown "
+                   "('none' for no model)")
     _add_trust_arg(p)
-    p.add_argument("--budget", type=int, default=1, help="early budget of the predictor shown")
+    p.add_argument("--budget", type=int, default=1, help="early budget of the predictor shown "
+                   "(and the epoch whose spectra are shown)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="a finished trial trained when its final normalised loss is below this "
+                   "(for a study without losses, when its value beats this in the study's "
+                   "direction); default: the task's, else the median of the finished trials")
     p.add_argument("--reference", nargs="+", default=None,
                    help="exports of full runs: what pruned configurations would have reached")
     p.add_argument("-o", "--output", default=None, help="report path (default: "
                    "studies/NAME-report.html)")
     p.add_argument("--publish", action="store_true",
-                   help="also save the figures into the study for optuna-dashboard")
+                   help="also save the figures into the study for optuna-dashboard, one graph "
+                   "per figure (pip install optuna-dashboard)")
     p.set_defaults(func=_cmd_analyze)
     return parser
 

@@ -172,24 +172,105 @@ def run_row(meta: dict, run: Mapping, params: Mapping, spectra: Mapping) -> dict
     return row
 
 
+def attrs_by_step(user_attrs: Mapping, prefix: str) -> dict[int, object]:
+    """The user attributes ``PREFIX + STEP`` of a trial (:data:`SPECTRUM`, :data:`VAL_LOSS`,
+    :data:`PREDICTION`), keyed by the step as an int."""
+    return {int(key[len(prefix):]): value for key, value in user_attrs.items()
+            if key.startswith(prefix) and key[len(prefix):].isdigit()}
+
+
+#: A trial's ``status`` column when lepredict stored none, by its Optuna state.
+_STATUS = {"PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+
+
+def _own_run(t, setup: Mapping, chance: float | None, direction: str) -> dict:
+    """What a trial of a loop of one's own (or a sweep trial still running) holds, as a stored
+    run: its losses (those given to ``report_spectrum(val_loss=...)``, else the values it
+    reported in a minimising study), how it ended and where it was pruned."""
+    reported = {int(s): _float(v) for s, v in t.intermediate_values.items()}
+    given = {s: _float(v) for s, v in attrs_by_step(t.user_attrs, VAL_LOSS).items()}
+    scale = 1.0
+    if given:
+        losses = given
+    elif setup.get("reported") == "normalised":  # a sweep trial that has not stored its run
+        losses, scale = reported, chance or 1.0
+    elif direction == "minimize":
+        losses = reported
+    else:
+        losses = {}  # a maximised value (an accuracy) is not a loss
+    val = [losses[s] * scale for s in sorted(losses)]
+    run: dict = {"val_loss": val}
+    last = t.last_step
+    state = t.state.name
+    if last is not None:
+        run["epochs_completed"] = last
+    if state == "PRUNED" and last is not None:
+        run["pruned_at"] = last
+    if state == "COMPLETE":
+        value = _float(t.value)
+        if losses and (last is None or max(losses) >= last):
+            final = val[-1]  # the loss at the trial's last step
+        elif not losses and not given and direction == "minimize":
+            final = value  # nothing reported: the value is the loss
+        else:
+            final = None  # losses given for the early epochs only
+        ok = all(v is None or math.isfinite(v) for v in (value, final))
+        run["status"] = "ok" if ok else "diverged"
+        if final is not None:
+            run["final_val_loss"] = final if ok else math.inf
+            if chance:
+                run["final_normalised_loss"] = final / chance if ok else math.inf
+    return run
+
+
 def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = None,
-              threshold: float | None = None) -> dict:
-    """A finished or running trial of a ``lepredict sweep`` study as a trials-frame row."""
+              threshold: float | None = None, *, direction: str = "minimize") -> dict:
+    """A trial of any single-objective study as a trials-frame row.
+
+    A ``lepredict sweep`` trial gives its stored run. A trial of a loop of one's own gives what
+    it reported: the values of ``trial.report`` (``steps``, ``values``), its losses (those given
+    to :func:`~lepredict.report_spectrum` with ``val_loss=``, else the reported values when the
+    study minimises), the chance loss given to ``report_spectrum``, how it ended (``status``,
+    ``final_normalised_loss``; ``pruned_at``, the last step of a pruned trial) and spectra.
+    Either way the row carries what :class:`~lepredict.LyapunovPruner` decided last
+    (``predicted_p_trainable``, ``predicted_final_loss``, at ``predicted_at``) and, for a trial
+    it pruned, why (``prune_reason``).
+    """
     spectra = {attr[len(SPECTRUM):]: spec for attr, spec in t.user_attrs.items()
                if attr.startswith(SPECTRUM)}
+    own_chance = t.user_attrs.get(CHANCE_LOSS)
+    chance = _float(own_chance) if own_chance is not None else (
+        chance_loss if chance_loss is not None else _float(setup.get("chance_loss")))
+    reported = sorted((int(s), _float(v)) for s, v in t.intermediate_values.items())
+    decisions = attrs_by_step(t.user_attrs, PREDICTION)
+    predicted = [(s, d) for s, d in sorted(decisions.items())
+                 if isinstance(d, Mapping) and d.get("p_trainable") is not None]
+    pruned = [d for s, d in sorted(decisions.items()) if isinstance(d, Mapping) and d.get("pruned")]
     meta = {
         "study": study_name,
         "number": t.number,
         "state": t.state.name,
         "value": _float(t.value),
-        "status": t.user_attrs.get(STATUS, "failed" if t.state.name == "FAIL" else None),
+        "direction": direction,
+        "status": t.user_attrs.get(STATUS, _STATUS.get(t.state.name)),
         "task": setup.get("task"),
         "task_options": json.dumps(setup.get("task_options", {}), sort_keys=True),
         "epochs": setup.get("epochs"),
-        "chance_loss": chance_loss if chance_loss is not None else setup.get("chance_loss"),
+        "chance_loss": chance,
         "threshold": threshold if threshold is not None else setup.get("threshold"),
         "fail_reason": t.user_attrs.get(ERROR),
+        "steps": [s for s, _ in reported],
+        "values": [v for _, v in reported],
+        "prune_reason": pruned[-1].get("reason") if pruned and t.state.name == "PRUNED" else None,
+        "predicted_at": predicted[-1][0] if predicted else None,
+        "predicted_p_trainable": _float(predicted[-1][1]["p_trainable"]) if predicted else None,
+        "predicted_final_loss": _float(predicted[-1][1].get("final_loss")) if predicted else None,
     }
-    run = t.user_attrs.get(RUN, {})
+    run = t.user_attrs.get(RUN)
+    if run is None:
+        run = _own_run(t, setup, chance, direction)
+        if meta["status"] is None:
+            meta["status"] = run.pop("status", None)
+        run.pop("status", None)
     # The whole config (fixed values included), then the sampled params as Optuna holds them.
     return run_row(meta, run, {**run.get("config", {}), **t.params}, spectra)

@@ -50,6 +50,7 @@ from lepredict.train import PROBE_SIZE, RunConfig, train_run
 __all__ = [
     "ATTR",
     "DEFAULT_SPACE",
+    "FINISHED_STATES",
     "SearchSpace",
     "SpaceExhausted",
     "export_trials",
@@ -742,11 +743,30 @@ class _Progress:
         self.bar.close()
 
 
-def trials_frame(study: optuna.Study):
-    """One row per trial: params, outcome, curves and spectra per epoch (lists in cells)."""
+#: Trial states of a trial that is over: it will report nothing more.
+FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def trials_frame(study: optuna.Study, *, finished_only: bool = False):
+    """One row per trial: params, outcome, curves and spectra per epoch (lists in cells).
+
+    Any single-objective study reads: one made by ``lepredict sweep``, or by a loop of one's
+    own (see :func:`lepredict.records.trial_row` for what its rows hold). ``epochs`` is the
+    sweep's, or for a study of one's own the last step its finished trials reported (its
+    horizon). ``finished_only`` leaves out running and waiting trials.
+
+    Raises:
+        ValueError: a study with several objectives.
+    """
     import pandas as pd
 
-    setup = study.user_attrs.get(f"{ATTR}setup", {})
+    if len(study.directions) > 1:
+        raise ValueError(
+            f"Study {study.study_name!r} has {len(study.directions)} objectives ("
+            f"{', '.join(d.name.lower() for d in study.directions)}); lepredict reads "
+            "single-objective studies: make one with optuna.create_study(direction=...).")
+    direction = study.direction.name.lower()
+    setup = dict(study.user_attrs.get(f"{ATTR}setup", {}))
     chance, threshold = None, None
     if setup.get("task"):
         try:  # the task's chance loss and threshold travel with the export, for offline labels
@@ -754,8 +774,15 @@ def trials_frame(study: optuna.Study):
             chance, threshold = task.chance_loss, task.threshold
         except (KeyError, ValueError, TypeError):
             pass  # a custom task not registered in this process
-    rows = [trial_row(t, study.study_name, setup, chance, threshold)
-            for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    if finished_only:
+        trials = [t for t in trials if t.state.name in FINISHED_STATES]
+    if setup.get("epochs") is None:
+        steps = [t.last_step for t in trials if t.state.name == "COMPLETE"
+                 and t.last_step is not None]
+        setup["epochs"] = max(steps) if steps else None
+    rows = [trial_row(t, study.study_name, setup, chance, threshold, direction=direction)
+            for t in trials]
     return pd.DataFrame(rows)
 
 
@@ -774,11 +801,13 @@ def record_frame(record: RunRecord, task: tasks.Task) -> pd.DataFrame:
     return pd.DataFrame([run_row(meta, run, record.config, run["spectra"])])
 
 
-def export_trials(study: optuna.Study, path: str | os.PathLike) -> int:
+def export_trials(study: optuna.Study, path: str | os.PathLike, *,
+                  finished_only: bool = False) -> int:
     """Write :func:`trials_frame` to Parquet (``.parquet``) or CSV (``.csv``, list cells as
-    JSON); returns the number of rows."""
+    JSON); returns the number of rows. ``finished_only`` leaves out running and waiting
+    trials."""
     path = Path(path)
-    frame = trials_frame(study)
+    frame = trials_frame(study, finished_only=finished_only)
     if path.suffix == ".parquet":
         frame.to_parquet(path, index=False)
     elif path.suffix == ".csv":
@@ -806,7 +835,7 @@ def read_trials(path: str | os.PathLike):
     if path.suffix == ".csv":
         frame = pd.read_csv(path)
         for c in frame.columns:
-            if c in ("train_loss", "val_loss", "grad_norm") or (c.startswith("le") and c.endswith(("_mean", "_std"))):
+            if c in ("train_loss", "val_loss", "grad_norm", "steps", "values") or (c.startswith("le") and c.endswith(("_mean", "_std"))):
                 frame[c] = frame[c].map(lambda v: json.loads(v) if isinstance(v, str) else v)
         return frame
     raise ValueError(f"Cannot tell the format of {str(path)!r}: expected .parquet or .csv.")

@@ -64,6 +64,37 @@ def empty_study(tmp: Path) -> None:
     optuna.create_study(study_name="s", storage=f"sqlite:///{tmp / 'studies' / 's.db'}")
 
 
+def _study(tmp: Path, **kwargs):
+    import optuna
+
+    (tmp / "studies").mkdir()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(study_name="s", storage=f"sqlite:///{tmp / 'studies' / 's.db'}",
+                               **kwargs)
+
+
+def two_objective_study(tmp: Path) -> None:
+    study = _study(tmp, directions=["minimize", "maximize"])
+    study.optimize(lambda t: (t.suggest_float("x", 0, 1), 1.0), n_trials=2)
+
+
+def study_without_values(tmp: Path) -> None:
+    import optuna
+
+    study = _study(tmp)
+    for _ in range(2):  # trials that failed before reporting anything
+        study.tell(study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}),
+                   state=optuna.trial.TrialState.FAIL)
+
+
+def running_study(tmp: Path) -> None:
+    import optuna
+
+    study = _study(tmp)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).report(0.5, 0)
+
+
 SPECTRUM = {"0": {"mean": [0.1, -0.5], "std": [0.01, 0.02]},
             "1": {"mean": [0.05, -0.6], "std": [0.01, 0.02]}}
 
@@ -174,6 +205,26 @@ CASES = {
         ["analyze", "--study-name", "s", "--model", "none"], empty_study, "has no trials yet"),
     "analyze-unknown-url-scheme": (
         ["analyze", "--storage", "foo://bar", "--study-name", "s"], None, "unknown database"),
+    "export-empty-study": (
+        ["export", "--study-name", "s", "-o", "x.csv"], empty_study, "has no trials yet"),
+    "export-two-objectives": (
+        ["export", "--study-name", "s", "-o", "x.csv"], two_objective_study,
+        "has 2 objectives (minimize, maximize)"),
+    "analyze-two-objectives": (
+        ["analyze", "--study-name", "s", "--model", "none"], two_objective_study,
+        "has 2 objectives (minimize, maximize)"),
+    "export-no-reported-values": (
+        ["export", "--study-name", "s", "-o", "x.csv"], study_without_values,
+        "None of the 2 trials of study 's' reported a value"),
+    "analyze-no-reported-values": (
+        ["analyze", "--study-name", "s", "--model", "none"], study_without_values,
+        "None of the 2 trials of study 's' reported a value"),
+    "export-still-running": (
+        ["export", "--study-name", "s", "-o", "x.csv"], running_study,
+        "is still running (trial 2 not finished)"),
+    "analyze-threshold-nan": (
+        ["analyze", "--study-name", "s", "--model", "none", "--threshold", "nan"],
+        running_study, "--threshold must be a finite number"),
     "evaluate-unrelated-csv": (
         ["evaluate", "--data", "other.csv"], write("other.csv", "a,b\n1,2\n3,4\n"),
         "'other.csv' is not a lepredict export"),

@@ -9,10 +9,12 @@ import pytest
 
 import lepredict.features
 import lepredict.pruner
+import lepredict.report
 import lepredict.train
 
 
-@pytest.mark.parametrize("module", [lepredict.pruner, lepredict.features, lepredict.train])
+@pytest.mark.parametrize("module", [lepredict.pruner, lepredict.features, lepredict.train,
+                                    lepredict.report])
 def test_docstring_examples(module):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
