@@ -21,7 +21,8 @@ from lepredict.features import completed_runs
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum, rnn_state_size
 from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, MEASURED_EXPONENTS, PREDICTION, SETUP, SPECTRUM,
-                               VAL_LOSS, jsonable, run_row, spectrum_dict, spectrum_of)
+                               VAL_LOSS, attrs_by_step, jsonable, run_row, spectrum_dict,
+                               spectrum_of)
 from lepredict.train import PROBE_SIZE
 
 __all__ = ["LyapunovPruner", "measure_and_report", "report_spectrum"]
@@ -140,14 +141,6 @@ def _by_epoch(items: Mapping[int, object], steps_per_epoch: int) -> dict[int, ob
     return {s // steps_per_epoch: v for s, v in items.items() if s % steps_per_epoch == 0}
 
 
-def _attrs_by_step(trial: FrozenTrial, prefix: str) -> dict[int, object]:
-    out = {}
-    for key, value in trial.user_attrs.items():
-        if key.startswith(prefix) and key[len(prefix):].isdigit():
-            out[int(key[len(prefix):])] = value
-    return out
-
-
 def _float(value) -> float:
     try:
         return float(value)
@@ -161,7 +154,7 @@ class _TrialView:
 
     def __init__(self, study: optuna.Study, trial: FrozenTrial, steps_per_epoch: int):
         self.trial = trial
-        own = _attrs_by_step(trial, VAL_LOSS)
+        own = attrs_by_step(trial.user_attrs, VAL_LOSS)
         self.reported_losses = bool(own)
         # A maximising study reports something else than the loss: only losses given to
         # report_spectrum(val_loss=...) can be read then.
@@ -169,7 +162,7 @@ class _TrialView:
         raw = {s: _float(v) for s, v in own.items()} if self.losses_from_attrs \
             else dict(trial.intermediate_values)
         self.losses = _by_epoch(raw, steps_per_epoch)
-        self.spectra = _by_epoch(_attrs_by_step(trial, SPECTRUM), steps_per_epoch)
+        self.spectra = _by_epoch(attrs_by_step(trial.user_attrs, SPECTRUM), steps_per_epoch)
         setup = study.user_attrs.get(SETUP, {})
         declared = trial.user_attrs.get(CHANCE_LOSS)
         if declared is None and setup.get("reported") == "normalised":
@@ -606,7 +599,7 @@ def _best_prediction(study: optuna.Study, finished: list[FrozenTrial],
         return None
     best = (min if study.direction == StudyDirection.MINIMIZE else max)(
         finished, key=lambda t: t.value)
-    for record in _attrs_by_step(best, PREDICTION).values():
+    for record in attrs_by_step(best.user_attrs, PREDICTION).values():
         if isinstance(record, Mapping) and record.get("budget") == budget \
                 and record.get("final_loss") is not None:
             return best.number, float(record["final_loss"])
