@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 
 import torch
 from torch import Tensor
@@ -297,7 +298,7 @@ def train_population(
     probe_size: int = PROBE_SIZE,
     le_warmup: int | None = None,
     le_k: int | None = None,
-    on_epoch: Callable[[int, int, RunRecord], bool | None] | None = None,
+    on_epoch: Callable[[int, int, RunRecord], bool | Future | None] | None = None,
 ) -> list[RunRecord]:
     """Train configurations of one shape together and record each as :func:`train_run` would.
 
@@ -311,8 +312,13 @@ def train_population(
         on_epoch: called as ``on_epoch(member, epoch, record)`` for each live member, where
             ``member`` is its index in ``configs``, at the moments :func:`train_run` calls its
             callback (after epoch 0 and after each completed epoch); return True to stop that
-            member: it leaves with ``status="pruned"`` and its record as it stood. An exception
-            it raises stops the whole population.
+            member: it leaves with ``status="pruned"`` and its record as it stood. It may
+            instead return a :class:`concurrent.futures.Future` of that answer (a decision
+            that waits on a database, say): the member trains the next epoch meanwhile, and if
+            the answer is True that epoch is dropped and the record is what the callback saw
+            (but for ``wall_time``, which counts the dropped epoch at the end). Nothing touches
+            the record until the answer is known. An exception raised by
+            ``on_epoch`` or its future stops the whole population.
 
     Returns:
         One :class:`~lepredict.RunRecord` per configuration, in order. Its ``wall_time`` and
@@ -362,12 +368,18 @@ def train_population(
                       epochs=epochs) for c in configs]
     alive = list(range(len(configs)))  # member of each row of the stacks
 
+    spent = [0.0] * len(configs)
+    pending: dict[int, Future] = {}  # member -> its on_epoch decision, not yet known
+
     def charge() -> None:
-        """Share the time since the last charge among the members alive during it."""
+        """Share the time since the last charge among the members alive during it (written to
+        the records not waiting on a decision: those are not touched meanwhile)."""
         nonlocal clock
         now = time.perf_counter()
         for m in alive:
-            recs[m].wall_time += (now - clock) / len(alive)
+            spent[m] += (now - clock) / len(alive)
+            if m not in pending:
+                recs[m].wall_time = spent[m]
         clock = now
 
     def leave(rows_out: set[int]) -> None:
@@ -409,29 +421,42 @@ def train_population(
                 recs[alive[r]].le_time += spent / len(measured)
         return diverged
 
-    def call_back(epoch: int, rows: list[int]) -> set[int]:
-        stopped = set()
+    def call_back(epoch: int, rows: list[int]) -> None:
         if on_epoch is not None:
             for r in rows:
-                if on_epoch(alive[r], epoch, recs[alive[r]]):
+                decision = on_epoch(alive[r], epoch, recs[alive[r]])
+                if isinstance(decision, Future):
+                    pending[alive[r]] = decision
+                elif decision:
                     recs[alive[r]].status = "pruned"
-                    stopped.add(r)
+
+    def decide(rows: Iterable[int]) -> set[int]:
+        """Wait for the pending decisions of ``rows``; the rows stopped (now or before)."""
+        stopped = set()
+        for r in rows:
+            decision = pending.pop(alive[r], None)
+            if decision is not None and decision.result():
+                recs[alive[r]].status = "pruned"
+            if recs[alive[r]].status == "pruned":
+                stopped.add(r)
         return stopped
 
-    def finish(rows: set[int], status: str) -> None:
-        for r in rows:
-            rec = recs[alive[r]]
-            if status == "diverged" and rec.status != "pruned":
-                rec.status = "diverged"
+    def diverge(rows: set[int]) -> None:
+        """``rows`` diverged; one already stopped at the epoch before stays pruned."""
+        for r in rows - decide(rows):
+            recs[alive[r]].status = "diverged"
 
     diverged = measure(0)
-    stopped = call_back(0, list(range(len(alive))))  # train_run calls back at 0 in any case
-    finish(diverged - stopped, "diverged")
+    call_back(0, list(range(len(alive))))  # train_run calls back at 0 in any case
+    diverge(diverged)
+    stopped = {r for r in range(len(alive)) if recs[alive[r]].status == "pruned"}
     charge()
     leave(diverged | stopped)
     for epoch in range(1, epochs + 1):
         if not alive:
             break
+        # Members whose decision on the last epoch is still pending train on meanwhile: if it
+        # stops them, what they did since is dropped before it reaches their record.
         orders = torch.stack([torch.randperm(x_train.shape[0], generator=gens[m])
                               for m in alive]).to(device)
         losses: list[list[float]] = [[] for _ in alive]
@@ -452,7 +477,7 @@ def train_population(
                 else:  # train_run stops before this step: what the step did to it is dropped
                     bad.add(r)
             if bad:
-                finish(bad, "diverged")
+                diverge(bad)
                 charge()
                 keep = [r for r in range(len(alive)) if r not in bad]
                 orders = orders[keep]
@@ -463,19 +488,32 @@ def train_population(
                     break
         if not alive:
             break
+        stopped = decide(range(len(alive)))
+        if stopped:
+            keep = [r for r in range(len(alive)) if r not in stopped]
+            losses = [losses[r] for r in keep]
+            norms = [norms[r] for r in keep]
+            charge()
+            leave(stopped)
+            if not alive:
+                break
         for r, m in enumerate(alive):
             recs[m].train_loss.append(sum(losses[r]) / len(losses[r]))
             recs[m].grad_norm.append(sum(norms[r]) / len(norms[r]))
         charge()
         diverged = measure(epoch)
-        finish(diverged, "diverged")
+        diverge(diverged)
         ok = [r for r in range(len(alive)) if r not in diverged]
         for r in ok:
             recs[alive[r]].epochs_completed = epoch
-        stopped = call_back(epoch, ok)
+        call_back(epoch, ok)
+        stopped = {r for r in ok if recs[alive[r]].status == "pruned"}
         charge()
         leave(diverged | stopped)
-    for rec in recs:
+    decide(range(len(alive)))
+    charge()
+    for m, rec in enumerate(recs):
+        rec.wall_time = spent[m]
         if rec.status == "ok":
             rec.final_val_loss = rec.val_loss[-1]
             rec.final_normalised_loss = task.normalised_loss(rec.final_val_loss)

@@ -36,6 +36,7 @@ import time
 import tomllib
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -466,8 +467,11 @@ class _Objective:
     @staticmethod
     def finish(trial: optuna.Trial, rec: RunRecord) -> float:
         """Store a run that ended (trained or diverged); its value."""
-        for epoch, spec in rec.spectra.items():  # epochs the callback never saw (divergence)
-            trial.set_user_attr(f"{ATTR}spectrum:{epoch}", _jsonable(spec))
+        stored = trial.user_attrs
+        for epoch, spec in rec.spectra.items():  # epochs the callback never saw
+            key, value = f"{ATTR}spectrum:{epoch}", _jsonable(spec)
+            if stored.get(key) != value:  # each write is a database transaction
+                trial.set_user_attr(key, value)
         _store(trial, rec)
         return rec.final_normalised_loss
 
@@ -613,7 +617,7 @@ def _train_members(study, objective: _Objective, members, told: set[int], callba
     for group in group_by_shape([config for _, config in members]):
         trials = [members[i][0] for i in group]
 
-        def on_epoch(member: int, epoch: int, rec: RunRecord) -> bool:
+        def decide(member: int, epoch: int, rec: RunRecord) -> bool:
             trial = trials[member]
             try:
                 pruned = objective.report(trial, epoch, rec)
@@ -632,17 +636,25 @@ def _train_members(study, objective: _Objective, members, told: set[int], callba
                 _tell(study, trial, callbacks, heartbeats, state=optuna.trial.TrialState.PRUNED)
             return pruned
 
+        # Storing an epoch and asking the pruner is a few database transactions per trial,
+        # as long as the population's epoch of training on a busy disk: one thread does them,
+        # in order, while the members train on (a member it prunes drops that epoch).
+        writer = ThreadPoolExecutor(1, thread_name_prefix="lepredict-population")
         try:
             recs = train_population([members[i][1] for i in group], objective.task,
                                     epochs=objective.epochs, le_epochs=objective.le_epochs,
                                     device=objective.device, le_k=objective.le_k,
-                                    probe_size=objective.probe_size, on_epoch=on_epoch)
+                                    probe_size=objective.probe_size,
+                                    on_epoch=lambda *args: writer.submit(decide, *args))
         except Exception as err:  # the whole group fails, as one trial's error fails it
+            writer.shutdown(wait=True)
             for trial in trials:
                 if trial.number not in told:
                     told.add(trial.number)
                     _fail(study, trial, err, callbacks, heartbeats)
             continue
+        finally:
+            writer.shutdown(wait=True)
         for trial, rec in zip(trials, recs):
             if trial.number in told:
                 continue

@@ -8,11 +8,13 @@ import optuna
 import pytest
 
 import lepredict.features
+import lepredict.population
 import lepredict.pruner
 import lepredict.train
 
 
-@pytest.mark.parametrize("module", [lepredict.pruner, lepredict.features, lepredict.train])
+@pytest.mark.parametrize("module", [lepredict.pruner, lepredict.features, lepredict.train,
+                                    lepredict.population])
 def test_docstring_examples(module):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
