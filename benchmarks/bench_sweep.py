@@ -7,7 +7,9 @@ Two parts, both through the real ``run_sweep`` path on SQLite studies:
   Trials per minute one at a time (``population=1``) and with populations of 8, 16, 32 and 64
   (each population size runs that many trials, so every population is full), measured in one
   process, one after the other, with the task built and the study created beforehand
-  (start-up excluded); the ratio to one at a time is the figure to read on a busy machine.
+  (start-up excluded); the ratio to one at a time is the figure to read on a busy machine,
+  and trials per minute of process CPU time (not counting waits on the disk or on other
+  processes) beside the wall-clock ones.
 * ``spectra``: digits read pixel by pixel (T = 64), N = 64, 10 epochs, spectra (full, over the
   default 8 validation sequences) after epochs 1, 2 and 3, one trial per architecture and seed;
   the share of each run's wall time spent on spectra (target: under 15%).
@@ -38,6 +40,8 @@ def populations(args) -> None:
           f"sampled (TPE), device {args.device}, torch threads {torch.get_num_threads()}")
     header = "".join(f"{'K=' + str(k) if k > 1 else 'one by one':>12}" for k in sizes)
     print(f"{'network':10}{header}   (trials/minute; x: ratio to one by one)")
+    print("(rows 'cpu': trials per minute of this process's CPU time, which waits on the disk "
+          "and on other processes leave out)")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs:
             for hidden in args.hidden:
@@ -46,19 +50,22 @@ def populations(args) -> None:
                      "init_scale": FloatDistribution(0.2, 1.5, log=True)},
                     {"arch": arch, "hidden": hidden, "optimizer": "adam", "batch_size": 64},
                 )
-                rates = []
+                rates, cpu_rates = [], []
                 for k in sizes:
                     n = max(k, args.sequential_trials) if k == 1 else k
                     storage = f"sqlite:///{Path(tmp) / f'{arch}{hidden}-{k}.db'}"
                     optuna.create_study(storage=storage, study_name="bench")
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     run_sweep(task, n_trials=n, epochs=args.epochs, le_epochs=[0, 1, 2, 3],
                               storage=storage, study_name="bench", space=space,
                               device=args.device, population=k, show_progress_bar=False)
                     rates.append(n / (time.perf_counter() - t0) * 60)
-                cells = "".join(f"{r:>12.1f}" if i == 0 else f"{r:>6.1f} {r / rates[0]:>4.1f}x"
-                                for i, r in enumerate(rates))
-                print(f"{arch + '-' + str(hidden):10}{cells}", flush=True)
+                    cpu_rates.append(n / (time.process_time() - c0) * 60)
+                for label, values in (("", rates), (" cpu", cpu_rates)):
+                    cells = "".join(f"{r:>12.1f}" if i == 0 else
+                                    f"{r:>6.1f} {r / values[0]:>4.1f}x"
+                                    for i, r in enumerate(values))
+                    print(f"{arch + '-' + str(hidden) + label:10}{cells}", flush=True)
 
 
 def spectra(args) -> None:

@@ -127,51 +127,54 @@ class _Recurrence(torch.autograd.Function):
         w_hh, hs, *saved = ctx.saved_tensors
         K, T, B, N = hs.shape
         G = w_hh.shape[-2]
-        hprev = torch.cat([hs.new_zeros(K, 1, B, N), hs[:, :-1]], 1)
+        # Step by step, on (K, B, .) slices: factors precomputed for all steps at once are
+        # tensors of many megabytes at K = 32, and streaming them from memory cost more than
+        # the few extra kernels per step.
         dpre = hs.new_empty(K, T, B, G)  # gradient of the pre-activations, input side
+        dgh = dpre if ctx.arch != "gru" else torch.empty_like(dpre)  # hidden side
         dh_next = hs.new_zeros(K, B, N)
+        zeros = hs.new_zeros(K, B, N)
         if ctx.arch == "rnn":
-            deriv = 1 - hs * hs
             for t in reversed(range(T)):
                 dh = dout[:, t] + dh_next
-                dh_next = torch.bmm(torch.mul(dh, deriv[:, t], out=dpre[:, t]), w_hh)
-            dgh = dpre
+                d = _TANH_BACKWARD(dh, hs[:, t], grad_input=dpre[:, t])
+                dh_next = torch.bmm(d, w_hh)
         elif ctx.arch == "lstm":
             act, cs, tcs = saved
-            i, f, g, o = act.split(N, -1)
-            cprev = torch.cat([cs.new_zeros(K, 1, B, N), cs[:, :-1]], 1)
-            to_c = o * (1 - tcs * tcs)  # dh -> dc
-            by_dc = torch.cat([g * i * (1 - i), cprev * f * (1 - f), i * (1 - g * g)], -1)
-            by_dh = tcs * o * (1 - o)
-            dc_next = torch.zeros_like(dh_next)
+            dc_next = zeros
             for t in reversed(range(T)):
+                a, d = act[:, t], dpre[:, t]
+                i, f, g, o = (a[..., k * N:(k + 1) * N] for k in range(4))
                 dh = dout[:, t] + dh_next
-                dc = torch.addcmul(dc_next, dh, to_c[:, t])
-                d = dpre[:, t]
-                torch.mul(dc.unsqueeze(-2), by_dc[:, t].view(K, B, 3, N),
-                          out=d[..., :3 * N].view(K, B, 3, N))
-                torch.mul(dh, by_dh[:, t], out=d[..., 3 * N:])
-                dc_next = dc * f[:, t]
+                _SIGMOID_BACKWARD(dh * tcs[:, t], o, grad_input=d[..., 3 * N:])
+                dc = torch.ops.aten.tanh_backward(dh * o, tcs[:, t]).add_(dc_next)
+                _SIGMOID_BACKWARD(dc * g, i, grad_input=d[..., :N])
+                _SIGMOID_BACKWARD(dc * (cs[:, t - 1] if t else zeros), f,
+                                  grad_input=d[..., N:2 * N])
+                _TANH_BACKWARD(dc * i, g, grad_input=d[..., 2 * N:3 * N])
+                dc_next = dc * f
                 dh_next = torch.bmm(d, w_hh)
-            dgh = dpre
-        else:
+        else:  # h' = (h - n) z + n, n = tanh(a_n + r ghn), r and z sigmoids
             act, ghn = saved
-            r, z, n = act.split(N, -1)
-            to_n = (1 - z) * (1 - n * n)
-            to_r = to_n * ghn * r * (1 - r)
-            to_z = (hprev - n) * z * (1 - z)
-            by_gi = torch.cat([to_r, to_z, to_n], -1)
-            by_gh = torch.cat([to_r, to_z, to_n * r], -1)
-            dgh = torch.empty_like(dpre)
             for t in reversed(range(T)):
+                a, di, dg = act[:, t], dpre[:, t], dgh[:, t]
+                r, z, n = a[..., :N], a[..., N:2 * N], a[..., 2 * N:]
+                hprev = hs[:, t - 1] if t else zeros
                 dh = dout[:, t] + dh_next
-                torch.mul(dh.unsqueeze(-2), by_gi[:, t].view(K, B, 3, N),
-                          out=dpre[:, t].view(K, B, 3, N))
-                torch.mul(dh.unsqueeze(-2), by_gh[:, t].view(K, B, 3, N),
-                          out=dgh[:, t].view(K, B, 3, N))
-                dh_next = torch.baddbmm(dh * z[:, t], dgh[:, t], w_hh)
-        d_w = dgh.view(K, T * B, G).mT @ hprev.view(K, T * B, N)
+                dn = _TANH_BACKWARD(torch.addcmul(dh, dh, z, value=-1), n,
+                                    grad_input=di[..., 2 * N:])
+                torch.mul(dn, r, out=dg[..., 2 * N:])
+                _SIGMOID_BACKWARD(dh * (hprev - n), z, grad_input=dg[..., N:2 * N])
+                _SIGMOID_BACKWARD(dn * ghn[:, t], r, grad_input=dg[..., :N])
+                di[..., :2 * N] = dg[..., :2 * N]
+                dh_next = torch.baddbmm(dh * z, dg, w_hh)
+        # dW_hh = sum over steps of dgh_t^T h_{t-1}; h_{-1} = 0 drops the first step.
+        d_w = dgh[:, 1:].reshape(K, (T - 1) * B, G).mT @ hs[:, :-1].reshape(K, (T - 1) * B, N)
         return dpre, d_w, dgh.sum((1, 2)), None
+
+
+_TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input  # grad * (1 - y^2), into grad_input
+_SIGMOID_BACKWARD = torch.ops.aten.sigmoid_backward.grad_input  # grad * y (1 - y)
 
 
 def _forward(params: dict[str, Tensor], arch: str, layers: int, x: Tensor, last: int) -> Tensor:
