@@ -1,11 +1,21 @@
-"""Sweep throughput and the share of a run's time spent computing spectra.
+"""Sweep throughput: one trial at a time against populations, and the spectra's share of a run.
 
-Digits read pixel by pixel (T = 64), N = 64, one layer, 10 epochs, spectra (full, over 16
-validation sequences) after epochs 1, 2 and 3; one trial per architecture and seed through the
-real ``run_sweep`` path on a SQLite study. Prints trials per minute and, per architecture, the
-share of wall time spent on spectra (target: under 15%).
+Two parts, both through the real ``run_sweep`` path on SQLite studies:
 
-Run: ``python benchmarks/bench_sweep.py`` (``--device cuda`` on a GPU).
+* ``populations``: digits read by rows (``mode=row``, T = 8), GRU and LSTM of 32 and 64 units,
+  learning rate and initialisation scale sampled (TPE), spectra at epochs 0-3, no pruner.
+  Trials per minute one at a time (``population=1``) and with populations of 8, 16, 32 and 64
+  (each population size runs that many trials, so every population is full), measured in one
+  process, one after the other, with the task built and the study created beforehand
+  (start-up excluded); the ratio to one at a time is the figure to read on a busy machine,
+  and trials per minute of process CPU time (not counting waits on the disk or on other
+  processes) beside the wall-clock ones.
+* ``spectra``: digits read pixel by pixel (T = 64), N = 64, 10 epochs, spectra (full, over the
+  default 8 validation sequences) after epochs 1, 2 and 3, one trial per architecture and seed;
+  the share of each run's wall time spent on spectra (target: under 15%).
+
+Run: ``python benchmarks/bench_sweep.py`` (``--device cuda`` on a GPU, ``--part populations``
+for the first part only, ``--threads 1`` to pin torch to one thread).
 """
 
 from __future__ import annotations
@@ -16,23 +26,53 @@ import time
 from pathlib import Path
 
 import optuna
+import torch
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 
+from lepredict import tasks
 from lepredict.sweep import ATTR, SearchSpace, run_sweep
-from optuna.distributions import CategoricalDistribution
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials-per-arch", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+def populations(args) -> None:
+    task = tasks.get("digits", mode="row")
+    sizes = [1] + args.populations
+    print(f"digits (row, T=8), {args.epochs} epochs, spectra at epochs 0-3, lr and init_scale "
+          f"sampled (TPE), device {args.device}, torch threads {torch.get_num_threads()}")
+    header = "".join(f"{'K=' + str(k) if k > 1 else 'one by one':>12}" for k in sizes)
+    print(f"{'network':10}{header}   (trials/minute; x: ratio to one by one)")
+    print("(rows 'cpu': trials per minute of this process's CPU time, which waits on the disk "
+          "and on other processes leave out)")
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs:
+            for hidden in args.hidden:
+                space = SearchSpace(
+                    {"lr": FloatDistribution(1e-3, 3e-2, log=True),
+                     "init_scale": FloatDistribution(0.2, 1.5, log=True)},
+                    {"arch": arch, "hidden": hidden, "optimizer": "adam", "batch_size": 64},
+                )
+                rates, cpu_rates = [], []
+                for k in sizes:
+                    n = max(k, args.sequential_trials) if k == 1 else k
+                    storage = f"sqlite:///{Path(tmp) / f'{arch}{hidden}-{k}.db'}"
+                    optuna.create_study(storage=storage, study_name="bench")
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    run_sweep(task, n_trials=n, epochs=args.epochs, le_epochs=[0, 1, 2, 3],
+                              storage=storage, study_name="bench", space=space,
+                              device=args.device, population=k, show_progress_bar=False)
+                    rates.append(n / (time.perf_counter() - t0) * 60)
+                    cpu_rates.append(n / (time.process_time() - c0) * 60)
+                for label, values in (("", rates), (" cpu", cpu_rates)):
+                    cells = "".join(f"{r:>12.1f}" if i == 0 else
+                                    f"{r:>6.1f} {r / values[0]:>4.1f}x"
+                                    for i, r in enumerate(values))
+                    print(f"{arch + '-' + str(hidden) + label:10}{cells}", flush=True)
+
+
+def spectra(args) -> None:
     archs = ["rnn", "gru", "lstm"]
     space = SearchSpace(
         {"arch": CategoricalDistribution(archs)},
-        {"hidden": args.hidden, "init_scale": 0.1, "lr": 3e-3, "batch_size": 64},
+        {"hidden": 64, "init_scale": 0.1, "lr": 3e-3, "batch_size": 64},
     )
     n = args.trials_per_arch * len(archs)
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,12 +81,11 @@ def main() -> None:
         for i in range(n):  # the same number of trials for each architecture, in a fixed order
             study.enqueue_trial({"arch": archs[i % len(archs)]})
         t0 = time.perf_counter()
-        study = run_sweep("digits", n_trials=n, epochs=args.epochs, le_epochs=[1, 2, 3],
+        study = run_sweep("digits", n_trials=n, epochs=10, le_epochs=[1, 2, 3],
                           storage=storage, study_name="bench", space=space, device=args.device,
                           show_progress_bar=False)
         elapsed = time.perf_counter() - t0
-    print(f"digits (pixel, T=64), N={args.hidden}, {args.epochs} epochs, spectra at epochs 1-3, "
-          f"device {args.device}")
+    print(f"digits (pixel, T=64), N=64, 10 epochs, spectra at epochs 1-3, device {args.device}")
     print(f"{'arch':5} {'trials':>6} {'s/trial':>8} {'spectra s/trial':>16} {'spectra share':>14}")
     for arch in archs:
         runs = [t.user_attrs[f"{ATTR}run"] for t in study.trials if t.params["arch"] == arch]
@@ -55,6 +94,29 @@ def main() -> None:
         print(f"{arch:5} {len(runs):>6} {wall:>8.1f} {le:>16.2f} {le / wall:>13.1%}")
     print(f"throughput: {n / elapsed * 60:.1f} trials/minute ({n} trials in {elapsed:.0f} s, "
           "including storage)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["all", "populations", "spectra"], default="all")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own, one per core)")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs per trial (populations part)")
+    ap.add_argument("--archs", nargs="+", default=["gru", "lstm"])
+    ap.add_argument("--hidden", type=int, nargs="+", default=[32, 64])
+    ap.add_argument("--populations", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--sequential-trials", type=int, default=8,
+                    help="trials one by one per network (populations part)")
+    ap.add_argument("--trials-per-arch", type=int, default=2, help="spectra part")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.part in ("all", "populations"):
+        populations(args)
+    if args.part in ("all", "spectra"):
+        spectra(args)
 
 
 if __name__ == "__main__":

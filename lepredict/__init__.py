@@ -21,7 +21,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from lepredict import features, records, sweep, tasks
-from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum, lyapunov_spectrum_map
+from lepredict.lyapunov import (LyapunovSpectrum, lyapunov_spectra, lyapunov_spectrum,
+                                lyapunov_spectrum_map)
 from lepredict.records import RunRecord
 from lepredict.tasks import chance_loss
 from lepredict.train import RunConfig, train_run
@@ -39,6 +40,7 @@ __all__ = [
     "RunRecord",
     "__version__",
     "chance_loss",
+    "lyapunov_spectra",
     "lyapunov_spectrum",
     "lyapunov_spectrum_map",
     "measure_and_report",

@@ -393,6 +393,11 @@ def _cmd_sweep(args) -> int:
     # to it (resuming must repeat it), and every one of its trials would fail.
     _check_int("--n-trials", args.n_trials, 1, "trials the study should hold")
     _check_int("--n-jobs", args.n_jobs, 1, "trials at once")
+    _check_int("--population", args.population, 1, "trials trained together; 1 for one at a "
+               "time")
+    if args.population > 1 and args.n_jobs > 1:
+        raise CLIError(f"--population {args.population} and --n-jobs {args.n_jobs} cannot be "
+                       "combined (a population already keeps the cores busy); drop one.")
     _check_int("--epochs", args.epochs, 1, "epochs each trial trains")
     _check_int("--probe-size", args.probe_size, 1, "validation sequences the spectrum averages "
                "over")
@@ -443,7 +448,7 @@ def _cmd_sweep(args) -> int:
                 sampler=args.sampler, pruner=pruner, seed=args.seed, le_k=args.le_k,
                 probe_size=args.probe_size, show_progress_bar=not args.quiet,
                 callbacks=[record], heartbeat_interval=args.heartbeat_interval,
-                grace_period=args.grace_period,
+                grace_period=args.grace_period, population=args.population,
             )
     except ValueError as err:
         raise CLIError(str(err)) from None
@@ -1132,6 +1137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruner-wrap-median", action="store_true",
                    help="also prune by loss with a wrapped MedianPruner")
     p.add_argument("--n-jobs", type=int, default=1, help="trials at once in this process")
+    p.add_argument("--population", type=int, default=1, metavar="K",
+                   help="train up to K trials together as one batched computation (several "
+                   "times the throughput for small networks; each trial is reported, pruned and "
+                   "stored as on its own); fewer when fewer trials are left; trials of another "
+                   "architecture, size, layers, optimizer or batch size form their own "
+                   "population; 1 trains one trial at a time; not with --n-jobs > 1")
     device(p)
     p.add_argument("--seed", type=int, default=0,
                    help="with the trial number, seeds each trial's sampler and run: the same "

@@ -10,6 +10,8 @@ Two entry points:
 * :func:`lyapunov_spectrum` for ``torch.nn.RNN``, ``nn.GRU`` and ``nn.LSTM``. Jacobian-times-basis
   products are written out analytically per layer, batched over trajectories, with no autograd and
   no Python loop over the batch.
+  :func:`lyapunov_spectra` does the same for several modules of one shape in one batched
+  computation (their weights stacked, their trajectories side by side).
 * :func:`lyapunov_spectrum_map` for any differentiable ``step(h, x)`` on batched states; the
   Jacobians come from ``torch.func.vjp``.
 
@@ -30,6 +32,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LyapunovSpectrum",
+    "lyapunov_spectra",
     "lyapunov_spectrum",
     "lyapunov_spectrum_map",
     "rnn_step",
@@ -415,12 +418,36 @@ def _initial_state(rnn: nn.Module, h0, B: int, cell: str, dtype, device) -> list
     return [parts[0][layer] for layer in range(L)]
 
 
+# Weights come either from one module, ``(out, in)`` matrices and ``(out,)`` biases, or from K
+# modules of one shape stacked (:func:`lyapunov_spectra`), ``(K, out, in)`` and ``(K, out)``. Then
+# every state, input and tangent tensor holds the K networks' rows one network after another
+# (``K * B`` rows), so the element-wise work is the same code either way; only products with a
+# weight (``_xwt``, ``_plus``, ``_gates_jacobian_t``) tell the two apart.
+
+
+def _xwt(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w.T``; with stacked weights, each network's rows of ``x`` by its own matrix, as one
+    batched GEMM."""
+    if w.dim() == 2:
+        return x @ w.T
+    K = w.shape[0]
+    return (x.reshape(K, -1, x.shape[-1]) @ w.mT).view(*x.shape[:-1], w.shape[-2])
+
+
+def _plus(g: Tensor, b: Tensor) -> Tensor:
+    """``g + b`` for a bias ``b``; with stacked biases, each network's rows by its own."""
+    if b.dim() == 1:
+        return g + b
+    K = b.shape[0]
+    return (g.reshape(K, -1, g.shape[-1]) + b[:, None]).view(g.shape)
+
+
 def _hidden_pre(w_hh: Tensor, b, h: Tensor) -> Tensor:
     """Hidden-side pre-activations ``W_hh h + b_hh``, kept apart from the input side because the
     GRU's candidate gate multiplies its hidden part by ``r``."""
-    gh = h @ w_hh.T
+    gh = _xwt(h, w_hh)
     if b is not None:
-        gh = gh + b[1]
+        gh = _plus(gh, b[1])
     return gh
 
 
@@ -481,7 +508,88 @@ def lyapunov_spectrum(
         >>> spec.exponents.shape, spec.mean.shape
         (torch.Size([8, 64]), torch.Size([64]))
     """
+    return _spectra([rnn], inputs, k=k, warmup=warmup, h0=h0, reorth_every=reorth_every,
+                    dtype=dtype, lstm_state=lstm_state, exponent_sum=exponent_sum)[0]
+
+
+def lyapunov_spectra(
+    rnns,
+    inputs: Tensor,
+    *,
+    k: int | None = None,
+    warmup: int = 0,
+    h0=None,
+    reorth_every: int | str = 1,
+    dtype: torch.dtype | None = None,
+    lstm_state: str = "full",
+    exponent_sum: bool = False,
+) -> list[LyapunovSpectrum]:
+    """Lyapunov spectra of several networks of one shape, driven by the same inputs, in one
+    batched computation: what :func:`lyapunov_spectrum` gives for each, at the cost of about one
+    call while the networks are small (a population trained together, a sweep's trials).
+
+    Args:
+        rnns: a sequence of ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM`` modules of one class, size,
+            depth, nonlinearity, bias, layout, dtype and device; their weights may differ.
+        inputs, k, warmup, h0, reorth_every, dtype, lstm_state, exponent_sum: as in
+            :func:`lyapunov_spectrum`, the same for every network (one QR schedule for all
+            under ``reorth_every="auto"``).
+
+    Returns:
+        One :class:`LyapunovSpectrum` per module, in order.
+
+    Raises:
+        ValueError: no module, modules of different shapes, or what :func:`lyapunov_spectrum`
+            refuses.
+
+    Example:
+        >>> import torch, lepredict
+        >>> rnns = [torch.nn.GRU(3, 8, batch_first=True) for _ in range(4)]
+        >>> specs = lepredict.lyapunov_spectra(rnns, torch.randn(2, 50, 3), warmup=10)
+        >>> len(specs), specs[0].exponents.shape
+        (4, torch.Size([2, 8]))
+    """
+    rnns = list(rnns)
+    if not rnns:
+        raise ValueError("rnns is empty; pass at least one module.")
+    return _spectra(rnns, inputs, k=k, warmup=warmup, h0=h0, reorth_every=reorth_every,
+                    dtype=dtype, lstm_state=lstm_state, exponent_sum=exponent_sum)
+
+
+def _shape_of(rnn: nn.Module) -> tuple:
+    """What must agree for modules to be stacked into one batched computation."""
+    p = next(rnn.parameters())
+    return (type(rnn).__name__, getattr(rnn, "nonlinearity", None), rnn.input_size,
+            rnn.hidden_size, rnn.num_layers, rnn.bias, rnn.batch_first, p.dtype, p.device)
+
+
+def _stacked_weights(rnns: list[nn.Module], dtype: torch.dtype):
+    """:func:`_weights` of each module, stacked: ``(K, out, in)`` weights, ``(K, out)`` biases."""
+    per_module = [_weights(rnn, dtype) for rnn in rnns]
+    out = []
+    for layer in range(len(per_module[0])):
+        w_ih = torch.stack([w[layer][0] for w in per_module])
+        w_hh = torch.stack([w[layer][1] for w in per_module])
+        b = None
+        if per_module[0][layer][2] is not None:
+            b = tuple(torch.stack([w[layer][2][i] for w in per_module]) for i in (0, 1))
+        out.append((w_ih, w_hh, b))
+    return out
+
+
+def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_every, dtype,
+             lstm_state, exponent_sum) -> list[LyapunovSpectrum]:
+    rnn = rnns[0]
     cell, N, L, per_layer = _module_info(rnn, lstm_state)
+    shapes = [_shape_of(r) for r in rnns]
+    for i, shape in enumerate(shapes):
+        if shape != shapes[0]:
+            raise ValueError(
+                f"rnns[{i}] differs from rnns[0] in class, sizes, layers, nonlinearity, bias, "
+                f"layout, dtype or device ({shape} vs {shapes[0]}); spectra are batched over "
+                "modules of one shape only: group the modules by shape and call once per group."
+            )
+    K = len(rnns)
     if not isinstance(inputs, Tensor) or inputs.dim() != 3:
         raise ValueError(
             "inputs must be a 3-D tensor, (B, T, input_size) with batch_first=True or "
@@ -511,17 +619,23 @@ def lyapunov_spectrum(
     map_name = cell if cell != "lstm" else f"lstm_{lstm_state}"
 
     with torch.no_grad():
-        weights = _weights(rnn, dtype)
+        weights = _weights(rnn, dtype) if K == 1 else _stacked_weights(rnns, dtype)
         state = _initial_state(rnn, h0, B, cell, dtype, device)
-        acc = _Accumulator(B, k, n, T, warmup, reorth_every, dtype, device)
+        if K > 1:  # every network starts from the same state: rows network after network
+            state = [s.repeat(K, 1) for s in state]
+        acc = _Accumulator(K * B, k, n, T, warmup, reorth_every, dtype, device)
         qt = acc.basis0.clone()
         # Input projection of layer 0 for all steps at once: one GEMM instead of T small ones.
         w_ih0, _, b0 = weights[0]
-        gi0 = x @ w_ih0.T
+        if K == 1:
+            gi0 = x @ w_ih0.T
+        else:  # (B * T, d) by each network's (d, G): (K, B * T, G), read as (K * B, T, G)
+            gi0 = (x.reshape(B * T, d_in) @ w_ih0.mT).view(K * B, T, w_ih0.shape[-2])
         if b0 is not None:
-            gi0 = gi0 + b0[0]
+            gi0 = _plus(gi0, b0[0])
         step = _STEPS[map_name]
-        logdet = _logdet_constants(map_name, weights, N) if exponent_sum and k < n else None
+        logdet = (_logdet_constants(map_name, weights, N, B) if exponent_sum and k < n
+                  else None)
         if (acc.gram and qt.is_cuda and reorth_every == 1 and T >= CUDA_GRAPH_MIN_STEPS
                 and logdet is None):
             _run_graphed(step, weights, state, qt, gi0, N, acc)
@@ -533,8 +647,15 @@ def lyapunov_spectrum(
                 if acc.needs_qr(t):
                     qt = acc.qr(t, qt)
                 state, qt = acc.check(t, state, qt)
-        result = acc.result(dtype, n, logdet is not None)
-        return dataclasses.replace(result, state_size=n, convention=convention)
+        whole = acc.result(dtype, n, logdet is not None)
+
+    def rows(tensor, i):
+        return None if tensor is None else tensor[i * B:(i + 1) * B]
+
+    return [LyapunovSpectrum(rows(whole.exponents, i), rows(whole.diverged, i),
+                             rows(whole.floored, i), whole.steps, state_size=n,
+                             convention=convention, exponent_sum=rows(whole.exponent_sum, i))
+            for i in range(K)]
 
 
 #: On CUDA (float32, a QR every step), sequences at least this long run their steps as replays
@@ -604,16 +725,16 @@ def _layer_input(weights, layer: int, gi0: Tensor, below: Tensor) -> Tensor:
     if layer == 0:
         return gi0
     w_ih, _, b = weights[layer]
-    gi = below @ w_ih.T
-    return gi + b[0] if b is not None else gi
+    gi = _xwt(below, w_ih)
+    return _plus(gi, b[0]) if b is not None else gi
 
 
 def _tangent_pre(qt_h: Tensor, w_hh: Tensor, dq_below: Tensor | None, w_ih: Tensor) -> Tensor:
     """Tangent of the pre-activations: ``dh @ W_hh.T + d(input) @ W_ih.T``; layer 0's input is
     the data, which is not perturbed."""
-    d = qt_h @ w_hh.T
+    d = _xwt(qt_h, w_hh)
     if dq_below is not None:
-        d = d.add_(dq_below @ w_ih.T)
+        d = d.add_(_xwt(dq_below, w_ih))
     return d
 
 
@@ -671,11 +792,17 @@ GRU_EXPLICIT_SHARE = 4
 def _gates_jacobian_t(w: Tensor, coefficients, N: int) -> Tensor:
     """``(B, N, N)``: the transposed Jacobian ``sum_g diag(a_g) W_g`` over the gate blocks of
     ``w`` (``len(coefficients) * N``, N), each coefficient ``a_g`` of shape ``(B, 1, N)``
-    scaling its gate's rows."""
-    jac_t = w[:N].T * coefficients[0]
-    for g, a in enumerate(coefficients[1:], start=1):
-        jac_t.addcmul_(w[g * N:(g + 1) * N].T, a)
-    return jac_t
+    scaling its gate's rows; with stacked weights ``(K, G * N, N)``, each network's rows by its
+    own blocks."""
+    blocks = [w[..., g * N:(g + 1) * N, :].mT for g in range(len(coefficients))]
+    if w.dim() == 3:  # stacked: (K, 1, N, N) blocks against (K, B / K, 1, N) coefficients
+        K = w.shape[0]
+        blocks = [block[:, None] for block in blocks]
+        coefficients = [a.view(K, -1, *a.shape[1:]) for a in coefficients]
+    jac_t = blocks[0] * coefficients[0]
+    for block, a in zip(blocks[1:], coefficients[1:]):
+        jac_t.addcmul_(block, a)
+    return jac_t.reshape(-1, N, N)
 
 
 def _logabsdet(jac: Tensor) -> Tensor:
@@ -725,12 +852,12 @@ def _step_gru(weights, state, qt, gi0, N, logdet=None):
                 res.baddbmm_(dq_below, _gates_jacobian_t(w_ih, (a_r, a_z, e[:, None]), N))
             dq.copy_(res)
         else:
-            dgh = dq_h @ w_hh.T
+            dgh = _xwt(dq_h, w_hh)
             torch.mul(dq_h, z[:, None], out=dq)
             dq.addcmul_(dgh[..., :N], a_r).addcmul_(dgh[..., N:2 * N], a_z)
             dq.addcmul_(dgh[..., 2 * N:], a_n)
             if layer:
-                dgi = dq_below @ w_ih.T
+                dgi = _xwt(dq_below, w_ih)
                 dq.addcmul_(dgi[..., :N], a_r).addcmul_(dgi[..., N:2 * N], a_z)
                 dq.addcmul_(dgi[..., 2 * N:], e[:, None])
         new_state.append(h_new)
@@ -792,16 +919,19 @@ def _step_lstm(full: bool):
     return step
 
 
-def _logdet_constants(cell: str, weights, N: int) -> list[float] | None:
+def _logdet_constants(cell: str, weights, N: int, rows_per_network: int) -> list:
     """Per layer the weight determinant the step's ``log|det J_t|`` needs (``log|det W_hh|`` for
-    the RNN, ``log|det W_ho|`` for the full LSTM state), computed once in float64."""
+    the RNN, ``log|det W_ho|`` for the full LSTM state), computed once in float64: a float, or
+    with stacked weights one value per row (each network's for its rows)."""
     if cell.startswith("rnn_"):
         blocks = [w_hh for _, w_hh, _ in weights]
     elif cell == "lstm_full":
-        blocks = [w_hh[3 * N:] for _, w_hh, _ in weights]
+        blocks = [w_hh[..., 3 * N:, :] for _, w_hh, _ in weights]
     else:
         return [0.0] * len(weights)
-    return [float(_logabsdet(w[None])[0]) for w in blocks]
+    if blocks[0].dim() == 2:
+        return [float(_logabsdet(w[None])[0]) for w in blocks]
+    return [_logabsdet(w).to(w.dtype).repeat_interleave(rows_per_network) for w in blocks]
 
 
 _STEPS = {

@@ -94,8 +94,7 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     embedding, shaped as the module expects. By default the measurement is what the shipped
     predictor uses and nothing more: the first :data:`lepredict.train.PROBE_SIZE` (8) sequences,
     a warm-up of an eighth of their steps, the leading :data:`lepredict.records.MEASURED_EXPONENTS`
-    (16) exponents with the sum of all, re-orthonormalised as rarely as accuracy allows. That
-    costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``. ``kwargs`` go to
+    (16) exponents with the sum of all, a QR every step. That costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``. ``kwargs`` go to
     :func:`lepredict.lyapunov_spectrum` and override those choices (``k=None`` for the full
     spectrum, ``warmup=``...); the spectrum is recorded with what was measured (state size,
     ``k``, convention), and the pruner refuses one its predictors cannot use.
@@ -107,7 +106,6 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     sequences = sequences[:PROBE_SIZE]
     probe = sequences if batch_first else sequences.transpose(0, 1)
     kwargs.setdefault("exponent_sum", True)
-    kwargs.setdefault("reorth_every", "auto")
     if "k" not in kwargs:
         kwargs["k"] = min(MEASURED_EXPONENTS, rnn_state_size(
             rnn, lstm_state=kwargs.get("lstm_state", "full")))

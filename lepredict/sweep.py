@@ -10,6 +10,10 @@ normalised validation loss per epoch, so Optuna's pruners work unchanged.
 Storage is whatever Optuna takes: a SQLite or PostgreSQL URL (run with a heartbeat, so a trial
 whose worker was killed is marked failed and retried when the sweep resumes), or a journal file.
 
+With ``population=K`` a worker asks K trials at once and trains them together as one batched
+computation (:mod:`lepredict.population`), reporting to each trial at every epoch and telling
+each its outcome: the same records, several times the throughput for small networks.
+
 Configurations are drawn per trial, from a sampler seeded with the sweep's seed and the trial
 number, so workers started alike and resumed sweeps draw distinct configurations, and a
 configuration already in the study is not drawn again (see :class:`_PerTrialSampler`).
@@ -32,6 +36,7 @@ import time
 import tomllib
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import optuna
@@ -43,6 +48,7 @@ from optuna.distributions import (
 )
 
 from lepredict import tasks
+from lepredict.population import group_by_shape, train_population
 from lepredict.records import ATTR, MEASURED_EXPONENTS, RunRecord, run_row, trial_row
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, train_run
@@ -409,6 +415,9 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
 
 
 class _Objective:
+    """A trial's life, step by step, for the sequential sweep (``__call__``, Optuna's objective)
+    and the population sweep (:func:`_run_populations`) alike, so both store the same things."""
+
     def __init__(self, task: tasks.Task, space: SearchSpace, *, epochs: int, le_epochs, device: str,
                  seed: int, le_k: int | None, probe_size: int):
         self.task, self.space, self.epochs, self.le_epochs = task, space, epochs, list(le_epochs)
@@ -420,12 +429,17 @@ class _Objective:
         except optuna.TrialPruned:
             raise
         except Exception as err:
-            # Optuna logs a failed trial's error but does not store it: keep it for analysis.
-            trial.set_user_attr(f"{ATTR}error", f"{type(err).__name__}: {err}")
-            trial.set_user_attr(f"{ATTR}status", "failed")
+            self.failed(trial, err)
             raise
 
-    def _run(self, trial: optuna.Trial) -> float:
+    @staticmethod
+    def failed(trial: optuna.Trial, err: Exception) -> None:
+        # Optuna logs a failed trial's error but does not store it: keep it for analysis.
+        trial.set_user_attr(f"{ATTR}error", f"{type(err).__name__}: {err}")
+        trial.set_user_attr(f"{ATTR}status", "failed")
+
+    def start(self, trial: optuna.Trial) -> RunConfig:
+        """First heartbeat, worker mark, and the trial's configuration."""
         # Optuna's heartbeat thread writes its first beat whenever it gets scheduled; a worker
         # killed before then leaves a trial with no beat, which is never found stale and stays
         # RUNNING for ever. One beat written here makes every started trial recoverable.
@@ -438,24 +452,224 @@ class _Objective:
                                                "trial": trial.number})
         params = self.space.sample(trial)
         params.setdefault("seed", self.seed + trial.number)
-        config = RunConfig.from_dict(params)
+        return RunConfig.from_dict(params)
+
+    def report(self, trial: optuna.Trial, epoch: int, rec: RunRecord) -> bool:
+        """Store the epoch's spectrum, report its loss; True (the record stored) if pruned."""
+        if epoch in rec.spectra:
+            trial.set_user_attr(f"{ATTR}spectrum:{epoch}", _jsonable(rec.spectra[epoch]))
+        val = rec.val_loss[-1]
+        trial.report(self.task.normalised_loss(val) if math.isfinite(val) else math.inf, epoch)
+        if trial.should_prune():
+            _store(trial, rec, pruned_at=epoch)
+            return True
+        return False
+
+    @staticmethod
+    def finish(trial: optuna.Trial, rec: RunRecord) -> float:
+        """Store a run that ended (trained or diverged); its value."""
+        stored = trial.user_attrs
+        for epoch, spec in rec.spectra.items():  # epochs the callback never saw
+            key, value = f"{ATTR}spectrum:{epoch}", _jsonable(spec)
+            if stored.get(key) != value:  # each write is a database transaction
+                trial.set_user_attr(key, value)
+        _store(trial, rec)
+        return rec.final_normalised_loss
+
+    def _run(self, trial: optuna.Trial) -> float:
+        config = self.start(trial)
 
         def on_epoch(epoch: int, rec: RunRecord) -> None:
-            if epoch in rec.spectra:
-                trial.set_user_attr(f"{ATTR}spectrum:{epoch}", _jsonable(rec.spectra[epoch]))
-            val = rec.val_loss[-1]
-            trial.report(self.task.normalised_loss(val) if math.isfinite(val) else math.inf, epoch)
-            if trial.should_prune():
-                _store(trial, rec, pruned_at=epoch)
+            if self.report(trial, epoch, rec):
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         rec = train_run(config, self.task, epochs=self.epochs, le_epochs=self.le_epochs,
                         device=self.device, callback=on_epoch, le_k=self.le_k,
                         probe_size=self.probe_size)
-        for epoch, spec in rec.spectra.items():  # epochs the callback never saw (divergence)
-            trial.set_user_attr(f"{ATTR}spectrum:{epoch}", _jsonable(spec))
-        _store(trial, rec)
-        return rec.final_normalised_loss
+        return self.finish(trial, rec)
+
+
+class _Heartbeats:
+    """Beats for every trial of a population, from one thread (Optuna's own heartbeat thread
+    serves the one trial of ``study.optimize``)."""
+
+    def __init__(self, storage):
+        self.storage = storage
+        self.interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self.ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = None
+        if self.interval:
+            self.thread = threading.Thread(target=self._beat, daemon=True)
+            self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            with self.lock:
+                ids = sorted(self.ids)
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as err:  # a lost connection: the next beat tries again
+                    optuna.logging.get_logger("lepredict").warning(f"Heartbeat failed: {err}")
+
+    def add(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.add(trial_id)
+
+    def discard(self, trial_id: int) -> None:
+        with self.lock:
+            self.ids.discard(trial_id)
+
+    def close(self) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, callbacks, heartbeats: _Heartbeats,
+          value: float | None = None, state=None) -> None:
+    """Finish a population's trial and run the sweep's callbacks on it; a trial another worker
+    finished first (it found the heartbeat late, failed it and queued its retry) keeps that
+    outcome, as in the sequential sweep."""
+    heartbeats.discard(trial._trial_id)
+    try:
+        frozen = study.tell(trial, value, state=state, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError as err:
+        optuna.logging.get_logger("lepredict").warning(
+            f"{err} Another worker finished it first; carrying on.")
+        return
+    if frozen.state == optuna.trial.TrialState.COMPLETE:  # as study.optimize logs it
+        optuna.logging.get_logger("lepredict").info(
+            f"Trial {frozen.number} finished with value: {frozen.value} and parameters: "
+            f"{frozen.params}.")
+    for callback in callbacks:
+        callback(study, frozen)
+
+
+def _fail(study: optuna.Study, trial: optuna.Trial, err: Exception, callbacks,
+          heartbeats: _Heartbeats) -> None:
+    """Fail a population's trial with its error stored, as the sequential sweep does."""
+    try:
+        _Objective.failed(trial, err)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        heartbeats.discard(trial._trial_id)
+        return  # another worker finished it first
+    _tell(study, trial, callbacks, heartbeats, state=optuna.trial.TrialState.FAIL)
+
+
+def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: int,
+                     population: int, space: SearchSpace, grace: int | None,
+                     callbacks: list[Callable]) -> bool:
+    """The sweep's loop with populations: ask up to ``population`` trials (fewer when fewer
+    are left), train them together (one population per shape, see
+    :func:`lepredict.population.group_by_shape`), tell each its outcome; until the study holds
+    ``n_trials`` and no retry waits. Returns whether the space ran out of configurations."""
+    log = optuna.logging.get_logger("lepredict")
+    exhausted = False
+    while not exhausted:
+        _fail_stale_trials(study, grace)
+        heartbeats = _Heartbeats(study._storage)
+        members: list[tuple[optuna.Trial, RunConfig]] = []
+        told: set[int] = set()
+        try:
+            while len(members) < population:
+                # One trial at a time, counting again each time: several workers together stop
+                # at n_trials as in the sequential sweep, and a population shrinks to what is
+                # left. Each trial's parameters are stored before the next is asked, so the
+                # next draw sees them (no repeated configuration within a population).
+                remaining, waiting = _work_left(study, n_trials)
+                if remaining <= 0 and waiting == 0:
+                    break
+                if waiting == 0 and _is_exhausted(study, space.params):
+                    exhausted = True
+                    break
+                try:
+                    with warnings.catch_warnings():
+                        # "Heartbeat ... supposed to be used with Study.optimize": beats are ours.
+                        warnings.simplefilter("ignore", UserWarning)
+                        trial = study.ask()
+                except SpaceExhausted:
+                    exhausted = True
+                    break
+                heartbeats.add(trial._trial_id)
+                try:
+                    members.append((trial, objective.start(trial)))
+                except Exception as err:
+                    told.add(trial.number)
+                    _fail(study, trial, err, callbacks, heartbeats)
+            if not members:
+                break
+            _train_members(study, objective, members, told, callbacks, heartbeats, log)
+        finally:
+            # Interrupted (Ctrl-C): whatever was not told fails, without an error of its own, so
+            # the next sweep retries it, as Optuna's optimize leaves an interrupted trial.
+            for trial, _ in members:
+                if trial.number not in told:
+                    told.add(trial.number)
+                    _tell(study, trial, callbacks, heartbeats, state=optuna.trial.TrialState.FAIL)
+            heartbeats.close()
+    return exhausted
+
+
+def _train_members(study, objective: _Objective, members, told: set[int], callbacks,
+                   heartbeats: _Heartbeats, log) -> None:
+    for group in group_by_shape([config for _, config in members]):
+        trials = [members[i][0] for i in group]
+
+        def decide(member: int, epoch: int, rec: RunRecord) -> bool:
+            trial = trials[member]
+            try:
+                pruned = objective.report(trial, epoch, rec)
+            except optuna.exceptions.UpdateFinishedTrialError as err:
+                log.warning(f"{err} Another worker finished it first; carrying on.")
+                told.add(trial.number)
+                heartbeats.discard(trial._trial_id)
+                return True
+            except Exception as err:
+                told.add(trial.number)
+                _fail(study, trial, err, callbacks, heartbeats)
+                return True
+            if pruned:
+                told.add(trial.number)
+                log.info(f"Trial {trial.number} pruned after epoch {epoch}.")
+                _tell(study, trial, callbacks, heartbeats, state=optuna.trial.TrialState.PRUNED)
+            return pruned
+
+        # Storing an epoch and asking the pruner is a few database transactions per trial,
+        # as long as the population's epoch of training on a busy disk: one thread does them,
+        # in order, while the members train on (a member it prunes drops that epoch).
+        writer = ThreadPoolExecutor(1, thread_name_prefix="lepredict-population")
+        try:
+            recs = train_population([members[i][1] for i in group], objective.task,
+                                    epochs=objective.epochs, le_epochs=objective.le_epochs,
+                                    device=objective.device, le_k=objective.le_k,
+                                    probe_size=objective.probe_size,
+                                    on_epoch=lambda *args: writer.submit(decide, *args))
+        except Exception as err:  # the whole group fails, as one trial's error fails it
+            writer.shutdown(wait=True)
+            for trial in trials:
+                if trial.number not in told:
+                    told.add(trial.number)
+                    _fail(study, trial, err, callbacks, heartbeats)
+            continue
+        finally:
+            writer.shutdown(wait=True)
+        for trial, rec in zip(trials, recs):
+            if trial.number in told:
+                continue
+            told.add(trial.number)
+            try:
+                value = objective.finish(trial, rec)
+            except optuna.exceptions.UpdateFinishedTrialError as err:
+                log.warning(f"{err} Another worker finished it first; carrying on.")
+                heartbeats.discard(trial._trial_id)
+                continue
+            except Exception as err:
+                _fail(study, trial, err, callbacks, heartbeats)
+                continue
+            _tell(study, trial, callbacks, heartbeats, value=value)
 
 
 def _store(trial: optuna.Trial, rec: RunRecord, pruned_at: int | None = None) -> None:
@@ -489,6 +703,7 @@ def run_sweep(
     callbacks: list[Callable] | None = None,
     heartbeat_interval: int = 30,
     grace_period: int = 90,
+    population: int = 1,
 ) -> optuna.Study:
     """Run (or resume) a sweep until the study holds ``n_trials`` trials.
 
@@ -532,6 +747,15 @@ def run_sweep(
         heartbeat_interval: Seconds between heartbeats (see :func:`make_storage`); ignored when
             ``storage`` is a storage object.
         grace_period: Seconds without a heartbeat after which a trial counts as killed.
+        population: Trials trained together as one batched computation
+            (:func:`lepredict.population.train_population`): this worker asks up to this many
+            trials at once (fewer when fewer are left to run), trains them together, and
+            reports each trial's losses and spectra to it at every epoch, so the pruner prunes
+            members one by one; each trial stores what a sequential run stores. Trials whose
+            shapes differ (:data:`lepredict.population.SHAPE_FIELDS`: architecture, size,
+            layers, optimizer, batch size) are trained as separate populations, one after the
+            other: a space that samples those gives smaller populations. 1 (the default) trains
+            one trial after another; more than 1 cannot be combined with ``n_jobs > 1``.
 
     Returns:
         The study.
@@ -545,6 +769,12 @@ def run_sweep(
         raise ValueError(f"n_trials must be a positive int, got {n_trials=}.")
     if not isinstance(n_jobs, int) or n_jobs < 1:
         raise ValueError(f"n_jobs must be a positive int, got {n_jobs=}.")
+    if not isinstance(population, int) or isinstance(population, bool) or population < 1:
+        raise ValueError(f"population must be a positive int (1: one trial at a time), got "
+                         f"{population=}.")
+    if population > 1 and n_jobs > 1:
+        raise ValueError(f"population={population} and n_jobs={n_jobs} cannot be combined: a "
+                         "population already keeps the cores busy; use one of them.")
     task_options = dict(task_options or {})
     task_obj = task if isinstance(task, tasks.Task) else tasks.get(task, **task_options)
     space = space or DEFAULT_SPACE
@@ -604,6 +834,18 @@ def run_sweep(
     cbs = [stop] + list(callbacks or [])
     if bar is not None:
         cbs.append(bar)
+    if population > 1:
+        try:
+            exhausted = _run_populations(study, objective, n_trials=n_trials,
+                                         population=population, space=space, grace=grace,
+                                         callbacks=cbs[1:])
+        finally:
+            if bar is not None:
+                bar.close()
+        if exhausted:
+            raise SpaceExhausted(_exhausted_message(study, space.params,
+                                                    _space_size(space.params)))
+        return study
     try:
         while True:
             try:

@@ -150,11 +150,15 @@ def weight_stats(rnn: nn.Module) -> dict[str, float]:
 def measured_spectrum(rnn: nn.Module, probe: Tensor, *, warmup: int,
                       k: int | None = MEASURED_EXPONENTS):
     """The spectrum as lepredict measures it by default: the leading ``min(k, n)`` exponents
-    and the sum of all (``k=None``: the full spectrum), re-orthonormalised as rarely as their
-    accuracy allows (``reorth_every="auto"``)."""
-    n = rnn_state_size(rnn)
-    return lyapunov_spectrum(rnn, probe, warmup=warmup, k=None if k is None else min(k, n),
-                             exponent_sum=True, reorth_every="auto")
+    and the sum of all (``k=None``: the full spectrum), with a QR every step (of an ``n x k``
+    basis: cheap, and the same in a population, where several networks share one schedule)."""
+    return lyapunov_spectrum(rnn, probe, warmup=warmup, k=measured_k(rnn, k), exponent_sum=True)
+
+
+def measured_k(rnn: nn.Module, k: int | None = MEASURED_EXPONENTS) -> int | None:
+    """The number of leading exponents a default measurement takes: ``k`` or the whole state
+    if smaller (``None``: all)."""
+    return None if k is None else min(k, rnn_state_size(rnn))
 
 
 def _spectrum_summary(rnn: nn.Module, probe: Tensor, warmup: int, k: int | None) -> dict:

@@ -8,13 +8,14 @@ import optuna
 import pytest
 
 import lepredict.features
+import lepredict.population
 import lepredict.pruner
 import lepredict.report
 import lepredict.train
 
 
 @pytest.mark.parametrize("module", [lepredict.pruner, lepredict.features, lepredict.train,
-                                    lepredict.report])
+                                    lepredict.report, lepredict.population])
 def test_docstring_examples(module):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

@@ -547,3 +547,53 @@ def test_gru_both_tangent_paths_match_reference(k):
     ref = lepredict.lyapunov_spectrum_map(rnn_step(m), torch.zeros(3, 24, dtype=F64), x, k=k,
                                           warmup=5)
     torch.testing.assert_close(fast.exponents, ref.exponents, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("k", [None, 2])
+def test_spectra_of_several_modules_equal_each_alone(arch, k):
+    """lyapunov_spectra stacks the modules' weights: each gets what lyapunov_spectrum gives it
+    alone (in float64 to rounding), both GRU tangent paths, seq-first inputs and h0 included."""
+    modules = [make(arch, layers=2, seed=s, scale=1.2 + 0.2 * s, batch_first=False)
+               for s in range(3)]
+    x = torch.randn(20, 4, 3, dtype=F64)
+    if arch == "rnn_relu":
+        x = x.abs()
+        for m in modules:
+            all_active(m)
+    h0 = torch.randn(2, 4, 6, dtype=F64)
+    h0 = (h0, torch.randn(2, 4, 6, dtype=F64)) if arch == "lstm" else h0
+    together = lepredict.lyapunov_spectra(modules, x, k=k, warmup=3, h0=h0)
+    assert len(together) == 3
+    for m, spec in zip(modules, together):
+        alone = lepredict.lyapunov_spectrum(m, x, k=k, warmup=3, h0=h0)
+        torch.testing.assert_close(spec.exponents, alone.exponents, rtol=0, atol=1e-10)
+        assert (spec.state_size, spec.convention, spec.steps) == (
+            alone.state_size, alone.convention, alone.steps)
+        assert torch.equal(spec.diverged, alone.diverged)
+
+
+def test_spectra_keep_a_diverging_module_apart():
+    modules = [make("rnn_tanh", hidden=4, layers=1, seed=s) for s in range(3)]
+    with torch.no_grad():
+        modules[1].weight_hh_l0.fill_(float("nan"))
+    x = torch.randn(2, 10, 3, dtype=F64)
+    specs = lepredict.lyapunov_spectra(modules, x)
+    assert specs[1].diverged.all() and specs[1].mean.isnan().all()
+    for i in (0, 2):  # its neighbours' rows are untouched
+        assert not specs[i].diverged.any()
+        torch.testing.assert_close(specs[i].exponents,
+                                   lepredict.lyapunov_spectrum(modules[i], x).exponents,
+                                   rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("modules, match", [
+    ([], "empty"),
+    ([nn.GRU(3, 6, batch_first=True), nn.GRU(3, 5, batch_first=True)], r"rnns\[1\] differs"),
+    ([nn.GRU(3, 6, batch_first=True), nn.LSTM(3, 6, batch_first=True)], r"rnns\[1\] differs"),
+    ([nn.GRU(3, 6, batch_first=True), nn.GRU(3, 6, batch_first=True).double()],
+     r"rnns\[1\] differs"),
+])
+def test_spectra_refuse_modules_of_different_shapes(modules, match):
+    with pytest.raises(ValueError, match=match):
+        lepredict.lyapunov_spectra(modules, torch.randn(2, 5, 3))

@@ -1,0 +1,417 @@
+"""Population training: each member's record is its run alone; the sweep's populations."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import optuna
+import pytest
+
+from lepredict import tasks, train_run
+from lepredict.cli import main
+from lepredict.population import group_by_shape, shape_of, train_population
+from lepredict.sweep import ATTR, load_space, make_storage, run_sweep
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def digits_row():
+    return tasks.get("digits", mode="row")
+
+
+def _close(a: list[float], b: list[float], rel: float) -> bool:
+    return len(a) == len(b) and all(x == pytest.approx(y, rel=rel, abs=1e-7) for x, y in zip(a, b))
+
+
+def assert_same_run(pop, alone, diverging: bool = False) -> None:
+    """A member's record against its configuration trained alone: float32 rounding apart.
+    Once a run diverges its values are rounding amplified (weights of 1e7 saturate every unit),
+    so for a diverging run only where it stops, and what it had before, are compared."""
+    assert (pop.status, pop.epochs_completed, pop.epochs) == (
+        alone.status, alone.epochs_completed, alone.epochs)
+    assert pop.config == alone.config and pop.task == alone.task
+    assert pop.val_loss[0] == pytest.approx(alone.val_loss[0], rel=1e-5)
+    assert pop.weights[0] == pytest.approx(alone.weights[0], rel=1e-5)
+    for name in ("train_loss", "val_loss", "grad_norm", "weights"):
+        assert len(getattr(pop, name)) == len(getattr(alone, name)), name
+    if diverging:
+        assert sorted(pop.spectra) == sorted(alone.spectra) == [0]
+        assert pop.spectra[0]["mean"] == pytest.approx(alone.spectra[0]["mean"], abs=2e-3)
+        return
+    assert _close(pop.train_loss, alone.train_loss, 1e-4), (pop.train_loss, alone.train_loss)
+    assert _close(pop.val_loss, alone.val_loss, 1e-4), (pop.val_loss, alone.val_loss)
+    assert _close(pop.grad_norm, alone.grad_norm, 1e-3), (pop.grad_norm, alone.grad_norm)
+    for w, v in zip(pop.weights, alone.weights):
+        assert w.keys() == v.keys()
+        assert all(w[k] == pytest.approx(v[k], rel=1e-4) for k in w)
+    assert sorted(pop.spectra) == sorted(alone.spectra)
+    for epoch, spec in alone.spectra.items():
+        mine = pop.spectra[epoch]
+        assert {k: v for k, v in mine.items() if k not in ("mean", "std")} == {
+            k: v for k, v in spec.items() if k not in ("mean", "std")}
+        # The leading exponents closely; the most negative ones are ill-conditioned in float32.
+        assert mine["mean"][0] == pytest.approx(spec["mean"][0], abs=2e-4)
+        assert mine["mean"] == pytest.approx(spec["mean"], rel=2e-3, abs=2e-3)
+    assert math.isinf(pop.final_normalised_loss) == math.isinf(alone.final_normalised_loss)
+    if pop.status == "ok":
+        assert pop.final_normalised_loss == pytest.approx(alone.final_normalised_loss, rel=1e-4)
+
+
+def _alone_until(config, task, stop_epoch: int, **kw):
+    """train_run stopped by its callback after ``stop_epoch``, as a pruned trial is: the record
+    as the callback saw it."""
+    seen = {}
+
+    def callback(epoch, rec):
+        if epoch == stop_epoch:
+            seen["rec"] = copy.deepcopy(rec)
+            raise optuna.TrialPruned()
+
+    with pytest.raises(optuna.TrialPruned):
+        train_run(config, task, callback=callback, **kw)
+    return seen["rec"]
+
+
+LR = {"sgd": 0.3, "adam": 1e-2, "rmsprop": 3e-3}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "rmsprop"])
+@pytest.mark.parametrize("arch", ["rnn", "gru", "lstm"])
+def test_each_member_trains_as_it_would_alone(digits_row, arch, optimizer):
+    """Members with their own seed, learning rate, clipping and initialisation; member 0 is
+    pruned after epoch 1, member 3 diverges (learning rate 1e6): neither changes the others."""
+    lr = LR[optimizer]
+    configs = [
+        {"arch": arch, "hidden": 6, "optimizer": optimizer, "lr": lr, "seed": 0,
+         "batch_size": 256},
+        {"arch": arch, "hidden": 6, "optimizer": optimizer, "lr": lr / 3, "seed": 5,
+         "batch_size": 256, "clip": 0.5, "init": "gain", "init_scale": 1.2},
+        {"arch": arch, "hidden": 6, "optimizer": optimizer, "lr": lr * 2, "seed": 7,
+         "batch_size": 256, "init_scale": 0.5},
+        {"arch": arch, "hidden": 6, "optimizer": optimizer, "lr": 1e6, "seed": 1,
+         "batch_size": 256, "init_scale": 1.0},
+    ]
+    kw = dict(epochs=2, le_epochs=[0, 2])
+    calls = []
+
+    def on_epoch(member, epoch, rec):
+        calls.append((member, epoch))
+        return member == 0 and epoch == 1
+
+    recs = train_population(configs, digits_row, on_epoch=on_epoch, **kw)
+    assert recs[0].status == "pruned" and recs[3].status == "diverged"
+    pruned = _alone_until(configs[0], digits_row, 1, **kw)
+    pruned.status = "pruned"
+    assert_same_run(recs[0], pruned)
+    for config, rec in zip(configs[1:3], recs[1:3]):
+        assert_same_run(rec, train_run(config, digits_row, **kw))
+    assert_same_run(recs[3], train_run(configs[3], digits_row, **kw), diverging=True)
+    # Called back as train_run calls back: at 0 whatever happens, then after each epoch the
+    # member completes; never again after it left.
+    assert sorted(calls) == sorted([(m, 0) for m in range(4)] + [(0, 1), (1, 1), (2, 1),
+                                                                   (1, 2), (2, 2)])
+
+
+def test_a_member_at_a_deeper_population_and_another_task(digits_row):
+    """Two layers, every-step scoring (charlm), a repeated configuration."""
+    task = tasks.get("charlm", seq_len=12, n_train=64, n_val=32)
+    configs = [{"arch": "gru", "hidden": 5, "layers": 2, "lr": 1e-2, "seed": s,
+                "batch_size": 16} for s in (0, 1, 0)]
+    recs = train_population(configs, task, epochs=1, le_epochs=[1])
+    assert recs[0].val_loss == recs[2].val_loss  # the same configuration, the same run
+    for config, rec in zip(configs, recs):
+        assert_same_run(rec, train_run(config, task, epochs=1, le_epochs=[1]))
+
+
+def test_decisions_given_later_give_the_same_records(digits_row):
+    """on_epoch may answer with a future: members train on meanwhile, and one it stops leaves
+    with the record the callback saw, the epoch it trained since dropped."""
+    configs = [{"arch": "lstm", "hidden": 5, "lr": 1e-2 * (s + 1), "seed": s, "batch_size": 256}
+               for s in range(3)]
+    seen = {}
+
+    def decide(member, epoch, rec):
+        seen[member, epoch] = copy.deepcopy(rec)
+        return member == 1 and epoch == 1
+
+    now = train_population(configs, digits_row, epochs=3, le_epochs=[0, 1], on_epoch=decide)
+    with ThreadPoolExecutor(1) as pool:
+        later = train_population(configs, digits_row, epochs=3, le_epochs=[0, 1],
+                                 on_epoch=lambda *a: pool.submit(decide, *a))
+    assert [r.status for r in later] == ["ok", "pruned", "ok"]
+    for a, b in zip(now, later):
+        assert_same_run(b, a)
+    stopped = seen[1, 1].to_dict() | {"status": "pruned", "wall_time": None}
+    assert later[1].to_dict() | {"wall_time": None} == stopped
+
+
+def test_shapes_group_and_mixed_shapes_are_refused(digits_row):
+    configs = [{"arch": "gru", "hidden": 8}, {"arch": "lstm"}, {"arch": "gru", "hidden": 8,
+                                                                 "lr": 0.1, "seed": 3}]
+    assert group_by_shape(configs) == [[0, 2], [1]]
+    assert shape_of(configs[0]) == ("gru", 8, 1, "adam", 64)
+    with pytest.raises(ValueError, match=r"configs\[1\] has arch='lstm'.*group_by_shape"):
+        train_population(configs, digits_row, epochs=1)
+    with pytest.raises(ValueError, match="empty"):
+        train_population([], digits_row, epochs=1)
+    with pytest.raises(ValueError, match="epochs must be"):
+        train_population(configs[:1], digits_row, epochs=-1)
+    with pytest.raises(ValueError, match="Unknown hyperparameters"):
+        train_population([{"arch": "gru", "width": 3}], digits_row, epochs=1)
+
+
+# -------------------------------------------------------------------------------- sweeps
+
+SPACE = """
+[params.lr]
+low = 1e-3
+high = 3e-2
+log = true
+[params.init_scale]
+low = 0.1
+high = 2.0
+[fixed]
+arch = "gru"
+hidden = 8
+batch_size = 256
+"""
+
+MIXED_SPACE = """
+[params.arch]
+choices = ["rnn", "lstm"]
+[params.lr]
+low = 1e-3
+high = 3e-2
+log = true
+[fixed]
+hidden = 6
+batch_size = 256
+"""
+
+
+@pytest.fixture
+def space_file(tmp_path):
+    path = tmp_path / "pop.toml"
+    path.write_text(SPACE)
+    return path
+
+
+def _sweep_args(tmp_path, space_file, *extra):
+    return ["sweep", "--task", "digits", "--task-option", "mode=row", "--epochs", "2",
+            "--le-epochs", "0", "1", "2", "--space", str(space_file), "--storage",
+            f"sqlite:///{tmp_path / 'p.db'}", "--quiet", *extra]
+
+
+def _stored(t: optuna.trial.FrozenTrial) -> set[str]:
+    return {k for k in t.user_attrs if not k.startswith(f"{ATTR}prediction:")}
+
+
+class _PruneOddAtOne(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return trial.number % 2 == 1 and trial.last_step == 1
+
+
+def test_population_sweep_stores_what_a_sequential_one_stores(tmp_path, space_file, model_dir,
+                                                              capsys):
+    """Through the command line with LyapunovPruner, which predicts for each member at each
+    epoch (its predictions are stored in the member's trial), then one trial at a time."""
+    assert main(_sweep_args(tmp_path, space_file, "--n-trials", "5", "--population", "4",
+                            "--study-name", "pop", "--pruner", "lyapunov", "--pruner-model",
+                            str(model_dir))) == 0
+    assert main(_sweep_args(tmp_path, space_file, "--n-trials", "1", "--study-name", "seq",
+                            "--seed", "1")) == 0
+    storage = f"sqlite:///{tmp_path / 'p.db'}"
+    pop = optuna.load_study(study_name="pop", storage=storage).trials
+    seq = optuna.load_study(study_name="seq", storage=storage).trials
+    assert len(pop) == 5 and [t.number for t in pop] == list(range(5))
+    assert len({tuple(sorted(t.params.items())) for t in pop}) == 5  # no repeated configuration
+    assert all(t.state.is_finished() and t.state.name != "FAIL" for t in pop)
+    complete = _stored(seq[0])
+    assert all(f"{ATTR}prediction:1" in t.user_attrs for t in pop)
+    for t in pop:
+        run = t.user_attrs[f"{ATTR}run"]
+        if t.state.name == "PRUNED":
+            assert run["status"] == "pruned" and t.user_attrs[f"{ATTR}status"] == "pruned"
+            assert run["pruned_at"] == t.last_step == run["epochs_completed"]
+            assert _stored(t) <= complete
+        else:
+            assert _stored(t) == complete
+            assert t.value == pytest.approx(run["final_normalised_loss"])
+            assert list(t.intermediate_values) == [0, 1, 2]
+        # Reported at every epoch it reached, as loss / chance loss.
+        assert [t.intermediate_values[e] for e in sorted(t.intermediate_values)] == \
+            pytest.approx([v / 2.3 for v in run["val_loss"]], rel=0.05)
+        assert run["config"]["seed"] == t.number  # seed + trial number, as one at a time
+    # A member's stored run is its configuration trained alone.
+    t = next(t for t in pop if t.state.name == "COMPLETE")
+    run = t.user_attrs[f"{ATTR}run"]
+    alone = train_run(run["config"], tasks.get("digits", mode="row"), epochs=2,
+                      le_epochs=[0, 1, 2])
+    assert _close(run["val_loss"], alone.val_loss, 1e-4)
+    assert t.user_attrs[f"{ATTR}spectrum:2"]["mean"] == pytest.approx(
+        alone.spectra[2]["mean"], rel=2e-3, abs=2e-3)
+
+
+@pytest.mark.parametrize("pruner", [_PruneOddAtOne(),
+                                    optuna.pruners.MedianPruner(n_startup_trials=0)])
+def test_pruners_prune_members_one_by_one(tmp_path, space_file, pruner):
+    """A median pruner compares with completed trials only: the second population's members
+    are pruned against the first's."""
+    study = run_sweep("digits", n_trials=8, epochs=3, le_epochs=[0, 1, 2], population=4,
+                      pruner=pruner, task_options={"mode": "row"},
+                      storage=f"sqlite:///{tmp_path / 'p.db'}", study_name="p",
+                      space=load_space(space_file), show_progress_bar=False)
+    trials = study.trials
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned and len(pruned) < len(trials)
+    if isinstance(pruner, _PruneOddAtOne):
+        assert [t.number for t in pruned] == [1, 3, 5, 7]
+    for t in trials:
+        run = t.user_attrs[f"{ATTR}run"]
+        if t.state.name == "PRUNED":
+            step = t.last_step
+            assert run["pruned_at"] == step == run["epochs_completed"] < 3
+            assert len(run["val_loss"]) == step + 1 and len(run["train_loss"]) == step
+            assert t.value == t.intermediate_values[step]
+            assert {k for k in t.user_attrs if k.startswith(f"{ATTR}spectrum:")} == {
+                f"{ATTR}spectrum:{e}" for e in range(step + 1)}
+        else:
+            assert t.state.name == "COMPLETE" and run["epochs_completed"] == 3
+            assert list(t.intermediate_values) == [0, 1, 2, 3]
+
+
+def test_population_shrinks_to_the_trials_left_and_groups_shapes(tmp_path):
+    space = tmp_path / "mixed.toml"
+    space.write_text(MIXED_SPACE)
+    storage = f"sqlite:///{tmp_path / 'm.db'}"
+    common = dict(epochs=1, le_epochs=[0, 1], task_options={"mode": "row"}, storage=storage,
+                  study_name="m", space=load_space(space), show_progress_bar=False)
+    study = run_sweep("digits", n_trials=3, population=16, **common)
+    assert len(study.trials) == 3
+    study = run_sweep("digits", n_trials=7, population=16, **common)  # a resume: 4 more
+    trials = study.trials
+    assert len(trials) == 7 and all(t.state.name == "COMPLETE" for t in trials)
+    assert {t.params["arch"] for t in trials} == {"rnn", "lstm"}
+    for t in trials:
+        assert t.user_attrs[f"{ATTR}spectrum:1"]["n"] == (12 if t.params["arch"] == "lstm" else 6)
+
+
+def test_a_failing_population_fails_its_trials_with_the_error(tmp_path, space_file,
+                                                              monkeypatch):
+    import lepredict.sweep as sw
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(sw, "train_population", broken)
+    study = run_sweep("digits", n_trials=3, epochs=1, le_epochs=[0], population=3,
+                      task_options={"mode": "row"}, storage=f"sqlite:///{tmp_path / 'f.db'}",
+                      study_name="f", space=load_space(space_file), show_progress_bar=False)
+    assert [t.state.name for t in study.trials] == ["FAIL"] * 3
+    assert all(t.user_attrs[f"{ATTR}error"] == "RuntimeError: out of memory"
+               for t in study.trials)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--population", "0"], "--population must be >= 1"),
+    (["--population", "2", "--n-jobs", "2"], "cannot be combined"),
+])
+def test_bad_population_is_one_line_and_exit_2(tmp_path, space_file, capsys, args, message):
+    assert main(_sweep_args(tmp_path, space_file, "--n-trials", "2", *args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "p.db").exists()
+
+
+def test_run_sweep_refuses_a_bad_population(space_file):
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="population must be a positive int"):
+            run_sweep("digits", n_trials=1, population=bad, space=load_space(space_file))
+
+
+def test_killed_population_is_retried_by_the_next_sweep(tmp_path, space_file):
+    """SIGKILL a worker while its population trains: the next sweep fails its trials (stale
+    heartbeats) and runs each configuration again, once."""
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    script = textwrap.dedent(f"""
+        import time
+        import lepredict.sweep as sw
+        def hangs(*a, **k):
+            print("hanging", flush=True)
+            time.sleep(120)
+        sw.train_population = hangs
+        sw.run_sweep("digits", n_trials=3, epochs=1, le_epochs=[0], population=2,
+                     task_options={{"mode": "row"}},
+                     storage=sw.make_storage({db!r}, "k", heartbeat_interval=1, grace_period=2),
+                     study_name="k", space=sw.load_space({str(space_file)!r}),
+                     show_progress_bar=False)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "hanging"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    storage = make_storage(db, "k", heartbeat_interval=1, grace_period=2)
+    orphans = [t.params for t in optuna.load_study(study_name="k", storage=storage).trials]
+    assert len(orphans) == 2
+    time.sleep(3)  # past the grace period
+    study = run_sweep("digits", n_trials=3, epochs=1, le_epochs=[0], population=2,
+                      task_options={"mode": "row"}, storage=storage, study_name="k",
+                      space=load_space(space_file), show_progress_bar=False)
+    states = [t.state.name for t in study.trials]
+    assert states == ["FAIL", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    assert sorted(t.system_attrs["failed_trial"] for t in study.trials[2:4]) == [0, 1]
+    assert [t.params for t in study.trials[2:4]] in (orphans, orphans[::-1])
+
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_population_workers_share_one_postgres_study(tmp_path, space_file):
+    try:
+        import sqlalchemy
+
+        admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            database = f"lepredict_test_{uuid.uuid4().hex[:8]}"
+            conn.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
+    except Exception as err:
+        pytest.skip(f"no PostgreSQL server answers at {PG_URL}: {type(err).__name__}")
+    url = PG_URL.rsplit("/", 1)[0] + f"/{database}"
+    n_trials = 10
+    cmd = [sys.executable, "-m", "lepredict.cli", "sweep", "--task", "digits", "--task-option",
+           "mode=row", "--n-trials", str(n_trials), "--epochs", "1", "--le-epochs", "0", "1",
+           "--space", str(space_file), "--storage", url, "--study-name", "two", "--quiet",
+           "--population", "4", "--pruner", "median"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    try:
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        failed = [o[1][-1500:] for p, o in zip(procs, outs) if p.returncode != 0]
+        assert not failed, failed
+        trials = optuna.load_study(study_name="two", storage=url).trials
+        assert sorted(t.number for t in trials) == list(range(len(trials)))
+        assert n_trials <= len(trials) <= n_trials + 1  # at most workers - 1 over
+        assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        assert len({tuple(sorted(t.params.items())) for t in trials}) == len(trials)
+        assert all(f"{ATTR}run" in t.user_attrs and f"{ATTR}spectrum:0" in t.user_attrs
+                   for t in trials)
+    finally:
+        sqlalchemy.orm.close_all_sessions()
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
+        admin.dispose()
