@@ -461,18 +461,16 @@ def summarise(predictions: pd.DataFrame, *, baseline: str | None = BASELINE,
                     "spearman": weighted_spearman(part["final_loss"], part["loss_pred"], w),
                 }
             else:
-                with warnings.catch_warnings():  # every group NaN: the mean is NaN too
+                with warnings.catch_warnings():  # every group NaN (or a resample's): NaN
                     warnings.simplefilter("ignore", RuntimeWarning)
                     overall = {k: float(np.nanmean([m[k] for m in per_group.values()]))
                                if per_group else math.nan
                                for k in ("auroc", "ap", "brier", "spearman", "mae")}
-                overall["n"] = int(len(part))
-                overall["trainable_share"] = float(part["trainable"].mean())
-                with warnings.catch_warnings():  # a resample where every group is NaN
-                    warnings.simplefilter("ignore", RuntimeWarning)
                     boot["all"] = {k: np.nanmean(np.stack([boot[g][k] for g in per_group]), 0)
                                    if per_group else np.full(n_boot, np.nan)
                                    for k in ("auroc", "spearman")}
+                overall["n"] = int(len(part))
+                overall["trainable_share"] = float(part["trainable"].mean())
             for g, metrics in [("all", overall), *per_group.items()]:
                 samples[(budget, name, g)] = {"point": metrics, "boot": boot[g]}
         for (budget, name, g), entry in samples.items():
@@ -492,7 +490,7 @@ def summarise(predictions: pd.DataFrame, *, baseline: str | None = BASELINE,
                 diff = entry["boot"][k] - base["boot"][k]
                 row[f"d_{k}_low"], row[f"d_{k}_high"] = interval(diff, confidence) \
                     if n_boot else (math.nan, math.nan)
-            row["n_boot"] = int(n_boot)
+            row["n_boot"], row["confidence"] = int(n_boot), float(confidence)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -630,9 +628,10 @@ def _order(table: pd.DataFrame, baseline: str | None) -> pd.DataFrame:
 
 def _heading(scheme: str, what: str, rows: pd.DataFrame) -> str:
     n_boot = int(rows["n_boot"].iloc[0]) if "n_boot" in rows and len(rows) else 0
+    level = float(rows["confidence"].iloc[0]) if "confidence" in rows and len(rows) else 0.95
     nested = " Nested: each fold's classifier chosen by grid search on its training runs." \
         if "nested" in rows and bool(rows["nested"].iloc[0]) else ""
-    boot = (f" Intervals: 95% percentile, {n_boot} bootstrap resamples of configurations "
+    boot = (f" Intervals: {level:.0%} percentile, {n_boot} bootstrap resamples of configurations "
             "within tasks." if n_boot else "")
     runs = int(rows["n"].iloc[0]) if len(rows) else 0
     return f"{what} on {_title(scheme)}, {runs} runs.{boot}{nested}\n"
