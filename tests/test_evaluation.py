@@ -176,6 +176,14 @@ def test_holdout_scheme_fits_on_the_rest_and_scores_what_it_selects(runs, fit_sp
         out_of_fold(runs, budget=0, sets="loss", scheme="holdout:hidden>=1")
 
 
+def test_holdout_of_an_architecture_is_that_fold_of_leave_one_architecture_out(runs):
+    kwargs = dict(budget=1, sets="loss", classifier=_tiny_classifier())
+    held = out_of_fold(runs, scheme="holdout:arch=gru", **kwargs).set_index("row")
+    logo = out_of_fold(runs, scheme="arch", **kwargs).set_index("row")
+    assert np.allclose(held["proba"], logo.loc[held.index, "proba"])
+    assert np.allclose(held["loss_pred"], logo.loc[held.index, "loss_pred"])
+
+
 def test_test_scheme_fits_on_all_the_data_and_scores_the_test_runs(runs, fit_spy):
     pred = out_of_fold(runs.iloc[:160], test=runs.iloc[160:], budget=1, sets="loss",
                        scheme="test", classifier=_tiny_classifier())
