@@ -7,12 +7,14 @@ import doctest
 import optuna
 import pytest
 
+import lepredict.evaluation
 import lepredict.features
 import lepredict.pruner
 import lepredict.train
 
 
-@pytest.mark.parametrize("module", [lepredict.pruner, lepredict.features, lepredict.train])
+@pytest.mark.parametrize("module", [lepredict.pruner, lepredict.features, lepredict.train,
+                                    lepredict.evaluation])
 def test_docstring_examples(module):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
