@@ -218,8 +218,9 @@ def _held_group(frame: pd.DataFrame, scheme: str) -> np.ndarray:
     return (name + "=" + frame[column].astype(str)).to_numpy()
 
 
-def _predictions(frame, y, loss, scheme, budget, name, results) -> pd.DataFrame:
-    """The held-out predictions of one comparison, one row per evaluated run."""
+def _predictions(frame, y, loss, scheme, budget, name, results, configs=None) -> pd.DataFrame:
+    """The held-out predictions of one comparison, one row per evaluated run (``configs``:
+    :func:`config_groups` of ``frame``, when already computed)."""
     parts = []
     for fold, (test, p, l) in enumerate(results):
         if p is None:
@@ -235,7 +236,8 @@ def _predictions(frame, y, loss, scheme, budget, name, results) -> pd.DataFrame:
     out.insert(0, "scheme", scheme)
     out["group"] = _held_group(frame, scheme)[rows]
     out["task"] = frame["task"].astype(str).to_numpy()[rows]
-    out["config"] = config_groups(frame)[rows] if len(rows) else []
+    configs = config_groups(frame) if configs is None and len(rows) else configs
+    out["config"] = configs[rows] if len(rows) else []
     out["trainable"] = y[rows]
     out["final_loss"] = loss[rows]
     return out
@@ -558,7 +560,8 @@ def compare(frame: pd.DataFrame, *, budgets: Sequence[int] = (0, 1, 2, 3),
     for (job, _, _), result in tqdm(zip(folds, results), total=len(folds), desc="evaluate",
                                     disable=not progress):
         by_job[job].append(result)
-    predictions = pd.concat([_predictions(frame, y, loss, scheme, b, name, results)
+    configs = config_groups(frame)
+    predictions = pd.concat([_predictions(frame, y, loss, scheme, b, name, results, configs)
                              for (scheme, b, name), results in by_job.items()],
                             ignore_index=True)
     table = summarise(predictions, baseline=baseline, n_boot=n_boot, confidence=confidence,
