@@ -698,24 +698,24 @@ def _read_data(paths: list[str]):
 
 def _cmd_fit(args) -> int:
     from lepredict.evaluation import cross_validate
-    from lepredict.predictor import StabilityPredictor
+    from lepredict.predictor import SEARCH_GRID, StabilityPredictor
 
     frame = _read_data(args.data)
     # Model selection by grouped cross-validation (groups = study) over a small grid.
-    grid = {"histgradientboostingclassifier__learning_rate": [0.03, 0.1],
-            "histgradientboostingclassifier__max_leaf_nodes": [7, 15, 31]} if args.search else None
+    grid = SEARCH_GRID if args.search else None
     for budget in args.budgets:
         try:
             metrics = {}
             model = StabilityPredictor(budget=budget, feature_sets=tuple(args.features),
                                        threshold=args.threshold, param_grid=grid).fit(frame)
             if not args.no_cv:
-                # Held out, the classifier the search chose: the figures and LyapunovPruner's
-                # default threshold describe the predictor that is saved.
-                chosen = model.classifier_.estimator if grid else None
+                # Nested: each outer fold searches the grid on its own training runs, so the
+                # figures (and LyapunovPruner's default threshold) are not selected on the runs
+                # that score them.
                 metrics["held_out_configs"] = cross_validate(
                     frame, budget=budget, sets=args.features, scheme="configs",
-                    threshold=args.threshold, classifier=chosen)
+                    threshold=args.threshold, param_grid=grid)
+                metrics["held_out_configs"]["nested"] = grid is not None
                 model.prune_threshold_ = metrics["held_out_configs"]["p_at_99_recall"]
         except ValueError as err:
             raise CLIError(str(err)) from None
@@ -726,43 +726,104 @@ def _cmd_fit(args) -> int:
     return 0
 
 
+def _write_table(table, path: str) -> None:
+    try:
+        if path.endswith(".json"):
+            Path(path).write_text(_dumps(table.to_dict(orient="records"), indent=1) + "\n")
+        else:
+            table.to_csv(path, index=False)
+    except OSError as err:
+        raise CLIError(f"Cannot write -o {path!r}: {err.strerror or err}.") from None
+
+
 def _cmd_evaluate(args) -> int:
-    from lepredict.evaluation import compare, format_summary, format_table
+    from lepredict.evaluation import SCHEMES, compare, format_groups, format_summary
+    from lepredict.predictor import SEARCH_GRID
+
+    if args.output is not None:
+        _check_output(args.output, (".csv", ".json"))
+    _check_int("--n-boot", args.n_boot, 0, "bootstrap resamples; 0 for none")
+    if args.model is not None:
+        given = [o for o, v in (("--holdout", args.holdout), ("--test-data", args.test_data),
+                                ("--nested", args.nested), ("--schemes", args.schemes)) if v]
+        if given:
+            raise CLIError(f"{' and '.join(given)} choose(s) what the cross-validated comparison "
+                           "holds out; with --model the data are scored as they are: drop "
+                           f"{given[0]} or --model.")
+        return _evaluate_model(args)
+    frame = _read_data(args.data)
+    test = _read_data(args.test_data) if args.test_data else None
+    schemes = list(args.schemes) if args.schemes is not None else (
+        [] if args.holdout or test is not None else list(SCHEMES))
+    schemes += [f"holdout:{p}" for p in args.holdout or []]
+    try:
+        table = compare(frame, budgets=args.budgets, feature_sets=args.features,
+                        schemes=schemes, test=test, baseline=args.baseline,
+                        threshold=args.threshold, n_boot=args.n_boot,
+                        param_grid=SEARCH_GRID if args.nested else None,
+                        random_state=args.seed, progress=not args.json, n_jobs=args.n_jobs)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if args.output is not None:
+        _write_table(table, args.output)
+    if args.json:
+        print(_dumps(table.to_dict(orient="records"), indent=1))
+        return 0
+    for metric in ("auroc", "spearman"):
+        print(format_summary(table, metric, baseline=args.baseline))
+    for metric in ("auroc", "spearman"):
+        print(format_groups(table, metric, baseline=args.baseline))
+    if args.output is not None:
+        print(f"every row, with AP, Brier and MAE: {args.output}")
+    return 0
+
+
+def _evaluate_model(args) -> int:
+    """Metrics of a saved predictor on the data as they are, with bootstrap intervals."""
+    from lepredict.evaluation import (bootstrap_counts, config_groups, interval,
+                                      weighted_auroc, weighted_spearman)
     from lepredict.features import completed_runs, outcomes
     from lepredict.predictor import ModelFileError, load_models, metric_table, resolve_model
 
     frame = _read_data(args.data)
-    if args.model is None:
-        try:
-            table = compare(frame, budgets=args.budgets, schemes=args.schemes,
-                            threshold=args.threshold, progress=not args.json, n_jobs=args.n_jobs)
-        except ValueError as err:
-            raise CLIError(str(err)) from None
-        if args.json:
-            print(_dumps(table.to_dict(orient="records"), indent=1))
-        else:
-            print(format_table(table))
-            print()
-            print(format_summary(table))
-        return 0
     try:
         models = load_models(resolve_model(args.model), trust=args.trust_model)
     except ModelFileError as err:
         raise CLIError(str(err)) from None
     runs = completed_runs(frame)
+    weights = bootstrap_counts(runs["task"].astype(str), config_groups(runs),
+                               n_boot=args.n_boot, random_state=args.seed)
     rows = []
     for budget, model in sorted(models.items()):
         out = outcomes(runs, threshold=args.threshold if args.threshold else model.threshold)
-        m = metric_table(out["trainable"], model.predict_proba(runs)[:, 1], out["final_loss"],
-                         model.predict_loss(runs))
-        rows.append({"budget": budget, **m})
+        proba, loss = model.predict_proba(runs)[:, 1], model.predict_loss(runs)
+        m = metric_table(out["trainable"], proba, out["final_loss"], loss)
+        m["auroc_low"], m["auroc_high"] = interval(
+            weighted_auroc(out["trainable"], proba, weights))
+        m["spearman_low"], m["spearman_high"] = interval(
+            weighted_spearman(out["final_loss"], loss, weights))
+        rows.append({"budget": budget, **m, "n_boot": args.n_boot})
+    if args.output is not None:
+        import pandas as pd
+
+        _write_table(pd.DataFrame(rows), args.output)
     if args.json:
         print(_dumps(rows, indent=1))
         return 0
-    print(f"{'budget':>6} {'runs':>6} {'AUROC':>7} {'AP':>7} {'Brier':>7} {'Spearman':>9} {'MAE':>7}")
+    print(f"{'budget':>6} {'runs':>6} {'AUROC [95%]':>22} {'AP':>6} {'Brier':>6} "
+          f"{'Spearman [95%]':>22} {'MAE':>6}")
+
+    def cell(r, k):
+        low, high = r[f"{k}_low"], r[f"{k}_high"]
+        text = f"{r[k]:.3f}"
+        return text + (f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) else "")
+
     for r in rows:
-        print(f"{r['budget']:>6} {r['n']:>6} {r['auroc']:>7.3f} {r['ap']:>7.3f} {r['brier']:>7.3f} "
-              f"{r['spearman']:>9.3f} {r['mae']:>7.3f}")
+        print(f"{r['budget']:>6} {r['n']:>6} {cell(r, 'auroc'):>22} {r['ap']:>6.3f} "
+              f"{r['brier']:>6.3f} {cell(r, 'spearman'):>22} {r['mae']:>6.3f}")
+    if args.n_boot:
+        print(f"95% percentile intervals from {args.n_boot} bootstrap resamples of "
+              "configurations within tasks.")
     return 0
 
 
@@ -1190,24 +1251,61 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose the classifier's hyperparameters by grouped cross-validation")
     p.set_defaults(func=_cmd_fit)
 
-    p = command("evaluate", help="metrics of a predictor on data, or the cross-validated "
-                "comparison with the baselines (without --model)")
+    from lepredict.evaluation import BASELINE, COMPARED, N_BOOT, SCHEMES
+
+    p = command(
+        "evaluate", help="cross-validated comparison with the baselines, with intervals; or "
+        "the metrics of a saved predictor (--model)",
+        description="Without --model: fits a predictor per feature set, early budget and fold "
+        "on runs held out by each scheme, and prints AUROC of P(trainable) and Spearman "
+        "correlation of the predicted final loss, with 95% bootstrap intervals (configurations "
+        "resampled within tasks) and each set's paired difference from the baseline on the same "
+        "resamples; overall and per group (task, or held-out group). With --model: that "
+        "predictor's metrics on --data, with intervals.",
+        epilog="Examples: lepredict evaluate --data studies/corpus-*.parquet; "
+        "... --holdout arch=lstm --holdout 'hidden>=128'; ... --test-data "
+        "studies/heldout-*.parquet; ... --nested --features spectrum+loss --schemes configs.")
     p.add_argument("--model", default=None, help="model directory or shipped name ('default') "
-                   "(default: none, the cross-validated comparison)")
+                   "to score on --data as they are (default: none, the cross-validated "
+                   "comparison)")
     _add_trust_arg(p)
     p.add_argument("--data", nargs="+", required=True, help="exports (.parquet/.csv); globs work")
+    p.add_argument("--test-data", nargs="+", default=None, metavar="FILE",
+                   help="exports to evaluate on after fitting on all of --data (scheme 'test'; "
+                   "default: none)")
     p.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 3],
                    help="early budgets in epochs to compare (without --model)")
-    p.add_argument("--schemes", nargs="+", default=["configs", "task", "arch"],
-                   choices=["configs", "task", "arch"],
+    p.add_argument("--features", nargs="+", default=list(COMPARED), metavar="SET",
+                   help="feature sets to compare: spectrum, loss, weights, grad, hparams, or "
+                   "several joined by '+'")
+    p.add_argument("--baseline", default=BASELINE,
+                   help="feature set every other is compared with, on the same folds and "
+                   "resamples (evaluated even if not in --features)")
+    p.add_argument("--schemes", nargs="+", default=None, choices=list(SCHEMES),
                    help="what the cross-validation holds out: configurations, whole tasks, or "
-                   "whole architectures")
+                   "whole architectures (default: configs task arch, or none when --holdout or "
+                   "--test-data is given)")
+    p.add_argument("--holdout", action="append", default=None, metavar="PREDICATE",
+                   help="also hold out the runs a predicate selects and fit on the rest: "
+                   "COLUMN OP VALUE, OP one of = != > >= < <=, COLUMN a hyperparameter (arch, "
+                   "hidden, layers, init, ...) or task/study, e.g. arch=lstm, 'hidden>=128', "
+                   "task=charlm,lorenz; repeatable (default: none)")
+    p.add_argument("--nested", action="store_true",
+                   help="choose each fold's classifier by the grid search of `lepredict fit "
+                   "--search`, on that fold's training runs only (nested cross-validation; "
+                   "about 30 times slower)")
+    p.add_argument("--n-boot", type=int, default=N_BOOT,
+                   help="bootstrap resamples behind each interval (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the folds, models and resamples")
     p.add_argument("--threshold", type=float, default=None,
                    help="trainability threshold on the final normalised loss (default: the "
                    "model's, else each run's task's)")
     p.add_argument("--n-jobs", type=int, default=None,
                    help="folds fitted in parallel (default: one at a time)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--json", action="store_true", help="print every row as JSON")
+    p.add_argument("-o", "--output", default=None,
+                   help="also write every row (AP, Brier, MAE too) to FILE.csv or FILE.json "
+                   "(default: none)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = command("predict-stability", help="train for the early budget and predict whether "

@@ -72,6 +72,10 @@ TRUST_HINT = "trust=True (CLI: --trust-model)"
 DEFAULT_CUTOFF = 0.5
 #: Fewest runs of each class a fit accepts (the calibration's 3 folds need one each).
 MIN_PER_CLASS = 3
+#: The classifier grid ``lepredict fit --search`` chooses from (``param_grid``), and that
+#: ``lepredict evaluate --nested`` searches inside each outer fold.
+SEARCH_GRID = {"histgradientboostingclassifier__learning_rate": [0.03, 0.1],
+               "histgradientboostingclassifier__max_leaf_nodes": [7, 15, 31]}
 #: Where the shipped predictors live: ``models/`` at the top of the repository (an editable
 #: install, as the README sets up), or the directory named by ``LEPREDICT_MODELS``.
 #: Either way its files load only if they match :data:`PIN_FILE` (or with ``trust=True``).

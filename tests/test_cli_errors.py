@@ -104,6 +104,13 @@ def spectrum_file(**changes):
     return write("spec.json", json.dumps({k: v for k, v in data.items() if v is not None}))
 
 
+def export(tmp: Path) -> None:
+    """A small export of 240 finished runs (the synthetic runs of conftest)."""
+    from conftest import synthetic_runs
+
+    synthetic_runs().to_parquet(tmp / "runs.parquet")
+
+
 def model_manifest_list(tmp: Path) -> None:
     (tmp / "m" / "budget-1").mkdir(parents=True)
     (tmp / "m" / "budget-1" / "manifest.json").write_text("[]")
@@ -233,6 +240,35 @@ CASES = {
         "is not a lepredict export"),
     "evaluate-data-is-a-directory": (
         ["evaluate", "--data", "d.csv"], lambda tmp: (tmp / "d.csv").mkdir(), "Cannot read"),
+    "evaluate-unknown-feature-set": (
+        ["evaluate", "--data", "runs.parquet", "--features", "spectrum", "vibes"], export,
+        "Unknown feature set 'vibes'"),
+    "evaluate-unknown-baseline": (
+        ["evaluate", "--data", "runs.parquet", "--baseline", "hparams+vibes"], export,
+        "Unknown feature set 'hparams+vibes'"),
+    "evaluate-holdout-unknown-column": (
+        ["evaluate", "--data", "runs.parquet", "--holdout", "colour=red"], export,
+        "no column 'colour'"),
+    "evaluate-holdout-not-a-predicate": (
+        ["evaluate", "--data", "runs.parquet", "--holdout", "lstm"], export,
+        "is not COLUMN OP VALUE"),
+    "evaluate-holdout-selects-nothing": (
+        ["evaluate", "--data", "runs.parquet", "--holdout", "arch=transformer"], export,
+        "selects none of the 240 finished runs"),
+    "evaluate-holdout-selects-everything": (
+        ["evaluate", "--data", "runs.parquet", "--holdout", "hidden>=1"], export,
+        "selects all of the 240 finished runs"),
+    "evaluate-negative-n-boot": (
+        ["evaluate", "--data", "runs.parquet", "--n-boot", "-1"], export, "--n-boot must be >= 0"),
+    "evaluate-output-format": (
+        ["evaluate", "--data", "runs.parquet", "-o", "table.txt"], export,
+        "FILE.csv or FILE.json"),
+    "evaluate-model-with-holdout": (
+        ["evaluate", "--model", "./m", "--data", "runs.parquet", "--holdout", "arch=lstm"],
+        export, "drop --holdout or --model"),
+    "evaluate-test-data-missing": (
+        ["evaluate", "--data", "runs.parquet", "--test-data", "later.parquet"], export,
+        "No such data file: 'later.parquet'"),
     # Training runs.
     "spectrum-negative-epochs": (
         ["spectrum", *TINY, "--epochs", "-1"], None, "--epochs must be >= 0"),

@@ -7,6 +7,7 @@ import doctest
 import optuna
 import pytest
 
+import lepredict.evaluation
 import lepredict.features
 import lepredict.population
 import lepredict.pruner
@@ -15,7 +16,8 @@ import lepredict.train
 
 
 @pytest.mark.parametrize("module", [lepredict.pruner, lepredict.features, lepredict.train,
-                                    lepredict.report, lepredict.population])
+                                    lepredict.report, lepredict.population,
+                                    lepredict.evaluation])
 def test_docstring_examples(module):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

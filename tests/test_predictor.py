@@ -95,9 +95,11 @@ def test_cross_validation_schemes(runs):
     by_task = cross_validate(runs, budget=1, sets=["spectrum"], scheme="task")
     assert set(by_task["groups"]) == {"alpha", "beta"}
     table = compare(runs, budgets=[0, 1], feature_sets=["spectrum", "grad"], schemes=["arch"],
-                    progress=False)
-    assert len(table) == 3  # no gradient features at budget 0
-    assert set(table["features"]) == {"spectrum", "grad"}
+                    n_boot=0, progress=False)
+    overall = table[table["group"] == "all"]
+    assert len(overall) == 5  # the baseline joins in; no gradient features at budget 0
+    assert set(table["features"]) == {"spectrum", "grad", "hparams+loss"}
+    assert set(table["group"]) == {"all", "arch=rnn", "arch=gru", "arch=lstm"}
 
 
 def test_fit_and_evaluate_commands(runs, tmp_path):
@@ -134,6 +136,6 @@ def test_fit_records_a_pruning_threshold_and_evaluate_summarises(runs, tmp_path)
     assert 0.0 < threshold < 1.0
     assert manifest["training_data"]["epochs"] == int(runs["epochs"].iloc[0])
     table = compare(runs, budgets=(1,), feature_sets=("spectrum", "loss"), schemes=("configs",),
-                    progress=False)
+                    n_boot=20, progress=False)
     text = format_summary(table)
     assert "| spectrum | " in text and "| loss | " in text and "held-out configurations" in text
