@@ -286,6 +286,10 @@ class _Population:
         return norms
 
 
+#: Validation sequences per batched forward pass of the whole population.
+EVAL_ROWS = 64
+
+
 def _member_losses(task: Task, outputs: Tensor, targets: Tensor, shared: bool) -> Tensor:
     """``task.loss`` of each member: ``(K,)``."""
     return torch.vmap(task.loss, in_dims=(0, None if shared else 0))(outputs, targets)
@@ -398,7 +402,11 @@ def train_population(
         totals, count = [0.0] * len(alive), 0
         for i in range(0, x_val.shape[0], 512):  # as train_run's _evaluate, chunk by chunk
             xb, yb = x_val[i:i + 512], y_val[i:i + 512]
-            losses = _member_losses(task, pop.forward(xb, last), yb, shared=True).tolist()
+            # The forward in pieces of a training batch: K members' activations for 512
+            # sequences are tens of megabytes, slow to stream; rows do not interact.
+            out = torch.cat([pop.forward(xb[j:j + EVAL_ROWS], last)
+                             for j in range(0, xb.shape[0], EVAL_ROWS)], 1)
+            losses = _member_losses(task, out, yb, shared=True).tolist()
             totals = [t + v * xb.shape[0] for t, v in zip(totals, losses)]
             count += xb.shape[0]
         return [t / count for t in totals]
