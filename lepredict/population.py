@@ -73,11 +73,11 @@ class _Recurrence(torch.autograd.Function):
     input projections ``gi`` ``(K, T, B, G)`` (input bias included), with a hand-written
     backward through time.
 
-    Autograd through a Python loop of cell operations spends most of its time on small kernels
-    and on the zero-filled gradients of gate slices; here each step of the backward pass is a
-    handful of fused products with factors computed once for all steps, and the recurrent
-    weight's gradient one batched product over all steps. The equations are PyTorch's cells;
-    only the order of roundings differs.
+    Autograd through a Python loop of cell operations spends much of its time on the
+    zero-filled full-size gradients of every gate slice; here each step of the backward pass
+    writes each gate's gradient into its slice with PyTorch's fused ``tanh_backward`` and
+    ``sigmoid_backward`` kernels, and the recurrent weight's gradient is one batched product
+    over all steps. The equations are PyTorch's cells; only the order of roundings differs.
     """
 
     @staticmethod
