@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--archs", nargs="+", default=["gru", "lstm"])
     ap.add_argument("--hidden", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--populations", type=int, nargs="+", default=[8, 16, 32, 64])
-    ap.add_argument("--sequential-trials", type=int, default=8,
+    ap.add_argument("--sequential-trials", type=int, default=16,
                     help="trials one by one per network (populations part)")
     ap.add_argument("--trials-per-arch", type=int, default=2, help="spectra part")
     args = ap.parse_args()

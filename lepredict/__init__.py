@@ -8,6 +8,8 @@ The pieces, each in a module named after what it holds:
 * :mod:`lepredict.records`: the record schema the rooms share (runs, trial attributes, rows).
 * :mod:`lepredict.train`: short training runs that record curves and early spectra
   (:func:`train_run`).
+* :mod:`lepredict.population`: many runs of one shape trained together as one batched
+  computation (:func:`~lepredict.population.train_population`).
 * :mod:`lepredict.sweep`: Optuna sweeps of such runs, their storage and exports.
 * :mod:`lepredict.features`, :mod:`lepredict.predictor`, :mod:`lepredict.evaluation`: features of
   early training, the :class:`~lepredict.predictor.StabilityPredictor`, and its honest evaluation.

@@ -74,11 +74,11 @@ class _Recurrence(torch.autograd.Function):
     input projections ``gi`` ``(K, T, B, G)`` (input bias included), with a hand-written
     backward through time.
 
-    Autograd through a Python loop of cell operations spends most of its time on small kernels
-    and on the zero-filled gradients of gate slices; here each step of the backward pass is a
-    handful of fused products with factors computed once for all steps, and the recurrent
-    weight's gradient one batched product over all steps. The equations are PyTorch's cells;
-    only the order of roundings differs.
+    Autograd through a Python loop of cell operations spends much of its time on the
+    zero-filled full-size gradients of every gate slice; here each step of the backward pass
+    writes each gate's gradient into its slice with PyTorch's fused ``tanh_backward`` and
+    ``sigmoid_backward`` kernels, and the recurrent weight's gradient is one batched product
+    over all steps. The equations are PyTorch's cells; only the order of roundings differs.
     """
 
     @staticmethod
@@ -287,9 +287,16 @@ class _Population:
         return norms
 
 
+#: Validation sequences per batched forward pass of the whole population.
+EVAL_ROWS = 64
+
+
 def _member_losses(task: Task, outputs: Tensor, targets: Tensor, shared: bool) -> Tensor:
-    """``task.loss`` of each member: ``(K,)``."""
-    return torch.vmap(task.loss, in_dims=(0, None if shared else 0))(outputs, targets)
+    """``task.loss`` of each member, ``(K,)``: the task's own function on each member's
+    outputs, as train_run calls it (one call each costs less than ``torch.vmap``'s set-up)."""
+    if shared:
+        return torch.stack([task.loss(out, targets) for out in outputs])
+    return torch.stack([task.loss(out, y) for out, y in zip(outputs, targets)])
 
 
 def train_population(
@@ -399,7 +406,11 @@ def train_population(
         totals, count = [0.0] * len(alive), 0
         for i in range(0, x_val.shape[0], 512):  # as train_run's _evaluate, chunk by chunk
             xb, yb = x_val[i:i + 512], y_val[i:i + 512]
-            losses = _member_losses(task, pop.forward(xb, last), yb, shared=True).tolist()
+            # The forward in pieces of a training batch: K members' activations for 512
+            # sequences are tens of megabytes, slow to stream; rows do not interact.
+            out = torch.cat([pop.forward(xb[j:j + EVAL_ROWS], last)
+                             for j in range(0, xb.shape[0], EVAL_ROWS)], 1)
+            losses = _member_losses(task, out, yb, shared=True).tolist()
             totals = [t + v * xb.shape[0] for t, v in zip(totals, losses)]
             count += xb.shape[0]
         return [t / count for t in totals]

@@ -321,11 +321,23 @@ def _exhausted_message(study: optuna.Study, space: dict[str, BaseDistribution], 
             "parameter), or lower the trial count.")
 
 
-def _is_exhausted(study: optuna.Study, space: dict[str, BaseDistribution]) -> bool:
+def _is_exhausted(study: optuna.Study, space: dict[str, BaseDistribution],
+                  trials=None) -> bool:
     size = _space_size(space)
     if not space or size is None:
         return False
-    return len(_configs(study.get_trials(deepcopy=False), sorted(space))) >= size
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
+    return len(_configs(trials, sorted(space))) >= size
+
+
+def _cached_trials(study: optuna.Study) -> list:
+    """The study's trials through the cache Optuna keeps for the trial being asked (TPE reads
+    it too): one database read per trial for both. Every read loads every unfinished trial
+    in full, which with a population of running trials costs tens of milliseconds."""
+    try:
+        return study._get_trials(deepcopy=False, use_cache=True)
+    except (AttributeError, TypeError):  # not a plain Study: read as the public API does
+        return study.get_trials(deepcopy=False)
 
 
 class _PerTrialSampler(optuna.samplers.BaseSampler):
@@ -348,6 +360,7 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
                  space: dict[str, BaseDistribution]):
         self._make, self._seed, self._space = make, seed, dict(space)
         self._inner: dict[int, optuna.samplers.BaseSampler] = {}
+        self._read_for: dict[int, list] = {}  # the study's trials as read to draw a trial's
         self._lock = threading.Lock()  # n_jobs > 1 runs trials in threads
 
     def trial_seed(self, number: int) -> int:
@@ -371,6 +384,13 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
         self._sampler(trial).after_trial(study, trial, state, values)
         with self._lock:
             self._inner.pop(trial.number, None)
+            self._read_for.pop(trial.number, None)
+
+    def trials_read_for(self, number: int) -> list | None:
+        """The study's trials as read (after trial ``number`` was created) to draw its
+        configuration; None if nothing was drawn for it (a retry comes with its parameters)."""
+        with self._lock:
+            return self._read_for.pop(number, None)
 
     def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:
         return dict(self._space)
@@ -385,7 +405,10 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
         if not todo:
             return {}
         names = sorted(search_space)
-        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        trials = _cached_trials(study)
+        with self._lock:
+            self._read_for[trial.number] = trials
+        others = [t for t in trials if t.number != trial.number]
         seen = _configs(others, names)
         inner = self._sampler(trial)
 
@@ -573,16 +596,19 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
         heartbeats = _Heartbeats(study._storage)
         members: list[tuple[optuna.Trial, RunConfig]] = []
         told: set[int] = set()
+        read = None  # the study's trials, as read to draw the last trial asked
         try:
             while len(members) < population:
                 # One trial at a time, counting again each time: several workers together stop
                 # at n_trials as in the sequential sweep, and a population shrinks to what is
                 # left. Each trial's parameters are stored before the next is asked, so the
-                # next draw sees them (no repeated configuration within a population).
-                remaining, waiting = _work_left(study, n_trials)
+                # next draw sees them (no repeated configuration within a population). The
+                # count uses the trials read to draw the last trial, when there was a draw.
+                read = read if read is not None else study.get_trials(deepcopy=False)
+                remaining, waiting = _work_left(study, n_trials, read)
                 if remaining <= 0 and waiting == 0:
                     break
-                if waiting == 0 and _is_exhausted(study, space.params):
+                if waiting == 0 and _is_exhausted(study, space.params, read):
                     exhausted = True
                     break
                 try:
@@ -599,6 +625,7 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
                 except Exception as err:
                     told.add(trial.number)
                     _fail(study, trial, err, callbacks, heartbeats)
+                read = getattr(study.sampler, "trials_read_for", lambda n: None)(trial.number)
             if not members:
                 break
             _train_members(study, objective, members, told, callbacks, heartbeats, log)
@@ -878,13 +905,14 @@ def _retried(trials) -> set[int]:
             if t.system_attrs.get("retry_history")}
 
 
-def _work_left(study: optuna.Study, n_trials: int) -> tuple[int, int]:
+def _work_left(study: optuna.Study, n_trials: int, trials=None) -> tuple[int, int]:
     """(trials still to start to reach ``n_trials``, possibly negative; waiting trials).
 
     Waiting trials (retries, enqueued ones) are work to do, not work done; a killed trial that
     has a retry does not count, its retry does: killing workers does not shrink the sweep.
+    ``trials``: the study's trials if just read, else they are read now.
     """
-    trials = study.get_trials(deepcopy=False)
+    trials = study.get_trials(deepcopy=False) if trials is None else trials
     waiting = sum(t.state == optuna.trial.TrialState.WAITING for t in trials)
     retried = _retried(trials)
     replaced = sum(t.state == optuna.trial.TrialState.FAIL and t.number in retried for t in trials)

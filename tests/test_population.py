@@ -379,7 +379,6 @@ def test_killed_population_is_retried_by_the_next_sweep(tmp_path, space_file):
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
-@pytest.mark.slow
 @pytest.mark.postgres
 def test_two_population_workers_share_one_postgres_study(tmp_path, space_file):
     try:
