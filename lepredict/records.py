@@ -123,15 +123,22 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
 
 def spectrum_of(spectrum, *, digits: int | None = None, floored: bool = False) -> dict:
     """:func:`spectrum_dict` of a :class:`~lepredict.LyapunovSpectrum` (any object with its
-    ``mean``, ``std``, ``diverged``, ``state_size``, ``convention`` and ``floored``), its
-    values rounded to ``digits`` if given and the count of floored exponents kept if asked."""
+    ``mean``, ``std``, ``diverged``, ``state_size``, ``convention``, ``floored`` and
+    ``exponent_sum``), its values rounded to ``digits`` if given and the count of floored
+    exponents kept if asked. The sum is the mean over the trajectories that did not diverge."""
     def values(tensor):
         return [float(v) if digits is None else round(float(v), digits) for v in tensor]
 
+    total = getattr(spectrum, "exponent_sum", None)
+    if total is not None:
+        kept = total[~spectrum.diverged]
+        total = float(kept.mean()) if kept.numel() else math.nan
+        total = total if digits is None else round(total, digits)
     return spectrum_dict(values(spectrum.mean), values(spectrum.std),
                          diverged=float(spectrum.diverged.float().mean()),
                          state_size=spectrum.state_size, convention=spectrum.convention,
-                         floored=int(spectrum.floored.sum()) if floored else None)
+                         floored=int(spectrum.floored.sum()) if floored else None,
+                         exponent_sum=total)
 
 
 def jsonable(value):

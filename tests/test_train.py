@@ -42,9 +42,29 @@ def test_spectrum_in_record_matches_engine_on_probe(digits_row):
     rec = lepredict.train_run(cfg, digits_row, epochs=0, le_epochs=[0], probe_size=8)
     torch.manual_seed(cfg.seed)
     model = SeqModel(digits_row.input_size, digits_row.output_size, cfg)
-    spec = lepredict.lyapunov_spectrum(model.rnn, digits_row.x_val[:8], warmup=digits_row.seq_len // 8)
+    # The default measurement: the 16 leading of the 24 exponents, with the sum of all.
+    spec = lepredict.lyapunov_spectrum(model.rnn, digits_row.x_val[:8], k=16, exponent_sum=True,
+                                       warmup=digits_row.seq_len // 8)
     assert rec.spectra[0]["n"] == 24
     assert rec.spectra[0]["mean"] == pytest.approx(spec.mean.tolist(), abs=1e-5)
+    assert rec.spectra[0]["sum"] == pytest.approx(float(spec.exponent_sum.mean()), abs=1e-4)
+
+
+def test_default_measurement_is_16_exponents_with_the_sum_the_predictor_reads(digits_row):
+    """A network larger than 16: the record holds 16 leading exponents and the sum of all (as
+    the full spectrum gives it), and the predictor's spectrum features build from it."""
+    from lepredict.features import build_features
+    from lepredict.sweep import record_frame
+
+    cfg = RunConfig(arch="gru", hidden=40, seed=3)
+    rec = lepredict.train_run(cfg, digits_row, epochs=0, le_epochs=[0])
+    spec = rec.spectra[0]
+    assert (spec["n"], spec["k"], len(spec["mean"])) == (40, 16, 16)
+    full = lepredict.train_run(cfg, digits_row, epochs=0, le_epochs=[0], le_k=None).spectra[0]
+    assert spec["sum"] == pytest.approx(full["sum"], rel=1e-4)
+    assert full["sum"] == pytest.approx(math.fsum(full["mean"]), rel=1e-4)
+    features = build_features(record_frame(rec, digits_row), budget=0, sets=["spectrum"])
+    assert features["spec_e0_mean"].iloc[0] == pytest.approx(spec["sum"] / 40, rel=1e-6)
 
 
 def test_same_seed_same_record(digits_row):
