@@ -145,9 +145,10 @@ def _diverged_by(row: pd.Series, epoch: int) -> bool:
     return row.get("status") == "diverged" and len(_list(row.get("val_loss"))) <= epoch
 
 
-def _spectrum_rows(row: pd.Series, budget: int, summarise) -> dict[str, float]:
-    """Per early epoch the ``summarise``d spectrum, and its change from the epoch before; an
-    epoch without a finite spectrum repeats the last one (a zero spectrum before any)."""
+def _spectrum_rows(row: pd.Series, budget: int, summarise, prefix: str = "spec") -> dict[str, float]:
+    """Per early epoch the ``summarise``d spectrum, and its change from the epoch before, named
+    ``{prefix}_e{epoch}_...`` and ``{prefix}_d{epoch}_...``; an epoch without a finite spectrum
+    repeats the last one (a zero spectrum before any)."""
     out: dict[str, float] = {}
     last: dict | None = None
     previous: dict | None = None
@@ -168,9 +169,9 @@ def _spectrum_rows(row: pd.Series, budget: int, summarise) -> dict[str, float]:
         summary = dict(last)
         if _diverged_by(row, e) or not mean and row.get("status") == "diverged":
             summary["diverged"] = 1.0
-        out.update({f"spec_e{e}_{k}": v for k, v in summary.items()})
+        out.update({f"{prefix}_e{e}_{k}": v for k, v in summary.items()})
         if previous is not None:
-            out.update({f"spec_d{e}_{k}": summary[k] - previous[k] for k in summary
+            out.update({f"{prefix}_d{e}_{k}": summary[k] - previous[k] for k in summary
                         if k in _CHANGES})
         previous = summary
     return out
@@ -236,7 +237,8 @@ def _spectrum_features(row: pd.Series, budget: int) -> dict[str, float]:
 
 
 def _spectrum_full_features(row: pd.Series, budget: int) -> dict[str, float]:
-    return _spectrum_rows(row, budget, _full_summary)
+    # Its own prefix: both sets name a largest exponent, a mean, a spread..., with other meanings.
+    return _spectrum_rows(row, budget, _full_summary, prefix="full")
 
 
 def _capped(v: float, cap: float) -> float:
@@ -356,12 +358,21 @@ def feature_names(budget: int, sets: Sequence[str]) -> list[str]:
     return [k for s in sets for k in _BUILDERS[s](row, int(budget))]
 
 
-#: Plain words for the spectrum summaries of :func:`spectrum_summary`.
-_SUMMARY_WORDS = {
+#: Plain words for the summaries of :func:`top_summary` (``spec_`` features).
+_TOP_WORDS = {
     "lmax": "largest Lyapunov exponent",
-    "mean": "mean Lyapunov exponent (of all, from the sum rule)",
+    "mean": "mean of all Lyapunov exponents (their sum over the state size)",
     "top_mean": f"mean of the {TOP} largest Lyapunov exponents",
     "log2_n": "log2 of the size of the state the spectrum is of",
+    "n_pos": f"number of positive Lyapunov exponents (above {NEAR_ZERO}) among the {TOP} largest",
+    "spread": f"mean spread of the {TOP} largest exponents over the probe sequences",
+    "spread_max": f"largest spread of one of the {TOP} largest exponents over the probe sequences",
+    "diverged": "share of probe trajectories that diverged",
+}
+#: Plain words for the summaries of :func:`spectrum_summary` (``full_`` features).
+_FULL_WORDS = {
+    "lmax": "largest Lyapunov exponent",
+    "mean": "mean Lyapunov exponent",
     "n_pos": f"number of positive Lyapunov exponents (above {NEAR_ZERO})",
     "share_pos": f"share of positive Lyapunov exponents (above {NEAR_ZERO})",
     "share_zero": f"share of near-zero Lyapunov exponents (|exponent| <= {NEAR_ZERO})",
@@ -415,22 +426,25 @@ def describe_feature(name: str) -> str:
     """
     import re
 
-    match = re.fullmatch(r"spec_e(\d+)_g(\d+)", name)
+    match = re.fullmatch(r"full_e(\d+)_g(\d+)", name)
     if match and int(match[2]) < GRID:
         epoch, i = int(match[1]), int(match[2])
         # Grid point i sits at (i + 1/2) / GRID of the descending spectrum (spectrum_grid).
-        return (f"Lyapunov exponent {(i + 0.5) / GRID:.0%} of the way down the spectrum "
+        return (f"Lyapunov exponent {(i + 0.5) / GRID:.0%} of the way down the whole spectrum "
                 f"(largest first), {_when(epoch)}")
     match = re.fullmatch(r"spec_e(\d+)_l(\d\d)", name)
     if match and 2 <= int(match[2]) <= TOP:
         return f"Lyapunov exponent number {int(match[2])} (largest first), {_when(int(match[1]))}"
-    match = re.fullmatch(r"spec_([ed])(\d+)_(\w+)", name)
-    if match and match[3] in _SUMMARY_WORDS and (
-            match[1] == "e" or int(match[2]) > 0 and match[3] in _CHANGES):
-        what, epoch = _SUMMARY_WORDS[match[3]], int(match[2])
-        if match[1] == "e":
-            return f"{what} {_when(epoch)}"
-        return f"change in the {what} {_between(epoch)}"
+    match = re.fullmatch(r"(spec|full)_([ed])(\d+)_(\w+)", name)
+    words = {"spec": _TOP_WORDS, "full": _FULL_WORDS}[match[1]] if match else {}
+    if match and match[4] in words and (
+            match[2] == "e" or int(match[3]) > 0 and match[4] in _CHANGES):
+        what, epoch = words[match[4]], int(match[3])
+        # The whole-spectrum set repeats names of the default one: say which it is.
+        source = " (from the whole spectrum)" if match[1] == "full" else ""
+        if match[2] == "e":
+            return f"{what}{source} {_when(epoch)}"
+        return f"change in the {what}{source} {_between(epoch)}"
     match = re.fullmatch(r"loss_([ed])(\d+)", name)
     if match and (match[1] == "e" or int(match[2]) > 0):
         epoch = int(match[2])
