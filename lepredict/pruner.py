@@ -18,12 +18,12 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from lepredict.features import completed_runs
-from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum, rnn_state_size
+from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
 from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, MEASURED_EXPONENTS, PREDICTION, SETUP, SPECTRUM,
                                VAL_LOSS, attrs_by_step, jsonable, run_row, spectrum_dict,
                                spectrum_of)
-from lepredict.train import PROBE_SIZE
+from lepredict.train import PROBE_SIZE, measured_k
 
 __all__ = ["LyapunovPruner", "measure_and_report", "report_spectrum"]
 
@@ -107,8 +107,7 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     probe = sequences if batch_first else sequences.transpose(0, 1)
     kwargs.setdefault("exponent_sum", True)
     if "k" not in kwargs:
-        kwargs["k"] = min(MEASURED_EXPONENTS, rnn_state_size(
-            rnn, lstm_state=kwargs.get("lstm_state", "full")))
+        kwargs["k"] = measured_k(rnn, lstm_state=kwargs.get("lstm_state", "full"))
     was_training = rnn.training
     rnn.eval()
     try:

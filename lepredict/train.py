@@ -155,10 +155,11 @@ def measured_spectrum(rnn: nn.Module, probe: Tensor, *, warmup: int,
     return lyapunov_spectrum(rnn, probe, warmup=warmup, k=measured_k(rnn, k), exponent_sum=True)
 
 
-def measured_k(rnn: nn.Module, k: int | None = MEASURED_EXPONENTS) -> int | None:
+def measured_k(rnn: nn.Module, k: int | None = MEASURED_EXPONENTS, *,
+               lstm_state: str = "full") -> int | None:
     """The number of leading exponents a default measurement takes: ``k`` or the whole state
     if smaller (``None``: all)."""
-    return None if k is None else min(k, rnn_state_size(rnn))
+    return None if k is None else min(k, rnn_state_size(rnn, lstm_state=lstm_state))
 
 
 def _spectrum_summary(rnn: nn.Module, probe: Tensor, warmup: int, k: int | None) -> dict:

@@ -61,3 +61,18 @@ def model_dir(runs, tmp_path_factory):
     for b in (0, 1):
         StabilityPredictor(budget=b).fit(runs).save(out / f"budget-{b}")
     return out
+
+
+def kill_when_it_prints(script: str, line: str = "hanging") -> None:
+    """Run ``script`` in a fresh interpreter and SIGKILL it once it prints ``line``: a worker
+    killed at a known point, mid-trial."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == line
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import optuna
 import pytest
+from conftest import kill_when_it_prints
 
 from lepredict import tasks, train_run
 from lepredict.cli import main
@@ -357,12 +357,7 @@ def test_killed_population_is_retried_by_the_next_sweep(tmp_path, space_file):
                      study_name="k", space=sw.load_space({str(space_file)!r}),
                      show_progress_bar=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "hanging"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when_it_prints(script)
     storage = make_storage(db, "k", heartbeat_interval=1, grace_period=2)
     orphans = [t.params for t in optuna.load_study(study_name="k", storage=storage).trials]
     assert len(orphans) == 2

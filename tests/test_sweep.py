@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import warnings
 
 import optuna
 import pytest
+from conftest import kill_when_it_prints
 
 from lepredict.cli import main
 from lepredict.sweep import (
@@ -335,12 +335,7 @@ def test_killed_sweep_resumes(tmp_path, space_file, heartbeat_thread):
                      storage=sw.make_storage({db!r}, "k", heartbeat_interval=1, grace_period=2),
                      study_name="k", space=sw.load_space({str(space_file)!r}), show_progress_bar=False)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "hanging"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_when_it_prints(script)
     storage = make_storage(db, "k", heartbeat_interval=1, grace_period=2)
     study = optuna.load_study(study_name="k", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
