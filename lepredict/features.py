@@ -337,7 +337,7 @@ def build_features(frame: pd.DataFrame, *, budget: int,
         ...     "digits", mode="row"), epochs=1, le_epochs=[0, 1])
         >>> frame = lepredict.sweep.record_frame(rec, lepredict.tasks.get("digits", mode="row"))
         >>> build_features(frame, budget=1, sets=["spectrum", "loss"]).shape[1]
-        62
+        56
     """
     sets = _check(budget, sets)
     rows = [{k: v for s in sets for k, v in _BUILDERS[s](row, int(budget)).items()}
