@@ -13,6 +13,9 @@ For RNN, GRU and LSTM at N = 64, 128, 256 (B = 32 trajectories, T = 500 steps, f
   CPUs; on CUDA the Cholesky-QR route, since cuSOLVER's batched QR is far slower there).
 
 * auto: the engine with ``reorth_every="auto"`` (a QR only as often as accuracy requires).
+* Householder floor (on a GPU only; on a CPU it is the unavoidable column): the unavoidable work
+  with a Householder QR (cuSOLVER) every step instead of the Gram-matrix route, the floor the
+  engine's targets are stated against.
 
 Run: ``python benchmarks/bench_lyapunov.py`` (``--quick`` for T = 100, ``--device cuda`` on a GPU).
 """
@@ -48,13 +51,14 @@ def time_engine(rnn, x, device, reorth_every=1) -> float:
     return _timed(lambda: lepredict.lyapunov_spectrum(rnn, x, reorth_every=reorth_every), device)
 
 
-def time_unavoidable(B: int, n: int, T: int, device) -> float:
+def time_unavoidable(B: int, n: int, T: int, device, householder: bool = False) -> float:
     """Per step one batched Jacobian-times-basis product and one batched QR, in the engine's
-    layout (no copies around the QR) and by the QR the engine uses on ``device``."""
+    layout (no copies around the QR) and by the QR the engine uses on ``device`` (Householder's
+    everywhere with ``householder=True``)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     jac_t = (torch.randn(B, n, n, generator=g) / n**0.5).to(device).mT
     qt0 = torch.eye(n, device=device).expand(B, n, n).contiguous()
-    gram = device.type in GRAM_QR_DEVICES
+    gram = device.type in GRAM_QR_DEVICES and not householder
 
     def run(steps):
         qt = qt0
@@ -115,6 +119,9 @@ def main() -> None:
     print(f"per-trajectory reference timed on {args.ref_traj} trajectories x {args.ref_steps} steps, scaled to B x T")
     head = (f"{'arch':5} {'N':>4} {'n':>4} | {'engine s':>9} {'per-traj s':>10} {'speed-up':>8} | "
             f"{'unavoid s':>9} {'engine/unavoid':>14} | {'auto s':>7} {'auto/unavoid':>12}")
+    gpu = device.type in GRAM_QR_DEVICES
+    if gpu:
+        head += f" | {'HH floor s':>10} {'engine/HH':>9} {'auto/HH':>7}"
     print(head)
     print("-" * len(head))
     for arch in args.archs:
@@ -127,9 +134,12 @@ def main() -> None:
             t_ref *= (B * T) / (args.ref_traj * args.ref_steps)
             t_min = time_unavoidable(B, n, T, device)
             t_auto = time_engine(rnn, x, device, reorth_every="auto")
-            print(f"{arch:5} {N:>4} {n:>4} | {t_eng:>9.2f} {t_ref:>10.1f} {t_ref / t_eng:>7.0f}x | "
-                  f"{t_min:>9.2f} {t_eng / t_min:>14.2f} | {t_auto:>7.2f} {t_auto / t_min:>12.2f}",
-                  flush=True)
+            row = (f"{arch:5} {N:>4} {n:>4} | {t_eng:>9.2f} {t_ref:>10.1f} {t_ref / t_eng:>7.0f}x | "
+                   f"{t_min:>9.2f} {t_eng / t_min:>14.2f} | {t_auto:>7.2f} {t_auto / t_min:>12.2f}")
+            if gpu:
+                t_hh = time_unavoidable(B, n, T, device, householder=True)
+                row += f" | {t_hh:>10.2f} {t_eng / t_hh:>9.2f} {t_auto / t_hh:>7.2f}"
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
