@@ -5,7 +5,7 @@ batches of 32 x 48 (Adam, MSE on a linear read-out), for RNN, GRU and LSTM of N 
 units and 1 or 2 layers. Columns, each timed in the same process as the epoch it is divided by:
 
 * default: ``lepredict.measure_and_report``'s measurement (the 16 leading exponents and the
-  sum of all, ``reorth_every="auto"``, warm-up T/8: ``lepredict.train.measured_spectrum``).
+  sum of all, a QR every step, warm-up T/8: ``lepredict.train.measured_spectrum``).
 * full: the whole spectrum, a QR every step (the default before; timed up to ``--full-up-to``
   state size, since a 2-layer LSTM-512 takes dozens of epochs).
 

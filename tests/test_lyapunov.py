@@ -375,15 +375,20 @@ def test_overflowing_trajectory_is_marked_diverged_others_finite(device):
 @CUDA
 @pytest.mark.parametrize("arch,scale", [("rnn_tanh", 1.0), ("gru", 1.0), ("lstm", 1.0),
                                         ("rnn_tanh", 8.0), ("lstm", 8.0)])
-def test_cuda_graph_replays_match_the_eager_loop(arch, scale, monkeypatch):
+@pytest.mark.parametrize("k", [None, 16], ids=["full", "top16+sum"])
+def test_cuda_graph_replays_match_the_eager_loop(arch, scale, k, monkeypatch):
+    """Also the default measurement's partial spectrum, whose per-step log-determinant (an LU
+    for the GRU) is captured in the graph."""
     m = make(arch, hidden=32, layers=2, seed=1, scale=scale).float().cuda()
     x = torch.randn(8, 60, 3, device="cuda")
-    graphed = lepredict.lyapunov_spectrum(m, x, warmup=5)
+    graphed = lepredict.lyapunov_spectrum(m, x, warmup=5, k=k, exponent_sum=True)
     monkeypatch.setattr(lepredict.lyapunov, "CUDA_GRAPH_MIN_STEPS", 10**9)
-    eager = lepredict.lyapunov_spectrum(m, x, warmup=5)
+    eager = lepredict.lyapunov_spectrum(m, x, warmup=5, k=k, exponent_sum=True)
     assert torch.equal(graphed.diverged, eager.diverged)
     assert torch.equal(graphed.floored, eager.floored)
     torch.testing.assert_close(graphed.exponents, eager.exponents, rtol=0, atol=1e-4,
+                               equal_nan=True)
+    torch.testing.assert_close(graphed.exponent_sum, eager.exponent_sum, rtol=0, atol=1e-4,
                                equal_nan=True)
 
 
