@@ -7,61 +7,33 @@ features with 95% bootstrap intervals over configuration groups (within tasks fo
 mean). Truncating a measured full spectrum stands in for measuring only the top k: the leading
 exponents of a k-dimensional QR converge to the same values (checked in tests/test_lyapunov.py).
 
-    python studies/topk_features.py [--resamples 1000] [--budgets 0 1 2 3]
+    python studies/topk_features.py --resamples 300 --jobs 16 | tee studies/topk_features.log
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 
 import numpy as np
 import pandas as pd
+from joblib import Parallel, delayed
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
 
-from lepredict import features
 from lepredict.evaluation import config_groups
 from lepredict.features import completed_runs, outcomes
 from lepredict.predictor import StabilityPredictor
 
 
-def _top_with_mean(row, budget, top, clip_first=True):
-    """Top-k features plus the mean of all exponents: of the clipped exponents (as the full
-    features have it) or the clipped mean of the raw ones (the sum rule's log|det J|/n)."""
-    out = features._spectrum_rows(row, budget, functools.partial(features.top_summary, top=top))
-    for e in range(budget + 1):
-        mean = features._list(row.get(f"le{e}_mean"))
-        if not mean or not np.all(np.isfinite(mean)):
-            value = 0.0
-        elif clip_first:
-            value = float(np.clip(mean, -20, 20).mean())
-        else:
-            value = float(np.clip(np.mean(mean), -20, 20))
-        out[f"spec_e{e}_mean"] = value
-    return out
+#: The shipped spectrum features (16 leading exponents and the mean of all, from their sum)
+#: against the whole spectrum's, each beside the loss features as the shipped predictor has them.
+VARIANTS = {"full": "spectrum_full", "top16+sum": "spectrum"}
 
 
-VARIANTS = {
-    "full": "spectrum_full",
-    "top4": functools.partial(lambda r, b: features._spectrum_rows(
-        r, b, functools.partial(features.top_summary, top=4))),
-    "top8": "spectrum",
-    "top16": functools.partial(lambda r, b: features._spectrum_rows(
-        r, b, functools.partial(features.top_summary, top=16))),
-    "top8+mean": functools.partial(lambda r, b: _top_with_mean(r, b, 8)),
-    "top8+sum": functools.partial(lambda r, b: _top_with_mean(r, b, 8, clip_first=False)),
-    "top16+sum": functools.partial(lambda r, b: _top_with_mean(r, b, 16, clip_first=False)),
-}
-
-
-def oof(frame, y, splits, budget, spectrum_set, seed=0):
-    proba = np.full(len(frame), np.nan)
-    for train, test in splits:
-        model = StabilityPredictor(budget=budget, feature_sets=(spectrum_set, "loss"),
-                                   interval=False, random_state=seed).fit(frame.iloc[train])
-        proba[test] = model.predict_proba(frame.iloc[test])[:, 1]
-    return proba
+def fold_proba(frame, train, test, budget, spectrum_set, seed=0):
+    model = StabilityPredictor(budget=budget, feature_sets=(spectrum_set, "loss"),
+                               interval=False, random_state=seed).fit(frame.iloc[train])
+    return test, model.predict_proba(frame.iloc[test])[:, 1]
 
 
 def boot_auc(y, scores: dict, groups, strata, resamples, seed=0):
@@ -96,33 +68,38 @@ def boot_auc(y, scores: dict, groups, strata, resamples, seed=0):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--resamples", type=int, default=1000)
     ap.add_argument("--budgets", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--schemes", nargs="+", default=["configs", "task"], choices=["configs", "task"])
+    ap.add_argument("--jobs", type=int, default=1, help="fits run in parallel (joblib)")
     ap.add_argument("-o", default="studies/topk_features.csv")
     args = ap.parse_args()
-    for name, builder in VARIANTS.items():
-        if callable(builder):
-            features._BUILDERS[name] = builder
     frame = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob("studies/corpus-*.parquet"))],
                       ignore_index=True)
     frame = completed_runs(frame).reset_index(drop=True)
     y = outcomes(frame)["trainable"].to_numpy()
     groups = config_groups(frame)
     tasks = frame["task"].astype(str).to_numpy()
-    schemes = {
+    all_splits = {
         "configs": list(StratifiedGroupKFold(5, shuffle=True, random_state=0).split(frame, y, groups)),
         "task": list(LeaveOneGroupOut().split(frame, y, tasks)),
     }
+    jobs = [(scheme, budget, variant, train, test)
+            for scheme in args.schemes for budget in args.budgets for variant in VARIANTS
+            for train, test in all_splits[scheme]]
+    print(f"{len(frame)} completed runs; {len(jobs)} fits on {args.jobs} processes", flush=True)
+    fitted = Parallel(n_jobs=args.jobs, verbose=5)(
+        delayed(fold_proba)(frame, train, test, budget, VARIANTS[variant])
+        for _, budget, variant, train, test in jobs)
     rows = []
-    for scheme, splits in schemes.items():
+    for scheme in args.schemes:
         strata = np.zeros(len(y), int) if scheme == "configs" else pd.factorize(tasks)[0]
         for budget in args.budgets:
-            scores = {}
-            for v in args.variants:
-                key = VARIANTS[v] if isinstance(VARIANTS[v], str) else v
-                scores[v] = oof(frame, y, splits, budget, key)
+            scores = {v: np.full(len(y), np.nan) for v in VARIANTS}
+            for (s_, b_, variant, _, _), (test, proba) in zip(jobs, fitted):
+                if (s_, b_) == (scheme, budget):
+                    scores[variant][test] = proba
             for r in boot_auc(y, scores, groups, strata, args.resamples):
                 rows.append({"scheme": scheme, "budget": budget, **r})
                 print(f"{scheme:8s} b{budget} {r['variant']:10s} AUROC {r['auroc']:.3f} "
