@@ -629,7 +629,8 @@ def _check_readable(study, command: str, *, finished_only: bool = False) -> None
     if len(study.directions) > 1:
         raise CLIError(f"Study {name!r} has {len(study.directions)} objectives "
                        f"({', '.join(d.name.lower() for d in study.directions)}); lepredict "
-                       f"{command} reads single-objective studies only.")
+                       f"{command} reads single-objective studies only: give it a study with "
+                       "one direction (optuna.visualization.plot_pareto_front shows this one).")
     if not trials:
         raise CLIError(f"Study {name!r} has no trials yet, so nothing to {command}; run "
                        f"`lepredict sweep --study-name {name}` or your own loop first.")
@@ -1038,7 +1039,7 @@ def _cmd_analyze(args) -> int:
         title = ", ".join(args.data)
     elif args.study_name:
         study = _open_study(args.storage, args.study_name)
-        _check_readable(study, "analyse")
+        _check_readable(study, "analyze")
         frame = trials_frame(study)
         title = args.study_name
     else:
@@ -1065,6 +1066,14 @@ def _cmd_analyze(args) -> int:
         if p.figure is None:
             print(f"  not drawn: {p.heading}: {p.text}")
     return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a command line it cannot parse is one line, like every other bad
+    input (argparse's own error prints the usage block first), with where to read more."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -1101,7 +1110,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lepredict import __version__
     from lepredict.train import PROBE_SIZE
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lepredict",
         description="Predict early in training whether an RNN's hyperparameters will train well.",
         formatter_class=_HelpFormatter,
@@ -1110,7 +1119,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
-        return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+        p = sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+        p.set_defaults(command_parser=p)  # main() names the command in an unknown option's error
+        return p
 
     def probe_size(p) -> None:
         p.add_argument("--probe-size", type=int, default=PROBE_SIZE,
@@ -1359,13 +1370,25 @@ def _add_trust_arg(p, option: str = "--model") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except CLIError as err:
-        # One line whatever the message quotes (a database's or a parser's multi-line error).
-        print(f"lepredict {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:  # said by the command's parser: "see `lepredict export --help`"
+            args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        try:
+            return args.func(args)
+        except CLIError as err:
+            # One line whatever the message quotes (a database's or a parser's multi-line error).
+            print(f"lepredict {args.command}: error: {' '.join(str(err).split())}",
+                  file=sys.stderr)
+            return 2
+    except BrokenPipeError:
+        # The reader of our output left early (`lepredict tasks | head -3`): as the Python
+        # docs' "Note on SIGPIPE" advises, send what is still buffered to devnull so the
+        # interpreter's final flush does not fail again, and exit 1, without a traceback.
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ _CAP = TARGET_CAP
 _QUANTILE_MIN = 5
 #: Fewer points than this: a scatter or an importance says nothing, and is not drawn.
 _SCATTER_MIN = 5
+#: An integer hyperparameter (or stopping step) with at most this many distinct values is drawn
+#: on the parallel-coordinate axis as its values alone, as a categorical one.
+_FEW_CHOICES = 8
 #: Calibration needs this many finished trials with a prediction, of both outcomes.
 _CALIBRATION_MIN = 10
 
@@ -474,9 +477,14 @@ def _decisions_panel(s: _Study, reference: pd.DataFrame | None) -> Panel:
     return Panel("decisions", heading, text, fig)
 
 
-def _param_study(s: _Study, rows: pd.Index, target: pd.Series, extra: dict | None = None):
+def _param_study(s: _Study, rows: pd.Index, target: pd.Series, extra: dict | None = None, *,
+                 few_as_choices: int = 0):
     """An in-memory study holding ``rows`` as complete trials with ``target`` as their value, for
-    Optuna's importance and parallel-coordinate plots (which read complete trials only)."""
+    Optuna's importance and parallel-coordinate plots (which read complete trials only).
+
+    An export keeps values, not distributions: an integer hyperparameter with at most
+    ``few_as_choices`` distinct values (a categorical such as ``hidden`` in ``[8, 16]``) is
+    given as those choices, so a plot's axis ticks only the values trials took."""
     import optuna
     from optuna.distributions import (CategoricalDistribution, FloatDistribution,
                                       IntDistribution)
@@ -494,6 +502,9 @@ def _param_study(s: _Study, rows: pd.Index, target: pd.Series, extra: dict | Non
         low, high = float(values.min()), float(values.max())
         log = low > 0 and high / low >= 20
         if all(float(v).is_integer() for v in values):
+            if 1 < values.nunique() <= few_as_choices:
+                dists[name] = CategoricalDistribution(sorted({int(v) for v in values}))
+                continue
             dists[name] = IntDistribution(int(low), int(high), log=low > 0 and high / low >= 8)
         else:
             dists[name] = FloatDistribution(low, high, log=log)
@@ -514,7 +525,10 @@ def _param_study(s: _Study, rows: pd.Index, target: pd.Series, extra: dict | Non
                 continue
             name = c[len("param_"):]
             v = _plain(v)
-            if isinstance(dists[name], IntDistribution):
+            if isinstance(dists[name], IntDistribution) or (
+                    isinstance(dists[name], CategoricalDistribution)
+                    and isinstance(v, float) and v.is_integer()
+                    and int(v) in dists[name].choices):
                 v = int(v)
             elif isinstance(dists[name], FloatDistribution):
                 v = float(v)
@@ -582,7 +596,7 @@ def _importance_panel(s: _Study) -> Panel:
 
 def _parallel_panel(s: _Study) -> Panel:
     import optuna
-    from optuna.distributions import IntDistribution
+    from optuna.distributions import CategoricalDistribution, IntDistribution
 
     heading = "Hyperparameters of every trial"
     rows, target = _targets(s)
@@ -593,11 +607,13 @@ def _parallel_panel(s: _Study) -> Panel:
                      "trials and one varied hyperparameter).")
     stops = {i: (max(s.curves[i][0]) if s.curves[i][0] else 0) for i in rows}
     extra = {}
-    if s.pruned.size and len(set(stops.values())) > 1:
-        word = _epochs_word(s)
-        extra["(stopped at)"] = (IntDistribution(min(stops.values()),
-                                                         max(stops.values())), stops)
-    study, _ = _param_study(s, rows, target, extra)
+    steps = sorted(set(stops.values()))
+    if s.pruned.size and len(steps) > 1:
+        # Few distinct steps as choices, so the axis ticks the steps trials stopped at (2 3 5),
+        # not an even grid between them (2, 2.75, 3.5...).
+        extra["(stopped at)"] = (CategoricalDistribution(steps) if len(steps) <= _FEW_CHOICES
+                                 else IntDistribution(steps[0], steps[-1]), stops)
+    study, _ = _param_study(s, rows, target, extra, few_as_choices=_FEW_CHOICES)
     # Short axis names: optuna-dashboard draws this figure a third as wide as the report.
     fig = optuna.visualization.plot_parallel_coordinate(
         study, target_name="loss" if s.normalised else "value")

@@ -248,7 +248,8 @@ def _import_factory(spec: str) -> Callable[..., Task]:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ValueError(f"task {spec!r}: module {module_name!r} has no {attr!r}") from None
+            raise ValueError(f"task {spec!r}: module {module_name!r} has no {attr!r}; check "
+                             "the function's name (module:function)") from None
     if not callable(obj):
         raise ValueError(f"task {spec!r}: {attr!r} in {module_name!r} is a "
                          f"{type(obj).__name__}, not a function returning a Task")
@@ -313,7 +314,8 @@ def get(name: str, **options) -> Task:
     else:
         task = factory(**options)
     if not isinstance(task, Task):
-        raise TypeError(f"factory for task {name!r} returned {type(task).__name__}, not a Task")
+        raise TypeError(f"factory for task {name!r} returned {type(task).__name__}, not a Task; "
+                        "name a function that returns a lepredict.tasks.Task")
     return task
 
 

@@ -95,6 +95,26 @@ def running_study(tmp: Path) -> None:
     study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).report(0.5, 0)
 
 
+def exports_of_both_directions(tmp: Path) -> None:
+    """Two exports, of a minimised and of a maximised study: one analysis cannot rank both."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{tmp / 'both.db'}"
+    for direction in ("minimize", "maximize"):
+        study = optuna.create_study(study_name=direction, storage=storage, direction=direction)
+
+        def objective(trial):
+            x = trial.suggest_float("x", 0, 1)
+            for step in range(3):
+                trial.report(x / (step + 1), step)
+            return x / 3
+
+        study.optimize(objective, n_trials=3)
+        assert main(["export", "--storage", storage, "--study-name", direction,
+                     "-o", str(tmp / f"{direction}.csv")]) == 0
+
+
 SPECTRUM = {"0": {"mean": [0.1, -0.5], "std": [0.01, 0.02]},
             "1": {"mean": [0.05, -0.6], "std": [0.01, 0.02]}}
 
@@ -216,10 +236,16 @@ CASES = {
         ["export", "--study-name", "s", "-o", "x.csv"], empty_study, "has no trials yet"),
     "export-two-objectives": (
         ["export", "--study-name", "s", "-o", "x.csv"], two_objective_study,
-        "has 2 objectives (minimize, maximize)"),
+        "has 2 objectives (minimize, maximize); lepredict export reads single-objective "
+        "studies only: give it a study with one direction"),
     "analyze-two-objectives": (
         ["analyze", "--study-name", "s", "--model", "none"], two_objective_study,
-        "has 2 objectives (minimize, maximize)"),
+        "lepredict analyze reads single-objective studies only: give it a study with one "
+        "direction"),
+    "analyze-data-of-both-directions": (
+        ["analyze", "--data", "minimize.csv", "maximize.csv", "--model", "none", "-o", "r.html"],
+        exports_of_both_directions, "mixes minimised and maximised studies; analyse them one "
+        "direction at a time"),
     "export-no-reported-values": (
         ["export", "--study-name", "s", "-o", "x.csv"], study_without_values,
         "None of the 2 trials of study 's' reported a value"),

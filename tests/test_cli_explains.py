@@ -8,8 +8,11 @@ import argparse
 import inspect
 import json
 import logging
+import os
+import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
@@ -119,6 +122,50 @@ def test_task_help_lists_the_tasks_and_points_to_the_tasks_command():
                                                                          "--task-option")
 
 
+BAD_COMMAND_LINES = {
+    "no-command": ([], "lepredict: error: the following arguments are required: command; see "
+                   "`lepredict --help`."),
+    "unknown-command": (["nosuch"], "invalid choice: 'nosuch'"),
+    "missing-required": (["export", "-o", "x.csv"], "lepredict export: error: the following "
+                         "arguments are required: --study-name; see `lepredict export --help`."),
+    "unknown-option": (["export", "--study-name", "s", "-o", "x.csv", "--bogus"],
+                       "lepredict export: error: unrecognized arguments: --bogus; see "
+                       "`lepredict export --help`."),
+    "not-an-int": (["sweep", "--n-trials", "many"], "lepredict sweep: error: argument "
+                   "--n-trials: invalid int value: 'many'; see `lepredict sweep --help`."),
+}
+
+
+@pytest.mark.parametrize("argv, message", list(BAD_COMMAND_LINES.values()),
+                         ids=list(BAD_COMMAND_LINES))
+def test_a_command_line_argparse_refuses_is_one_line_exit_2(argv, message, tmp_path,
+                                                            monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "usage:" not in err, err
+    assert message in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["tasks"], ["tasks", "--json"], ["--help"]])
+def test_output_piped_into_a_reader_that_left_is_no_traceback(argv):
+    """`lepredict tasks | head -3`: the reader may close the pipe before everything is written.
+    Here it closes before anything is (the command is still importing), so every write fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                          os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "lepredict", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader leaves
+    err = proc.stderr.read().decode()
+    code = proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert err == "" and code in (0, 1), (code, err)
+
+
 # ------------------------------------------------------------------------------ tasks
 
 
@@ -171,9 +218,11 @@ def test_sweep_of_an_own_task_stores_the_spec_and_resumes(own_module, capsys):
 OWN_BAD = {
     "no-such-module": ("nosuchmodule_lepredict_xyz:make", "no module named "
                        "'nosuchmodule_lepredict_xyz'"),
-    "no-such-function": ("{mod}:make_nothing", "has no 'make_nothing'"),
+    "no-such-function": ("{mod}:make_nothing", "has no 'make_nothing'; check the function's "
+                         "name (module:function)"),
     "not-callable": ("{mod}:NOT_CALLABLE", "not a function returning a Task"),
-    "returns-no-task": ("{mod}:not_a_task", "returned int, not a Task"),
+    "returns-no-task": ("{mod}:not_a_task", "returned int, not a Task; name a function that "
+                        "returns a lepredict.tasks.Task"),
     "raises": ("{mod}:broken", "raised RuntimeError: the data server is down"),
     "no-function-part": ("{mod}:", "module:function"),
     "unknown-option": ("{mod}:make_waves --task-option colour=red", "unknown option(s) 'colour'"),

@@ -337,6 +337,33 @@ def test_too_few_runs_are_said_not_drawn(studies):
     assert panels["decisions"].figure is None
 
 
+def _axis_ticks(fig) -> dict[str, list[str]]:
+    """Each parallel-coordinate axis's tick labels, by axis name (Optuna 5 draws the axes as
+    annotations over line traces, Optuna 4 as a Parcoords trace)."""
+    parcoords = [t for t in fig.data if t.type == "parcoords"]
+    if parcoords:
+        return {d.label: [str(v) for v in (d.ticktext or ())] for d in parcoords[0].dimensions}
+    names = fig.layout.xaxis.ticktext
+    ticks = {name: [] for name in names}
+    for a in fig.layout.annotations:
+        ticks[names[int(a.x)]].append(a.text)
+    return ticks
+
+
+def test_parallel_axes_tick_only_the_values_trials_took(studies):
+    """An export keeps no distributions: a categorical of numbers (hidden in [4, 8]) and the
+    steps trials stopped at are ticked at the values taken, not on an even grid (6, 2.75)."""
+    frame = trials_frame(studies["regression"])
+    fig = {p.key: p for p in report.panels(frame, threshold=1.0)}["parallel"].figure
+    ticks = _axis_ticks(fig)
+    hidden = sorted(int(h) for h in frame["param_hidden"].dropna().unique())
+    assert ticks["hidden"] == [str(h) for h in hidden] and len(hidden) == 2, ticks
+    stops = sorted({len(v) - 1 for v in frame["val_loss"]})
+    assert len(stops) > 1 and ticks["(stopped at)"] == [str(s) for s in stops], ticks
+    # A float hyperparameter keeps its continuous axis.
+    assert len(ticks["lr"]) >= 3
+
+
 def test_calibration_has_wilson_intervals(runs, model_dir):
     model = StabilityPredictor.load(model_dir / "budget-1")
     runs = runs.iloc[::2]  # enough for bins of 12 runs, and quicker
