@@ -263,9 +263,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="recurrent cell: tanh RNN, GRU or LSTM")
     p.add_argument("--hidden", type=int, default=32, help="hidden units per layer")
     p.add_argument("--layers", type=int, default=d.layers, help="stacked recurrent layers")
-    p.add_argument("--init", default=d.init, choices=["uniform", "gain", "default"],
+    p.add_argument("--init", default=d.init, choices=["uniform", "gain", "orthogonal", "default"],
                    help="weight initialisation: uniform in [-s, s], Gaussian with gain s (std "
-                   "s/sqrt(fan_in)), or torch's default")
+                   "s/sqrt(fan_in)), orthogonal recurrent gate blocks times s (inputs as gain), "
+                   "or torch's default")
     p.add_argument("--init-scale", type=float, default=d.init_scale,
                    help="scale s of --init (ignored by --init default)")
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
@@ -274,6 +275,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--clip", type=float, default=d.clip,
                    help="gradient-norm clipping (0: none)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="L2 weight decay given to the optimizer (Adam's coupled one; 0: none)")
     p.add_argument("--seed", type=int, default=d.seed,
                    help="seed of the initialisation and the batch order")
 
@@ -284,7 +287,8 @@ def _config_from_args(args):
     try:
         return RunConfig(arch=args.arch, hidden=args.hidden, layers=args.layers, init=args.init,
                          init_scale=args.init_scale, lr=args.lr, optimizer=args.optimizer,
-                         batch_size=args.batch_size, clip=args.clip, seed=args.seed)
+                         batch_size=args.batch_size, clip=args.clip,
+                         weight_decay=args.weight_decay, seed=args.seed)
     except ValueError as err:
         raise CLIError(str(err)) from None
 

@@ -63,7 +63,7 @@ LOSS_CAP = 10.0
 TARGET_CAP = 3.0
 _ARCHS = ("rnn", "gru", "lstm")
 _OPTIMIZERS = ("sgd", "adam", "rmsprop")
-_INITS = ("uniform", "gain", "default")
+_INITS = ("uniform", "gain", "orthogonal", "default")
 #: Summaries whose change from one epoch to the next is a feature too.
 _CHANGES = ("lmax", "mean", "top_mean", "n_pos", "share_pos", "share_zero", "ky", "spread",
             "spread_max", "diverged")
@@ -302,6 +302,8 @@ def _hparam_features(row: pd.Series, budget: int) -> dict[str, float]:
     out["hp_log10_lr"] = math.log10(get("lr", 1e-3))
     out["hp_log2_batch_size"] = math.log2(get("batch_size", 64))
     out["hp_clip"] = get("clip", 0.0)
+    # Runs recorded before weight decay existed had none: a missing column reads as 0.
+    out["hp_weight_decay"] = get("weight_decay", 0.0)
     return out
 
 
@@ -394,6 +396,7 @@ _HPARAM_WORDS = {
     "log10_lr": "log10 of the learning rate",
     "log2_batch_size": "log2 of the batch size",
     "clip": "gradient clipping norm (0: none)",
+    "weight_decay": "weight decay (L2 penalty given to the optimizer; 0: none)",
     **{f"arch_{a}": f"architecture is {a.upper()} (1) or not (0)" for a in _ARCHS},
     **{f"opt_{o}": f"optimizer is {o} (1) or not (0)" for o in _OPTIMIZERS},
     **{f"init_{i}": f"initialisation is {i!r} (1) or not (0)" for i in _INITS},

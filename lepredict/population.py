@@ -4,12 +4,12 @@ A 32-unit GRU leaves a CPU core (let alone a GPU) nearly idle: each of its opera
 in dispatch than in arithmetic. :func:`train_population` trains ``K`` configurations that share
 an architecture, size, depth, optimizer and batch size as one network with stacked parameters:
 one batched matrix product per gate and time step serves every member. Each member keeps its
-own initialisation, seed, learning rate, clipping, initialisation scale and data order, and its
-record is what :func:`~lepredict.train_run` gives for its configuration alone (to float32
-rounding: the batched products round differently from ``nn.GRU``'s own kernels). Members leave
-independently: one that diverges, or that ``on_epoch`` stops (a pruned trial), is taken out of
-the stacks and the others carry on untouched. The spectra of all members at an epoch are
-measured in one call of :func:`~lepredict.lyapunov.lyapunov_spectra`.
+own initialisation, seed, learning rate, clipping, weight decay, initialisation scale and data
+order, and its record is what :func:`~lepredict.train_run` gives for its configuration alone
+(to float32 rounding: the batched products round differently from ``nn.GRU``'s own kernels).
+Members leave independently: one that diverges, or that ``on_epoch`` stops (a pruned trial),
+is taken out of the stacks and the others carry on untouched. The spectra of all members at an
+epoch are measured in one call of :func:`~lepredict.lyapunov.lyapunov_spectra`.
 
 Configurations of different shapes cannot share stacks: :func:`group_by_shape` splits a list of
 them into populations.
@@ -35,7 +35,8 @@ __all__ = ["SHAPE_FIELDS", "group_by_shape", "shape_of", "train_population"]
 
 #: The :class:`~lepredict.RunConfig` fields members of one population share: they fix the
 #: shapes of the stacked parameters and of the optimizer state, and the number of steps per
-#: epoch. The other fields (``init``, ``init_scale``, ``lr``, ``clip``, ``seed``) may differ.
+#: epoch. The other fields (``init``, ``init_scale``, ``lr``, ``clip``, ``weight_decay``,
+#: ``seed``) may differ.
 SHAPE_FIELDS = ("arch", "hidden", "layers", "optimizer", "batch_size")
 
 _ADAM = (0.9, 0.999, 1e-8)  # torch.optim.Adam's defaults, which train_run uses
@@ -220,6 +221,8 @@ class _Population:
         self.lrs = [float(c.lr) for c in configs]
         self.max_norms = torch.tensor([c.clip if c.clip > 0 else math.inf for c in configs],
                                       device=device)
+        self.decays = torch.tensor([float(c.weight_decay) for c in configs], device=device)
+        self.any_decay = any(c.weight_decay != 0 for c in configs)  # no device sync per step
         self._bind()
 
     def __len__(self) -> int:
@@ -241,6 +244,8 @@ class _Population:
                       for name, moments in self.state.items()}
         self.lrs = [self.lrs[r] for r in rows]
         self.max_norms = self.max_norms.index_select(0, index)
+        self.decays = self.decays.index_select(0, index)
+        self.any_decay = self.any_decay and bool((self.decays != 0).any())
         self.models = [self.models[r] for r in rows]
         self._bind()
 
@@ -249,9 +254,9 @@ class _Population:
 
     @torch.no_grad()
     def step(self) -> Tensor:
-        """Clip each member's gradient by its own global norm and apply its optimizer step, as
-        ``clip_grad_norm_`` and ``torch.optim`` (single-tensor path) do; returns the ``(K,)``
-        norms before clipping."""
+        """Clip each member's gradient by its own global norm, add its weight decay and apply
+        its optimizer step, as ``clip_grad_norm_`` and ``torch.optim`` (single-tensor path,
+        coupled ``weight_decay``) do; returns the ``(K,)`` norms before clipping."""
         grads = {name: p.grad for name, p in self.params.items()}
         K = len(self)
         per_param = torch.stack([torch.linalg.vector_norm(g.reshape(K, -1), dim=1)
@@ -270,6 +275,11 @@ class _Population:
         for name, p in self.params.items():
             view = (K,) + (1,) * (p.dim() - 1)
             g = grads[name].mul_(coef.view(view))
+            if self.any_decay:
+                # torch.optim adds weight_decay * w to the gradient only where it is nonzero
+                # (0 * inf would put NaN into a member's gradient).
+                wd = self.decays.view(view)
+                g.add_(torch.where(wd != 0, p * wd, 0.0))
             state = self.state[name]
             if self.optimizer == "sgd":
                 p.add_(g * scale.view(view))

@@ -14,6 +14,9 @@ Built-in tasks (see each ``make_*`` function for the options):
 * ``adding``: the adding problem (sum of the two marked values), MSE on the last step.
 * ``copy``: the copy-memory task, cross-entropy over the recall window.
 * ``lorenz``: one-step forecasting of Lorenz-63 trajectories, MSE at every step.
+* ``narma``: NARMA-10 time-series regression, MSE at every step.
+* ``parity``: the parity (XOR) of marked bits, cross-entropy on the last step (long memory).
+* ``sines``: the frequency class of a noisy sinusoid, cross-entropy on the last step.
 
 Tasks are looked up by name with :func:`get`; new ones are added with :func:`register`, by an
 installed package through the ``lepredict.tasks`` entry-point group (:data:`ENTRY_POINT_GROUP`),
@@ -53,6 +56,9 @@ __all__ = [
     "make_copy",
     "make_digits",
     "make_lorenz",
+    "make_narma",
+    "make_parity",
+    "make_sines",
     "register",
 ]
 
@@ -969,8 +975,275 @@ def make_lorenz(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# narma
+
+#: A NARMA sequence whose output leaves ``[-NARMA_BOUND, NARMA_BOUND]`` is escaping to infinity
+#: (the recurrence has no bounded solution from there); it is drawn again. Bounded sequences of
+#: NARMA-10 stay below 1.45 over 1000 steps.
+NARMA_BOUND = 1.5
+
+#: Longest NARMA order: with these coefficients most sequences escape within 50 steps at order
+#: 15, and some already at 12 (0.2%), where at order 10 none does before step 56.
+NARMA_MAX_ORDER = 10
+
+#: Redraws of escaping NARMA sequences before giving up.
+_NARMA_REDRAWS = 100
+
+
+def _narma_outputs(u: np.ndarray, order: int) -> np.ndarray:
+    """``y_{t+1}`` for ``t = 0..T-1`` of each row of inputs ``u`` ``(n, T)``, from rest (``y`` and
+    ``u`` zero before step 0)."""
+    n, T = u.shape
+    y = np.zeros((n, T + 1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        for t in range(T):
+            recent = y[:, max(0, t - order + 1):t + 1].sum(1)
+            delayed = u[:, t - order + 1] if t >= order - 1 else 0.0
+            y[:, t + 1] = 0.3 * y[:, t] + 0.05 * y[:, t] * recent + 1.5 * delayed * u[:, t] + 0.1
+    return y[:, 1:]
+
+
+def make_narma(
+    *, seq_len: int = 50, n_train: int = 2000, n_val: int = 400, order: int = 10, seed: int = 0
+) -> Task:
+    """NARMA-10 time-series regression (Atiya & Parlos 2000), scored at every step.
+
+    The reservoir-computing benchmark: inputs ``u_t`` uniform in [0, 0.5] drive
+    ``y_{t+1} = 0.3 y_t + 0.05 y_t (y_t + ... + y_{t-order+1}) + 1.5 u_{t-order+1} u_t + 0.1``,
+    each sequence from rest (``y`` and ``u`` zero before its first step), so every target is a
+    function of inputs the network has seen. The input at step t is ``u_t``, standardised with
+    its known mean 0.25 and standard deviation 0.5/sqrt(12); the target is ``y_{t+1}``,
+    standardised with the mean and standard deviation of the training targets. The rare
+    sequence that escapes to infinity (none in 2000 of 50 steps at order 10) is drawn again.
+
+    Threshold 0.25: chance (the mean) is ~1.0 after standardisation. Memoryless use of ``u_t``
+    scores ~0.9; the best linear filter of the last ``order`` inputs ~0.22-0.27 (T = 24-50);
+    one that also knows the step (the transient from rest) ~0.11, and a quadratic one of the last
+    10 inputs with the step ~0.06-0.11. So 0.25 asks for memory of about ``order`` steps, on
+    the way to the nonlinear map. (At T = 32 with 1000 sequences a 32-unit GRU, Adam at 1e-2,
+    batch 32, passes it after 2 epochs and reaches 0.15 after 6.)
+
+    Args:
+        seq_len: number of input steps ``T``.
+        n_train: number of training sequences.
+        n_val: number of validation sequences.
+        order: the delay ``n`` of NARMA-n (1 to 10; longer orders blow up with these
+            coefficients).
+        seed: data seed.
+    """
+    seq_len = _check_int("seq_len", seq_len, 1)
+    n_train = _check_int("n_train", n_train, 1)
+    n_val = _check_int("n_val", n_val, 1)
+    order = _check_int("order", order, 1)
+    if order > NARMA_MAX_ORDER:
+        raise ValueError(f"option 'order' must be <= {NARMA_MAX_ORDER} (longer NARMA orders "
+                         f"blow up with these coefficients), got {order}")
+    seed = _check_int("seed", seed, 0)
+
+    def sample(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        u = rng.uniform(0.0, 0.5, size=(n, seq_len))
+        y = _narma_outputs(u, order)
+        for _ in range(_NARMA_REDRAWS):
+            bad = ~(np.abs(y) <= NARMA_BOUND).all(1)  # NaN counts as escaped
+            if not bad.any():
+                return u, y
+            u[bad] = rng.uniform(0.0, 0.5, size=(int(bad.sum()), seq_len))
+            y[bad] = _narma_outputs(u[bad], order)
+        raise ValueError(f"NARMA-{order} sequences of {seq_len} steps keep escaping to "
+                         "infinity; use a shorter seq_len or a lower order")
+
+    train_rng, val_rng = _split_rngs(seed)
+    u_train, y_train = sample(train_rng, n_train)
+    u_val, y_val = sample(val_rng, n_val)
+    u_mean, u_std = 0.25, 0.5 / math.sqrt(12.0)  # of U[0, 0.5]
+    y_mean, y_std = y_train.mean(), y_train.std()
+    y_std = y_std if y_std > 0 else 1.0  # seq_len=1: every target is 0.1
+
+    def tensors(u: np.ndarray, y: np.ndarray) -> tuple[Tensor, Tensor]:
+        x = ((u - u_mean) / u_std).astype(np.float32)[..., None]
+        return torch.from_numpy(x), torch.from_numpy(((y - y_mean) / y_std).astype(np.float32)
+                                                     [..., None])
+
+    x_train, y_train_t = tensors(u_train, y_train)
+    x_val, y_val_t = tensors(u_val, y_val)
+    return Task(
+        name="narma",
+        x_train=x_train,
+        y_train=y_train_t,
+        x_val=x_val,
+        y_val=y_val_t,
+        input_size=1,
+        output_size=1,
+        kind=REGRESSION,
+        chance_loss=_constant_mse(y_train_t, y_val_t),
+        threshold=0.25,
+        options={"seq_len": seq_len, "n_train": n_train, "n_val": n_val, "order": order,
+                 "seed": seed},
+        scored_steps=None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# parity
+
+
+def make_parity(
+    *, seq_len: int = 50, n_bits: int = 2, n_train: int = 2000, n_val: int = 400, seed: int = 0
+) -> Task:
+    """Parity (delayed XOR) of marked bits, classified from the last step: a long-memory task.
+
+    Channel 0 holds random bits, shown as -1 and +1; channel 1 is a marker that is 1 at
+    ``n_bits`` steps, one in each of ``n_bits`` equal segments of the sequence (as the adding
+    problem marks one value in each half). The label, read from the last step, is the parity
+    (XOR) of the marked bits: 2 classes.
+
+    Threshold 0.5: chance is log 2. Parity gives no partial credit: knowing all but one of the
+    marked bits says nothing about the label, so a network either combines every marked bit
+    (and its loss falls towards 0) or sits at chance; 0.5 (0.35 nats) counts the first.
+    Short runs split sharply: at T = 12 with 1000 sequences a 128-unit LSTM (RMSprop at 1e-3,
+    orthogonal init) passes it after 3 epochs while a 64-unit GRU (Adam at 3e-3) stays at chance
+    for 6; at T = 24 a 32-unit GRU and a 64-unit LSTM (Adam) stay at chance for 6.
+
+    Args:
+        seq_len: sequence length ``T`` (at least ``n_bits``).
+        n_bits: number of marked bits (2: delayed XOR; 1: recall one bit).
+        n_train: number of training sequences.
+        n_val: number of validation sequences.
+        seed: data seed.
+    """
+    seq_len = _check_int("seq_len", seq_len, 1)
+    n_bits = _check_int("n_bits", n_bits, 1)
+    if n_bits > seq_len:
+        raise ValueError(f"option 'n_bits'={n_bits} needs seq_len >= n_bits, got {seq_len=}")
+    n_train = _check_int("n_train", n_train, 1)
+    n_val = _check_int("n_val", n_val, 1)
+    seed = _check_int("seed", seed, 0)
+    edges = np.linspace(0, seq_len, n_bits + 1).astype(np.int64)  # n_bits non-empty segments
+
+    def sample(rng: np.random.Generator, n: int) -> tuple[Tensor, Tensor]:
+        bits = rng.integers(0, 2, size=(n, seq_len))
+        marked = np.stack([rng.integers(edges[k], edges[k + 1], size=n) for k in range(n_bits)],
+                          1)
+        rows = np.arange(n)[:, None]
+        markers = np.zeros((n, seq_len))
+        markers[rows, marked] = 1.0
+        x = np.stack([2.0 * bits - 1.0, markers], axis=-1).astype(np.float32)
+        label = bits[rows, marked].sum(1) % 2
+        return torch.from_numpy(x), torch.from_numpy(label.astype(np.int64))
+
+    train_rng, val_rng = _split_rngs(seed)
+    x_train, y_train = sample(train_rng, n_train)
+    x_val, y_val = sample(val_rng, n_val)
+    return Task(
+        name="parity",
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        input_size=2,
+        output_size=2,
+        kind=CLASSIFICATION,
+        chance_loss=_constant_cross_entropy(y_train, y_val, 2),
+        threshold=0.5,
+        options={"seq_len": seq_len, "n_bits": n_bits, "n_train": n_train, "n_val": n_val,
+                 "seed": seed},
+        scored_steps=1,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# sines
+
+#: Frequencies of the ``sines`` classes, in cycles per step: evenly spaced from the lowest (a
+#: period of 20 steps) to the highest (a period of 4 steps, half of Nyquist's limit).
+SINES_BAND = (0.05, 0.25)
+
+
+def make_sines(
+    *,
+    seq_len: int = 50,
+    n_classes: int = 4,
+    noise: float = 0.5,
+    n_train: int = 2000,
+    n_val: int = 400,
+    seed: int = 0,
+) -> Task:
+    """The frequency class of a noisy sinusoid, classified from the last step.
+
+    Each sequence is ``sin(2 pi f t + phase) + noise * e_t`` for ``t = 0..T-1``, with the phase
+    uniform in [0, 2 pi), ``e_t`` standard Gaussian and ``f`` one of ``n_classes`` frequencies
+    evenly spaced over :data:`SINES_BAND` (0.05 to 0.25 cycles per step), the class drawn
+    uniformly. One sample says nothing about ``f``: the network has to follow the signal over
+    a few periods.
+
+    Threshold 0.5: chance is ~log(n_classes) (1.39 nats for 4 classes), so 0.5 asks for a
+    cross-entropy below half of it. At the default noise and 4 classes the classes are
+    separable (the largest of the 4 Fourier coefficients classifies 2000 of 2000 validation
+    sequences right at T = 24, 32 and 50), so the threshold counts networks that learned a
+    frequency detector at all, not a near-optimal one. (At T = 32 with 1000 sequences a
+    32-unit GRU, Adam at 1e-2, passes it after 2 epochs; a 64-unit LSTM at 3e-3 ends at 0.6
+    after 6.)
+
+    Args:
+        seq_len: number of steps ``T`` (the frequencies must be at least ``1 / T`` apart).
+        n_classes: number of frequency classes (at least 2).
+        noise: standard deviation of the Gaussian noise (the signal's amplitude is 1).
+        n_train: number of training sequences.
+        n_val: number of validation sequences.
+        seed: data seed.
+    """
+    seq_len = _check_int("seq_len", seq_len, 1)
+    n_classes = _check_int("n_classes", n_classes, 2)
+    low, high = SINES_BAND
+    if (high - low) / (n_classes - 1) < 1.0 / seq_len:
+        raise ValueError(
+            f"option 'n_classes'={n_classes} puts frequencies {(high - low) / (n_classes - 1):.3g} "
+            f"cycles per step apart, closer than 1/seq_len = {1 / seq_len:.3g}: the classes "
+            "cannot be told apart; use a longer seq_len or fewer classes")
+    if isinstance(noise, bool) or not isinstance(noise, (int, float, np.floating)):
+        raise TypeError(f"option 'noise' must be a float, got {type(noise).__name__}")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise ValueError(f"option 'noise' must be a finite number >= 0, got {noise}")
+    noise = float(noise)
+    n_train = _check_int("n_train", n_train, 1)
+    n_val = _check_int("n_val", n_val, 1)
+    seed = _check_int("seed", seed, 0)
+    freqs = np.linspace(low, high, n_classes)
+    steps = np.arange(seq_len)
+
+    def sample(rng: np.random.Generator, n: int) -> tuple[Tensor, Tensor]:
+        label = rng.integers(0, n_classes, size=n)
+        phase = rng.uniform(0.0, 2 * math.pi, size=(n, 1))
+        x = np.sin(2 * math.pi * freqs[label][:, None] * steps + phase)
+        x = x + noise * rng.standard_normal((n, seq_len))
+        return torch.from_numpy(x.astype(np.float32)[..., None]), torch.from_numpy(label)
+
+    train_rng, val_rng = _split_rngs(seed)
+    x_train, y_train = sample(train_rng, n_train)
+    x_val, y_val = sample(val_rng, n_val)
+    return Task(
+        name="sines",
+        x_train=x_train,
+        y_train=y_train,
+        x_val=x_val,
+        y_val=y_val,
+        input_size=1,
+        output_size=n_classes,
+        kind=CLASSIFICATION,
+        chance_loss=_constant_cross_entropy(y_train, y_val, n_classes),
+        threshold=0.5,
+        options={"seq_len": seq_len, "n_classes": n_classes, "noise": noise,
+                 "n_train": n_train, "n_val": n_val, "seed": seed},
+        scored_steps=1,
+    )
+
+
 register("digits", make_digits)
 register("charlm", make_charlm)
 register("adding", make_adding)
 register("copy", make_copy)
 register("lorenz", make_lorenz)
+register("narma", make_narma)
+register("parity", make_parity)
+register("sines", make_sines)

@@ -27,7 +27,7 @@ __all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "diverge
 
 ARCHS = ("rnn", "gru", "lstm")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
-INITS = ("uniform", "gain", "default")
+INITS = ("uniform", "gain", "orthogonal", "default")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +41,22 @@ class RunConfig:
         init: ``"uniform"``: recurrent and input weights uniform in ``[-p, p]`` with
             ``p = init_scale``, biases zero (as in Vogt et al.); ``"gain"``: Gaussian weights with
             standard deviation ``init_scale / sqrt(fan_in)`` (``init_scale`` is the gain ``g``,
-            the edge of chaos of a tanh RNN at ``g = 1``), biases zero; ``"default"``: PyTorch's
-            own initialisation, ``init_scale`` ignored.
+            the edge of chaos of a tanh RNN at ``g = 1``), biases zero; ``"orthogonal"``: each
+            ``N x N`` gate block of a recurrent weight matrix orthogonal
+            (:func:`torch.nn.init.orthogonal_`) times the gain ``g = init_scale``, so every
+            singular value of a block is ``g``, input weights Gaussian as for ``"gain"``, biases
+            zero; ``"default"``: PyTorch's own initialisation, ``init_scale`` ignored. The
+            readout keeps PyTorch's initialisation under every scheme.
         init_scale: ``p`` or ``g``, see ``init``.
         lr: learning rate.
         optimizer: ``"sgd"``, ``"adam"`` or ``"rmsprop"``.
         batch_size: training batch size.
         clip: gradient clipping by global norm; 0 disables it.
+        weight_decay: L2 penalty of every parameter (biases and readout included), passed to
+            the optimizer as its ``weight_decay`` argument: ``weight_decay * w`` is added to
+            the (clipped) gradient before the step, for Adam too (``torch.optim.Adam``'s
+            coupled decay, not AdamW's decoupled one). 0 (the default, and what runs recorded
+            before this field existed had) disables it.
         seed: seeds the initialisation and the batch order.
     """
 
@@ -60,6 +69,7 @@ class RunConfig:
     optimizer: str = "adam"
     batch_size: int = 64
     clip: float = 0.0
+    weight_decay: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -82,6 +92,10 @@ class RunConfig:
                 bad(f"{name} must be a positive finite number, got {name}={value!r}.")
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip >= 0):
             bad(f"clip must be >= 0 (0 disables clipping), got {self.clip=}.")
+        wd = self.weight_decay
+        if isinstance(wd, bool) or not (isinstance(wd, (int, float)) and math.isfinite(wd)
+                                        and wd >= 0):
+            bad(f"weight_decay must be a finite number >= 0 (0: none), got {self.weight_decay=}.")
 
     @classmethod
     def from_dict(cls, params: dict) -> RunConfig:
@@ -115,7 +129,12 @@ class SeqModel(nn.Module):
                     p.zero_()
                 elif config.init == "uniform":
                     p.uniform_(-config.init_scale, config.init_scale)
-                else:
+                elif config.init == "orthogonal" and name.startswith("weight_hh"):
+                    # One orthogonal matrix per gate: the blocks are the maps the gates apply
+                    # to the state (weight_stats and the spectra read them so too).
+                    for block in p.split(config.hidden):
+                        nn.init.orthogonal_(block, gain=config.init_scale)
+                else:  # "gain", and the input weights of "orthogonal"
                     p.normal_(0.0, config.init_scale / math.sqrt(p.shape[1]))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -251,7 +270,8 @@ def train_run(
     torch.manual_seed(config.seed)
     model = SeqModel(task.input_size, task.output_size, config).to(device)
     opt_cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "rmsprop": torch.optim.RMSprop}
-    optimizer = opt_cls[config.optimizer](model.parameters(), lr=config.lr)
+    optimizer = opt_cls[config.optimizer](model.parameters(), lr=config.lr,
+                                          weight_decay=config.weight_decay)
     x_train, y_train = task.x_train.to(device), task.y_train.to(device)
     x_val, y_val = task.x_val.to(device), task.y_val.to(device)
     probe = x_val[:probe_size]

@@ -89,8 +89,9 @@ LR = {"sgd": 0.3, "adam": 1e-2, "rmsprop": 3e-3}
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "rmsprop"])
 @pytest.mark.parametrize("arch", ["rnn", "gru", "lstm"])
 def test_each_member_trains_as_it_would_alone(digits_row, arch, optimizer):
-    """Members with their own seed, learning rate, clipping and initialisation; member 0 is
-    pruned after epoch 1, member 3 diverges (learning rate 1e6): neither changes the others."""
+    """Members with their own seed, learning rate, clipping, weight decay and initialisation
+    (uniform, gain, orthogonal); member 0 is pruned after epoch 1, member 3 diverges (learning
+    rate 1e6): neither changes the others."""
     lr = LR[optimizer]
     configs = [
         {"arch": arch, "hidden": 6, "optimizer": optimizer, "lr": lr, "seed": 0,
@@ -98,7 +99,7 @@ def test_each_member_trains_as_it_would_alone(digits_row, arch, optimizer):
         {"arch": arch, "hidden": 6, "optimizer": optimizer, "lr": lr / 3, "seed": 5,
          "batch_size": 256, "clip": 0.5, "init": "gain", "init_scale": 1.2},
         {"arch": arch, "hidden": 6, "optimizer": optimizer, "lr": lr * 2, "seed": 7,
-         "batch_size": 256, "init_scale": 0.5},
+         "batch_size": 256, "init": "orthogonal", "init_scale": 0.9, "weight_decay": 0.05},
         {"arch": arch, "hidden": 6, "optimizer": optimizer, "lr": 1e6, "seed": 1,
          "batch_size": 256, "init_scale": 1.0},
     ]

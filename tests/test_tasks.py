@@ -11,7 +11,7 @@ import torch
 from lepredict import tasks
 from lepredict.tasks import Task
 
-BUILTIN = ["adding", "charlm", "copy", "digits", "lorenz"]
+BUILTIN = ["adding", "charlm", "copy", "digits", "lorenz", "narma", "parity", "sines"]
 
 # Small versions keep the parametrised tests fast; the defaults are covered by `default_tasks`.
 SMALL = {
@@ -20,6 +20,9 @@ SMALL = {
     "copy": {"n_train": 200, "n_val": 50},
     "digits": {},
     "lorenz": {"n_train": 100, "n_val": 20, "burn_in": 300},
+    "narma": {"n_train": 200, "n_val": 50},
+    "parity": {"n_train": 200, "n_val": 50},
+    "sines": {"n_train": 200, "n_val": 50},
 }
 
 
@@ -95,6 +98,17 @@ def test_unknown_option_is_named():
         ("charlm", {"n_train": 10**7}, ValueError, "n_train"),
         ("lorenz", {"seed": -1}, ValueError, "seed"),
         ("lorenz", {"dt": 0.5}, ValueError, "dt"),
+        ("narma", {"order": 11}, ValueError, "order"),
+        ("narma", {"order": 0}, ValueError, "order"),
+        ("narma", {"seq_len": 0}, ValueError, "seq_len"),
+        ("parity", {"n_bits": 5, "seq_len": 4}, ValueError, "n_bits"),
+        ("parity", {"n_bits": 0}, ValueError, "n_bits"),
+        ("parity", {"n_val": 2.0}, TypeError, "n_val"),
+        ("sines", {"noise": -0.1}, ValueError, "noise"),
+        ("sines", {"noise": float("nan")}, ValueError, "noise"),
+        ("sines", {"noise": "loud"}, TypeError, "noise"),
+        ("sines", {"n_classes": 1}, ValueError, "n_classes"),
+        ("sines", {"n_classes": 20, "seq_len": 24}, ValueError, "n_classes"),
     ],
 )
 def test_bad_option_values_are_named(name, options, error, word):
@@ -153,6 +167,9 @@ EXPECTED_LAYOUT = {
     "copy": (30, 10, 8, "classification", (5,)),
     "digits": (64, 1, 10, "classification", ()),
     "lorenz": (50, 3, 3, "regression", (50, 3)),
+    "narma": (50, 1, 1, "regression", (50, 1)),
+    "parity": (50, 2, 2, "classification", ()),
+    "sines": (50, 1, 4, "classification", ()),
 }
 
 
@@ -229,7 +246,7 @@ def test_same_seed_same_data_different_seed_differs(name):
     assert not torch.equal(a.x_val, c.x_val)
 
 
-@pytest.mark.parametrize("name", ["adding", "copy", "lorenz"])
+@pytest.mark.parametrize("name", ["adding", "copy", "lorenz", "narma", "parity", "sines"])
 def test_validation_set_does_not_depend_on_n_train(name):
     a = tasks.get(name, **SMALL[name])
     b = tasks.get(name, **{**SMALL[name], "n_train": SMALL[name]["n_train"] + 7})
@@ -361,6 +378,77 @@ def test_lorenz_is_standardised_shifted_and_follows_the_dynamics():
     assert len(np.unique(raw[:, 0].round(6), axis=0)) == len(raw)
 
 
+def _narma_by_hand(u: np.ndarray, order: int) -> np.ndarray:
+    """NARMA-n of one input sequence, step by step from rest: y[t] is y_{t+1}."""
+    y = [0.0]  # y_0
+    for t in range(len(u)):
+        recent = sum(y[max(0, t - order + 1):t + 1])
+        delayed = u[t - order + 1] if t - order + 1 >= 0 else 0.0
+        y.append(0.3 * y[t] + 0.05 * y[t] * recent + 1.5 * delayed * u[t] + 0.1)
+    return np.array(y[1:])
+
+
+@pytest.mark.parametrize("order", [10, 3])
+def test_narma_follows_the_recurrence_from_rest(order):
+    task = tasks.get("narma", seq_len=30, n_train=60, n_val=20, order=order, seed=2)
+    assert task.scored_steps is None and task.y_train.shape == (60, 30, 1)
+    u_train = task.x_train[..., 0].double().numpy() * 0.5 / math.sqrt(12) + 0.25
+    u_val = task.x_val[..., 0].double().numpy() * 0.5 / math.sqrt(12) + 0.25
+    assert u_train.min() >= -1e-6 and u_train.max() <= 0.5 + 1e-6
+    y_train = np.stack([_narma_by_hand(row, order) for row in u_train])
+    y_val = np.stack([_narma_by_hand(row, order) for row in u_val])
+    # Targets standardised with the training targets' statistics.
+    mean, std = y_train.mean(), y_train.std()
+    assert np.allclose(task.y_train[..., 0].numpy(), (y_train - mean) / std, atol=1e-4)
+    assert np.allclose(task.y_val[..., 0].numpy(), (y_val - mean) / std, atol=1e-4)
+    assert task.chance_loss == pytest.approx(1.0, abs=0.15)
+
+
+def test_narma_redraws_escaping_sequences(monkeypatch):
+    # A tight bound makes many sequences "escape": they are drawn again until all fit.
+    monkeypatch.setattr(tasks, "NARMA_BOUND", 0.6)
+    task = tasks.get("narma", seq_len=40, n_train=300, n_val=50)
+    u = task.x_train[..., 0].double().numpy() * 0.5 / math.sqrt(12) + 0.25
+    raw = np.stack([_narma_by_hand(row, 10) for row in u])
+    assert raw.max() <= 0.6 and raw.max() > 0.5
+    monkeypatch.setattr(tasks, "NARMA_BOUND", 0.12)  # y_2 >= 0.13: every sequence escapes
+    with pytest.raises(ValueError, match="escaping"):
+        tasks.get("narma", seq_len=5, n_train=10, n_val=5)
+
+
+def test_parity_labels_are_the_parity_of_the_marked_bits():
+    task = tasks.get("parity", seq_len=12, n_bits=3, n_train=300, n_val=50, seed=1)
+    assert task.scored_steps == 1 and task.output_size == 2
+    for x, y in ((task.x_train, task.y_train), (task.x_val, task.y_val)):
+        bits, markers = x[..., 0], x[..., 1]
+        assert set(bits.unique().tolist()) == {-1.0, 1.0}
+        assert torch.equal(markers.sum(1), torch.full((x.shape[0],), 3.0))
+        for lo, hi in ((0, 4), (4, 8), (8, 12)):  # one mark in each third
+            assert torch.equal(markers[:, lo:hi].sum(1), torch.ones(x.shape[0]))
+        ones = ((bits > 0) & (markers > 0)).sum(1)
+        assert torch.equal(y, ones % 2)
+    assert 0.35 < float(task.y_train.float().mean()) < 0.65
+    assert task.chance_loss == pytest.approx(math.log(2), abs=0.01)
+
+
+def test_sines_classes_are_frequencies():
+    task = tasks.get("sines", seq_len=32, n_classes=4, noise=0.0, n_train=200, n_val=40)
+    assert task.scored_steps == 1 and task.output_size == 4 and task.input_size == 1
+    freqs = np.linspace(*tasks.SINES_BAND, 4)
+    for x, y in ((task.x_train, task.y_train), (task.x_val, task.y_val)):
+        s = x[..., 0].double().numpy()
+        # A pure sinusoid obeys s[t+1] + s[t-1] = 2 cos(2 pi f) s[t]: fit cos(2 pi f) per row.
+        c = ((s[:, 2:] + s[:, :-2]) * s[:, 1:-1]).sum(1) / (2 * (s[:, 1:-1] ** 2).sum(1))
+        f = np.arccos(np.clip(c, -1, 1)) / (2 * np.pi)
+        assert np.allclose(f, freqs[y.numpy()], atol=1e-4)
+        assert np.abs(s).max() <= 1.0 + 1e-6
+    assert set(task.y_train.tolist()) == {0, 1, 2, 3}
+    noisy = tasks.get("sines", seq_len=32, noise=0.5, n_train=200, n_val=40)
+    assert torch.equal(noisy.y_train, task.y_train)  # the noise changes the inputs only
+    residual = (noisy.x_train - task.x_train).std()
+    assert float(residual) == pytest.approx(0.5, rel=0.05)
+
+
 # ---------------------------------------------------------------------------- chance and losses
 
 
@@ -388,6 +476,9 @@ def test_known_chance_levels(default_tasks):
     assert adding.chance_loss == pytest.approx(1 / 6, rel=0.15)
     assert default_tasks["copy"].chance_loss == pytest.approx(math.log(8), abs=0.03)
     assert default_tasks["lorenz"].chance_loss == pytest.approx(1.0, abs=0.1)
+    assert default_tasks["narma"].chance_loss == pytest.approx(1.0, abs=0.1)
+    assert default_tasks["parity"].chance_loss == pytest.approx(math.log(2), abs=0.01)
+    assert default_tasks["sines"].chance_loss == pytest.approx(math.log(4), abs=0.03)
     # Unigram entropy of English-ish text in nats: well above 0, well below log(vocab).
     charlm = default_tasks["charlm"]
     assert 2.0 < charlm.chance_loss < math.log(charlm.output_size) - 0.3

@@ -128,6 +128,53 @@ def test_init_schemes():
     assert weight_stats(g.rnn)["w_hh_radius"] == pytest.approx(0.5, abs=0.06)
 
 
+@pytest.mark.parametrize("arch, gates", [("rnn", 1), ("gru", 3), ("lstm", 4)])
+def test_orthogonal_init_is_orthogonal_per_gate_times_the_gain(arch, gates):
+    torch.manual_seed(0)
+    m = SeqModel(3, 2, RunConfig(arch=arch, hidden=40, layers=2, init="orthogonal",
+                                 init_scale=1.5))
+    eye = torch.eye(40)
+    for layer in range(2):
+        w_hh = getattr(m.rnn, f"weight_hh_l{layer}").detach()
+        blocks = w_hh.split(40)
+        assert len(blocks) == gates
+        for block in blocks:  # every singular value is the gain
+            assert torch.allclose(block @ block.T, 2.25 * eye, atol=1e-4)
+        assert not torch.allclose(blocks[0], blocks[-1]) or gates == 1  # one draw per gate
+        w_ih = getattr(m.rnn, f"weight_ih_l{layer}").detach()
+        fan_in = w_ih.shape[1]
+        assert float(w_ih.std()) == pytest.approx(1.5 / math.sqrt(fan_in), rel=0.1)
+        for name in ("bias_hh", "bias_ih"):
+            assert float(getattr(m.rnn, f"{name}_l{layer}").detach().abs().max()) == 0.0
+    assert weight_stats(m.rnn)["w_hh_opnorm"] == pytest.approx(1.5, rel=1e-4)
+
+
+def test_weight_decay_reaches_the_optimizer(digits_row):
+    """Coupled decay, as torch.optim.Adam(weight_decay=...) applies it: a run with decay is the
+    run without, plus weight_decay * w in every gradient."""
+    cfg = {"arch": "gru", "hidden": 8, "lr": 1e-2, "batch_size": 256, "init_scale": 0.5}
+    plain = lepredict.train_run(cfg, digits_row, epochs=1, le_epochs=[])
+    decayed = lepredict.train_run({**cfg, "weight_decay": 0.1}, digits_row, epochs=1,
+                                  le_epochs=[])
+    assert decayed.config["weight_decay"] == 0.1 and plain.config["weight_decay"] == 0.0
+    # Decay shrinks the weights against the run without it.
+    assert decayed.weights[-1]["w_hh_norm"] < plain.weights[-1]["w_hh_norm"] - 1e-3
+    # The same run by hand: torch's Adam given the same decay.
+    torch.manual_seed(0)
+    model = SeqModel(digits_row.input_size, digits_row.output_size,
+                     RunConfig.from_dict({**cfg, "weight_decay": 0.1}))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=0.1)
+    order = torch.randperm(len(digits_row.x_train), generator=torch.Generator().manual_seed(0))
+    for i in range(0, len(order), 256):
+        idx = order[i:i + 256]
+        loss = digits_row.loss(model(digits_row.x_train[idx]), digits_row.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert weight_stats(model.rnn)["w_hh_norm"] == pytest.approx(
+        decayed.weights[-1]["w_hh_norm"], rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "params, match",
     [
@@ -136,6 +183,9 @@ def test_init_schemes():
         ({"lr": -1.0}, "lr must be a positive"),
         ({"optimizer": "lbfgs"}, "optimizer must be one of"),
         ({"clip": float("nan")}, "clip must be"),
+        ({"weight_decay": -1e-4}, "weight_decay must be"),
+        ({"weight_decay": float("inf")}, "weight_decay must be"),
+        ({"init": "xavier"}, "init must be one of"),
         ({"width": 3}, "Unknown hyperparameters"),
     ],
 )
