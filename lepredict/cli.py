@@ -1304,7 +1304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also hold out the runs a predicate selects and fit on the rest: "
                    "COLUMN OP VALUE, OP one of = != > >= < <=, COLUMN a hyperparameter (arch, "
                    "hidden, layers, init, ...) or task/study, e.g. arch=lstm, 'hidden>=128', "
-                   "task=charlm,lorenz; repeatable (default: none)")
+                   "task=charlm,lorenz; conditions join with & (all) and | (any), e.g. "
+                   "'layers>=2 | init!=uniform' fits on one-layer uniform runs only; "
+                   "repeatable (default: none)")
     p.add_argument("--nested", action="store_true",
                    help="choose each fold's classifier by the grid search of `lepredict fit "
                    "--search`, on that fold's training runs only (nested cross-validation; "

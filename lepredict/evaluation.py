@@ -87,19 +87,37 @@ _PREDICATE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|!=|==|=|>|<)\s*(\S.*?)\
 
 
 def holdout_mask(frame: pd.DataFrame, predicate: str) -> np.ndarray:
-    """The runs a search-space predicate selects (``COLUMN OP VALUE``).
+    """The runs a search-space predicate selects (``COLUMN OP VALUE``, or several joined).
 
     ``COLUMN`` is a column of the frame, or a hyperparameter without its ``param_`` prefix
     (``arch``, ``hidden``, ``layers``, ...). ``OP`` is one of ``= == != > >= < <=``; ``=`` and
     ``!=`` take a comma-separated list of values (``task=charlm,lorenz``). Numeric columns
-    compare as numbers; a run with no value in the column is never selected.
+    compare as numbers; a run with no value in the column is never selected. Conditions join
+    with ``&`` (all of them) and ``|`` (any of them), ``&`` first: ``layers>=2 | init!=uniform``
+    holds out everything but one-layer uniform networks, so the fit sees only those.
 
     Example:
         >>> frame = pd.DataFrame({"param_arch": ["rnn", "lstm"], "param_hidden": [16, 128]})
         >>> [holdout_mask(frame, p).tolist() for p in ("hidden>=128", "arch=gru,lstm")]
         [[False, True], [False, True]]
+        >>> holdout_mask(frame, "arch=lstm & hidden<64 | hidden<32").tolist()
+        [True, False]
     """
-    match = _PREDICATE.match(str(predicate))
+    clauses = [part.split("&") for part in str(predicate).split("|")]
+    if len(clauses) > 1 or len(clauses[0]) > 1:
+        if any(not c.strip() for part in clauses for c in part):
+            raise ValueError(f"holdout {predicate!r} has an empty condition around '&' or '|'; "
+                             "write COLUMN OP VALUE on each side, e.g. layers>=2 | init!=uniform.")
+        out = np.zeros(len(frame), dtype=bool)
+        for part in clauses:
+            out |= np.logical_and.reduce([_condition(frame, c, predicate) for c in part])
+        return out
+    return _condition(frame, str(predicate), predicate)
+
+
+def _condition(frame: pd.DataFrame, condition: str, predicate: str) -> np.ndarray:
+    """The runs one ``COLUMN OP VALUE`` condition of ``predicate`` selects."""
+    match = _PREDICATE.match(condition)
     if not match:
         raise ValueError(f"holdout {predicate!r} is not COLUMN OP VALUE (OP one of = != > >= < "
                          "<=), e.g. arch=lstm or hidden>=128.")

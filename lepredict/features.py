@@ -145,6 +145,13 @@ def _diverged_by(row: pd.Series, epoch: int) -> bool:
     return row.get("status") == "diverged" and len(_list(row.get("val_loss"))) <= epoch
 
 
+def _sum_measured(row: pd.Series) -> bool:
+    """Whether some epoch of the run has a finite exponent sum (``leE_sum``): its spectra were
+    measured with the sum, so a missing one is a failed value, not a missing measurement."""
+    return any(math.isfinite(_num(v)) for k, v in row.items()
+               if str(k).startswith("le") and str(k).endswith("_sum"))
+
+
 def _spectrum_rows(row: pd.Series, budget: int, summarise, prefix: str = "spec") -> dict[str, float]:
     """Per early epoch the ``summarise``d spectrum, and its change from the epoch before, named
     ``{prefix}_e{epoch}_...`` and ``{prefix}_d{epoch}_...``; an epoch without a finite spectrum
@@ -152,9 +159,11 @@ def _spectrum_rows(row: pd.Series, budget: int, summarise, prefix: str = "spec")
     out: dict[str, float] = {}
     last: dict | None = None
     previous: dict | None = None
+    sum_measured: bool | None = None
     for e in range(budget + 1):
         mean = _list(row.get(f"le{e}_mean"))
-        if mean and all(math.isfinite(v) for v in mean):
+        finite = bool(mean) and all(math.isfinite(v) for v in mean)
+        if finite:
             std = _list(row.get(f"le{e}_std"))
             div = _num(row.get(f"le{e}_diverged"), 0.0)
             n = _num(row.get(f"le{e}_n"), float(len(mean)))
@@ -162,6 +171,16 @@ def _spectrum_rows(row: pd.Series, budget: int, summarise, prefix: str = "spec")
             total = _num(row.get(f"le{e}_sum"))
             if math.isnan(total) and n == len(mean):
                 total = math.fsum(mean)
+            if not math.isfinite(total) and n > len(mean):
+                if sum_measured is None:
+                    sum_measured = _sum_measured(row)
+                # A partial spectrum measured with its sum, whose sum came out non-finite at
+                # this epoch (seen in corpus v2: 3-layer GRUs whose log|det J| was NaN after
+                # training began): an epoch without a finite spectrum, like a non-finite
+                # exponent. Measured without the sum at any epoch, summarise still says how to
+                # measure it.
+                finite = not sum_measured
+        if finite:
             last = summarise(mean, std, div, n, total)
         elif last is None:
             # No spectrum yet (or a state that overflowed at once): a flat zero spectrum.

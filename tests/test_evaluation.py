@@ -124,6 +124,11 @@ def test_paired_difference_of_a_set_with_itself_is_exactly_zero():
     ("hidden=8,32", lambda r: r["param_hidden"].isin([8, 32])),
     ("task=beta", lambda r: r["task"] == "beta"),
     ("lr>0.01", lambda r: r["param_lr"] > 0.01),
+    ("arch=lstm & hidden>=16", lambda r: (r["param_arch"] == "lstm") & (r["param_hidden"] >= 16)),
+    ("hidden>=32 | arch!=rnn", lambda r: (r["param_hidden"] >= 32) | (r["param_arch"] != "rnn")),
+    ("task=beta&arch=gru | hidden<16 & arch=lstm",
+     lambda r: (r["task"] == "beta") & (r["param_arch"] == "gru")
+     | (r["param_hidden"] < 16) & (r["param_arch"] == "lstm")),
 ])
 def test_holdout_predicates_select_the_runs_they_name(runs, predicate, expected):
     mask = holdout_mask(runs, predicate)
@@ -136,6 +141,8 @@ def test_holdout_predicates_select_the_runs_they_name(runs, predicate, expected)
     ("lstm", "is not COLUMN OP VALUE"),
     ("hidden>=big", "is not a number"),
     ("arch>rnn", "only = and != apply"),
+    ("layers>=2 | ", "empty condition around '&' or '|'"),
+    ("arch=lstm & colour=red", "no column 'colour'"),
 ])
 def test_bad_holdout_predicates_are_refused(runs, predicate, message):
     with pytest.raises(ValueError, match=message):

@@ -103,3 +103,25 @@ def test_describing_an_unknown_feature_is_an_error(name):
 
     with pytest.raises(ValueError, match="not a feature"):
         describe_feature(name)
+
+
+def test_a_partial_spectrum_whose_sum_failed_repeats_the_last_epoch(runs):
+    # Corpus v2 holds 3-layer GRUs measured with k=16 of n=48 exponents and their sum, whose sum
+    # came out NaN after epoch 0: such an epoch counts as one without a finite spectrum.
+    row = runs[runs["status"] == "ok"].iloc[[0]].copy()
+    lam = sorted(np.linspace(0.1, -1.0, 16), reverse=True)
+    for e in range(4):
+        row[f"le{e}_mean"] = [list(np.asarray(lam) + 0.01 * e)]
+        row[f"le{e}_std"] = [[0.01] * 16]
+        row[f"le{e}_n"] = 48
+        row[f"le{e}_sum"] = -30.0 if e in (0, 2) else math.nan
+    X = build_features(row, budget=3, sets=["spectrum"]).iloc[0]
+    assert np.isfinite(X.to_numpy()).all()
+    assert X["spec_e0_mean"] == pytest.approx(-30.0 / 48)
+    assert X["spec_e1_lmax"] == X["spec_e0_lmax"] and X["spec_d1_lmax"] == 0.0
+    assert X["spec_e2_lmax"] == pytest.approx(lam[0] + 0.02)  # a finite sum again: measured
+    assert X["spec_e3_lmax"] == X["spec_e2_lmax"]
+    # Measured without the sum at every epoch: still the error that says how to measure it.
+    row[[f"le{e}_sum" for e in range(4)]] = math.nan
+    with pytest.raises(ValueError, match="exponent_sum=True"):
+        build_features(row, budget=1, sets=["spectrum"])
