@@ -646,7 +646,9 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
             _run_graphed(step, weights, state, qt, gi0, N, acc, logdet)
         else:
             for t in range(1, T + 1):
-                state, qt, step_logdet = step(weights, state, qt, gi0[:, t - 1], N, logdet)
+                # The warm-up's determinants are not averaged: skip them (an LU for the GRU).
+                state, qt, step_logdet = step(weights, state, qt, gi0[:, t - 1], N,
+                                              logdet if t > warmup else None)
                 if step_logdet is not None:
                     acc.accumulate_logdet(t, step_logdet)
                 if acc.needs_qr(t):
