@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from lepredict.records import MEASURED_EXPONENTS
+from lepredict.records import ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS
 
 __all__ = [
     "FEATURE_SETS",
@@ -61,9 +61,8 @@ LOSS_CAP = 10.0
 #: The regression target, the final normalised loss, is clipped to ``[0, TARGET_CAP]``: above
 #: chance by this much a run is simply bad, and a diverged run (``inf``) gets this value.
 TARGET_CAP = 3.0
-_ARCHS = ("rnn", "gru", "lstm")
-_OPTIMIZERS = ("sgd", "adam", "rmsprop")
-_INITS = ("uniform", "gain", "orthogonal", "default")
+# The one-hot levels of the "hparams" set: the choices of lepredict.records.HPARAM_FIELDS.
+_ARCHS, _OPTIMIZERS, _INITS = ARCHS, OPTIMIZERS, INITS
 #: Summaries whose change from one epoch to the next is a feature too.
 _CHANGES = ("lmax", "mean", "top_mean", "n_pos", "share_pos", "share_zero", "ky", "spread",
             "spread_max", "diverged")
@@ -148,7 +147,10 @@ def _diverged_by(row: pd.Series, epoch: int) -> bool:
 def _spectrum_rows(row: pd.Series, budget: int, summarise, prefix: str = "spec") -> dict[str, float]:
     """Per early epoch the ``summarise``d spectrum, and its change from the epoch before, named
     ``{prefix}_e{epoch}_...`` and ``{prefix}_d{epoch}_...``; an epoch without a finite spectrum
-    repeats the last one (a zero spectrum before any)."""
+    repeats the last one (a zero spectrum before any). A partial spectrum whose measured sum is
+    not finite (NaN or inf: the log-determinant overflowed on a trajectory not flagged as
+    diverged; 5 of corpus v2's 5,157 runs) counts as not finite; one with no sum at all (``None``)
+    is an error (:func:`top_summary`)."""
     out: dict[str, float] = {}
     last: dict | None = None
     previous: dict | None = None
@@ -159,11 +161,14 @@ def _spectrum_rows(row: pd.Series, budget: int, summarise, prefix: str = "spec")
             div = _num(row.get(f"le{e}_diverged"), 0.0)
             n = _num(row.get(f"le{e}_n"), float(len(mean)))
             n = len(mean) if math.isnan(n) else int(n)
-            total = _num(row.get(f"le{e}_sum"))
+            given = row.get(f"le{e}_sum")
+            total = _num(given)
             if math.isnan(total) and n == len(mean):
                 total = math.fsum(mean)
-            last = summarise(mean, std, div, n, total)
-        elif last is None:
+            overflowed = given is not None and not math.isfinite(total)
+            if not overflowed:
+                last = summarise(mean, std, div, n, total)
+        if last is None:
             # No spectrum yet (or a state that overflowed at once): a flat zero spectrum.
             last = summarise([0.0], [0.0], 0.0, 1, 0.0)
         summary = dict(last)

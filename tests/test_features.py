@@ -103,3 +103,23 @@ def test_describing_an_unknown_feature_is_an_error(name):
 
     with pytest.raises(ValueError, match="not a feature"):
         describe_feature(name)
+
+
+def test_a_partial_spectrum_whose_sum_overflowed_repeats_the_last_epoch(runs):
+    """Corpus v2 holds 5 runs whose measured exponent sum is NaN or inf at some epoch (a
+    log-determinant overflow on a trajectory not flagged as diverged): that epoch counts as not
+    finite, like a non-finite spectrum, instead of stopping every fit on the corpus; a partial
+    spectrum with no sum at all is still an error."""
+    row = runs[runs["status"] == "ok"].iloc[[0]].copy()
+    lead = [0.1 - 0.05 * i for i in range(16)]
+    for e in (0, 1):
+        row[f"le{e}_mean"] = [lead]
+        row[f"le{e}_std"] = [[0.0] * 16]
+        row[f"le{e}_n"] = 48
+        row[f"le{e}_sum"] = -40.0 if e == 0 else math.nan
+    X = build_features(row, budget=1, sets=["spectrum"]).iloc[0]
+    assert X["spec_e1_mean"] == X["spec_e0_mean"] == pytest.approx(-40.0 / 48)
+    assert X["spec_d1_mean"] == 0.0
+    row["le1_sum"] = [None]
+    with pytest.raises(ValueError, match="not their sum"):
+        build_features(row.astype({"le1_sum": object}), budget=1, sets=["spectrum"])
