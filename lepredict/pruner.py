@@ -20,12 +20,12 @@ from optuna.trial import FrozenTrial, TrialState
 from lepredict.features import completed_runs
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
 from lepredict.predictor import StabilityPredictor, load_models, resolve_model
-from lepredict.records import (CHANCE_LOSS, MEASURED_EXPONENTS, PREDICTION, SETUP, SPECTRUM,
-                               VAL_LOSS, attrs_by_step, jsonable, run_row, spectrum_dict,
-                               spectrum_of)
+from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
+                               SPECTRUM, VAL_LOSS, attrs_by_step, check_hparams,
+                               complete_hparams, jsonable, run_row, spectrum_dict, spectrum_of)
 from lepredict.train import PROBE_SIZE, measured_k
 
-__all__ = ["LyapunovPruner", "measure_and_report", "report_spectrum"]
+__all__ = ["LyapunovPruner", "measure_and_report", "module_hparams", "report_spectrum"]
 
 _MODES = ("model", "online", "both")
 #: Without a declared chance loss, reported values are read as normalised losses only if the
@@ -37,7 +37,8 @@ _logger = optuna.logging.get_logger(f"optuna.{__name__}")
 
 
 def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, step: int, *,
-                    chance_loss: float | None = None, val_loss: float | None = None) -> None:
+                    chance_loss: float | None = None, val_loss: float | None = None,
+                    hparams: Mapping | None = None) -> None:
     """Store a spectrum measured at ``step`` in the trial, where :class:`LyapunovPruner` (and
     ``lepredict analyze``) read it. Call it before ``trial.report(value, step)``.
 
@@ -55,10 +56,25 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
             if they are already normalised (loss / chance loss). Once per trial is enough.
         val_loss: the validation loss at ``step``, when the value you ``trial.report`` is not
             the loss (an accuracy in a maximising study): the pruner reads this instead.
+        hparams: the trial's generic hyperparameters, for predictors that read them
+            (``LyapunovPruner(model="screening")``): any of ``arch``, ``hidden``, ``layers``,
+            ``lr``, ``optimizer``, ``batch_size``, ``init``, ``init_scale``, ``clip``,
+            ``weight_decay`` (:data:`lepredict.records.HPARAM_FIELDS` lists the allowed values
+            and the defaults of those that have one), whatever your own parameters are called.
+            Stored once on the trial (attribute ``lepredict:hparams``): later calls may add keys;
+            a value that differs from the one stored first is kept as it was, with a warning.
+            Once per trial is enough.
 
     Raises:
         ValueError: a spectrum the study's :class:`LyapunovPruner` cannot use (leading
-            exponents only, an LSTM's hidden-only map), or a bad ``step`` or ``chance_loss``.
+            exponents only, an LSTM's hidden-only map), a bad ``step`` or ``chance_loss``, or
+            ``hparams`` with an unknown key or a value its key does not allow (the message
+            names both).
+
+    Example:
+        >>> report_spectrum(trial, spectrum, 0, chance_loss=1.0,  # doctest: +SKIP
+        ...                 hparams={"arch": "gru", "hidden": 64, "layers": 1, "lr": 3e-3,
+        ...                          "optimizer": "adam", "batch_size": 32})
     """
     if isinstance(spectrum, LyapunovSpectrum):
         spec = spectrum_of(spectrum)
@@ -74,9 +90,12 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         raise ValueError(f"step must be a non-negative int (the step of trial.report), got {step=}.")
     if chance_loss is not None and not (math.isfinite(chance_loss) and chance_loss > 0):
         raise ValueError(f"chance_loss must be a positive finite number, got {chance_loss=}.")
+    stored_hparams = None if hparams is None else _merged_hparams(trial, hparams)
     pruner = getattr(getattr(trial, "study", None), "pruner", None)  # FixedTrial has no study
     if isinstance(pruner, LyapunovPruner):
         pruner.check_spectrum(spec)
+    if stored_hparams is not None:
+        trial.set_user_attr(HPARAMS, stored_hparams)
     trial.set_user_attr(f"{SPECTRUM}{step}", jsonable(spec))
     if chance_loss is not None:
         trial.set_user_attr(CHANCE_LOSS, float(chance_loss))
@@ -84,9 +103,42 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         trial.set_user_attr(f"{VAL_LOSS}{step}", jsonable(float(val_loss)))
 
 
+def _merged_hparams(trial, hparams: Mapping) -> dict | None:
+    """``hparams`` checked and merged into those the trial holds (the values stored first
+    stand); ``None`` if nothing is new (each write is a transaction of the storage)."""
+    given = check_hparams(hparams)
+    before = getattr(trial, "user_attrs", {}).get(HPARAMS) or {}
+    changed = sorted(k for k in given if k in before and before[k] != given[k])
+    if changed:
+        # A warning, not an error: a learning-rate schedule should not end a running trial.
+        warnings.warn(
+            f"hparams {', '.join(f'{k}={given[k]!r}' for k in changed)} differ from what trial "
+            f"{getattr(trial, 'number', '?')} stored first "
+            f"({', '.join(f'{k}={before[k]!r}' for k in changed)}), which are kept: a trial's "
+            "hyperparameters are those it started with (the learning rate before any "
+            "schedule); give the same values, or give them once.", UserWarning, stacklevel=3)
+    merged = {**given, **before}
+    return merged if merged != before else None
+
+
+def module_hparams(rnn: torch.nn.Module) -> dict:
+    """The hyperparameters a recurrent module shows itself: ``arch``, ``hidden`` and ``layers``
+    of an ``nn.RNN`` (tanh), ``nn.GRU`` or ``nn.LSTM``; nothing for another module (or a ReLU
+    ``nn.RNN``, which the predictors have never seen)."""
+    if isinstance(rnn, torch.nn.LSTM):
+        arch = "lstm"
+    elif isinstance(rnn, torch.nn.GRU):
+        arch = "gru"
+    elif isinstance(rnn, torch.nn.RNN) and getattr(rnn, "nonlinearity", "tanh") == "tanh":
+        arch = "rnn"
+    else:
+        return {}
+    return {"arch": arch, "hidden": int(rnn.hidden_size), "layers": int(rnn.num_layers)}
+
+
 def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.Tensor, step: int,
                        *, chance_loss: float | None = None, val_loss: float | None = None,
-                       **kwargs) -> LyapunovSpectrum:
+                       hparams: Mapping | None = None, **kwargs) -> LyapunovSpectrum:
     """Measure the spectrum of ``rnn`` on a probe batch (in eval mode, without gradients) and
     :func:`report_spectrum` it, in one call; returns the spectrum.
 
@@ -98,7 +150,20 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     :func:`lepredict.lyapunov_spectrum` and override those choices (``k=None`` for the full
     spectrum, ``warmup=``...); the spectrum is recorded with what was measured (state size,
     ``k``, convention), and the pruner refuses one its predictors cannot use.
+
+    The module's own ``arch``, ``hidden`` and ``layers`` (:func:`module_hparams`) are stored as
+    the trial's hyperparameters together with ``hparams`` (those the module cannot show: ``lr``,
+    ``optimizer``, ``batch_size``, ``init``, ``init_scale``, ``clip``, ``weight_decay``; see
+    :func:`report_spectrum`); a value of ``hparams`` that contradicts the module is an error.
     """
+    shown = module_hparams(rnn)
+    given = check_hparams(hparams or {})
+    clash = sorted(k for k in shown if k in given and given[k] != shown[k])
+    if clash:
+        raise ValueError(f"hparams {', '.join(f'{k}={given[k]!r}' for k in clash)} contradict "
+                         f"the module ({type(rnn).__name__} with "
+                         f"{', '.join(f'{k}={shown[k]!r}' for k in clash)}); leave them out: "
+                         "measure_and_report reads them from the module.")
     batch_first = getattr(rnn, "batch_first", True)
     sequences = probe if batch_first else probe.transpose(0, 1)
     if "warmup" not in kwargs:
@@ -115,7 +180,8 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
             spec = lyapunov_spectrum(rnn, probe, **kwargs)
     finally:
         rnn.train(was_training)
-    report_spectrum(trial, spec, step, chance_loss=chance_loss, val_loss=val_loss)
+    report_spectrum(trial, spec, step, chance_loss=chance_loss, val_loss=val_loss,
+                    hparams={**shown, **given} or None)
     return spec
 
 
@@ -160,6 +226,8 @@ class _TrialView:
             else dict(trial.intermediate_values)
         self.losses = _by_epoch(raw, steps_per_epoch)
         self.spectra = _by_epoch(attrs_by_step(trial.user_attrs, SPECTRUM), steps_per_epoch)
+        stored = trial.user_attrs.get(HPARAMS)
+        self.hparams = dict(stored) if isinstance(stored, Mapping) else None
         setup = study.user_attrs.get(SETUP, {})
         declared = trial.user_attrs.get(CHANCE_LOSS)
         if declared is None and setup.get("reported") == "normalised":
@@ -173,13 +241,37 @@ class _TrialView:
                   and all(e in self.losses and e in self.spectra for e in range(b + 1))]
         return max(usable) if usable else None
 
+    def hparams_problem(self) -> str | None:
+        """Why a predictor that reads hyperparameters cannot read this trial's, if so."""
+        how = ("give them with lepredict.report_spectrum(trial, spectrum, step, hparams={...}) "
+               "(measure_and_report(..., hparams=...) reads arch, hidden and layers from the "
+               "module); the keys and allowed values are in lepredict.records.HPARAM_FIELDS")
+        try:
+            given = check_hparams(self.hparams or {})
+        except (TypeError, ValueError) as err:
+            return f"trial {self.trial.number} stored hyperparameters it cannot use: {err} ({how})"
+        missing = complete_hparams(given)[1]
+        if not missing:
+            return None
+        return (f"trial {self.trial.number} has not given the hyperparameters "
+                f"{', '.join(missing)}, which the predictor reads (its 'hparams' features); "
+                f"{how}")
+
     def row(self, study_name: str, budget: int) -> dict:
         chance = self.chance or 1.0
         run = {"val_loss": [self.losses[e] for e in range(budget + 1)]}
         meta = {"study": study_name, "number": self.trial.number, "state": "RUNNING",
                 "status": "ok", "chance_loss": chance}
         spectra = {e: self.spectra[e] for e in range(budget + 1)}
-        return run_row(meta, run, self.trial.params, spectra)
+        # The declared generic hyperparameters (defaults filled in) rather than the trial's own
+        # params, whose names (learning_rate, n_units...) mean nothing to the predictors.
+        params = self.trial.params
+        if self.hparams is not None:
+            try:
+                params = complete_hparams(check_hparams(self.hparams))[0]
+            except (TypeError, ValueError):
+                pass  # unusable: hparams_problem says so where a predictor needs them
+        return run_row(meta, run, params, spectra)
 
 
 class LyapunovPruner(BasePruner):
@@ -222,13 +314,25 @@ class LyapunovPruner(BasePruner):
     The predictor needs the full spectrum (``k=None``; for an LSTM the ``(h, c)`` state): a
     spectrum it cannot use is refused by :func:`report_spectrum`.
 
+    **Screening with hyperparameters.** ``model="screening"`` is a shipped predictor that also
+    reads the trial's generic hyperparameters (architecture, hidden size, layers, learning rate,
+    optimizer, batch size, initialisation, clipping, weight decay; see
+    :data:`lepredict.records.HPARAM_FIELDS`), which ranks configurations far better at
+    initialisation than spectra alone. Give them once per trial with
+    ``report_spectrum(..., hparams={...})``, or ``measure_and_report(..., hparams={...})``, which
+    reads arch, hidden and layers from the module (``lepredict sweep`` stores them itself). The
+    trial's own ``trial.params`` are never read for this: their names are yours. A trial that
+    has not given those it needs is kept and the pruner warns once, naming ``hparams=``.
+
     Every decision is written into the trial's user attributes (``lepredict:prediction:STEP``,
     with its ``reason``) and a pruned trial is logged with its reason, e.g.
     ``P(trainable)=0.03 < 0.08 at epoch 1``.
 
     Args:
-        model: ``"default"`` (the shipped predictor), a directory written by ``lepredict fit``
-            or :meth:`StabilityPredictor.save`, or a fitted :class:`StabilityPredictor`.
+        model: ``"default"`` (the shipped predictor: spectra and losses only),
+            ``"screening"`` (the shipped predictor that also reads the hyperparameters given
+            to ``report_spectrum(hparams=...)``), a directory written by ``lepredict fit`` or
+            :meth:`StabilityPredictor.save`, or a fitted :class:`StabilityPredictor`.
             Ignored when ``mode="online"``.
         mode: ``"model"`` (the given predictor), ``"online"`` (a predictor fitted on this study's
             own finished trials, once ``n_startup_trials`` have finished), or ``"both"`` (the
@@ -379,7 +483,8 @@ class LyapunovPruner(BasePruner):
                 ("spectrum", next(filter(None, map(_spectrum_problem, view.spectra.values())),
                                   None)),
                 ("steps", self._steps_problem(trial)),
-                ("scale", self._scale_problem(study, trials, view))):
+                ("scale", self._scale_problem(study, trials, view)),
+                ("hparams", view.hparams_problem() if self._needs_hparams() else None)):
             if problem:
                 self._warn_once(study, kind, f"LyapunovPruner prunes nothing on the model in "
                                 f"study {study.study_name!r}: {problem}")
@@ -496,6 +601,11 @@ class LyapunovPruner(BasePruner):
                 f"{median:.4g}, not about 1, so the values are not normalised losses; pass "
                 "chance_loss=lepredict.chance_loss(y_train, y_val) to report_spectrum for raw "
                 "losses (chance_loss=1.0 if they are normalised)")
+
+    def _needs_hparams(self) -> bool:
+        """Whether the given predictor reads hyperparameters (the ``"screening"`` model)."""
+        return self._mode != "online" and any(
+            "hparams" in tuple(m.feature_sets) for m in self._models.values())
 
     def _threshold_of(self, model: StabilityPredictor) -> float:
         if self._threshold is not None:

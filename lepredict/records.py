@@ -14,6 +14,11 @@ User attributes of a trial (all optional but the spectra):
   something else (an accuracy in a maximising study).
 * ``lepredict:chance_loss``: the chance loss the trial's losses are divided by (1.0 when they are
   already normalised).
+* ``lepredict:hparams``: the trial's generic hyperparameters (:data:`HPARAM_FIELDS`), as given to
+  :func:`~lepredict.report_spectrum` (``hparams=``), inferred by
+  :func:`~lepredict.measure_and_report`, or stored by ``lepredict sweep``: what predictors
+  reading hyperparameters (the ``"screening"`` model) use, whatever the trial's own parameters
+  are called.
 * ``lepredict:run``, ``lepredict:status``, ``lepredict:error``: what ``lepredict sweep`` stores.
 * ``lepredict:prediction:STEP``: what :class:`~lepredict.LyapunovPruner` predicted and decided.
 
@@ -30,8 +35,12 @@ from collections.abc import Mapping
 
 __all__ = [
     "ATTR",
+    "HPARAM_FIELDS",
+    "HParamField",
     "MEASURED_EXPONENTS",
     "RunRecord",
+    "check_hparams",
+    "complete_hparams",
     "jsonable",
     "run_row",
     "spectrum_dict",
@@ -53,6 +62,131 @@ SETUP = f"{ATTR}setup"
 RUN = f"{ATTR}run"
 STATUS = f"{ATTR}status"
 ERROR = f"{ATTR}error"
+HPARAMS = f"{ATTR}hparams"
+
+ARCHS = ("rnn", "gru", "lstm")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+INITS = ("uniform", "gain", "orthogonal", "default")
+
+
+@dataclasses.dataclass(frozen=True)
+class HParamField:
+    """One generic hyperparameter: what values it may take and what a missing one means.
+
+    Attributes:
+        name: the key (``hparams={name: ...}``; the ``param_{name}`` column of a trials frame).
+        kind: ``"choice"``, ``"int"`` or ``"float"``.
+        choices: the allowed values of a ``"choice"``.
+        low: the smallest allowed value of a number (inclusive).
+        positive: a number must be ``> 0`` (``low`` is then 0, exclusive).
+        default: the value a missing one takes, or ``None`` if it must be given.
+        corpus: the values or range the shipped predictors were fitted on (outside it they
+            extrapolate).
+        help: what it is, in words.
+    """
+
+    name: str
+    kind: str
+    help: str
+    choices: tuple = ()
+    low: float | None = None
+    positive: bool = False
+    default: object = None
+    corpus: str = ""
+
+    @property
+    def allowed(self) -> str:
+        """The allowed values, in words (for error messages)."""
+        if self.kind == "choice":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        what = "an int" if self.kind == "int" else "a finite number"
+        return f"{what} {'> 0' if self.positive else f'>= {self.low:g}'}"
+
+    def check(self, value):
+        """``value`` in its canonical type; ``ValueError`` naming the key and what is allowed."""
+        if self.kind == "choice":
+            if isinstance(value, str) and value.lower() in self.choices:
+                return value.lower()
+        elif not isinstance(value, bool):
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            ok = math.isfinite(number) and (number > 0 if self.positive else number >= self.low)
+            if ok and self.kind == "int" and number == int(number):
+                return int(number)
+            if ok and self.kind == "float":
+                return number
+        raise ValueError(f"hparams[{self.name!r}] must be {self.allowed} ({self.help}), got "
+                         f"{value!r}.")
+
+
+#: The generic hyperparameters a predictor may read (the ``"hparams"`` feature set of
+#: :mod:`lepredict.features`), keyed by name: what ``report_spectrum(hparams=...)`` accepts and
+#: ``lepredict sweep`` stores. Those with a default may be left out; ``init_scale`` is needed
+#: unless ``init`` is ``"default"`` (PyTorch's own initialisation, which has no scale).
+HPARAM_FIELDS: dict[str, HParamField] = {f.name: f for f in (
+    HParamField("arch", "choice", "the recurrent cell: nn.RNN (tanh), nn.GRU or nn.LSTM",
+                choices=ARCHS, corpus="rnn, gru, lstm"),
+    HParamField("hidden", "int", "hidden units per layer", low=1, positive=True,
+                corpus="16-256"),
+    HParamField("layers", "int", "stacked recurrent layers", low=1, positive=True,
+                corpus="1-3"),
+    HParamField("lr", "float", "the learning rate", positive=True, corpus="1e-4 to 1"),
+    HParamField("optimizer", "choice", "torch.optim.SGD, Adam or RMSprop", choices=OPTIMIZERS,
+                corpus="sgd, adam, rmsprop"),
+    HParamField("batch_size", "int", "training batch size", low=1, positive=True,
+                corpus="16-128"),
+    HParamField("init", "choice", "the initialisation scheme of the recurrent module "
+                "(lepredict.RunConfig.init); 'default' is PyTorch's own, what a module that "
+                "was not re-initialised has", choices=INITS, default="default",
+                corpus="uniform, gain, orthogonal, default"),
+    HParamField("init_scale", "float", "the bound p of 'uniform' (weights in [-p, p]) or the "
+                "gain g of 'gain' and 'orthogonal'; ignored by 'default'", positive=True,
+                corpus="0.02 to 3"),
+    HParamField("clip", "float", "gradient clipping by global norm; 0 for none", low=0.0,
+                default=0.0, corpus="0, 1, 5"),
+    HParamField("weight_decay", "float", "the optimizer's weight_decay; 0 for none", low=0.0,
+                default=0.0, corpus="0, 1e-4, 1e-3"),
+)}
+#: The ``init_scale`` stored for ``init="default"``, which has none: any value means the same.
+NO_INIT_SCALE = 1.0
+
+
+def check_hparams(hparams: Mapping) -> dict:
+    """``hparams`` validated against :data:`HPARAM_FIELDS`, values in their canonical types
+    (lower-case choices, ints, floats); any subset may be given.
+
+    Raises:
+        ValueError: an unknown key (naming the known ones) or a value outside what its key
+            allows (naming the key and the allowed values).
+    """
+    if not isinstance(hparams, Mapping):
+        raise TypeError(f"hparams must be a mapping such as {{'lr': 1e-3, 'optimizer': 'adam'}}, "
+                        f"got {type(hparams).__name__}.")
+    unknown = sorted(str(k) for k in hparams if k not in HPARAM_FIELDS)
+    if unknown:
+        raise ValueError(f"Unknown hparams {unknown}; known: {', '.join(HPARAM_FIELDS)} "
+                         "(see lepredict.records.HPARAM_FIELDS for the allowed values).")
+    return {k: HPARAM_FIELDS[k].check(v) for k, v in hparams.items()}
+
+
+def complete_hparams(hparams: Mapping) -> tuple[dict, list[str]]:
+    """``hparams`` with the defaults of the fields left out, and the names of those that have
+    no default and are missing (``init_scale`` only when ``init`` is not ``"default"``; ``init``
+    when an ``init_scale`` is given without it, since the scale is then of an unknown scheme)."""
+    out = dict(hparams)
+    missing = ["init"] if "init_scale" in out and "init" not in out else []
+    for name, field in HPARAM_FIELDS.items():
+        if name in out or name in missing:
+            continue
+        if field.default is not None:
+            out[name] = field.default
+        elif name == "init_scale" and out.get("init") == "default":
+            out[name] = NO_INIT_SCALE
+        else:
+            missing.append(name)
+    return out, missing
 
 
 @dataclasses.dataclass
@@ -279,5 +413,9 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
         if meta["status"] is None:
             meta["status"] = run.pop("status", None)
         run.pop("status", None)
-    # The whole config (fixed values included), then the sampled params as Optuna holds them.
-    return run_row(meta, run, {**run.get("config", {}), **t.params}, spectra)
+    # The whole config (fixed values included), then the sampled params as Optuna holds them,
+    # then the generic hyperparameters the trial declared (report_spectrum(hparams=...)): a
+    # loop's own parameter names (learning_rate...) mean nothing to lepredict, these do.
+    hparams = t.user_attrs.get(HPARAMS)
+    hparams = hparams if isinstance(hparams, Mapping) else {}
+    return run_row(meta, run, {**run.get("config", {}), **t.params, **hparams}, spectra)

@@ -49,7 +49,8 @@ from optuna.distributions import (
 
 from lepredict import tasks
 from lepredict.population import group_by_shape, train_population
-from lepredict.records import ATTR, MEASURED_EXPONENTS, RunRecord, run_row, trial_row
+from lepredict.records import (ATTR, HPARAM_FIELDS, HPARAMS, MEASURED_EXPONENTS, RunRecord,
+                               run_row, trial_row)
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, train_run
 
@@ -60,6 +61,7 @@ __all__ = [
     "SearchSpace",
     "SpaceExhausted",
     "export_trials",
+    "fill_fixed_params",
     "load_space",
     "make_storage",
     "read_trials",
@@ -475,7 +477,12 @@ class _Objective:
                                                "trial": trial.number})
         params = self.space.sample(trial)
         params.setdefault("seed", self.seed + trial.number)
-        return RunConfig.from_dict(params)
+        config = RunConfig.from_dict(params)
+        # The generic hyperparameters, fixed ones included, where a pruner reading them (the
+        # "screening" model) finds them while the trial runs, as report_spectrum(hparams=) does.
+        trial.set_user_attr(HPARAMS, {k: v for k, v in config.to_dict().items()
+                                      if k in HPARAM_FIELDS})
+        return config
 
     def report(self, trial: optuna.Trial, epoch: int, rec: RunRecord) -> bool:
         """Store the epoch's spectrum, report its loss; True (the record stored) if pruned."""
@@ -1089,6 +1096,61 @@ def export_trials(study: optuna.Study, path: str | os.PathLike, *,
     else:
         raise ValueError(f"Cannot tell the format of {str(path)!r}: name it .parquet or .csv.")
     return len(frame)
+
+
+def fill_fixed_params(frame, space: SearchSpace | str | os.PathLike):
+    """``frame`` (an export read back) with the hyperparameters ``space`` did not sample filled
+    in: each ``[fixed]`` value, and :class:`~lepredict.train.RunConfig`'s default for a field
+    the space neither samples nor fixes (what ``lepredict sweep`` ran with that space).
+
+    Exports record every run's whole configuration (``param_*`` columns); exports written by
+    lepredict before they did hold only the sampled ones, and the ``"hparams"`` features would
+    read a missing value as their own default (batch size 64, not the 32 the corpus ran with).
+    This fills only cells that are missing (a missing column, or NaN), so a complete export is
+    returned unchanged. ``space``: a :class:`SearchSpace` or what :func:`load_space` takes.
+
+    Raises:
+        ValueError: a run whose recorded value of a fixed hyperparameter differs from the
+            space's: the export was not swept in that space.
+
+    Example:
+        >>> import pandas as pd
+        >>> old = pd.DataFrame({"study": ["s"], "param_arch": ["gru"], "param_lr": [0.01]})
+        >>> filled = fill_fixed_params(old, "studies/corpus.toml")  # doctest: +SKIP
+        >>> int(filled.loc[0, "param_batch_size"]), filled.loc[0, "param_init"]  # doctest: +SKIP
+        (32, 'uniform')
+    """
+    import pandas as pd
+
+    if not isinstance(space, SearchSpace):
+        space = load_space(space)
+    defaults = RunConfig().to_dict()
+    values = {name: space.fixed.get(name, defaults[name]) for name in defaults
+              if name not in space.params and name != "seed"}
+    frame = frame.copy()
+    for name, value in values.items():
+        column = f"param_{name}"
+        if column not in frame:
+            frame[column] = [value] * len(frame)
+            continue
+        given = frame[column].notna()
+        differs = given & (frame[column].astype(object) != value)
+        if isinstance(value, float):
+            differs = given & ~pd.to_numeric(frame[column], errors="coerce").eq(value)
+        if differs.any():
+            first = frame.loc[differs].iloc[0]
+            recorded = first[column].item() if hasattr(first[column], "item") else first[column]
+            raise ValueError(
+                f"Run {first.get('study')}#{first.get('number')} has {name}={recorded!r}, but "
+                f"the search space fixes {name}={value!r}: it was not swept in that space.")
+        if given.all():
+            continue
+        filled = frame[column].astype(object).where(given, value)
+        # NaN made an int column float: give it back its type.
+        kind = "int64" if isinstance(value, int) and not isinstance(value, bool) else (
+            "float64" if isinstance(value, float) else object)
+        frame[column] = filled.astype(kind)
+    return frame
 
 
 def read_trials(path: str | os.PathLike):

@@ -19,15 +19,13 @@ import torch
 from torch import Tensor, nn
 
 from lepredict.lyapunov import lyapunov_spectrum, rnn_state_size
-from lepredict.records import MEASURED_EXPONENTS, RunRecord, spectrum_of
+from lepredict.records import (ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS, RunRecord,
+                               spectrum_of)
 from lepredict.tasks import Task
 
 __all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "diverged_loss",
            "train_run", "weight_stats"]
 
-ARCHS = ("rnn", "gru", "lstm")
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
-INITS = ("uniform", "gain", "orthogonal", "default")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,19 @@ def test_predict_stability_from_a_spectrum_measured_elsewhere(model_dir, tmp_pat
     assert out["train_seconds"] == 0.0 and out["config"]["arch"] == "gru"
 
 
+def test_predict_stability_with_the_screening_model_reads_the_hyperparameters(capsys):
+    """The shipped "screening" predictors read the configuration too: at initialisation (no
+    training) the same network with a learning rate of 1 is rated far less likely to train."""
+    p = {}
+    for lr in ("0.003", "1.0"):
+        assert main(["predict-stability", *TINY, "--lr", lr, "--model", "screening",
+                     "--budget", "0", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["budget"] == 0 and out["train_seconds"] > 0 and out["config"]["lr"] == float(lr)
+        p[lr] = out["p_trainable"]
+    assert p["0.003"] > p["1.0"] + 0.1
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "nope"], "nope"),
     (["--hidden", "0"], "hidden"),

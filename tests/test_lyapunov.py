@@ -602,3 +602,24 @@ def test_spectra_keep_a_diverging_module_apart():
 def test_spectra_refuse_modules_of_different_shapes(modules, match):
     with pytest.raises(ValueError, match=match):
         lepredict.lyapunov_spectra(modules, torch.randn(2, 5, 3))
+
+
+def test_float32_log_determinant_falls_back_to_float64_where_it_fails(monkeypatch):
+    """Rows whose float32 LU gives a non-finite log-determinant are redone in float64 (a float32
+    LU can overflow where a float64 one does not)."""
+    jac = torch.randn(3, 5, 5)
+    real = torch.linalg.slogdet
+
+    def flaky(a):
+        out = real(a)
+        if a.dtype == torch.float32:  # the float32 LU "fails" on row 1
+            bad = out.logabsdet.clone()
+            bad[1] = float("nan")
+            return type(out)((out.sign, bad))
+        return out
+
+    monkeypatch.setattr(torch.linalg, "slogdet", flaky)
+    got = lepredict.lyapunov._logabsdet(jac)
+    want = real(jac.double()).logabsdet
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -179,6 +179,41 @@ def test_shipped_files_match_their_pins():
     assert len(pins) == 2 * len(shipped)
 
 
+def test_the_shipped_screening_predictors_load_through_their_pins():
+    """"screening" reads the hyperparameters with the spectra (and losses from epoch 1);
+    "default" reads none."""
+    screening = load_models(resolve_model("screening"))
+    assert sorted(screening) == [0, 1, 2, 3]
+    assert tuple(screening[0].feature_sets) == ("hparams", "spectrum")
+    assert all(tuple(screening[b].feature_sets) == ("hparams", "spectrum", "loss")
+               for b in (1, 2, 3))
+    assert all("hparams" not in m.feature_sets for m in load_models(resolve_model("default"))
+               .values())
+    assert all(0.0 < m.cutoff < 0.5 for m in screening.values())
+    assert LyapunovPruner(model="screening")._needs_hparams()
+    assert not LyapunovPruner(model="default")._needs_hparams()
+
+
+def test_the_corpus_records_every_hyperparameter_the_screening_predictors_read():
+    """The corpus exports hold each run's whole configuration, so no "hparams" feature falls
+    back to a default (corpus v1 was swept with batch 32, one layer, uniform init, no clipping
+    fixed; its older exports recorded only the sampled params, filled in by fill_fixed_params)."""
+    from pathlib import Path
+
+    pd = pytest.importorskip("pandas")
+    root = Path(__file__).resolve().parents[1] / "studies"
+    files = sorted(root.glob("corpus-*.parquet")) + sorted(root.glob("v2-*.parquet"))
+    if not files:
+        pytest.skip("the corpus is not here")
+    needed = [f"param_{k}" for k in ("arch", "hidden", "layers", "init", "init_scale", "lr",
+                                     "optimizer", "batch_size", "clip", "weight_decay")]
+    for path in files:
+        frame = pd.read_parquet(path, columns=needed + ["state"])
+        assert not frame[needed].isna().any().any(), path.name
+        if path.name.startswith("corpus-"):
+            assert set(frame["param_batch_size"]) == {32} and set(frame["param_layers"]) == {1}
+
+
 @pytest.fixture
 def shipped(fitted, tmp_path, monkeypatch):
     """A models directory of our own, pinned, standing in for the shipped one."""

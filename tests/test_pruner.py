@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import optuna
@@ -272,7 +273,7 @@ def test_measure_and_report_measures_what_the_predictor_uses_and_no_more():
     # Overrides go to the engine; a network smaller than 16 gets its whole spectrum.
     spec = lepredict.measure_and_report(trial, gru, probe, 1, k=None, warmup=0)
     assert spec.exponents.shape == (8, 80)
-    small = lepredict.measure_and_report(trial, torch.nn.RNN(3, 5), probe, 2)
+    small = lepredict.measure_and_report(optuna.create_study().ask(), torch.nn.RNN(3, 5), probe, 2)
     assert small.exponents.shape == (8, 5)
 
 
@@ -350,3 +351,156 @@ def test_raw_losses_with_chance_loss_predict_as_normalised_ones(runs, model_dir)
     for other in records[1:]:
         assert other["p_trainable"] == pytest.approx(records[0]["p_trainable"])
         assert other["final_loss"] == pytest.approx(records[0]["final_loss"])
+
+
+# -- hyperparameters for the screening predictor ------------------------------------------------
+
+GOOD_HPARAMS = {"arch": "gru", "hidden": 16, "layers": 1, "lr": 0.01, "optimizer": "adam",
+                "batch_size": 32, "init": "uniform", "init_scale": 0.5}
+
+
+def test_report_spectrum_stores_hparams_once_and_validates_them():
+    study = optuna.create_study()
+    trial = study.ask()
+    spectrum = {"mean": [0.1, -0.3]}
+    with pytest.raises(ValueError, match=r"Unknown hparams \['learning_rate'\].*known: arch, "):
+        report_spectrum(trial, spectrum, 0, hparams={"learning_rate": 0.01})
+    with pytest.raises(ValueError, match=r"hparams\['optimizer'\] must be one of 'sgd', 'adam', "
+                                         r"'rmsprop'.*got 'lbfgs'"):
+        report_spectrum(trial, spectrum, 0, hparams={"optimizer": "lbfgs"})
+    with pytest.raises(ValueError, match=r"hparams\['lr'\] must be a finite number > 0"):
+        report_spectrum(trial, spectrum, 0, hparams={"lr": -1e-3})
+    with pytest.raises(ValueError, match=r"hparams\['hidden'\] must be an int > 0"):
+        report_spectrum(trial, spectrum, 0, hparams={"hidden": 12.5})
+    # A refused call stores nothing, not even its spectrum.
+    assert study.trials[0].user_attrs == {}
+    report_spectrum(trial, spectrum, 0, hparams={**GOOD_HPARAMS, "optimizer": "Adam",
+                                                 "hidden": 16.0})
+    stored = study.trials[0].user_attrs[f"{ATTR}hparams"]
+    assert stored == GOOD_HPARAMS and isinstance(stored["hidden"], int)
+    report_spectrum(trial, spectrum, 1, hparams={"lr": 0.01, "clip": 1.0})  # same lr, a new key
+    assert study.trials[0].user_attrs[f"{ATTR}hparams"] == {**GOOD_HPARAMS, "clip": 1.0}
+    # The values a trial started with stand (a learning-rate schedule must not end the trial).
+    with pytest.warns(UserWarning, match=r"hparams lr=0\.1 differ from what trial 0 stored "
+                                         r"first \(lr=0\.01\), which are kept"):
+        report_spectrum(trial, spectrum, 2, hparams={"lr": 0.1})
+    assert study.trials[0].user_attrs[f"{ATTR}hparams"]["lr"] == 0.01
+    assert f"{ATTR}spectrum:2" in study.trials[0].user_attrs
+
+
+def test_measure_and_report_reads_arch_hidden_and_layers_from_the_module():
+    study = optuna.create_study()
+    trial = study.ask()
+    gru = torch.nn.GRU(3, 20, num_layers=2, batch_first=True)
+    probe = torch.randn(4, 12, 3)
+    lepredict.measure_and_report(trial, gru, probe, 0, hparams={"lr": 3e-3, "optimizer": "sgd",
+                                                                 "batch_size": 16})
+    assert study.trials[0].user_attrs[f"{ATTR}hparams"] == {
+        "arch": "gru", "hidden": 20, "layers": 2, "lr": 3e-3, "optimizer": "sgd",
+        "batch_size": 16}
+    with pytest.raises(ValueError, match=r"hparams arch='lstm' contradict the module \(GRU with "
+                                         r"arch='gru'\)"):
+        lepredict.measure_and_report(trial, gru, probe, 1, hparams={"arch": "lstm"})
+    other = optuna.create_study().ask()
+    lepredict.measure_and_report(other, torch.nn.LSTM(3, 6), probe.transpose(0, 1), 0)
+    assert other.study.trials[0].user_attrs[f"{ATTR}hparams"] == {"arch": "lstm", "hidden": 6,
+                                                                  "layers": 1}
+
+
+@pytest.fixture(scope="module")
+def screening(runs, tmp_path_factory):
+    """Predictors reading hyperparameters as the shipped "screening" ones do: with the
+    spectrum at initialisation, and with the spectra and losses after an epoch."""
+    out = tmp_path_factory.mktemp("screening")
+    for budget, sets in ((0, ("hparams", "spectrum")), (1, ("hparams", "spectrum", "loss"))):
+        StabilityPredictor(budget=budget, feature_sets=sets, interval=False).fit(runs).save(
+            out / f"budget-{budget}")
+    return out
+
+
+def _hparams_trial(study, row, hparams, step=1):
+    """A trial reporting ``row``'s spectra and raw losses for epochs 0 and 1 with ``hparams``;
+    the pruner's record at ``step``."""
+    trial = study.ask()
+    for e in (0, 1):
+        report_spectrum(trial, {"mean": row[f"le{e}_mean"], "std": row[f"le{e}_std"]}, e,
+                        chance_loss=2.0, hparams=hparams)
+        trial.report(row["val_loss"][e], e)
+        trial.should_prune()
+    return study.trials[trial.number].user_attrs.get(f"{ATTR}prediction:{step}")
+
+
+def test_a_screening_predictor_reads_the_declared_hparams_not_trial_params(runs, screening,
+                                                                         model_dir):
+    row = runs[(runs["final_normalised_loss"] < 0.3) & (runs["status"] == "ok")].iloc[0]
+    arch = {**GOOD_HPARAMS, "arch": row["param_arch"], "hidden": int(row["param_hidden"])}
+    study = optuna.create_study(pruner=LyapunovPruner(model=screening, threshold=0.0,
+                                                      compare_to_best=False, n_warmup_steps=0))
+    p = {lr: _hparams_trial(study, row, {**arch, "lr": lr}, step=0)["p_trainable"]
+         for lr in (1e-2, 0.8)}
+    # The synthetic runs train only for 1e-3 < lr < 0.1: the same spectrum, another lr.
+    assert p[1e-2] > p[0.8] + 0.1
+    # The trial's own params (its own names) are not read: the same lr, another trial.params.
+    trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1.0)})
+    assert trial.params["learning_rate"] != 1e-2
+    for e in (0, 1):
+        report_spectrum(trial, {"mean": row[f"le{e}_mean"], "std": row[f"le{e}_std"]}, e,
+                        chance_loss=2.0, hparams={**arch, "lr": 1e-2})
+        trial.report(row["val_loss"][e], e)
+        trial.should_prune()
+    record = study.trials[trial.number].user_attrs[f"{ATTR}prediction:0"]
+    assert record["source"] == "model:0" and record["p_trainable"] == pytest.approx(p[1e-2])
+    # The default kind of predictor (spectra and losses) predicts as before, whatever hparams.
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0,
+                                                      compare_to_best=False))
+    plain = _hparams_trial(study, row, None)["p_trainable"]
+    assert _hparams_trial(study, row, {**arch, "lr": 0.8})["p_trainable"] == pytest.approx(plain)
+
+
+def test_a_screening_predictor_keeps_a_trial_without_hparams_and_says_how(runs, screening):
+    row = runs[(runs["final_normalised_loss"] > 0.9) & (runs["status"] == "ok")].iloc[0]
+    study = optuna.create_study(pruner=LyapunovPruner(model=screening, threshold=1.0,
+                                                      protect_top=0.0))
+    _leaders(study)
+    with pytest.warns(UserWarning, match=r"trial 3 has not given the hyperparameters arch, "
+                                         r"hidden, layers, lr, optimizer, batch_size, which"
+                                         r".*report_spectrum\(trial, spectrum, step, "
+                                         r"hparams=") as caught:
+        records = [_hparams_trial(study, row, None) for _ in range(2)]
+    assert len(caught) == 1  # once per study
+    assert all(not r["pruned"] and "p_trainable" not in r and "hparams=" in r["reason"]
+               for r in records)
+    partial = _hparams_trial(study, row, {"lr": 0.01, "optimizer": "adam", "init": "gain"})
+    assert not partial["pruned"] and "arch, hidden, layers, batch_size, init_scale," in \
+        partial["reason"]
+    # With them, threshold 1.0 prunes: the model decided.
+    full = _hparams_trial(study, row, {**GOOD_HPARAMS, "arch": row["param_arch"]})
+    assert full["pruned"] and full["p_trainable"] < 1.0
+
+
+def test_exports_carry_the_declared_hparams(runs):
+    row = runs[runs["status"] == "ok"].iloc[0]
+    study = optuna.create_study()
+    trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1.0)})
+    report_spectrum(trial, {"mean": row["le0_mean"]}, 0, hparams={"lr": 0.02, "init": "default"})
+    trial.report(1.0, 0)
+    study.tell(trial, 0.5)
+    frame = lepredict.sweep.trials_frame(study)
+    assert frame.loc[0, "param_lr"] == 0.02 and frame.loc[0, "param_init"] == "default"
+    assert frame.loc[0, "param_learning_rate"] == trial.params["learning_rate"]
+
+
+def test_a_sweep_gives_a_screening_predictor_its_hparams(screening, tmp_path):
+    task = lepredict.tasks.get("digits", mode="row")
+    space = lepredict.sweep._parse_space({"params": {"lr": {"low": 1e-3, "high": 0.1}},
+                                          "fixed": {"arch": "gru", "hidden": 8}}, "t")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study = lepredict.sweep.run_sweep(task, n_trials=2, epochs=2, le_epochs=[0, 1],
+                                          storage=f"sqlite:///{tmp_path / 's.db'}", space=space,
+                                          pruner=LyapunovPruner(model=screening, threshold=0.0),
+                                          show_progress_bar=False)
+    assert not [w for w in caught if "hparams=" in str(w.message)]
+    for t in study.trials:
+        assert t.user_attrs[f"{ATTR}prediction:1"]["source"] == "model:1"
+        assert 0.0 <= t.user_attrs[f"{ATTR}prediction:1"]["p_trainable"] <= 1.0

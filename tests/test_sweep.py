@@ -88,7 +88,32 @@ def test_sweep_stores_records_spectra_and_values(tmp_path, space_file):
         assert f"{ATTR}spectrum:2" not in t.user_attrs
         assert set(t.intermediate_values) == {0, 1, 2}
         assert set(t.params) == {"arch", "lr"}
+        # Every generic hyperparameter, fixed ones too, where a screening pruner reads them.
+        assert t.user_attrs[f"{ATTR}hparams"] == {
+            "arch": t.params["arch"], "hidden": 8, "layers": 1, "init": "uniform",
+            "init_scale": 0.3, "lr": t.params["lr"], "optimizer": "adam", "batch_size": 256,
+            "clip": 0.0, "weight_decay": 0.0}
     assert study.user_attrs[f"{ATTR}setup"]["task"] == "digits"
+
+
+def test_fill_fixed_params_completes_old_exports_and_refuses_another_space(space_file):
+    import pandas as pd
+
+    from lepredict.sweep import fill_fixed_params
+
+    # An export written before exports recorded the whole configuration: sampled params only,
+    # and a later trial that did record them.
+    old = pd.DataFrame({"study": ["s", "s"], "number": [0, 1], "param_arch": ["gru", "rnn"],
+                        "param_lr": [0.01, 0.02], "param_hidden": [float("nan"), 8.0]})
+    filled = fill_fixed_params(old, space_file)
+    assert filled["param_hidden"].tolist() == [8, 8] and filled["param_hidden"].dtype == "int64"
+    assert filled["param_batch_size"].tolist() == [256, 256]  # fixed by the space, not 64
+    assert filled["param_layers"].tolist() == [1, 1]  # RunConfig's default: the space has none
+    assert filled["param_lr"].tolist() == [0.01, 0.02]  # sampled: left alone
+    assert fill_fixed_params(filled, space_file).equals(filled)
+    with pytest.raises(ValueError, match=r"s#1 has hidden=16, but the search space fixes "
+                                         r"hidden=8"):
+        fill_fixed_params(old.assign(param_hidden=[8, 16]), space_file)
 
 
 def test_sweep_resumes_and_refuses_a_different_setup(tmp_path, space_file):
