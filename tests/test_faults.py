@@ -193,7 +193,8 @@ def _check(study: optuna.Study, seed: int) -> None:
 
 
 @pytest.mark.parametrize("backend, population", [
-    ("sqlite", 1), ("postgres", 1),
+    # One-at-a-time workers on SQLite: the quick suite keeps PostgreSQL's and the populations'.
+    pytest.param("sqlite", 1, marks=pytest.mark.slow), ("postgres", 1),
     # A killed population worker loses all its running trials at once; each is retried.
     ("sqlite", 3), ("postgres", 3),
 ])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -102,25 +100,27 @@ def test_cross_validation_schemes(runs):
     assert set(table["group"]) == {"all", "arch=rnn", "arch=gru", "arch=lstm"}
 
 
-def test_fit_and_evaluate_commands(runs, tmp_path):
+def test_fit_and_evaluate_commands(runs, tmp_path, capsys):
+    # In process: the CLI's own subprocess behaviour (exit codes, one-line errors) is tested in
+    # test_cli_errors; four interpreter start-ups here cost half a minute of CI.
+    from lepredict.cli import main
+
     data = tmp_path / "runs.parquet"
     runs.to_parquet(data)
-    cmd = [sys.executable, "-m", "lepredict.cli"]
-    out = subprocess.run([*cmd, "fit", "--data", str(data), "-o", str(tmp_path / "model"),
-                          "--budgets", "0", "1", "--no-cv"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    assert main(["fit", "--data", str(data), "-o", str(tmp_path / "model"),
+                 "--budgets", "0", "1", "--no-cv"]) == 0
     assert (tmp_path / "model" / "budget-1" / "manifest.json").is_file()
-    out = subprocess.run([*cmd, "evaluate", "--model", str(tmp_path / "model"), "--data", str(data),
-                          "--json"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    rows = json.loads(out.stdout)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(data),
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
     assert [r["budget"] for r in rows] == [0, 1] and rows[1]["auroc"] > 0.9
-    out = subprocess.run([*cmd, "evaluate", "--model", str(tmp_path / "nope"), "--data", str(data)],
-                         capture_output=True, text=True)
-    assert out.returncode == 2 and "No saved predictor" in out.stderr
-    out = subprocess.run([*cmd, "fit", "--data", str(tmp_path / "missing.parquet"), "-o",
-                          str(tmp_path / "x")], capture_output=True, text=True)
-    assert out.returncode == 2 and "No such data file" in out.stderr
+    assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
+    assert "No saved predictor" in capsys.readouterr().err
+    assert main(["fit", "--data", str(tmp_path / "missing.parquet"), "-o",
+                 str(tmp_path / "x")]) == 2
+    assert "No such data file" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_fit_records_a_pruning_threshold_and_evaluate_summarises(runs, tmp_path):
