@@ -233,6 +233,9 @@ class _Accumulator:
         # syncs once per QR, to send the rows it cannot factor to Householder QR.)
         self.check_every = 1 if device.type == "cpu" else 16
         self.gram = device.type in GRAM_QR_DEVICES and dtype == torch.float32
+        # Deferred (the two-pass engine): the QRs' diagonals are kept and summed at the end in
+        # one operation, and divergence is read off once (:meth:`finish`), not every step.
+        self.defer, self.diagonals = False, []
 
     def needs_qr(self, t: int) -> bool:
         """QR after step ``t`` (1-based): on schedule, at the end of warm-up, and at the end."""
@@ -286,7 +289,9 @@ class _Accumulator:
             d[bad] = r_bad.diagonal(dim1=-2, dim2=-1).abs().to(d.dtype)
 
     def accumulate(self, t: int, d: Tensor) -> None:
-        if t > self.warmup:
+        if t > self.warmup and self.defer:
+            self.diagonals.append(d)
+        elif t > self.warmup:
             small = d < self.tiny
             self.floored += small.sum(-1)
             self.sum += d.clamp_min(self.tiny).log().to(torch.float64)
@@ -316,6 +321,16 @@ class _Accumulator:
         self.sum = torch.where(keep[:, None], self.sum, 0)
         self.logdet = torch.where(keep, self.logdet, 0)
         return state, qt
+
+    def finish(self, finite: Tensor) -> None:
+        """Deferred mode: sum the kept diagonals; rows not ``finite`` (``(B,)``: their states
+        and final basis) or whose sum is not are the diverged ones."""
+        if self.diagonals:
+            d = torch.stack(self.diagonals)
+            self.floored += (d < self.tiny).sum((0, -1))
+            self.sum += d.clamp_min(self.tiny).log().to(torch.float64).sum(0)
+            self.diagonals = []
+        self.diverged |= ~(finite & torch.isfinite(self.sum.sum(-1)))
 
     def result(self, dtype: torch.dtype, n: int, logdet: bool) -> LyapunovSpectrum:
         """The spectrum; ``logdet``: the per-step ``log|det J_t|`` were accumulated."""
@@ -445,13 +460,16 @@ def _plus(g: Tensor, b: Tensor) -> Tensor:
     return (g.reshape(K, -1, g.shape[-1]) + b[:, None]).view(g.shape)
 
 
-def _hidden_pre(w_hh: Tensor, b, h: Tensor) -> Tensor:
-    """Hidden-side pre-activations ``W_hh h + b_hh``, kept apart from the input side because the
-    GRU's candidate gate multiplies its hidden part by ``r``."""
-    gh = _xwt(h, w_hh)
-    if b is not None:
-        gh = _plus(gh, b[1])
-    return gh
+def _plus_xwt(g: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """``g + x @ w.T`` as one fused product, ``x`` being ``(rows, in)`` and ``g`` per row or a
+    bias; with stacked weights (``baddbmm``) each network's rows by its own matrix, and ``g``
+    per row or one bias per network ``(K, out)`` (the same thing when each network has one
+    row)."""
+    if w.dim() == 2:
+        return torch.addmm(g, x, w.T)
+    K = w.shape[0]
+    g = g.reshape(K, -1, g.shape[-1]) if g.shape[0] == x.shape[0] else g[:, None]
+    return torch.baddbmm(g, x.reshape(K, -1, x.shape[-1]), w.mT).view(x.shape[0], w.shape[-2])
 
 
 def lyapunov_spectrum(
@@ -636,24 +654,17 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
             gi0 = (x.reshape(B * T, d_in) @ w_ih0.mT).view(K * B, T, w_ih0.shape[-2])
         if b0 is not None:
             gi0 = _plus(gi0, b0[0])
-        step = _STEPS[map_name]
+        ops = _CELLS[map_name]
         logdet = (_logdet_constants(map_name, weights, N, B) if exponent_sum and k < n
                   else None)
         # An LU (the GRU's and the hidden-only LSTM's log-determinant) waits on the host for
         # cuSOLVER's pivots, which a graph capture forbids; the closed forms capture.
         if (acc.gram and qt.is_cuda and reorth_every == 1 and T >= CUDA_GRAPH_MIN_STEPS
-                and (logdet is None or map_name in CLOSED_FORM_LOGDET)):
-            _run_graphed(step, weights, state, qt, gi0, N, acc, logdet)
+                and (logdet is None or not ops.lu)):
+            _run_graphed(_make_step(ops), weights, state, qt, gi0, N, acc, logdet)
         else:
-            for t in range(1, T + 1):
-                # The warm-up's determinants are not averaged: skip them (an LU for the GRU).
-                state, qt, step_logdet = step(weights, state, qt, gi0[:, t - 1], N,
-                                              logdet if t > warmup else None)
-                if step_logdet is not None:
-                    acc.accumulate_logdet(t, step_logdet)
-                if acc.needs_qr(t):
-                    qt = acc.qr(t, qt)
-                state, qt = acc.check(t, state, qt)
+            acc.defer = True
+            _run_two_pass(ops, weights, state, qt, gi0, N, acc, logdet)
         whole = acc.result(dtype, n, logdet is not None)
 
     def rows(tensor, i):
@@ -724,20 +735,24 @@ def _run_graphed(step, weights, state, qt, gi0, N, acc: _Accumulator, logdet=Non
             g.qt.copy_(new_qt)
 
 
-# Each step function advances the state by one time step and pushes the tangent rows ``qt``
-# (B, k, n) through the Jacobian, layer by layer: the tangent of layer l's new state depends on
-# its own old state's tangent and on the new tangent of layer l-1 (its input). The chain rule is
-# folded into per-unit coefficient vectors (B, N) first, so each (B, k, N) tangent block costs a
-# few fused multiply-adds; these passes over memory, not the arithmetic, are the cost beyond the
-# GEMMs and the QR. Returns the new state list and the new (not yet orthonormalised) rows.
-
-
-def _layer_input(weights, layer: int, gi0: Tensor, below: Tensor) -> Tensor:
-    if layer == 0:
-        return gi0
-    w_ih, _, b = weights[layer]
-    gi = _xwt(below, w_ih)
-    return _plus(gi, b[0]) if b is not None else gi
+# Each cell is four small functions on one layer, written for any leading dimensions so that the
+# same code serves one step, ``(B, ...)``, and a whole sequence at once, ``(B, T, ...)``:
+#
+# * ``advance(gi, w_hh, b, state) -> (new_state, saved)``: the state recursion, ``gi`` being the
+#   input-side pre-activations (bias included); ``saved`` is what the Jacobian needs of the step;
+# * ``coefficients(saved, state, new_state)``: the chain rule folded into per-unit vectors, so
+#   each ``(B, k, N)`` tangent block costs a few fused multiply-adds;
+# * ``logdet(coefficients, w_hh, N, constant)``: the layer block's ``log|det|`` (the step's
+#   Jacobian is block lower triangular over layers, so the layers' parts add up);
+# * ``push(coefficients, qt, dq_below, w_ih, w_hh, out, N)``: the layer's tangent rows from its
+#   own old ones and the new ones of the layer below (its input), written into ``out``;
+#   returns the new ``h`` rows, the next layer's input.
+#
+# Off CUDA graphs the engine runs in two passes (:func:`_run_two_pass`): the state recursion
+# alone, one layer after another over the whole sequence, then every coefficient and
+# log-determinant for all steps in a few large operations, and only then the tangent loop, whose
+# steps hold nothing but the products with the weights and the QR. On small networks a step is
+# otherwise dozens of tiny operations whose dispatch costs more than their arithmetic.
 
 
 def _tangent_pre(qt_h: Tensor, w_hh: Tensor, dq_below: Tensor | None, w_ih: Tensor) -> Tensor:
@@ -761,38 +776,21 @@ def _dtanh(pre: Tensor) -> Tensor:
 
 
 def _log_abs(v: Tensor, tiny: float) -> Tensor:
-    """``(B,)``: the sum over units of ``log|v|``, each floored like ``log|R_ii|``."""
+    """The sum over units (last dimension) of ``log|v|``, each floored like ``log|R_ii|``."""
     return v.abs().clamp_min(tiny).log().sum(-1)
 
 
-def _step_rnn(act: str):
-    def step(weights, state, qt, gi0, N, logdet=None):
-        out = torch.empty_like(qt)
-        new_state = []
-        h_below, dq_below = None, None
-        total = None
-        for layer, (w_ih, w_hh, b) in enumerate(weights):
-            h = state[layer]
-            pre = _layer_input(weights, layer, gi0, h_below) + _hidden_pre(w_hh, b, h)
-            if act == "tanh":
-                h_new = torch.tanh(pre)
-                deriv = _dtanh(pre)
-            else:
-                h_new = torch.relu(pre)
-                deriv = (pre > 0).to(pre.dtype)
-            dq = out[..., layer * N:(layer + 1) * N]
-            torch.mul(_tangent_pre(qt[..., layer * N:(layer + 1) * N], w_hh, dq_below, w_ih),
-                      deriv[:, None, :], out=dq)
-            if logdet is not None:
-                # The step's Jacobian is block lower triangular over layers, with the block
-                # diag(deriv) W_hh for layer l: det = prod_l det(W_hh_l) prod_i deriv_i.
-                part = _log_abs(deriv, torch.finfo(pre.dtype).tiny) + logdet[layer]
-                total = part if total is None else total + part
-            new_state.append(h_new)
-            h_below, dq_below = h_new, dq
-        return new_state, out, total
+def _rows(a: Tensor) -> Tensor:
+    """``(B, [T,] N)`` coefficients as ``(B * T, 1, N)`` rows, network after network (the
+    leading dimension is network-major), the layout :func:`_gates_jacobian_t` takes."""
+    return a.reshape(-1, 1, a.shape[-1])
 
-    return step
+
+def _add_constant(part: Tensor, constant) -> Tensor:
+    """``part`` ``(B, ...)`` plus a per-layer constant: a float, or one value per row."""
+    if isinstance(constant, Tensor):
+        constant = constant.view(-1, *([1] * (part.dim() - 1)))
+    return part + constant
 
 
 #: The GRU's Jacobian is formed explicitly once the tangent rows number at least ``N`` over this
@@ -834,111 +832,156 @@ def _logabsdet(jac: Tensor) -> Tensor:
     return out.clamp_min(floor)
 
 
-def _step_gru(weights, state, qt, gi0, N, logdet=None):
-    out = torch.empty_like(qt)
-    new_state = []
-    h_below, dq_below = None, None
-    total = None
-    for layer, (w_ih, w_hh, b) in enumerate(weights):
-        h = state[layer]
-        gi = _layer_input(weights, layer, gi0, h_below)
-        gh = _hidden_pre(w_hh, b, h)
-        r, r_off = _sig_pair(gi[:, :N] + gh[:, :N])
-        z, z_off = _sig_pair(gi[:, N:2 * N] + gh[:, N:2 * N])
-        ghn = gh[:, 2 * N:]
-        pre_n = gi[:, 2 * N:] + r * ghn
-        c = torch.tanh(pre_n)
-        h_new = c + z * (h - c)
+def _lu_logdet(jac_t: Tensor, lead: torch.Size, constant) -> Tensor:
+    return _add_constant(_logabsdet(jac_t).view(lead), constant)
 
+
+class _RNNCell:
+    state_parts = 1
+    # The hidden bias joins the input side's (once for all steps in the two-pass engine); the
+    # GRU's cannot, since r multiplies its candidate part.
+    fold_hidden_bias = True
+    lu = False  # log|det| in closed form: det(W_hh) prod_i deriv_i
+
+    def __init__(self, act: str):
+        self.act = act
+
+    def advance(self, gi, w_hh, b, state):
+        pre = _plus_xwt(gi, state[0], w_hh)
+        return (torch.tanh(pre) if self.act == "tanh" else torch.relu(pre),), (pre,)
+
+    def coefficients(self, saved, state, new_state):
+        (pre,) = saved
+        return (_dtanh(pre) if self.act == "tanh" else (pre > 0).to(pre.dtype),)
+
+    def logdet(self, coefficients, w_hh, N, constant):
+        (deriv,) = coefficients
+        return _add_constant(_log_abs(deriv, torch.finfo(deriv.dtype).tiny), constant)
+
+    def push(self, coefficients, qt, dq_below, w_ih, w_hh, out, N, jac_t=None):
+        (deriv,) = coefficients
+        torch.mul(_tangent_pre(qt, w_hh, dq_below, w_ih), deriv[:, None, :], out=out)
+        return out
+
+
+class _GRUCell:
+    state_parts = 1
+    fold_hidden_bias = False
+    lu = True
+
+    def advance(self, gi, w_hh, b, state):
+        (h,) = state
+        N = h.shape[-1]
+        gh = _xwt(h, w_hh) if b is None else _plus_xwt(b[1], h, w_hh)
+        r = torch.sigmoid(gi[..., :N] + gh[..., :N])
+        z = torch.sigmoid(gi[..., N:2 * N] + gh[..., N:2 * N])
+        c = torch.tanh(gi[..., 2 * N:] + r * gh[..., 2 * N:])
+        return (c + z * (h - c),), (gi, gh)
+
+    def coefficients(self, saved, state, new_state):
         # h' = (1 - z) c + z h with c = tanh(a_n + r * ghn): coefficients of each pre-activation.
+        gi, gh = saved
+        (h,) = state
+        N = h.shape[-1]
+        r, r_off = _sig_pair(gi[..., :N] + gh[..., :N])
+        z, z_off = _sig_pair(gi[..., N:2 * N] + gh[..., N:2 * N])
+        ghn = gh[..., 2 * N:]
+        pre_n = gi[..., 2 * N:] + r * ghn
+        c = torch.tanh(pre_n)
         e = z_off * _dtanh(pre_n)
-        a_r = (e * ghn * r * r_off)[:, None]
-        a_z = ((h - c) * z * z_off)[:, None]
-        a_n = (e * r)[:, None]
-        dq_h = qt[..., layer * N:(layer + 1) * N]
-        dq = out[..., layer * N:(layer + 1) * N]
-        explicit = qt.shape[1] * GRU_EXPLICIT_SHARE >= N
-        if explicit or logdet is not None:
-            jac_t = _gates_jacobian_t(w_hh, (a_r, a_z, a_n), N)
-            jac_t.diagonal(dim1=-2, dim2=-1).add_(z)
-        if logdet is not None:
-            # Block lower triangular over layers: each layer's own block's determinant.
-            part = _logabsdet(jac_t)
-            total = part if total is None else total + part
-        if explicit:
+        return z, e * ghn * r * r_off, (h - c) * z * z_off, e * r, e
+
+    @staticmethod
+    def jacobian_t(coefficients, w_hh, N):
+        """``(rows, N, N)``: the transposed hidden block of the Jacobian."""
+        z, a_r, a_z, a_n, _ = coefficients
+        jac_t = _gates_jacobian_t(w_hh, (_rows(a_r), _rows(a_z), _rows(a_n)), N)
+        jac_t.diagonal(dim1=-2, dim2=-1).add_(z.reshape(-1, N))
+        return jac_t
+
+    def logdet(self, coefficients, w_hh, N, constant):
+        return _lu_logdet(self.jacobian_t(coefficients, w_hh, N), coefficients[0].shape[:-1],
+                          constant)
+
+    def push(self, coefficients, qt, dq_below, w_ih, w_hh, out, N, jac_t=None):
+        z, a_r, a_z, a_n, e = coefficients
+        if jac_t is not None or qt.shape[1] * GRU_EXPLICIT_SHARE >= N:
             # Many tangent rows: form each trajectory's Jacobian blocks, (B, N, N) for the hidden
             # and the input side, and push the rows through them with one batched product each,
             # a third of the GEMM work of pushing them through the three gates' weights.
-            res = torch.bmm(dq_h, jac_t)
-            if layer:
-                res.baddbmm_(dq_below, _gates_jacobian_t(w_ih, (a_r, a_z, e[:, None]), N))
-            dq.copy_(res)
+            res = torch.bmm(qt, self.jacobian_t(coefficients, w_hh, N) if jac_t is None else jac_t)
+            if dq_below is not None:
+                res.baddbmm_(dq_below, _gates_jacobian_t(
+                    w_ih, (a_r[:, None], a_z[:, None], e[:, None]), N))
+            out.copy_(res)
+            return out
+        dgh = _xwt(qt, w_hh)
+        torch.mul(qt, z[:, None], out=out)
+        out.addcmul_(dgh[..., :N], a_r[:, None]).addcmul_(dgh[..., N:2 * N], a_z[:, None])
+        out.addcmul_(dgh[..., 2 * N:], a_n[:, None])
+        if dq_below is not None:
+            dgi = _xwt(dq_below, w_ih)
+            out.addcmul_(dgi[..., :N], a_r[:, None]).addcmul_(dgi[..., N:2 * N], a_z[:, None])
+            out.addcmul_(dgi[..., 2 * N:], e[:, None])
+        return out
+
+
+class _LSTMCell:
+    """``full``: the ``(h, c)`` state; else the hidden-only map, ``c_{t-1}`` held fixed."""
+
+    state_parts = 2
+    fold_hidden_bias = True
+
+    def __init__(self, full: bool):
+        self.full = full
+        # Subtracting beta times the c' rows from the h' rows of the full map leaves
+        # [[diag(a_o) W_o, 0], [dc'/dh, diag(f)]]: det = det(W_o) prod a_o prod f.
+        self.lu = not full
+
+    def advance(self, gi, w_hh, b, state):
+        h, c = state
+        N = h.shape[-1]
+        g = _plus_xwt(gi, h, w_hh)
+        c_new = (torch.sigmoid(g[..., N:2 * N]) * c
+                 + torch.sigmoid(g[..., :N]) * torch.tanh(g[..., 2 * N:3 * N]))
+        return (torch.sigmoid(g[..., 3 * N:]) * torch.tanh(c_new), c_new), (g,)
+
+    def coefficients(self, saved, state, new_state):
+        # c' = f c + i g and h' = o tanh(c').
+        (g,) = saved
+        c, c_new = state[1], new_state[1]
+        N = c.shape[-1]
+        i, i_off = _sig_pair(g[..., :N])
+        f, f_off = _sig_pair(g[..., N:2 * N])
+        gg = torch.tanh(g[..., 2 * N:3 * N])
+        o, o_off = _sig_pair(g[..., 3 * N:])
+        tc = torch.tanh(c_new)
+        return (f, i * i_off * gg, f * f_off * c, _dtanh(g[..., 2 * N:3 * N]) * i,
+                o * o_off * tc, o * _dtanh(c_new))
+
+    def logdet(self, coefficients, w_hh, N, constant):
+        f, a_i, a_f, a_g, a_o, beta = coefficients
+        if self.full:
+            tiny = torch.finfo(f.dtype).tiny
+            return _add_constant(_log_abs(a_o, tiny) + _log_abs(f, tiny), constant)
+        rows = [_rows(beta * a) for a in (a_i, a_f, a_g)] + [_rows(a_o)]
+        return _lu_logdet(_gates_jacobian_t(w_hh, rows, N), f.shape[:-1], constant)
+
+    def push(self, coefficients, qt, dq_below, w_ih, w_hh, out, N, jac_t=None):
+        f, a_i, a_f, a_g, a_o, beta = (a[:, None] for a in coefficients)
+        dg = _tangent_pre(qt[..., :N], w_hh, dq_below, w_ih)
+        dh_new = out[..., :N]
+        if self.full:
+            dc_new = out[..., N:]
+            torch.mul(qt[..., N:], f, out=dc_new)
+            dc_new.addcmul_(dg[..., :N], a_i)
         else:
-            dgh = _xwt(dq_h, w_hh)
-            torch.mul(dq_h, z[:, None], out=dq)
-            dq.addcmul_(dgh[..., :N], a_r).addcmul_(dgh[..., N:2 * N], a_z)
-            dq.addcmul_(dgh[..., 2 * N:], a_n)
-            if layer:
-                dgi = _xwt(dq_below, w_ih)
-                dq.addcmul_(dgi[..., :N], a_r).addcmul_(dgi[..., N:2 * N], a_z)
-                dq.addcmul_(dgi[..., 2 * N:], e[:, None])
-        new_state.append(h_new)
-        h_below, dq_below = h_new, dq
-    return new_state, out, total
-
-
-def _step_lstm(full: bool):
-    def step(weights, state, qt, gi0, N, logdet=None):
-        out = torch.empty_like(qt)
-        new_state = []
-        h_below, dh_below = None, None
-        per = 2 * N if full else N
-        total = None
-        for layer, (w_ih, w_hh, b) in enumerate(weights):
-            h, c = state[2 * layer], state[2 * layer + 1]
-            g = _layer_input(weights, layer, gi0, h_below) + _hidden_pre(w_hh, b, h)
-            i, i_off = _sig_pair(g[:, :N])
-            f, f_off = _sig_pair(g[:, N:2 * N])
-            gg = torch.tanh(g[:, 2 * N:3 * N])
-            o, o_off = _sig_pair(g[:, 3 * N:])
-            c_new = f * c + i * gg
-            tc = torch.tanh(c_new)
-            h_new = o * tc
-
-            # c' = f c + i g and h' = o tanh(c'); with the hidden-only map c_{t-1} is held fixed.
-            a_i = i * i_off * gg
-            a_f = f * f_off * c
-            a_g = _dtanh(g[:, 2 * N:3 * N]) * i
-            a_o = o * o_off * tc
-            beta = o * _dtanh(c_new)
-            base = layer * per
-            dg = _tangent_pre(qt[..., base:base + N], w_hh, dh_below, w_ih)
-            dh_new = out[..., base:base + N]
-            if full:
-                dc_new = out[..., base + N:base + 2 * N]
-                torch.mul(qt[..., base + N:base + 2 * N], f[:, None], out=dc_new)
-                dc_new.addcmul_(dg[..., :N], a_i[:, None])
-            else:
-                dc_new = dg[..., :N] * a_i[:, None]
-            dc_new.addcmul_(dg[..., N:2 * N], a_f[:, None])
-            dc_new.addcmul_(dg[..., 2 * N:3 * N], a_g[:, None])
-            torch.mul(dg[..., 3 * N:], a_o[:, None], out=dh_new)
-            dh_new.addcmul_(dc_new, beta[:, None])
-            if logdet is not None:
-                if full:
-                    # Subtracting beta times the c' rows from the h' rows leaves
-                    # [[diag(a_o) W_o, 0], [dc'/dh, diag(f)]]: det = det(W_o) prod a_o prod f.
-                    tiny = torch.finfo(g.dtype).tiny
-                    part = _log_abs(a_o, tiny) + _log_abs(f, tiny) + logdet[layer]
-                else:
-                    coefficients = [(beta * a)[:, None] for a in (a_i, a_f, a_g)] + [a_o[:, None]]
-                    part = _logabsdet(_gates_jacobian_t(w_hh, coefficients, N))
-                total = part if total is None else total + part
-            new_state += [h_new, c_new]
-            h_below, dh_below = h_new, dh_new
-        return new_state, out, total
-
-    return step
+            dc_new = dg[..., :N] * a_i
+        dc_new.addcmul_(dg[..., N:2 * N], a_f)
+        dc_new.addcmul_(dg[..., 2 * N:3 * N], a_g)
+        torch.mul(dg[..., 3 * N:], a_o, out=dh_new)
+        dh_new.addcmul_(dc_new, beta)
+        return dh_new
 
 
 def _logdet_constants(cell: str, weights, N: int, rows_per_network: int) -> list:
@@ -957,16 +1000,128 @@ def _logdet_constants(cell: str, weights, N: int, rows_per_network: int) -> list
             for w in blocks]
 
 
-#: Maps whose ``log|det J_t|`` has a closed form (no LU, see :func:`_logdet_constants`).
-CLOSED_FORM_LOGDET = ("rnn_tanh", "rnn_relu", "lstm_full")
-
-_STEPS = {
-    "rnn_tanh": _step_rnn("tanh"),
-    "rnn_relu": _step_rnn("relu"),
-    "gru": _step_gru,
-    "lstm_full": _step_lstm(True),
-    "lstm_hidden": _step_lstm(False),
+_CELLS = {
+    "rnn_tanh": _RNNCell("tanh"),
+    "rnn_relu": _RNNCell("relu"),
+    "gru": _GRUCell(),
+    "lstm_full": _LSTMCell(True),
+    "lstm_hidden": _LSTMCell(False),
 }
+
+
+def _make_step(cell):
+    """One whole time step of the stacked layers, for the CUDA-graph path: advances the state,
+    pushes the tangent rows ``qt`` ``(B, k, n)`` and, given the ``logdet`` constants, returns
+    the step's ``log|det J_t|`` ``(B,)``."""
+
+    def step(weights, state, qt, gi0, N, logdet=None):
+        out = torch.empty_like(qt)
+        parts, per = cell.state_parts, qt.shape[-1] // len(weights)
+        new_state, h_below, dq_below, total = [], None, None, None
+        for layer, (w_ih, w_hh, b) in enumerate(weights):
+            old = state[layer * parts:(layer + 1) * parts]
+            new, saved = cell.advance(_layer_input(cell, weights, layer, gi0, h_below), w_hh, b,
+                                      old)
+            coefficients = cell.coefficients(saved, old, new)
+            columns = slice(layer * per, (layer + 1) * per)
+            dq_below = cell.push(coefficients, qt[..., columns], dq_below, w_ih, w_hh,
+                                 out[..., columns], N)
+            if logdet is not None:
+                part = cell.logdet(coefficients, w_hh, N, logdet[layer])
+                total = part if total is None else total + part
+            new_state += new
+            h_below = new[0]
+        return new_state, out, total
+
+    return step
+
+
+def _layer_input(cell, weights, layer: int, gi0: Tensor, below: Tensor) -> Tensor:
+    """Input-side pre-activations of ``layer`` (one step or a whole sequence of ``below``),
+    with the hidden bias where the cell folds it in."""
+    _, _, b = weights[layer]
+    gi = gi0 if layer == 0 else _xwt(below, weights[layer][0])
+    if b is None:
+        return gi
+    if layer:
+        gi = _plus(gi, b[0])
+    return _plus(gi, b[1]) if cell.fold_hidden_bias else gi
+
+
+#: The two-pass engine computes LU log-determinants (GRU, hidden-only LSTM) for as many steps at
+#: once as fit in this many bytes of Jacobian blocks, and keeps an explicit GRU's blocks for the
+#: tangent loop when all steps fit.
+LOGDET_CHUNK_BYTES = 1 << 26
+
+
+def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N: int,
+                  acc: "_Accumulator", logdet=None) -> None:
+    """The eager time loop of :func:`lyapunov_spectrum`, in two passes (see above): the state
+    recursion and every step's coefficients and ``log|det J_t|`` first, then the tangent loop
+    with its QRs. A trajectory that diverges keeps its NaNs to itself (every batched operation
+    here treats rows independently) and is marked at the end."""
+    T, warmup = acc.T, acc.warmup
+    parts = cell.state_parts
+    rows, k, n = qt.shape
+    explicit_gru = isinstance(cell, _GRUCell) and k * GRU_EXPLICIT_SHARE >= N
+    coefficients, jacobians, finite = [], [], torch.ones(rows, dtype=torch.bool, device=qt.device)
+    gi, h_below, total = gi0, None, None
+    for layer, (w_ih, w_hh, b) in enumerate(weights):
+        # The layer below's whole trajectory drives this one: one GEMM for all steps.
+        gi = _layer_input(cell, weights, layer, gi0, h_below)
+        old = tuple(state[layer * parts:(layer + 1) * parts])
+        trajectory, saved_steps = [old], []
+        for t in range(T):
+            new, saved = cell.advance(gi[:, t], w_hh, b, trajectory[-1])
+            trajectory.append(new)
+            saved_steps.append(saved)
+        saved = tuple(torch.stack(s, 1) for s in zip(*saved_steps))
+        before = tuple(torch.stack(s, 1) for s in zip(*trajectory[:-1]))
+        after = tuple(torch.stack(s, 1) for s in zip(*trajectory[1:]))
+        for s in after:
+            finite &= torch.isfinite(s.flatten(1).sum(-1))
+        layer_coefficients = cell.coefficients(saved, before, after)
+        # Step-major for the tangent loop: one contiguous (C, rows, N) block per step.
+        coefficients.append(torch.stack(layer_coefficients).permute(2, 0, 1, 3).contiguous())
+        h_below = after[0]
+        block_bytes = rows * N * N * qt.element_size()
+        jac_all = None
+        if explicit_gru and T * block_bytes <= LOGDET_CHUNK_BYTES:
+            # Time-major, so that each step's blocks are contiguous for its batched product
+            # and the averaged steps' for one LU.
+            jac_all = (cell.jacobian_t(layer_coefficients, w_hh, N).view(rows, T, N, N)
+                       .transpose(0, 1).contiguous())
+        jacobians.append(jac_all)
+        if logdet is None:
+            continue
+        # The warm-up's determinants are not averaged: none is computed (an LU for the GRU).
+        if jac_all is not None:
+            part = _logabsdet(jac_all[warmup:].reshape(-1, N, N)).view(T - warmup, rows)
+            part = _add_constant(part.sum(0), logdet[layer] * (T - warmup))
+            total = part if total is None else total + part
+            continue
+        chunk = max(1, LOGDET_CHUNK_BYTES // block_bytes) if cell.lu else T
+        for t0 in range(warmup, T, chunk):
+            window = tuple(a[:, t0:t0 + chunk] for a in layer_coefficients)
+            part = cell.logdet(window, w_hh, N, logdet[layer]).to(torch.float64).sum(-1)
+            total = part if total is None else total + part
+    if total is not None:
+        acc.logdet += total
+
+    per = n // len(weights)
+    for t in range(1, T + 1):
+        out = torch.empty_like(qt)
+        dq_below = None
+        for layer, (w_ih, w_hh, b) in enumerate(weights):
+            columns = slice(layer * per, (layer + 1) * per)
+            jac_t = None if jacobians[layer] is None else jacobians[layer][t - 1]
+            dq_below = cell.push(coefficients[layer][t - 1].unbind(0),
+                                 qt[..., columns], dq_below, w_ih, w_hh, out[..., columns], N,
+                                 jac_t=jac_t)
+        qt = out
+        if acc.needs_qr(t):
+            qt = acc.qr(t, qt)
+    acc.finish(finite & torch.isfinite(qt.flatten(1).sum(-1)))
 
 
 def rnn_step(rnn: nn.Module, *, lstm_state: str = "full") -> Callable[[Tensor, Tensor], Tensor]:

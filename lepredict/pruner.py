@@ -23,7 +23,7 @@ from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
                                SPECTRUM, VAL_LOSS, attrs_by_step, check_hparams,
                                complete_hparams, jsonable, run_row, spectrum_dict, spectrum_of)
-from lepredict.train import PROBE_SIZE, measured_k
+from lepredict.train import MEASURED_REORTH, PROBE_SIZE, measured_k
 
 __all__ = ["LyapunovPruner", "measure_and_report", "module_hparams", "report_spectrum"]
 
@@ -146,7 +146,9 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     embedding, shaped as the module expects. By default the measurement is what the shipped
     predictor uses and nothing more: the first :data:`lepredict.train.PROBE_SIZE` (8) sequences,
     a warm-up of an eighth of their steps, the leading :data:`lepredict.records.MEASURED_EXPONENTS`
-    (16) exponents with the sum of all, a QR every step. That costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``. ``kwargs`` go to
+    (16) exponents with the sum of all, QRs on the :data:`lepredict.train.MEASURED_REORTH`
+    schedule. That costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``
+    (the sum: ``O(n)`` for RNN and LSTM, an ``O(N^3)`` LU per layer for the GRU). ``kwargs`` go to
     :func:`lepredict.lyapunov_spectrum` and override those choices (``k=None`` for the full
     spectrum, ``warmup=``...); the spectrum is recorded with what was measured (state size,
     ``k``, convention), and the pruner refuses one its predictors cannot use.
@@ -171,6 +173,7 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     sequences = sequences[:PROBE_SIZE]
     probe = sequences if batch_first else sequences.transpose(0, 1)
     kwargs.setdefault("exponent_sum", True)
+    kwargs.setdefault("reorth_every", MEASURED_REORTH)
     if "k" not in kwargs:
         kwargs["k"] = measured_k(rnn, lstm_state=kwargs.get("lstm_state", "full"))
     was_training = rnn.training
