@@ -899,6 +899,18 @@ class _GRUCell:
         jac_t.diagonal(dim1=-2, dim2=-1).add_(z.reshape(-1, N))
         return jac_t
 
+    def jacobian_t_by_step(self, coefficients, w_hh, N):
+        """``(T, rows, N, N)`` from ``(rows, T, N)`` coefficients: step-major, so that each
+        step's blocks are contiguous for its batched product and the averaged steps' for one
+        LU. One network's rows can be laid out so directly; stacked networks' are formed
+        network after network (as :func:`_gates_jacobian_t` reads them) and then transposed."""
+        rows, T = coefficients[0].shape[:2]
+        if w_hh.dim() == 2:
+            by_step = tuple(a.transpose(0, 1) for a in coefficients)
+            return self.jacobian_t(by_step, w_hh, N).view(T, rows, N, N)
+        return (self.jacobian_t(coefficients, w_hh, N).view(rows, T, N, N).transpose(0, 1)
+                .contiguous())
+
     def logdet(self, coefficients, w_hh, N, constant):
         return _lu_logdet(self.jacobian_t(coefficients, w_hh, N), coefficients[0].shape[:-1],
                           constant)
@@ -1049,9 +1061,10 @@ def _layer_input(cell, weights, layer: int, gi0: Tensor, below: Tensor) -> Tenso
 
 
 #: The two-pass engine computes LU log-determinants (GRU, hidden-only LSTM) for as many steps at
-#: once as fit in this many bytes of Jacobian blocks, and keeps an explicit GRU's blocks for the
-#: tangent loop when all steps fit.
+#: once as fit in this many bytes of Jacobian blocks ...
 LOGDET_CHUNK_BYTES = 1 << 26
+#: ... and keeps a GRU's blocks of all steps for the tangent loop when they fit in this many.
+JACOBIAN_BYTES = 1 << 27
 
 
 def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N: int,
@@ -1063,7 +1076,11 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
     T, warmup = acc.T, acc.warmup
     parts = cell.state_parts
     rows, k, n = qt.shape
-    explicit_gru = isinstance(cell, _GRUCell) and k * GRU_EXPLICIT_SHARE >= N
+    # The GRU's Jacobian blocks are formed for all steps at once when its log-determinant needs
+    # them anyway (then the tangent rows go through them too: a third of the gates' GEMM work),
+    # or when the rows are many (GRU_EXPLICIT_SHARE), as far as they fit in memory.
+    gru_blocks = isinstance(cell, _GRUCell) and (
+        logdet is not None or k * GRU_EXPLICIT_SHARE >= N)
     coefficients, jacobians, finite = [], [], torch.ones(rows, dtype=torch.bool, device=qt.device)
     gi, h_below, total = gi0, None, None
     for layer, (w_ih, w_hh, b) in enumerate(weights):
@@ -1086,11 +1103,8 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
         h_below = after[0]
         block_bytes = rows * N * N * qt.element_size()
         jac_all = None
-        if explicit_gru and T * block_bytes <= LOGDET_CHUNK_BYTES:
-            # Time-major, so that each step's blocks are contiguous for its batched product
-            # and the averaged steps' for one LU.
-            jac_all = (cell.jacobian_t(layer_coefficients, w_hh, N).view(rows, T, N, N)
-                       .transpose(0, 1).contiguous())
+        if gru_blocks and T * block_bytes <= JACOBIAN_BYTES:
+            jac_all = cell.jacobian_t_by_step(layer_coefficients, w_hh, N)
         jacobians.append(jac_all)
         if logdet is None:
             continue
