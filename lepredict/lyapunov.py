@@ -873,10 +873,10 @@ class _GRUCell:
         (h,) = state
         N = h.shape[-1]
         gh = _xwt(h, w_hh) if b is None else _plus_xwt(b[1], h, w_hh)
-        r = torch.sigmoid(gi[..., :N] + gh[..., :N])
-        z = torch.sigmoid(gi[..., N:2 * N] + gh[..., N:2 * N])
-        c = torch.tanh(gi[..., 2 * N:] + r * gh[..., 2 * N:])
-        return (c + z * (h - c),), (gi, gh)
+        # Few, wide operations: on small networks each costs its dispatch, not its arithmetic.
+        rz = torch.sigmoid(gi[..., :2 * N] + gh[..., :2 * N])
+        c = torch.tanh(torch.addcmul(gi[..., 2 * N:], rz[..., :N], gh[..., 2 * N:]))
+        return (torch.lerp(c, h, rz[..., N:]),), (gi, gh)
 
     def coefficients(self, saved, state, new_state):
         # h' = (1 - z) c + z h with c = tanh(a_n + r * ghn): coefficients of each pre-activation.
@@ -954,9 +954,11 @@ class _LSTMCell:
         h, c = state
         N = h.shape[-1]
         g = _plus_xwt(gi, h, w_hh)
-        c_new = (torch.sigmoid(g[..., N:2 * N]) * c
-                 + torch.sigmoid(g[..., :N]) * torch.tanh(g[..., 2 * N:3 * N]))
-        return (torch.sigmoid(g[..., 3 * N:]) * torch.tanh(c_new), c_new), (g,)
+        # One sigmoid over all four gates (the candidate's share is unused): few, wide
+        # operations, since on small networks each costs its dispatch, not its arithmetic.
+        s = torch.sigmoid(g)
+        c_new = torch.addcmul(s[..., N:2 * N] * c, s[..., :N], torch.tanh(g[..., 2 * N:3 * N]))
+        return (s[..., 3 * N:] * torch.tanh(c_new), c_new), (g,)
 
     def coefficients(self, saved, state, new_state):
         # c' = f c + i g and h' = o tanh(c').
