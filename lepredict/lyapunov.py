@@ -49,7 +49,8 @@ class LyapunovSpectrum:
             Rows of diverged trajectories are NaN.
         diverged: ``(B,)`` bool, True where the state or the tangent basis became non-finite.
         floored: ``(B,)`` number of ``|R_ii|`` values that were exactly zero (or below the
-            smallest normal number of the dtype) and were floored to it, see :data:`LOG_FLOOR`.
+            smallest normal number of the dtype) and were floored to it, see :data:`LOG_FLOOR` (0
+            where diverged).
             A non-zero count means a direction collapsed completely (a saturated unit), and the
             matching exponent is a lower bound rather than an estimate.
         steps: number of steps averaged (the sequence length minus ``warmup``).
@@ -345,7 +346,10 @@ class _Accumulator:
             total = None
         if total is not None:
             total = torch.where(self.diverged, float("nan"), total)
-        return LyapunovSpectrum(ex, self.diverged.clone(), self.floored, steps,
+        # A diverged row's count means nothing (and differs between the loops that reset its
+        # state and those that let its NaNs run): 0, as its exponents are NaN.
+        floored = torch.where(self.diverged, 0, self.floored)
+        return LyapunovSpectrum(ex, self.diverged.clone(), floored, steps,
                                 exponent_sum=total)
 
 

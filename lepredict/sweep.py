@@ -244,13 +244,16 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url,
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
                     heartbeat_stale_trial_callback=retry(max_retry=1),
                     engine_kwargs={"pool_pre_ping": True},
                 )
+            if storage.engine.dialect.name == "sqlite":
+                _write_ahead_log(storage.engine)
+            return storage
         except ImportError as err:
             # SQLAlchemy imports the URL's driver only now; Optuna re-raises its failure as a
             # long traceback naming no module.
@@ -267,6 +270,31 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
             if not race or attempt == SCHEMA_RETRIES - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+def _write_ahead_log(engine) -> None:
+    """Put a SQLite study in write-ahead-log mode with ``synchronous=NORMAL``: a trial's dozen
+    and more commits (each parameter, report and attribute is one) then append to the log
+    instead of each syncing the whole database, about a third of the time per trial, and
+    readers no longer block the workers' writes. A killed process loses nothing committed; a
+    power cut can lose the last commits, never the database's consistency. The mode is kept in
+    the file (WAL needs the file on a local disk, as SQLite's locking does anyway; workers on
+    several machines use PostgreSQL)."""
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _pragmas(connection, _record):
+        cursor = connection.cursor()
+        try:
+            # Switching needs the file to itself for a moment: a worker that finds it busy
+            # leaves the switch to another (the mode, once set, is the file's).
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except Exception:  # noqa: BLE001 - sqlite3.OperationalError: database is locked
+            pass
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    engine.dispose()  # the connections made so far (the schema's) had neither
 
 
 #: Draws from the trial's sampler before a configuration already in the study is accepted as

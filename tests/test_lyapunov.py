@@ -389,6 +389,7 @@ def test_overflowing_trajectory_is_marked_diverged_others_finite(device):
     spec = LyapunovSpectrum(*(v.cpu() if torch.is_tensor(v) else v
                               for v in dataclasses.astuple(spec)))
     assert spec.diverged.tolist() == [True, False, True]
+    assert spec.floored[0] == 0 and spec.floored[2] == 0  # no count for a diverged row
     assert torch.isnan(spec.exponents[0]).all()
     assert torch.isfinite(spec.exponents[1]).all()
     assert abs(spec.exponents[1, 0].item() - math.log(0.5)) < 1e-5
