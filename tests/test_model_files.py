@@ -27,6 +27,7 @@ from lepredict.predictor import (
     load,
     load_models,
     pin_shipped_models,
+    read_manifest,
     resolve_model,
 )
 
@@ -187,11 +188,12 @@ def test_the_shipped_screening_predictors_load_through_their_pins():
     assert tuple(screening[0].feature_sets) == ("hparams", "spectrum")
     assert all(tuple(screening[b].feature_sets) == ("hparams", "spectrum", "loss")
                for b in (1, 2, 3))
-    assert all("hparams" not in m.feature_sets for m in load_models(resolve_model("default"))
-               .values())
+    # The default's manifests, not its models: loading four more (skops checks every one of
+    # their thousands of arrays) would double this test; other tests load them.
+    default = [read_manifest(d) for d in sorted(resolve_model("default").glob("budget-*"))]
+    assert len(default) == 4 and all("hparams" not in m["feature_sets"] for m in default)
     assert all(0.0 < m.cutoff < 0.5 for m in screening.values())
     assert LyapunovPruner(model="screening")._needs_hparams()
-    assert not LyapunovPruner(model="default")._needs_hparams()
 
 
 def test_the_corpus_records_every_hyperparameter_the_screening_predictors_read():
