@@ -1076,11 +1076,33 @@ JACOBIAN_BYTES = 1 << 27
 
 def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N: int,
                   acc: "_Accumulator", logdet=None) -> None:
-    """The eager time loop of :func:`lyapunov_spectrum`, in two passes (see above): the state
-    recursion and every step's coefficients and ``log|det J_t|`` first, then the tangent loop
-    with its QRs. A trajectory that diverges keeps its NaNs to itself (every batched operation
-    here treats rows independently) and is marked at the end."""
-    T, warmup = acc.T, acc.warmup
+    """The eager time loop of :func:`lyapunov_spectrum`, in two passes (see above) over windows
+    of steps: within each, the state recursion and every step's coefficients and
+    ``log|det J_t|`` first, then the tangent loop with its QRs. The windows bound the memory the
+    first pass keeps to :data:`TWO_PASS_WINDOW_BYTES` however long the sequence. A trajectory
+    that diverges keeps its NaNs to itself (every batched operation here treats rows
+    independently) and is marked at the end."""
+    rows = qt.shape[0]
+    per_step = rows * len(weights) * 16 * N * qt.element_size()
+    window = max(1, TWO_PASS_WINDOW_BYTES // per_step)
+    finite = torch.ones(rows, dtype=torch.bool, device=qt.device)
+    state = list(state)
+    for t0 in range(0, acc.T, window):
+        state, qt = _two_pass_window(cell, weights, state, qt, gi0[:, t0:t0 + window], t0, N,
+                                     acc, logdet, finite)
+    acc.finish(finite & torch.isfinite(qt.flatten(1).sum(-1)))
+
+
+#: What the first pass of the two-pass engine keeps (states, pre-activations, coefficients,
+#: about 16 values per unit, layer, row and step) is bounded to about this many bytes by running
+#: long sequences in windows of steps.
+TWO_PASS_WINDOW_BYTES = 1 << 28
+
+
+def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, finite):
+    """Steps ``t_start + 1 .. t_start + len`` of :func:`_run_two_pass`; returns the state and
+    basis after them and clears ``finite`` for rows whose states left the finite numbers."""
+    T, warmup = gi0.shape[1], max(acc.warmup - t_start, 0)
     parts = cell.state_parts
     rows, k, n = qt.shape
     # The GRU's Jacobian blocks are formed for all steps at once when its log-determinant needs
@@ -1088,8 +1110,8 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
     # or when the rows are many (GRU_EXPLICIT_SHARE), as far as they fit in memory.
     gru_blocks = isinstance(cell, _GRUCell) and (
         logdet is not None or k * GRU_EXPLICIT_SHARE >= N)
-    coefficients, jacobians, finite = [], [], torch.ones(rows, dtype=torch.bool, device=qt.device)
-    gi, h_below, total = gi0, None, None
+    coefficients, jacobians, new_state = [], [], []
+    h_below, total = None, None
     for layer, (w_ih, w_hh, b) in enumerate(weights):
         # The layer below's whole trajectory drives this one: one GEMM for all steps.
         gi = _layer_input(cell, weights, layer, gi0, h_below)
@@ -1099,6 +1121,7 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
             new, saved = cell.advance(gi[:, t], w_hh, b, trajectory[-1])
             trajectory.append(new)
             saved_steps.append(saved)
+        new_state += trajectory[-1]
         saved = tuple(torch.stack(s, 1) for s in zip(*saved_steps))
         before = tuple(torch.stack(s, 1) for s in zip(*trajectory[:-1]))
         after = tuple(torch.stack(s, 1) for s in zip(*trajectory[1:]))
@@ -1142,9 +1165,9 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
                                  qt[..., columns], dq_below, w_ih, w_hh, out[..., columns], N,
                                  jac_t=jac_t)
         qt = out
-        if acc.needs_qr(t):
-            qt = acc.qr(t, qt)
-    acc.finish(finite & torch.isfinite(qt.flatten(1).sum(-1)))
+        if acc.needs_qr(t_start + t):
+            qt = acc.qr(t_start + t, qt)
+    return new_state, qt
 
 
 def rnn_step(rnn: nn.Module, *, lstm_state: str = "full") -> Callable[[Tensor, Tensor], Tensor]:

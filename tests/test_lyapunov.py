@@ -225,6 +225,23 @@ def test_the_default_measurement_matches_a_qr_every_step(arch, scale, layers):
     torch.testing.assert_close(got.exponent_sum, every.exponent_sum, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["rnn_tanh", "gru", "lstm"])
+def test_long_sequences_run_in_windows_with_the_same_result(arch, monkeypatch):
+    """The two-pass engine keeps a window of steps at a time; windows of 7 steps (the warm-up
+    ending inside one, QRs on the auto schedule crossing them, stacked networks) give what one
+    window gives."""
+    nets = [make(arch, hidden=12, layers=2, seed=s) for s in (0, 1)]
+    x = torch.randn(3, 40, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    kw = dict(k=4, warmup=10, exponent_sum=True, reorth_every="auto")
+    whole = lepredict.lyapunov_spectra(nets, x, **kw)
+    step_bytes = 3 * 2 * 2 * 16 * 12 * 8  # rows x layers x 16 values x N x 8 bytes, as sized
+    monkeypatch.setattr(lepredict.lyapunov, "TWO_PASS_WINDOW_BYTES", 7 * step_bytes)
+    windowed = lepredict.lyapunov_spectra(nets, x, **kw)
+    for a, b in zip(whole, windowed):
+        torch.testing.assert_close(a.exponents, b.exponents, rtol=0, atol=1e-12)
+        torch.testing.assert_close(a.exponent_sum, b.exponent_sum, rtol=0, atol=1e-12)
+
+
 def test_auto_reorthonormalisation_skips_qrs_where_conditioning_allows(monkeypatch):
     calls = []
     qr = torch.linalg.qr
