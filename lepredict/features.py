@@ -61,8 +61,6 @@ LOSS_CAP = 10.0
 #: The regression target, the final normalised loss, is clipped to ``[0, TARGET_CAP]``: above
 #: chance by this much a run is simply bad, and a diverged run (``inf``) gets this value.
 TARGET_CAP = 3.0
-# The one-hot levels of the "hparams" set: the choices of lepredict.records.HPARAM_FIELDS.
-_ARCHS, _OPTIMIZERS, _INITS = ARCHS, OPTIMIZERS, INITS
 #: Summaries whose change from one epoch to the next is a feature too.
 _CHANGES = ("lmax", "mean", "top_mean", "n_pos", "share_pos", "share_zero", "ky", "spread",
             "spread_max", "diverged")
@@ -311,9 +309,9 @@ def _grad_features(row: pd.Series, budget: int) -> dict[str, float]:
 def _hparam_features(row: pd.Series, budget: int) -> dict[str, float]:
     arch, opt = row.get("param_arch"), row.get("param_optimizer")
     init = row.get("param_init") if isinstance(row.get("param_init"), str) else "uniform"
-    out = {f"hp_arch_{a}": float(arch == a) for a in _ARCHS}
-    out.update({f"hp_opt_{o}": float(opt == o) for o in _OPTIMIZERS})
-    out.update({f"hp_init_{i}": float(init == i) for i in _INITS})
+    out = {f"hp_arch_{a}": float(arch == a) for a in ARCHS}
+    out.update({f"hp_opt_{o}": float(opt == o) for o in OPTIMIZERS})
+    out.update({f"hp_init_{i}": float(init == i) for i in INITS})
 
     def get(name, default):
         v = _num(row.get(f"param_{name}"), default)
@@ -420,9 +418,9 @@ _HPARAM_WORDS = {
     "log2_batch_size": "log2 of the batch size",
     "clip": "gradient clipping norm (0: none)",
     "weight_decay": "weight decay (L2 penalty given to the optimizer; 0: none)",
-    **{f"arch_{a}": f"architecture is {a.upper()} (1) or not (0)" for a in _ARCHS},
-    **{f"opt_{o}": f"optimizer is {o} (1) or not (0)" for o in _OPTIMIZERS},
-    **{f"init_{i}": f"initialisation is {i!r} (1) or not (0)" for i in _INITS},
+    **{f"arch_{a}": f"architecture is {a.upper()} (1) or not (0)" for a in ARCHS},
+    **{f"opt_{o}": f"optimizer is {o} (1) or not (0)" for o in OPTIMIZERS},
+    **{f"init_{i}": f"initialisation is {i!r} (1) or not (0)" for i in INITS},
 }
 
 

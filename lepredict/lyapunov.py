@@ -290,9 +290,11 @@ class _Accumulator:
             d[bad] = r_bad.diagonal(dim1=-2, dim2=-1).abs().to(d.dtype)
 
     def accumulate(self, t: int, d: Tensor) -> None:
-        if t > self.warmup and self.defer:
+        if t <= self.warmup:
+            return
+        if self.defer:
             self.diagonals.append(d)
-        elif t > self.warmup:
+        else:
             small = d < self.tiny
             self.floored += small.sum(-1)
             self.sum += d.clamp_min(self.tiny).log().to(torch.float64)
@@ -667,7 +669,6 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
                 and (logdet is None or not ops.lu)):
             _run_graphed(_make_step(ops), weights, state, qt, gi0, N, acc, logdet)
         else:
-            acc.defer = True
             _run_two_pass(ops, weights, state, qt, gi0, N, acc, logdet)
         whole = acc.result(dtype, n, logdet is not None)
 
@@ -1057,8 +1058,8 @@ def _make_step(cell):
 def _layer_input(cell, weights, layer: int, gi0: Tensor, below: Tensor) -> Tensor:
     """Input-side pre-activations of ``layer`` (one step or a whole sequence of ``below``),
     with the hidden bias where the cell folds it in."""
-    _, _, b = weights[layer]
-    gi = gi0 if layer == 0 else _xwt(below, weights[layer][0])
+    w_ih, _, b = weights[layer]
+    gi = gi0 if layer == 0 else _xwt(below, w_ih)
     if b is None:
         return gi
     if layer:
@@ -1082,6 +1083,7 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
     first pass keeps to :data:`TWO_PASS_WINDOW_BYTES` however long the sequence. A trajectory
     that diverges keeps its NaNs to itself (every batched operation here treats rows
     independently) and is marked at the end."""
+    acc.defer = True
     rows = qt.shape[0]
     per_step = rows * len(weights) * 16 * N * qt.element_size()
     window = max(1, TWO_PASS_WINDOW_BYTES // per_step)
@@ -1140,16 +1142,14 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
             continue
         # The warm-up's determinants are not averaged: none is computed (an LU for the GRU).
         chunk = max(1, LOGDET_CHUNK_BYTES // block_bytes) if cell.lu else T
-        if jac_all is not None:
-            for t0 in range(warmup, T, chunk):
+        for t0 in range(warmup, T, chunk):
+            if jac_all is None:
+                window = tuple(a[:, t0:t0 + chunk] for a in layer_coefficients)
+                part = cell.logdet(window, w_hh, N, logdet[layer]).to(torch.float64).sum(-1)
+            else:  # the blocks are step-major: sum over the steps, then a constant per step
                 blocks = jac_all[t0:t0 + chunk]
                 part = _logabsdet(blocks.reshape(-1, N, N)).view(blocks.shape[0], rows).sum(0)
                 part = _add_constant(part, logdet[layer] * blocks.shape[0])
-                total = part if total is None else total + part
-            continue
-        for t0 in range(warmup, T, chunk):
-            window = tuple(a[:, t0:t0 + chunk] for a in layer_coefficients)
-            part = cell.logdet(window, w_hh, N, logdet[layer]).to(torch.float64).sum(-1)
             total = part if total is None else total + part
     if total is not None:
         acc.logdet += total

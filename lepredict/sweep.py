@@ -280,6 +280,8 @@ def _write_ahead_log(engine) -> None:
     power cut can lose the last commits, never the database's consistency. The mode is kept in
     the file (WAL needs the file on a local disk, as SQLite's locking does anyway; workers on
     several machines use PostgreSQL)."""
+    import sqlite3
+
     import sqlalchemy
 
     @sqlalchemy.event.listens_for(engine, "connect")
@@ -287,9 +289,10 @@ def _write_ahead_log(engine) -> None:
         cursor = connection.cursor()
         try:
             # Switching needs the file to itself for a moment: a worker that finds it busy
-            # leaves the switch to another (the mode, once set, is the file's).
+            # ("database is locked") leaves the switch to another (the mode, once set, is the
+            # file's).
             cursor.execute("PRAGMA journal_mode=WAL")
-        except Exception:  # noqa: BLE001 - sqlite3.OperationalError: database is locked
+        except sqlite3.OperationalError:
             pass
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()

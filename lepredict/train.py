@@ -27,7 +27,6 @@ __all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "diverge
            "train_run", "weight_stats"]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Hyperparameters of one run.

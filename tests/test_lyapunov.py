@@ -185,12 +185,7 @@ def test_auto_reorthonormalisation_keeps_the_accuracy(arch, scale, layers):
     """reorth_every='auto' against a QR every step on the same trajectories: every exponent
     above -20 within 2e-3, in float64 and in float32. (Float32 against float64 is not the
     scheme's error: a chaotic network's float32 trajectory leaves the float64 one.)"""
-    cls, kw = ARCHS[arch]
-    torch.manual_seed(1)
-    m = cls(1, 48, num_layers=layers, batch_first=True, **kw)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(scale)
+    m = make(arch, input_size=1, hidden=48, layers=layers, seed=1, scale=scale).float()
     x = torch.randn(4, 200, 1)
     for dtype in (F64, torch.float32):
         every = lepredict.lyapunov_spectrum(m, x, warmup=20, dtype=dtype).exponents.double()
@@ -211,12 +206,7 @@ def test_the_default_measurement_matches_a_qr_every_step(arch, scale, layers):
     from lepredict.train import MEASURED_REORTH, measured_spectrum
 
     assert MEASURED_REORTH == "auto"
-    cls, kw = ARCHS[arch]
-    torch.manual_seed(2)
-    m = cls(5, 64, num_layers=layers, batch_first=True, **kw)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.mul_(scale)
+    m = make(arch, input_size=5, hidden=64, layers=layers, seed=2, scale=scale).float()
     x = torch.randn(8, 48, 5)
     got = measured_spectrum(m, x, warmup=6)
     every = lepredict.lyapunov_spectrum(m, x, warmup=6, k=16, exponent_sum=True)
