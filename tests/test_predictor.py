@@ -87,6 +87,9 @@ def test_save_load_round_trip_and_tampering(runs, fitted, tmp_path):
         load(tmp_path / "nowhere")
 
 
+# Slow (20-24 s): cross-validation by configuration, task and architecture in one test; the quick
+# suite keeps compare's held-out tasks (test_evaluation) and fit's own cross-validation.
+@pytest.mark.slow
 def test_cross_validation_schemes(runs):
     m = cross_validate(runs, budget=1, sets=["spectrum", "hparams"], scheme="configs")
     assert m["auroc"] > 0.85 and m["n"] == len(runs)
