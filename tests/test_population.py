@@ -411,3 +411,34 @@ def test_two_population_workers_share_one_postgres_study(tmp_path, space_file):
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"))
         admin.dispose()
+
+
+def test_a_population_reads_the_study_once_and_repeats_no_configuration(tmp_path, monkeypatch):
+    """A read loads every running trial in full: asked one by one with a read each, a
+    population of K read O(K^2) trials. Its draws still see each other (a space of exactly K
+    configurations is covered once) and the sweep stops at its count."""
+    from optuna.distributions import CategoricalDistribution
+    from optuna.storages import _CachedStorage
+
+    from lepredict.sweep import SearchSpace
+
+    reads = []
+    real = _CachedStorage.get_all_trials
+
+    def counted(self, *args, **kwargs):
+        reads.append(kwargs.get("states"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_CachedStorage, "get_all_trials", counted)
+    space = SearchSpace({"lr": CategoricalDistribution([1e-3, 3e-3, 1e-2, 3e-2]),
+                         "init_scale": CategoricalDistribution([0.5, 1.0])},
+                        {"arch": "gru", "hidden": 8})
+    study = run_sweep("digits", n_trials=8, population=8, epochs=0, le_epochs=[],
+                      task_options={"mode": "row"}, storage=f"sqlite:///{tmp_path / 'r.db'}",
+                      study_name="r", space=space, show_progress_bar=False)
+    trials = study.trials
+    assert len(trials) == 8 and all(t.state.name == "COMPLETE" for t in trials)
+    assert len({(t.params["lr"], t.params["init_scale"]) for t in trials}) == 8
+    # Asked with a read each, the population read the study 23 times here (7 now): a few at
+    # the start of the sweep and of each population, none per trial.
+    assert len(reads) <= 9, reads
