@@ -72,8 +72,9 @@ def group_by_shape(configs: Iterable[RunConfig | dict]) -> list[list[int]]:
 
 class _Recurrence(torch.autograd.Function):
     """One recurrent layer of K members over T steps, ``(K, T, B, N)`` hidden states from the
-    input projections ``gi`` ``(K, T, B, G)`` (input bias included), with a hand-written
-    backward through time.
+    input projections ``gi`` ``(K, T, B, G)``, with a hand-written backward through time.
+    ``gi`` includes the input bias, and for the RNN and the LSTM the hidden bias too (``b_hh``
+    is then None): the GRU's ``b_hn`` goes inside its reset gate.
 
     Autograd through a Python loop of cell operations spends much of its time on the
     zero-filled full-size gradients of every gate slice; here each step of the backward pass
@@ -83,24 +84,22 @@ class _Recurrence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gi: Tensor, w_hh: Tensor, b_hh: Tensor, arch: str) -> Tensor:
+    def forward(ctx, gi: Tensor, w_hh: Tensor, b_hh: Tensor | None, arch: str) -> Tensor:
         K, T, B, G = gi.shape
         N = w_hh.shape[-1]
-        wt, b = w_hh.mT, b_hh[:, None]
+        wt = w_hh.mT
         hs = gi.new_empty(K, T, B, N)
         h = gi.new_zeros(K, B, N)
         if arch == "rnn":
-            gib = gi + b_hh[:, None, None]
             for t in range(T):
-                h = torch.tanh(torch.baddbmm(gib[:, t], h, wt), out=hs[:, t])
+                h = torch.tanh(torch.baddbmm(gi[:, t], h, wt), out=hs[:, t])
             saved = (hs,)
         elif arch == "lstm":
-            gib = gi + b_hh[:, None, None]
             act = gi.new_empty(K, T, B, G)  # i, f, g, o
             cs, tcs = gi.new_empty(K, T, B, N), gi.new_empty(K, T, B, N)
             c = gi.new_zeros(K, B, N)
             for t in range(T):
-                pre, a = torch.baddbmm(gib[:, t], h, wt), act[:, t]
+                pre, a = torch.baddbmm(gi[:, t], h, wt), act[:, t]
                 torch.sigmoid(pre[..., :2 * N], out=a[..., :2 * N])
                 torch.tanh(pre[..., 2 * N:3 * N], out=a[..., 2 * N:3 * N])
                 torch.sigmoid(pre[..., 3 * N:], out=a[..., 3 * N:])
@@ -109,7 +108,7 @@ class _Recurrence(torch.autograd.Function):
                 h = torch.mul(a[..., 3 * N:], torch.tanh(c, out=tcs[:, t]), out=hs[:, t])
             saved = (hs, act, cs, tcs)
         else:  # gru: r, z, n; n = tanh(gi_n + r * (W_hn h + b_hn)), h' = (h - n) z + n
-            act = gi.new_empty(K, T, B, G)
+            act, b = gi.new_empty(K, T, B, G), b_hh[:, None]
             ghn = gi.new_empty(K, T, B, N)
             for t in range(T):
                 gh, a, g = torch.baddbmm(b, h, wt), act[:, t], gi[:, t]
@@ -172,7 +171,7 @@ class _Recurrence(torch.autograd.Function):
                 dh_next = torch.baddbmm(dh * z, dg, w_hh)
         # dW_hh = sum over steps of dgh_t^T h_{t-1}; h_{-1} = 0 drops the first step.
         d_w = dgh[:, 1:].reshape(K, (T - 1) * B, G).mT @ hs[:, :-1].reshape(K, (T - 1) * B, N)
-        return dpre, d_w, dgh.sum((1, 2)), None
+        return dpre, d_w, dgh.sum((1, 2)) if ctx.arch == "gru" else None, None
 
 
 _TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input  # grad * (1 - y^2), into grad_input
@@ -191,9 +190,12 @@ def _forward(params: dict[str, Tensor], arch: str, layers: int, x: Tensor, last:
         inp = inp.expand(K, -1, -1)
     for layer in range(layers):
         w_ih = params[f"rnn.weight_ih_l{layer}"]
-        gi = torch.baddbmm(params[f"rnn.bias_ih_l{layer}"][:, None], inp, w_ih.mT)
-        hs = _Recurrence.apply(gi.view(K, T, B, -1), params[f"rnn.weight_hh_l{layer}"],
-                               params[f"rnn.bias_hh_l{layer}"], arch)
+        bias, b_hh = params[f"rnn.bias_ih_l{layer}"], params[f"rnn.bias_hh_l{layer}"]
+        if arch != "gru":  # one bias added once, not a second pass over every pre-activation
+            bias, b_hh = bias + b_hh, None
+        gi = torch.baddbmm(bias[:, None], inp, w_ih.mT)
+        hs = _Recurrence.apply(gi.view(K, T, B, -1), params[f"rnn.weight_hh_l{layer}"], b_hh,
+                               arch)
         inp = hs.view(K, T * B, -1)
     N = inp.shape[-1]
     out = torch.baddbmm(params["readout.bias"][:, None], hs[:, T - last:].reshape(K, last * B, N),
