@@ -29,7 +29,7 @@ from lepredict.lyapunov import lyapunov_spectra
 from lepredict.records import MEASURED_EXPONENTS, RunRecord, spectrum_of
 from lepredict.tasks import Task
 from lepredict.train import (MEASURED_REORTH, PROBE_SIZE, RunConfig, SeqModel, diverged_loss,
-                             measured_k, weight_stats)
+                             measured_k, weight_stats_of)
 
 __all__ = ["SHAPE_FIELDS", "group_by_shape", "shape_of", "train_population"]
 
@@ -430,9 +430,10 @@ def train_population(
     def measure(epoch: int) -> set[int]:
         """Validation loss, weights and spectrum after ``epoch``; the rows that diverged."""
         diverged = set()
+        stats = weight_stats_of([model.rnn for model in pop.models])
         for row, (m, val) in enumerate(zip(alive, evaluate())):
             recs[m].val_loss.append(val)
-            recs[m].weights.append(weight_stats(pop.models[row].rnn))
+            recs[m].weights.append(stats[row])
             if diverged_loss(val, task.chance_loss):
                 diverged.add(row)
         measured = [r for r in range(len(alive)) if r not in diverged]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ from lepredict.records import (ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS, Run
 from lepredict.tasks import Task
 
 __all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "diverged_loss",
-           "train_run", "weight_stats"]
+           "train_run", "weight_stats", "weight_stats_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,22 +145,30 @@ def weight_stats(rnn: nn.Module) -> dict[str, float]:
     For gated cells each gate's ``N x N`` recurrent block is a matrix of its own; the radius is
     the largest over gates and layers, the norms are over all recurrent (or input) weights.
     """
-    radius, hh, ih, hh_op = 0.0, 0.0, 0.0, 0.0
-    N = rnn.hidden_size
+    return weight_stats_of([rnn])[0]
+
+
+def weight_stats_of(rnns: Sequence[nn.Module]) -> list[dict[str, float]]:
+    """:func:`weight_stats` of several networks of one shape (a population's members), with one
+    batched eigenvalue and one batched singular-value call for all their gate blocks."""
+    N, layers = rnns[0].hidden_size, rnns[0].num_layers
     with torch.no_grad():
-        for layer in range(rnn.num_layers):
-            w_hh = getattr(rnn, f"weight_hh_l{layer}").detach().double().cpu()
-            w_ih = getattr(rnn, f"weight_ih_l{layer}").detach().double().cpu()
-            hh += float(w_hh.square().sum())
-            ih += float(w_ih.square().sum())
-            for block in w_hh.split(N):
-                if not torch.isfinite(block).all():
-                    return {"w_hh_radius": math.inf, "w_hh_norm": math.inf, "w_hh_opnorm": math.inf,
-                            "w_ih_norm": math.inf}
-                radius = max(radius, float(torch.linalg.eigvals(block).abs().max()))
-                hh_op = max(hh_op, float(torch.linalg.matrix_norm(block, ord=2)))
-    return {"w_hh_radius": radius, "w_hh_norm": math.sqrt(hh), "w_hh_opnorm": hh_op,
-            "w_ih_norm": math.sqrt(ih)}
+        hh = torch.stack([torch.cat([getattr(r, f"weight_hh_l{layer}").detach().flatten()
+                                     for layer in range(layers)]) for r in rnns]).double().cpu()
+        ih = torch.stack([torch.cat([getattr(r, f"weight_ih_l{layer}").detach().flatten()
+                                     for layer in range(layers)]) for r in rnns]).double().cpu()
+        blocks = hh.view(len(rnns), -1, N, N)  # every gate block of every layer, per network
+        finite = torch.isfinite(blocks).flatten(1).all(1)
+        radius = torch.full((len(rnns),), math.inf, dtype=torch.float64)
+        opnorm = radius.clone()
+        if finite.any():
+            ok = blocks[finite]
+            radius[finite] = torch.linalg.eigvals(ok).abs().amax((1, 2))
+            opnorm[finite] = torch.linalg.matrix_norm(ok, ord=2).amax(1)
+        hh_norm = torch.where(finite, hh.square().sum(1).sqrt(), math.inf).tolist()
+        ih_norm = torch.where(finite, ih.square().sum(1).sqrt(), math.inf).tolist()
+    return [{"w_hh_radius": r, "w_hh_norm": h, "w_hh_opnorm": o, "w_ih_norm": i}
+            for r, h, o, i in zip(radius.tolist(), hh_norm, opnorm.tolist(), ih_norm)]
 
 
 #: The QR schedule of a default measurement: the leading exponents of a trained or untrained

@@ -208,3 +208,22 @@ def test_cli_unknown_task_is_a_clear_error(capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "nope" in err and "digits" in err
+
+
+@pytest.mark.parametrize("arch", ["rnn", "gru", "lstm"])
+def test_weight_stats_of_many_networks_are_each_ones(arch):
+    """A population's members get their statistics in one batched call: each as its own, a
+    member with a non-finite weight all infinite, the others untouched by it."""
+    from lepredict.train import weight_stats_of
+
+    rnns = [SeqModel(8, 10, RunConfig(arch=arch, hidden=12, layers=2, seed=s,
+                                      init_scale=0.5 + s)).rnn for s in range(4)]
+    with torch.no_grad():
+        rnns[1].weight_hh_l1[5, 3] = float("nan")
+    many = weight_stats_of(rnns)
+    assert set(many[1].values()) == {math.inf}
+    for i in (0, 2, 3):
+        alone = weight_stats(rnns[i])
+        assert many[i] == pytest.approx(alone, rel=1e-12)
+        block = rnns[i].weight_hh_l0.detach().double()[:12]
+        assert alone["w_hh_radius"] >= float(torch.linalg.eigvals(block).abs().max()) - 1e-12
