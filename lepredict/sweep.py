@@ -538,7 +538,9 @@ class _Objective:
             trial.set_user_attr(f"{ATTR}spectrum:{epoch}", _jsonable(rec.spectra[epoch]))
         val = rec.val_loss[-1]
         trial.report(self.task.normalised_loss(val) if math.isfinite(val) else math.inf, epoch)
-        if trial.should_prune():
+        # should_prune reads the whole trial back from the storage before asking the pruner:
+        # a wasted read per epoch where the pruner is Optuna's "never prune".
+        if type(trial.study.pruner) is not optuna.pruners.NopPruner and trial.should_prune():
             _store(trial, rec, pruned_at=epoch)
             return True
         return False
