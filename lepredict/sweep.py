@@ -643,6 +643,8 @@ def _ask(study: optuna.Study, *, pop_waiting: bool) -> optuna.Trial:
     """``study.ask()``; without its read of the study for a waiting trial to take when the
     caller's read found none (every read loads every running trial in full)."""
     if not pop_waiting and type(study) is optuna.Study:
+        # As ask() does: a sampler other than ours reads the study afresh for the new trial.
+        study._thread_local.cached_all_trials = None
         return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
     with warnings.catch_warnings():
         # "Heartbeat ... supposed to be used with Study.optimize": the population beats itself.
