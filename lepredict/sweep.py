@@ -385,8 +385,9 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
 
     All of a trial's parameters are drawn at once, as Optuna's "relative" sampling, so that a
     draw repeating a configuration already in the study can be rejected and drawn again.
-    Workers sampling at the same moment do not see each other's draws: in a small finite space
-    two of them can still pick one configuration.
+    Workers sampling at the same moment do not see each other's draws (nor, in a population
+    sweep, what other workers drew while the population was being asked, see
+    :meth:`share_read`): in a small finite space two of them can still pick one configuration.
     """
 
     def __init__(self, make: Callable[[int], optuna.samplers.BaseSampler], seed: int,
@@ -668,13 +669,14 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
         told: set[int] = set()
         # One read of the study per population, not per trial (see _PerTrialSampler.share_read):
         # the count of trials left then follows the numbers of the trials created, each the
-        # count of the study's trials before it, whoever created them. Only a trial that may
-        # pop a waiting one (a retry) reads the study again.
-        read = study.get_trials(deepcopy=False)
-        remaining, waiting = _work_left(study, n_trials, read)
-        known = len(read)
+        # count of the study's trials before it, whoever created them. A trial that may pop a
+        # waiting one (a retry), or whose start failed, reads the study again.
         share = getattr(study.sampler, "share_read", None)
+        asked: list[optuna.Trial] = []  # this population's trials, failed starts included
         try:
+            read = study.get_trials(deepcopy=False)
+            remaining, waiting = _work_left(study, n_trials, read)
+            known = len(read)
             while len(members) < population:
                 # One trial at a time, counting again each time: several workers together stop
                 # at n_trials as in the sequential sweep, and a population shrinks to what is
@@ -682,7 +684,6 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
                 # next draw sees them (no repeated configuration within a population).
                 if remaining <= 0 and waiting == 0:
                     break
-                asked = [trial for trial, _ in members]
                 if waiting == 0 and _is_exhausted(study, space.params, [*read, *asked]):
                     exhausted = True
                     break
@@ -693,16 +694,23 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
                 except SpaceExhausted:
                     exhausted = True
                     break
+                asked.append(trial)
                 heartbeats.add(trial._trial_id)
                 try:
                     members.append((trial, objective.start(trial)))
+                    started = True
                 except Exception as err:
                     told.add(trial.number)
                     _fail(study, trial, err, callbacks, heartbeats)
-                if waiting > 0:  # it took a waiting trial, or another worker did first
+                    if isinstance(err, SpaceExhausted):  # other workers took the last ones
+                        exhausted = True
+                        break
+                    started = False
+                if waiting > 0 or not started:
                     read = study.get_trials(deepcopy=False)
                     remaining, waiting = _work_left(study, n_trials, read)
                     known = len(read)
+                    asked = [t for t in asked if t.number >= known]
                 elif trial.number + 1 > known:
                     remaining -= trial.number + 1 - known
                     known = trial.number + 1

@@ -442,3 +442,46 @@ def test_a_population_reads_the_study_once_and_repeats_no_configuration(tmp_path
     # Asked with a read each, the population read the study 23 times here (7 now): a few at
     # the start of the sweep and of each population, none per trial.
     assert len(reads) <= 9, reads
+
+
+def test_a_space_another_worker_exhausts_mid_population_stops_the_sweep(tmp_path, monkeypatch):
+    """Another worker draws the last configurations after this worker's read of the study.
+    Under Hyperband the sampler draws from its bracket's own read and finds nothing left: the
+    sweep stops with SpaceExhausted after one failed trial, rather than failing the rest of its
+    count one trial after another."""
+    import itertools
+
+    from optuna.distributions import CategoricalDistribution
+
+    import lepredict.sweep as sweep_module
+    from lepredict.sweep import SearchSpace, SpaceExhausted
+
+    dists = {"lr": CategoricalDistribution([1e-3, 3e-3, 1e-2, 3e-2]),
+             "init_scale": CategoricalDistribution([0.5, 1.0])}
+    space = SearchSpace(dists, {"arch": "gru", "hidden": 8})
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    common = dict(population=4, epochs=0, le_epochs=[], task_options={"mode": "row"},
+                  storage=storage, study_name="x", space=space, show_progress_bar=False,
+                  pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=3))
+    run_sweep("digits", n_trials=4, **common)
+    real = sweep_module._work_left
+    other_worker_ran = []
+
+    def work_left_then_another_worker_draws(study, n_trials, trials=None):
+        left = real(study, n_trials, trials)
+        if trials is not None and not other_worker_ran:
+            other_worker_ran.append(True)
+            other = optuna.load_study(study_name="x", storage=storage)
+            seen = {(t.params["lr"], t.params["init_scale"]) for t in other.trials}
+            for config in itertools.product(dists["lr"].choices, dists["init_scale"].choices):
+                if config not in seen:
+                    other.add_trial(optuna.trial.create_trial(
+                        params=dict(zip(dists, config)), distributions=dists, value=1.0))
+        return left
+
+    monkeypatch.setattr(sweep_module, "_work_left", work_left_then_another_worker_draws)
+    with pytest.raises(SpaceExhausted):
+        run_sweep("digits", n_trials=16, **common)
+    trials = optuna.load_study(study_name="x", storage=storage).trials
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert len(failed) <= 1 and len(trials) <= 9, [t.state.name for t in trials]
