@@ -135,6 +135,32 @@ def test_a_member_at_a_deeper_population_and_another_task(digits_row):
         assert_same_run(rec, train_run(config, task, epochs=1, le_epochs=[1]))
 
 
+class _AbsoluteErrorTask(tasks.Task):
+    """A user's task with a loss of its own (mean absolute error on the scored step)."""
+
+    def loss(self, outputs, targets):
+        return (outputs[:, -1] - targets).abs().mean()
+
+
+@pytest.mark.parametrize("own_loss", [False, True])
+def test_members_of_a_regression_task_and_of_a_task_with_its_own_loss(own_loss):
+    """Task.loss runs as one call for all members; a task's own loss runs per member. Both
+    give each member its run alone."""
+    import dataclasses
+
+    base = tasks.get("adding", seq_len=10, n_train=96, n_val=48)
+    task = _AbsoluteErrorTask(**{f.name: getattr(base, f.name)
+                                 for f in dataclasses.fields(base)}) if own_loss else base
+    configs = [{"arch": "lstm", "hidden": 5, "lr": lr, "seed": s, "batch_size": 32}
+               for s, lr in ((0, 1e-2), (1, 3e-2), (2, 3e-3))]
+    recs = train_population(configs, task, epochs=2, le_epochs=[2])
+    for config, rec in zip(configs, recs):
+        assert_same_run(rec, train_run(config, task, epochs=2, le_epochs=[2]))
+    if own_loss:  # the task's own loss, not Task's, is what the members trained on
+        plain = train_population(configs, base, epochs=2, le_epochs=[2])
+        assert all(a.train_loss != b.train_loss for a, b in zip(recs, plain))
+
+
 def test_decisions_given_later_give_the_same_records(digits_row):
     """on_epoch may answer with a future: members train on meanwhile, and one it stops leaves
     with the record the callback saw, the epoch it trained since dropped."""
