@@ -23,12 +23,11 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lepredict.lyapunov import lyapunov_spectra
 from lepredict.records import MEASURED_EXPONENTS, RunRecord, spectrum_of
-from lepredict.tasks import CLASSIFICATION, Task
+from lepredict.tasks import Task
 from lepredict.train import (MEASURED_REORTH, PROBE_SIZE, RunConfig, SeqModel, diverged_loss,
                              measured_k, weight_stats_of)
 
@@ -305,26 +304,12 @@ EVAL_ROWS = 64
 
 
 def _member_losses(task: Task, outputs: Tensor, targets: Tensor, shared: bool) -> Tensor:
-    """``task.loss`` of each member, ``(K,)``, from outputs ``(K, B, scored steps, size)``.
-
-    :meth:`Task.loss` itself (a task that does not override it) is one call for all members:
-    each member's mean over its own rows, as ``F.cross_entropy``/``F.mse_loss`` take it; at
-    K = 64 a call per member cost a few percent of the training, forward and backward. A loss
-    of the task's own is called on each member's outputs, as train_run calls it (one call each
-    costs less than ``torch.vmap``'s set-up)."""
-    if type(task).loss is not Task.loss:
-        if shared:
-            return torch.stack([task.loss(out, targets) for out in outputs])
-        return torch.stack([task.loss(out, y) for out, y in zip(outputs, targets)])
-    K, B, steps, size = outputs.shape
+    """``task.loss`` of each member, ``(K,)``, as train_run takes it; ``shared``: one set of
+    targets for all members (validation). At K = 64 a call of ``task.loss`` per member cost
+    a few percent of the training, forward and backward: :meth:`Task.member_losses`."""
     if shared:
-        targets = targets.expand(K, *targets.shape)
-    if task.kind == CLASSIFICATION:
-        losses = F.cross_entropy(outputs.reshape(-1, size), targets.reshape(-1),
-                                 reduction="none")
-    else:
-        losses = F.mse_loss(outputs, targets.reshape(outputs.shape), reduction="none")
-    return losses.view(K, -1).mean(1)
+        targets = targets.expand(outputs.shape[0], *targets.shape)
+    return task.member_losses(outputs, targets)
 
 
 def train_population(

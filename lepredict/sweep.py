@@ -440,9 +440,7 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
             return _cached_trials(study), []
         trials, drawn = shared
         # TPE reads the study through the cache Optuna keeps per ask: point it at the same read.
-        thread_local = getattr(study, "_thread_local", None)
-        if thread_local is not None:
-            thread_local.cached_all_trials = trials
+        study._thread_local.cached_all_trials = trials
         return trials, drawn
 
     def infer_relative_search_space(self, study, trial) -> dict[str, BaseDistribution]:

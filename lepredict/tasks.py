@@ -177,6 +177,35 @@ class Task:
             return F.cross_entropy(scored.reshape(batch * steps, size), targets.reshape(-1))
         return F.mse_loss(scored, targets)
 
+    def member_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """:meth:`loss` of K models at once (a population's members), ``(K,)``.
+
+        Args:
+            outputs: ``(K, B, T, output_size)``, each model's readout.
+            targets: ``(K, ...)``, each model's targets laid out like ``y_train``.
+
+        Each model's mean over its own scored rows, as :meth:`loss` takes it (to float
+        rounding), in one call; a subclass that overrides :meth:`loss` has it called once per
+        model instead.
+        """
+        if type(self).loss is not Task.loss:
+            return torch.stack([self.loss(out, y) for out, y in zip(outputs, targets)])
+        scored = outputs if self.scored_steps is None else outputs[:, :, -self.scored_steps:]
+        K, size = scored.shape[0], scored.shape[-1]
+        rows = scored.numel() // size
+        if self.kind == CLASSIFICATION:
+            if targets.numel() != rows:
+                raise ValueError(f"task {self.name!r}: targets of shape {tuple(targets.shape)} "
+                                 f"do not fit outputs of shape {tuple(outputs.shape)}")
+            losses = F.cross_entropy(scored.reshape(rows, size), targets.reshape(rows),
+                                     reduction="none")
+        else:
+            if targets.numel() != scored.numel():
+                raise ValueError(f"task {self.name!r}: targets of shape {tuple(targets.shape)} "
+                                 f"do not fit outputs of shape {tuple(outputs.shape)}")
+            losses = F.mse_loss(scored, targets.reshape(scored.shape), reduction="none")
+        return losses.reshape(K, -1).mean(1)
+
     def normalised_loss(self, loss: float) -> float:
         """``loss / chance_loss``: 1.0 is the best constant prediction, 0.0 is perfect."""
         return float(loss) / self.chance_loss

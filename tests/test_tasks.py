@@ -546,3 +546,18 @@ def test_loss_is_differentiable_and_rejects_bad_shapes(default_tasks):
     adding = default_tasks["adding"]
     with pytest.raises(ValueError, match="targets"):
         adding.loss(torch.zeros(3, adding.seq_len, 1), adding.y_val[:4])
+
+
+@pytest.mark.parametrize("name", ["digits", "adding", "copy", "charlm", "lorenz"])
+def test_member_losses_are_each_models_loss(default_tasks, name):
+    """Several models' losses in one call: each model's ``loss`` on its own outputs (the
+    scored steps taken from whole sequences), targets that do not fit a clear error."""
+    task = default_tasks[name]
+    K, B = 3, 6
+    outputs = torch.randn(K, B, task.seq_len, task.output_size,
+                          generator=torch.Generator().manual_seed(0))
+    targets = torch.stack([task.y_train[k * B:(k + 1) * B] for k in range(K)])
+    expected = torch.stack([task.loss(out, y) for out, y in zip(outputs, targets)])
+    assert torch.allclose(task.member_losses(outputs, targets), expected, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="do not fit"):
+        task.member_losses(outputs, targets[:, :B - 1])
