@@ -16,12 +16,15 @@ Two parts, both through the real ``run_sweep`` path on SQLite studies:
   spent on spectra (target: at most 10%).
 
 Run: ``python benchmarks/bench_sweep.py`` (``--device cuda`` on a GPU, ``--part populations``
-for the first part only, ``--threads 1`` to pin torch to one thread).
+for the first part only, ``--threads 1`` to pin torch to one thread, ``--repeats 3`` for
+interleaved rounds and the range of their ratios, ``--storage journal`` for Optuna journal files
+in place of SQLite).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +34,22 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from lepredict import tasks
-from lepredict.sweep import ATTR, SearchSpace, run_sweep
+from lepredict.sweep import ATTR, SearchSpace, make_storage, run_sweep
 
 
 def populations(args) -> None:
     task = tasks.get("digits", mode="row")
     sizes = [1] + args.populations
     print(f"digits (row, T=8), {args.epochs} epochs, spectra at epochs 0-3, lr and init_scale "
-          f"sampled (TPE), device {args.device}, torch threads {torch.get_num_threads()}")
+          f"sampled (TPE), device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"{args.storage} storage")
+    if args.repeats > 1:
+        print(f"{args.repeats} rounds, each running one by one and every population size in turn; "
+              "rates are the median over rounds, ratios the median [lowest-highest] of each "
+              "round's population against that round's one by one")
     header = "".join(f"{'K=' + str(k) if k > 1 else 'one by one':>12}" for k in sizes)
+    if args.repeats > 1:
+        header = f"{'one by one':>12}" + "".join(f"{'K=' + str(k):>24}" for k in sizes[1:])
     print(f"{'network':10}{header}   (trials/minute; x: ratio to one by one)")
     print("(rows 'cpu': trials per minute of this process's CPU time, which waits on the disk "
           "and on other processes leave out)")
@@ -51,22 +61,41 @@ def populations(args) -> None:
                      "init_scale": FloatDistribution(0.2, 1.5, log=True)},
                     {"arch": arch, "hidden": hidden, "optimizer": "adam", "batch_size": 64},
                 )
+                # rates[r][i]: round r, population size sizes[i]
                 rates, cpu_rates = [], []
-                for k in sizes:
-                    n = max(k, args.sequential_trials) if k == 1 else k
-                    storage = f"sqlite:///{Path(tmp) / f'{arch}{hidden}-{k}.db'}"
-                    optuna.create_study(storage=storage, study_name="bench")
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    run_sweep(task, n_trials=n, epochs=args.epochs, le_epochs=[0, 1, 2, 3],
-                              storage=storage, study_name="bench", space=space,
-                              device=args.device, population=k, show_progress_bar=False)
-                    rates.append(n / (time.perf_counter() - t0) * 60)
-                    cpu_rates.append(n / (time.process_time() - c0) * 60)
+                for round_ in range(args.repeats):
+                    rates.append([])
+                    cpu_rates.append([])
+                    for k in sizes:
+                        n = max(k, args.sequential_trials) if k == 1 else k
+                        name = f"{arch}{hidden}-{k}-{round_}"
+                        storage = (str(Path(tmp) / f"{name}.log") if args.storage == "journal"
+                                   else f"sqlite:///{Path(tmp) / f'{name}.db'}")
+                        optuna.create_study(storage=make_storage(storage, "bench"), study_name="bench")
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        run_sweep(task, n_trials=n, epochs=args.epochs, le_epochs=[0, 1, 2, 3],
+                                  storage=storage, study_name="bench", space=space,
+                                  device=args.device, population=k, show_progress_bar=False)
+                        rates[-1].append(n / (time.perf_counter() - t0) * 60)
+                        cpu_rates[-1].append(n / (time.process_time() - c0) * 60)
                 for label, values in (("", rates), (" cpu", cpu_rates)):
-                    cells = "".join(f"{r:>12.1f}" if i == 0 else
-                                    f"{r:>6.1f} {r / values[0]:>4.1f}x"
-                                    for i, r in enumerate(values))
-                    print(f"{arch + '-' + str(hidden) + label:10}{cells}", flush=True)
+                    print(f"{arch + '-' + str(hidden) + label:10}{_cells(values)}", flush=True)
+
+
+def _cells(rounds: list[list[float]]) -> str:
+    """One row: the one-by-one rate, then each population's rate and its ratio to one by one;
+    over several rounds, medians and the range of the rounds' own ratios."""
+    if len(rounds) == 1:
+        values = rounds[0]
+        return "".join(f"{r:>12.1f}" if i == 0 else f"{r:>6.1f} {r / values[0]:>4.1f}x"
+                       for i, r in enumerate(values))
+    columns = list(zip(*rounds))
+    cells = f"{statistics.median(columns[0]):>12.1f}"
+    for column in columns[1:]:
+        ratios = [rate / one for rate, one in zip(column, columns[0])]
+        cells += (f"{statistics.median(column):>6.1f} {statistics.median(ratios):>4.1f}x "
+                  f"[{min(ratios):.1f}-{max(ratios):.1f}]")
+    return cells
 
 
 def spectra(args) -> None:
@@ -109,6 +138,12 @@ def main() -> None:
     ap.add_argument("--populations", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--sequential-trials", type=int, default=16,
                     help="trials one by one per network (populations part)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of one by one and every population size, interleaved "
+                         "(populations part); medians and ranges of the ratios")
+    ap.add_argument("--storage", choices=["sqlite", "journal"], default="sqlite",
+                    help="the studies' storage (populations part): SQLite or an Optuna journal "
+                         "file")
     ap.add_argument("--trials-per-arch", type=int, default=2, help="spectra part")
     args = ap.parse_args()
     if args.threads:
