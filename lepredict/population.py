@@ -29,7 +29,7 @@ from lepredict.lyapunov import lyapunov_spectra
 from lepredict.records import MEASURED_EXPONENTS, RunRecord, spectrum_of
 from lepredict.tasks import Task
 from lepredict.train import (MEASURED_REORTH, PROBE_SIZE, RunConfig, SeqModel, diverged_loss,
-                             measured_k, weight_stats_of)
+                             measured_k, measured_sum_every, weight_stats_of)
 
 __all__ = ["SHAPE_FIELDS", "group_by_shape", "shape_of", "train_population"]
 
@@ -442,7 +442,8 @@ def train_population(
         if epoch in le_epochs and measured:
             rnns = [pop.models[r].rnn for r in measured]
             specs = lyapunov_spectra(rnns, probe, warmup=warmup, k=measured_k(rnns[0], le_k),
-                                     exponent_sum=True, reorth_every=MEASURED_REORTH)
+                                     exponent_sum=True, reorth_every=MEASURED_REORTH,
+                                     sum_every=measured_sum_every(probe.shape[1] - warmup))
             for r, spec in zip(measured, specs):
                 recs[alive[r]].spectra[epoch] = spectrum_of(spec, digits=6, floored=True)
             spent = time.perf_counter() - clock

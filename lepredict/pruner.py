@@ -23,7 +23,7 @@ from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
                                SPECTRUM, VAL_LOSS, attrs_by_step, check_hparams,
                                complete_hparams, jsonable, run_row, spectrum_dict, spectrum_of)
-from lepredict.train import MEASURED_REORTH, PROBE_SIZE, measured_k
+from lepredict.train import MEASURED_REORTH, PROBE_SIZE, measured_k, measured_sum_every
 
 __all__ = ["LyapunovPruner", "measure_and_report", "module_hparams", "report_spectrum"]
 
@@ -82,7 +82,8 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         spec = spectrum_dict(spectrum["mean"], spectrum.get("std"),
                              diverged=float(spectrum.get("diverged", 0.0)),
                              state_size=spectrum.get("n"), convention=spectrum.get("convention"),
-                             exponent_sum=spectrum.get("sum"))
+                             exponent_sum=spectrum.get("sum"),
+                             sum_every=int(spectrum.get("sum_every", 1)))
     else:
         raise TypeError("spectrum must be a LyapunovSpectrum or a dict with 'mean' and 'std' "
                         f"lists, got {type(spectrum).__name__}.")
@@ -148,7 +149,8 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     a warm-up of an eighth of their steps, the leading :data:`lepredict.records.MEASURED_EXPONENTS`
     (16) exponents with the sum of all, QRs on the :data:`lepredict.train.MEASURED_REORTH`
     schedule. That costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``
-    (the sum: ``O(n)`` for RNN and LSTM, an ``O(N^3)`` LU per layer for the GRU). ``kwargs`` go to
+    (the sum: ``O(n)`` for RNN and LSTM, an ``O(N^3)`` LU per layer for the GRU, taken on every
+    :data:`lepredict.train.MEASURED_SUM_EVERY`-th step of probes of 40 steps and more). ``kwargs`` go to
     :func:`lepredict.lyapunov_spectrum` and override those choices (``k=None`` for the full
     spectrum, ``warmup=``...); the spectrum is recorded with what was measured (state size,
     ``k``, convention), and the pruner refuses one its predictors cannot use.
@@ -174,6 +176,7 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     probe = sequences if batch_first else sequences.transpose(0, 1)
     kwargs.setdefault("exponent_sum", True)
     kwargs.setdefault("reorth_every", MEASURED_REORTH)
+    kwargs.setdefault("sum_every", measured_sum_every(sequences.shape[1] - kwargs["warmup"]))
     if "k" not in kwargs:
         kwargs["k"] = measured_k(rnn, lstm_state=kwargs.get("lstm_state", "full"))
     was_training = rnn.training

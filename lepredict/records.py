@@ -231,13 +231,13 @@ class RunRecord:
 
 def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | None = None,
                   convention: str | None = None, floored: int | None = None,
-                  exponent_sum: float | None = None) -> dict:
+                  exponent_sum: float | None = None, sum_every: int = 1) -> dict:
     """A spectrum as records store it: the mean and spread over trajectories of the leading
     ``k = len(mean)`` exponents (descending), the share of diverged trajectories, the size ``n``
     of the state they are exponents of (``k < n`` for a partial spectrum), the state
     convention (``"full"`` or ``"hidden"`` for an LSTM, ``None`` otherwise) and the sum of all
     ``n`` exponents (``"sum"``; for a full spectrum the sum of ``mean``, else ``None`` unless
-    measured)."""
+    measured; ``"sum_every"`` where it was estimated from every so-many steps' determinants)."""
     mean = [float(v) for v in mean]
     std = [0.0] * len(mean) if std is None else [float(v) for v in std]
     if len(std) != len(mean):
@@ -252,13 +252,15 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
            "sum": None if exponent_sum is None else float(exponent_sum)}
     if floored is not None:
         out["floored"] = int(floored)
+    if sum_every != 1 and out["sum"] is not None:
+        out["sum_every"] = int(sum_every)
     return out
 
 
 def spectrum_of(spectrum, *, digits: int | None = None, floored: bool = False) -> dict:
     """:func:`spectrum_dict` of a :class:`~lepredict.LyapunovSpectrum` (any object with its
-    ``mean``, ``std``, ``diverged``, ``state_size``, ``convention``, ``floored`` and
-    ``exponent_sum``), its values rounded to ``digits`` if given and the count of floored
+    ``mean``, ``std``, ``diverged``, ``state_size``, ``convention``, ``floored``,
+    ``exponent_sum`` and ``sum_every``), its values rounded to ``digits`` if given and the count of floored
     exponents kept if asked. The sum is the mean over the trajectories that did not diverge."""
     def values(tensor):
         return [float(v) if digits is None else round(float(v), digits) for v in tensor]
@@ -272,7 +274,7 @@ def spectrum_of(spectrum, *, digits: int | None = None, floored: bool = False) -
                          diverged=float(spectrum.diverged.float().mean()),
                          state_size=spectrum.state_size, convention=spectrum.convention,
                          floored=int(spectrum.floored.sum()) if floored else None,
-                         exponent_sum=total)
+                         exponent_sum=total, sum_every=getattr(spectrum, "sum_every", 1))
 
 
 def jsonable(value):

@@ -268,7 +268,12 @@ def test_measure_and_report_measures_what_the_predictor_uses_and_no_more():
     stored = trial.study.trials[0].user_attrs[f"{ATTR}spectrum:0"]
     assert (stored["n"], stored["k"]) == (80, 16)
     reference = lepredict.lyapunov_spectrum(gru, probe[:, :8], warmup=4, dtype=torch.float64)
-    assert stored["sum"] == pytest.approx(float(reference.exponent_sum.mean()), rel=1e-4)
+    # The GRU's sum from the LUs of every 2nd of the 28 averaged steps, close to every step's.
+    assert spec.sum_every == 2 and stored["sum_every"] == 2  # and the record says so
+    strided = lepredict.lyapunov_spectrum(gru, probe[:, :8], warmup=4, dtype=torch.float64, k=16,
+                                          exponent_sum=True, sum_every=2)
+    assert stored["sum"] == pytest.approx(float(strided.exponent_sum.mean()), rel=1e-4)
+    assert stored["sum"] == pytest.approx(float(reference.exponent_sum.mean()), abs=5e-3 * 80)
     assert np.allclose(stored["mean"][:4], reference.mean[:4].numpy(), atol=0.05)
     # Overrides go to the engine; a network smaller than 16 gets its whole spectrum.
     spec = lepredict.measure_and_report(trial, gru, probe, 1, k=None, warmup=0)

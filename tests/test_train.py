@@ -67,6 +67,15 @@ def test_default_measurement_is_16_exponents_with_the_sum_the_predictor_reads(di
     assert features["spec_e0_mean"].iloc[0] == pytest.approx(spec["sum"] / 40, rel=1e-6)
 
 
+@pytest.mark.parametrize("averaged, every", [(1, 1), (7, 1), (19, 1), (20, 2), (42, 4),
+                                             (500, 4)])
+def test_the_default_sum_takes_every_4th_step_but_keeps_10(averaged, every):
+    from lepredict.train import measured_sum_every
+
+    assert measured_sum_every(averaged) == every
+    assert averaged // every >= min(averaged, 10)
+
+
 def test_same_seed_same_record(digits_row):
     cfg = {"arch": "rnn", "hidden": 8, "lr": 1e-2, "batch_size": 256, "seed": 3}
     a = lepredict.train_run(cfg, digits_row, epochs=1, le_epochs=[1])
