@@ -144,13 +144,10 @@ def main(argv=None) -> None:
         frame = frame[frame["state"] == "COMPLETE"].reset_index(drop=True)
         task = frame["study"].iloc[0]
         epochs = int(frame["epochs"].iloc[0])
-        full = None
         for o in range(args.orders):
             order = frame.sample(frac=1.0, random_state=o).reset_index(drop=True)
             for name in args.pruners:
                 res = replay(order, pruners()[name](), epochs)
-                if name == "none":
-                    full = res
                 rows.append({"task": task, "pruner": name, "order": o, **{
                     k: res[k] for k in ("spent", "best", "wrongly_pruned", "let_through")}})
                 curves.setdefault((task, name), []).append(res["curve"])

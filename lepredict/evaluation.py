@@ -26,7 +26,6 @@ variation between fits.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import warnings

@@ -36,6 +36,7 @@ import time
 import tomllib
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,6 +54,9 @@ from lepredict.records import (ATTR, HPARAM_FIELDS, HPARAMS, MEASURED_EXPONENTS,
                                run_row, trial_row)
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, train_run
+
+if TYPE_CHECKING:  # pandas is imported where a frame is made, not with the module
+    import pandas as pd
 
 __all__ = [
     "ATTR",

@@ -20,7 +20,6 @@ from statistics import NormalDist
 
 import numpy as np
 import optuna
-import pandas as pd
 import pytest
 import torch
 
