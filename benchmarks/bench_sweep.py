@@ -71,7 +71,8 @@ def populations(args) -> None:
                         name = f"{arch}{hidden}-{k}-{round_}"
                         storage = (str(Path(tmp) / f"{name}.log") if args.storage == "journal"
                                    else f"sqlite:///{Path(tmp) / f'{name}.db'}")
-                        optuna.create_study(storage=make_storage(storage, "bench"), study_name="bench")
+                        optuna.create_study(storage=make_storage(storage, "bench"),
+                                            study_name="bench")
                         t0, c0 = time.perf_counter(), time.process_time()
                         run_sweep(task, n_trials=n, epochs=args.epochs, le_epochs=[0, 1, 2, 3],
                                   storage=storage, study_name="bench", space=space,
@@ -93,8 +94,9 @@ def _cells(rounds: list[list[float]]) -> str:
     cells = f"{statistics.median(columns[0]):>12.1f}"
     for column in columns[1:]:
         ratios = [rate / one for rate, one in zip(column, columns[0])]
-        cells += (f"{statistics.median(column):>6.1f} {statistics.median(ratios):>4.1f}x "
-                  f"[{min(ratios):.1f}-{max(ratios):.1f}]")
+        cell = (f"{statistics.median(column):.1f} {statistics.median(ratios):.1f}x "
+                f"[{min(ratios):.1f}-{max(ratios):.1f}]")
+        cells += f"{cell:>24}"
     return cells
 
 
@@ -146,6 +148,8 @@ def main() -> None:
                          "file")
     ap.add_argument("--trials-per-arch", type=int, default=2, help="spectra part")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.threads:
         torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

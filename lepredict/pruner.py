@@ -149,8 +149,9 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     a warm-up of an eighth of their steps, the leading :data:`lepredict.records.MEASURED_EXPONENTS`
     (16) exponents with the sum of all, QRs on the :data:`lepredict.train.MEASURED_REORTH`
     schedule. That costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``
-    (the sum: ``O(n)`` for RNN and LSTM, an ``O(N^3)`` LU per layer for the GRU, taken on every
-    :data:`lepredict.train.MEASURED_SUM_EVERY`-th step of probes of 40 steps and more). ``kwargs`` go to
+    (the sum: ``O(n)`` for RNN and LSTM, an ``O(N^3)`` LU per layer for the GRU, on every
+    :data:`lepredict.train.MEASURED_SUM_EVERY`-th averaged step, keeping at least 10 steps:
+    :func:`lepredict.train.measured_sum_every`). ``kwargs`` go to
     :func:`lepredict.lyapunov_spectrum` and override those choices (``k=None`` for the full
     spectrum, ``warmup=``...); the spectrum is recorded with what was measured (state size,
     ``k``, convention), and the pruner refuses one its predictors cannot use.

@@ -260,8 +260,9 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
 def spectrum_of(spectrum, *, digits: int | None = None, floored: bool = False) -> dict:
     """:func:`spectrum_dict` of a :class:`~lepredict.LyapunovSpectrum` (any object with its
     ``mean``, ``std``, ``diverged``, ``state_size``, ``convention``, ``floored``,
-    ``exponent_sum`` and ``sum_every``), its values rounded to ``digits`` if given and the count of floored
-    exponents kept if asked. The sum is the mean over the trajectories that did not diverge."""
+    ``exponent_sum`` and ``sum_every``), its values rounded to ``digits`` if given and the count
+    of floored exponents kept if asked. The sum is the mean over the trajectories that did not
+    diverge."""
     def values(tensor):
         return [float(v) if digits is None else round(float(v), digits) for v in tensor]
 
@@ -274,7 +275,8 @@ def spectrum_of(spectrum, *, digits: int | None = None, floored: bool = False) -
                          diverged=float(spectrum.diverged.float().mean()),
                          state_size=spectrum.state_size, convention=spectrum.convention,
                          floored=int(spectrum.floored.sum()) if floored else None,
-                         exponent_sum=total, sum_every=getattr(spectrum, "sum_every", 1))
+                         exponent_sum=total,
+                         sum_every=getattr(spectrum, "sum_every", 1))
 
 
 def jsonable(value):
@@ -312,6 +314,8 @@ def run_row(meta: dict, run: Mapping, params: Mapping, spectra: Mapping) -> dict
         row[f"le{epoch}_diverged"] = _float(spec.get("diverged", 0.0))
         row[f"le{epoch}_n"] = int(spec.get("n", len(spec["mean"])))
         row[f"le{epoch}_sum"] = _float(spec.get("sum"))
+        # 1: the sum averaged every step's log|det J_t|; s: every s-th step's (an estimate)
+        row[f"le{epoch}_sum_every"] = int(spec.get("sum_every", 1))
     return row
 
 

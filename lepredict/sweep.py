@@ -36,9 +36,9 @@ import time
 import tomllib
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from optuna.distributions import (

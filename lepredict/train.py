@@ -180,7 +180,7 @@ MEASURED_REORTH = "auto"
 #: The default measurement's exponent sum takes the LU behind ``log|det J_t|`` (the GRU, the
 #: hidden-only LSTM map) on every 4th averaged step: those LUs were most of a large GRU's
 #: measurement (O(N^3) against everything else's O(N^2 k)), and on GRUs of 64 to 256 units from
-#: default to saturated scales the mean exponent moved by 2e-5 to 5e-3, the size of its spread
+#: default to saturated scales the mean exponent moved by 1e-5 to 5e-3, the size of its spread
 #: between the probe's trajectories; adding noise of 5e-3 per exponent to the sums of corpus
 #: v2's 1,667 GRU runs moved the shipped predictor's AUROC by at most 0.002 from epoch 1.
 MEASURED_SUM_EVERY = 4

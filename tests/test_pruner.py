@@ -270,6 +270,8 @@ def test_measure_and_report_measures_what_the_predictor_uses_and_no_more():
     reference = lepredict.lyapunov_spectrum(gru, probe[:, :8], warmup=4, dtype=torch.float64)
     # The GRU's sum from the LUs of every 2nd of the 28 averaged steps, close to every step's.
     assert spec.sum_every == 2 and stored["sum_every"] == 2  # and the record says so
+    from lepredict.sweep import trials_frame
+    assert trials_frame(trial.study)["le0_sum_every"].iloc[0] == 2  # and so do the exports
     strided = lepredict.lyapunov_spectrum(gru, probe[:, :8], warmup=4, dtype=torch.float64, k=16,
                                           exponent_sum=True, sum_every=2)
     assert stored["sum"] == pytest.approx(float(strided.exponent_sum.mean()), rel=1e-4)
