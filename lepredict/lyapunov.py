@@ -1141,6 +1141,11 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
         logdet is not None or k * GRU_EXPLICIT_SHARE >= N)
     coefficients, jacobians, new_state = [], [], []
     h_below, total = None, None
+    if logdet is not None:
+        # Only the steps the sum averages get a determinant (an LU for the GRU): not the
+        # warm-up's, and under sum_every one in so many; the same steps in every layer.
+        taken = [i for i in range(warmup, T) if acc.takes_logdet(t_start + i + 1)]
+        acc.logdet_steps += len(taken)
     for layer, (w_ih, w_hh, b) in enumerate(weights):
         # The layer below's whole trajectory drives this one: one GEMM for all steps.
         gi = _layer_input(cell, weights, layer, gi0, h_below)
@@ -1167,11 +1172,6 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
         jacobians.append(jac_all)
         if logdet is None:
             continue
-        # Only the steps the sum averages get a determinant (an LU for the GRU): not the
-        # warm-up's, and under sum_every one in so many.
-        taken = [i for i in range(warmup, T) if acc.takes_logdet(t_start + i + 1)]
-        if layer == 0:
-            acc.logdet_steps += len(taken)
         chunk = max(1, LOGDET_CHUNK_BYTES // block_bytes) if cell.lu else T
         for c0 in range(0, len(taken), chunk):
             steps = taken[c0:c0 + chunk]

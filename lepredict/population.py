@@ -28,8 +28,8 @@ from torch import Tensor
 from lepredict.lyapunov import lyapunov_spectra
 from lepredict.records import MEASURED_EXPONENTS, RunRecord, spectrum_of
 from lepredict.tasks import Task
-from lepredict.train import (MEASURED_REORTH, PROBE_SIZE, RunConfig, SeqModel, diverged_loss,
-                             measured_k, measured_sum_every, weight_stats_of)
+from lepredict.train import (PROBE_SIZE, RunConfig, SeqModel, diverged_loss, measured_options,
+                             weight_stats_of)
 
 __all__ = ["SHAPE_FIELDS", "group_by_shape", "shape_of", "train_population"]
 
@@ -441,9 +441,8 @@ def train_population(
         charge()
         if epoch in le_epochs and measured:
             rnns = [pop.models[r].rnn for r in measured]
-            specs = lyapunov_spectra(rnns, probe, warmup=warmup, k=measured_k(rnns[0], le_k),
-                                     exponent_sum=True, reorth_every=MEASURED_REORTH,
-                                     sum_every=measured_sum_every(probe.shape[1] - warmup))
+            specs = lyapunov_spectra(rnns, probe, warmup=warmup,
+                                     **measured_options(rnns[0], probe.shape[1] - warmup, le_k))
             for r, spec in zip(measured, specs):
                 recs[alive[r]].spectra[epoch] = spectrum_of(spec, digits=6, floored=True)
             spent = time.perf_counter() - clock

@@ -23,7 +23,7 @@ from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
                                SPECTRUM, VAL_LOSS, attrs_by_step, check_hparams,
                                complete_hparams, jsonable, run_row, spectrum_dict, spectrum_of)
-from lepredict.train import MEASURED_REORTH, PROBE_SIZE, measured_k, measured_sum_every
+from lepredict.train import PROBE_SIZE, measured_options
 
 __all__ = ["LyapunovPruner", "measure_and_report", "module_hparams", "report_spectrum"]
 
@@ -175,11 +175,9 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
         kwargs["warmup"] = sequences.shape[1] // 8
     sequences = sequences[:PROBE_SIZE]
     probe = sequences if batch_first else sequences.transpose(0, 1)
-    kwargs.setdefault("exponent_sum", True)
-    kwargs.setdefault("reorth_every", MEASURED_REORTH)
-    kwargs.setdefault("sum_every", measured_sum_every(sequences.shape[1] - kwargs["warmup"]))
-    if "k" not in kwargs:
-        kwargs["k"] = measured_k(rnn, lstm_state=kwargs.get("lstm_state", "full"))
+    defaults = measured_options(rnn, sequences.shape[1] - kwargs["warmup"],
+                                lstm_state=kwargs.get("lstm_state", "full"))
+    kwargs = {**defaults, **kwargs}
     was_training = rnn.training
     rnn.eval()
     try:

@@ -193,16 +193,14 @@ class Task:
         scored = outputs if self.scored_steps is None else outputs[:, :, -self.scored_steps:]
         K, size = scored.shape[0], scored.shape[-1]
         rows = scored.numel() // size
-        if self.kind == CLASSIFICATION:
-            if targets.numel() != rows:
-                raise ValueError(f"task {self.name!r}: targets of shape {tuple(targets.shape)} "
-                                 f"do not fit outputs of shape {tuple(outputs.shape)}")
+        classes = self.kind == CLASSIFICATION  # one class index per row, else one per value
+        if targets.numel() != (rows if classes else scored.numel()):
+            raise ValueError(f"task {self.name!r}: targets of shape {tuple(targets.shape)} "
+                             f"do not fit outputs of shape {tuple(outputs.shape)}")
+        if classes:
             losses = F.cross_entropy(scored.reshape(rows, size), targets.reshape(rows),
                                      reduction="none")
         else:
-            if targets.numel() != scored.numel():
-                raise ValueError(f"task {self.name!r}: targets of shape {tuple(targets.shape)} "
-                                 f"do not fit outputs of shape {tuple(outputs.shape)}")
             losses = F.mse_loss(scored, targets.reshape(scored.shape), reduction="none")
         return losses.reshape(K, -1).mean(1)
 

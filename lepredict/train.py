@@ -202,9 +202,17 @@ def measured_spectrum(rnn: nn.Module, probe: Tensor, *, warmup: int,
     and the sum of all (``k=None``: the full spectrum; LUs on the steps of
     :func:`measured_sum_every`), QRs on the :data:`MEASURED_REORTH` schedule. ``probe`` is
     ``(B, T, input_size)``, batch first."""
-    return lyapunov_spectrum(rnn, probe, warmup=warmup, k=measured_k(rnn, k), exponent_sum=True,
-                             reorth_every=MEASURED_REORTH,
-                             sum_every=measured_sum_every(probe.shape[1] - warmup))
+    return lyapunov_spectrum(rnn, probe, warmup=warmup,
+                             **measured_options(rnn, probe.shape[1] - warmup, k))
+
+
+def measured_options(rnn: nn.Module, averaged_steps: int, k: int | None = MEASURED_EXPONENTS,
+                     *, lstm_state: str = "full") -> dict:
+    """The engine's options (``k``, ``exponent_sum``, ``reorth_every``, ``sum_every``) of the
+    default measurement of ``rnn`` on a probe of ``averaged_steps`` steps after the warm-up:
+    what the sweep, populations and :func:`lepredict.measure_and_report` measure alike."""
+    return {"k": measured_k(rnn, k, lstm_state=lstm_state), "exponent_sum": True,
+            "reorth_every": MEASURED_REORTH, "sum_every": measured_sum_every(averaged_steps)}
 
 
 def measured_k(rnn: nn.Module, k: int | None = MEASURED_EXPONENTS, *,
