@@ -92,7 +92,7 @@ class _Recurrence(torch.autograd.Function):
         h = gi.new_zeros(K, B, N)
         if arch == "rnn":
             for t in range(T):
-                h = torch.tanh(torch.baddbmm(gi[:, t], h, wt), out=hs[:, t])
+                h = _tanh(torch.baddbmm(gi[:, t], h, wt), out=hs[:, t])
             saved = (hs,)
         elif arch == "lstm":
             act = gi.new_empty(K, T, B, G)  # i, f, g, o
@@ -100,12 +100,14 @@ class _Recurrence(torch.autograd.Function):
             c = gi.new_zeros(K, B, N)
             for t in range(T):
                 pre, a = torch.baddbmm(gi[:, t], h, wt), act[:, t]
-                torch.sigmoid(pre[..., :2 * N], out=a[..., :2 * N])
-                torch.tanh(pre[..., 2 * N:3 * N], out=a[..., 2 * N:3 * N])
-                torch.sigmoid(pre[..., 3 * N:], out=a[..., 3 * N:])
+                # The candidate's tanh as 2 sigmoid(2x) - 1, inside the gates' one sigmoid:
+                # tanh costs three times sigmoid in PyTorch's CPU kernels.
+                pre[..., 2 * N:3 * N].mul_(2)
+                torch.sigmoid(pre, out=a)
+                a[..., 2 * N:3 * N].mul_(2).sub_(1)
                 c = torch.mul(a[..., N:2 * N], c, out=cs[:, t]).addcmul_(a[..., :N],
                                                                           a[..., 2 * N:3 * N])
-                h = torch.mul(a[..., 3 * N:], torch.tanh(c, out=tcs[:, t]), out=hs[:, t])
+                h = torch.mul(a[..., 3 * N:], _tanh(c, out=tcs[:, t]), out=hs[:, t])
             saved = (hs, act, cs, tcs)
         else:  # gru: r, z, n; n = tanh(gi_n + r * (W_hn h + b_hn)), h' = (h - n) z + n
             act, b = gi.new_empty(K, T, B, G), b_hh[:, None]
@@ -114,8 +116,8 @@ class _Recurrence(torch.autograd.Function):
                 gh, a, g = torch.baddbmm(b, h, wt), act[:, t], gi[:, t]
                 torch.sigmoid(gh[..., :2 * N].add_(g[..., :2 * N]), out=a[..., :2 * N])
                 ghn[:, t] = gh[..., 2 * N:]
-                n = torch.tanh(torch.addcmul(g[..., 2 * N:], a[..., :N], gh[..., 2 * N:]),
-                               out=a[..., 2 * N:])
+                n = _tanh(torch.addcmul(g[..., 2 * N:], a[..., :N], gh[..., 2 * N:]),
+                          out=a[..., 2 * N:])
                 h = torch.addcmul(n, h - n, a[..., N:2 * N], out=hs[:, t])
             saved = (hs, act, ghn)
         ctx.arch = arch
@@ -172,6 +174,15 @@ class _Recurrence(torch.autograd.Function):
         # dW_hh = sum over steps of dgh_t^T h_{t-1}; h_{-1} = 0 drops the first step.
         d_w = dgh[:, 1:].reshape(K, (T - 1) * B, G).mT @ hs[:, :-1].reshape(K, (T - 1) * B, N)
         return dpre, d_w, dgh.sum((1, 2)) if ctx.arch == "gru" else None, None
+
+
+def _tanh(x: Tensor, *, out: Tensor) -> Tensor:
+    """``tanh(x)`` into ``out`` as ``2 sigmoid(2x) - 1``: three cheap kernels, which together
+    cost about half of PyTorch's CPU tanh (to within 2e-7 of it: float32 rounding). GPUs
+    have a fast tanh, and each kernel there costs a launch."""
+    if out.is_cuda:
+        return torch.tanh(x, out=out)
+    return torch.sigmoid(torch.mul(x, 2, out=out), out=out).mul_(2).sub_(1)
 
 
 _TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input  # grad * (1 - y^2), into grad_input
