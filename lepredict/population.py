@@ -100,11 +100,7 @@ class _Recurrence(torch.autograd.Function):
             c = gi.new_zeros(K, B, N)
             for t in range(T):
                 pre, a = torch.baddbmm(gi[:, t], h, wt), act[:, t]
-                # The candidate's tanh as 2 sigmoid(2x) - 1, inside the gates' one sigmoid:
-                # tanh costs three times sigmoid in PyTorch's CPU kernels.
-                pre[..., 2 * N:3 * N].mul_(2)
-                torch.sigmoid(pre, out=a)
-                a[..., 2 * N:3 * N].mul_(2).sub_(1)
+                _lstm_gates(pre, N, out=a)
                 c = torch.mul(a[..., N:2 * N], c, out=cs[:, t]).addcmul_(a[..., :N],
                                                                           a[..., 2 * N:3 * N])
                 h = torch.mul(a[..., 3 * N:], _tanh(c, out=tcs[:, t]), out=hs[:, t])
@@ -183,6 +179,21 @@ def _tanh(x: Tensor, *, out: Tensor) -> Tensor:
     if out.is_cuda:
         return torch.tanh(x, out=out)
     return torch.sigmoid(torch.mul(x, 2, out=out), out=out).mul_(2).sub_(1)
+
+
+def _lstm_gates(pre: Tensor, N: int, *, out: Tensor) -> None:
+    """The LSTM's gates ``i, f, g, o`` from their pre-activations ``pre`` ``(..., 4N)`` into
+    ``out``: sigmoids, and the candidate's tanh. On CPUs that tanh is ``2 sigmoid(2x) - 1``
+    inside the one sigmoid of all four (``pre``'s candidate slice is scaled in place), as in
+    :func:`_tanh`; on GPUs three kernels, as before."""
+    if out.is_cuda:
+        torch.sigmoid(pre[..., :2 * N], out=out[..., :2 * N])
+        torch.tanh(pre[..., 2 * N:3 * N], out=out[..., 2 * N:3 * N])
+        torch.sigmoid(pre[..., 3 * N:], out=out[..., 3 * N:])
+        return
+    pre[..., 2 * N:3 * N].mul_(2)
+    torch.sigmoid(pre, out=out)
+    out[..., 2 * N:3 * N].mul_(2).sub_(1)
 
 
 _TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input  # grad * (1 - y^2), into grad_input
