@@ -17,11 +17,7 @@ them into populations.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
@@ -32,10 +28,10 @@ from torch import Tensor
 from lepredict.lyapunov import lyapunov_spectra
 from lepredict.records import MEASURED_EXPONENTS, RunRecord, spectrum_of
 from lepredict.tasks import Task
-from lepredict.train import (PROBE_SIZE, RunConfig, SeqModel, diverged_loss, measured_options,
-                             weight_stats_of)
+from lepredict.train import (PROBE_SIZE, RunConfig, SeqModel, diverged_loss, keep_freed_memory,
+                             measured_options, weight_stats_of)
 
-__all__ = ["SHAPE_FIELDS", "group_by_shape", "keep_freed_memory", "shape_of", "train_population"]
+__all__ = ["SHAPE_FIELDS", "group_by_shape", "shape_of", "train_population"]
 
 #: The :class:`~lepredict.RunConfig` fields members of one population share: they fix the
 #: shapes of the stacked parameters and of the optimizer state, and the number of steps per
@@ -45,47 +41,6 @@ SHAPE_FIELDS = ("arch", "hidden", "layers", "optimizer", "batch_size")
 
 _ADAM = (0.9, 0.999, 1e-8)  # torch.optim.Adam's defaults, which train_run uses
 _RMSPROP = (0.99, 1e-8)  # torch.optim.RMSprop's alpha and eps
-
-#: Set to ``0`` to leave the C library's allocator as it is (see :func:`keep_freed_memory`).
-KEEP_FREED_MEMORY_ENV = "LEPREDICT_KEEP_FREED_MEMORY"
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Let glibc's ``malloc`` keep the memory a population frees for its next step.
-
-    A population's tensors on a CPU are megabytes each (at K = 32 the LSTM's gates of one
-    batch are 8 MB), and glibc serves blocks of that size with fresh ``mmap`` pages, or trims
-    them off its heap when they are freed: every training step then page-faults its whole
-    working set back in (260,000 faults in 4 epochs of 32 LSTM-32s, a third of their time).
-    This raises the ``mmap`` threshold (1 GiB, or 32 MiB where an older glibc refuses more) and the trim
-    threshold (twice that) once per process, as glibc's own dynamic threshold does for one
-    block, and as a caching allocator does for GPU memory: the process keeps up to its peak
-    use instead of returning freed memory to the system between steps.
-
-    Nothing happens outside Linux with glibc, when ``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_TOP_PAD_`` is set (the user's choice stands), or
-    when the environment variable ``LEPREDICT_KEEP_FREED_MEMORY`` is ``0``. Another allocator
-    preloaded (jemalloc, tcmalloc) does not read these settings.
-
-    Returns:
-        Whether the thresholds were set (in this call or an earlier one).
-    """
-    if (not sys.platform.startswith("linux") or os.environ.get(KEEP_FREED_MEMORY_ENV) == "0"
-            or any(f"MALLOC_{name}_" in os.environ
-                   for name in ("MMAP_THRESHOLD", "TRIM_THRESHOLD", "TOP_PAD"))):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # musl and others have no glibc thresholds to set
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    for threshold in (1 << 30, 32 << 20):
-        if libc.mallopt(m_mmap_threshold, threshold):
-            return bool(libc.mallopt(m_trim_threshold, 2 * threshold))
-    return False
-
 
 def shape_of(config: RunConfig | dict) -> tuple:
     """The values of :data:`SHAPE_FIELDS` of ``config``: equal for members of one population."""

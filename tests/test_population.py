@@ -200,10 +200,14 @@ def test_shapes_group_and_mixed_shapes_are_refused(digits_row):
 
 _FAULTS_OF_AN_EPOCH = """
 import resource, sys
-from lepredict import tasks
-from lepredict.population import keep_freed_memory, train_population
+from lepredict import tasks, train_run
+from lepredict.population import train_population
+from lepredict.train import keep_freed_memory
 faults = 0
-if sys.argv[1] == "train":
+if sys.argv[1] == "check":  # train_run sets the thresholds too
+    train_run({"hidden": 2}, tasks.get("digits", mode="row"), epochs=0, le_epochs=[])
+    assert keep_freed_memory.cache_info().currsize == 1
+else:
     task = tasks.get("digits", mode="row")
     configs = [{"arch": "lstm", "hidden": 32, "seed": seed} for seed in range(32)]
     train_population(configs, task, epochs=1, le_epochs=[])
