@@ -42,6 +42,7 @@ SHAPE_FIELDS = ("arch", "hidden", "layers", "optimizer", "batch_size")
 _ADAM = (0.9, 0.999, 1e-8)  # torch.optim.Adam's defaults, which train_run uses
 _RMSPROP = (0.99, 1e-8)  # torch.optim.RMSprop's alpha and eps
 
+
 def shape_of(config: RunConfig | dict) -> tuple:
     """The values of :data:`SHAPE_FIELDS` of ``config``: equal for members of one population."""
     if isinstance(config, dict):
