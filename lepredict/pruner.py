@@ -23,7 +23,7 @@ from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
                                SPECTRUM, VAL_LOSS, attrs_by_step, check_hparams,
                                complete_hparams, jsonable, run_row, spectrum_dict, spectrum_of)
-from lepredict.train import PROBE_SIZE, measured_options
+from lepredict.train import DIVERGED_LOSS_RATIO, PROBE_SIZE, diverged_loss, measured_options
 
 __all__ = ["LyapunovPruner", "measure_and_report", "module_hparams", "report_spectrum"]
 
@@ -294,7 +294,10 @@ class LyapunovPruner(BasePruner):
     losses. So the pruner never compares a prediction with a value your study observed:
 
     1. *Unstable*: P(trainable) below the predictor's own cut-off (``threshold``), or a spectrum
-       that diverged on at least half of its trajectories, or a non-finite reported value.
+       that diverged on at least half of its trajectories, or a non-finite reported value, or
+       (the chance loss known) a validation loss over
+       :data:`~lepredict.train.DIVERGED_LOSS_RATIO` times the chance loss, which
+       :func:`~lepredict.train_run` labels diverged.
        P(trainable) is the chance of training within the predictor's horizon (10 epochs for
        the shipped one); once the study's finished trials show it trains for ``H`` epochs more,
        the cut-off is scaled by ``10 / H``, so slow starters get the longer horizon's benefit.
@@ -305,7 +308,10 @@ class LyapunovPruner(BasePruner):
        direction, so the horizon and scale of those values never matter.
     3. *Leaders are kept*: a trial whose reported value at this step is among the study's best
        ``protect_top`` share of the values reported at the same step is never pruned by the
-       model (rules 1-2); only divergence or the wrapped pruner can stop it.
+       model (rules 1-2); only divergence or the wrapped pruner can stop it. A trial that no
+       other has reported beside at this step is ranked at the last step others reached too;
+       one no other trial ever reported beside (the first of a study, or the first member of a
+       population to report) leads nothing and the model decides for it.
 
     **What you report.** Losses, raw or normalised: give the chance loss once with
     ``report_spectrum(..., chance_loss=lepredict.chance_loss(y_train, y_val))`` for raw losses,
@@ -347,7 +353,7 @@ class LyapunovPruner(BasePruner):
             corpus fell in cross-validation; :attr:`StabilityPredictor.cutoff`).
         risk: prune when P(beats the best) is below this (rule 2). ``None`` turns rule 2 off.
         protect_top: the share of trials, by the value reported at the same step, that the
-            model never prunes (rule 3); at least the single best is always kept.
+            model never prunes (rule 3); at least the single best of two or more is kept.
         steps_per_epoch: report steps per epoch, when ``trial.report`` is called with
             iteration numbers.
         n_warmup_steps: no model-based pruning before this step. ``None``: one epoch
@@ -469,6 +475,13 @@ class LyapunovPruner(BasePruner):
                 "are not losses; report the validation loss beside them with "
                 "lepredict.report_spectrum(trial, spectrum, step, val_loss=...) at each epoch "
                 "the predictor uses (0..3), or minimise the loss.")
+        if view.chance is not None and view.losses:
+            epoch, loss = max(view.losses.items())
+            if diverged_loss(loss, view.chance):
+                return self._prune(study, trial, step, {
+                    "reason": f"validation loss {loss:.4g} at epoch {epoch} is over "
+                              f"{DIVERGED_LOSS_RATIO:g} times the chance loss {view.chance:.4g}: "
+                              "diverged"})
         if not view.spectra:
             return False
         latest = view.spectra[max(view.spectra)]
@@ -533,11 +546,14 @@ class LyapunovPruner(BasePruner):
         trained = (getattr(model, "training_summary_", None) or {}).get("epochs")
         if horizon and trained and horizon > trained:
             threshold *= trained / horizon
-        rank, reporting = _rank_at(study, trials, trial, step)
-        leader = rank <= max(1, math.ceil(self._protect_top * reporting))
+        # A trial leads only beside others: alone at its step (the first of a study, the
+        # first member of a population to report) it is ranked where others reported last.
+        rank, reporting, rank_step = _rank_at(study, trials, trial, step)
+        leader = reporting > 1 and rank <= max(1, math.ceil(self._protect_top * reporting))
         record = {"epoch": epoch, "budget": budget, "source": sources, "horizon": horizon,
                   "p_trainable": p, "threshold": threshold, "final_loss": loss,
-                  "rank": rank, "reporting": reporting, "leader": leader}
+                  "rank": rank, "reporting": reporting, "rank_step": rank_step,
+                  "leader": leader}
         reason = None
         if p < threshold:
             reason = f"P(trainable)={p:.3f} < {threshold:.3f} at epoch {epoch}"
@@ -551,7 +567,7 @@ class LyapunovPruner(BasePruner):
                               f"(predicted final loss {loss:.3f} against {best[1]:.3f} for "
                               f"trial {best[0]}, the best so far)")
         if reason is not None and leader:
-            reason, record["kept"] = None, (f"a leader at step {step} (rank {rank} of "
+            reason, record["kept"] = None, (f"a leader at step {rank_step} (rank {rank} of "
                                             f"{reporting}), not pruned by the model alone")
         if reason is None:
             record.update(pruned=False, reason=record.get("kept", "predicted to train"))
@@ -690,16 +706,22 @@ def _horizon(finished: list[FrozenTrial], steps_per_epoch: int) -> int | None:
 
 
 def _rank_at(study: optuna.Study, trials: list[FrozenTrial], trial: FrozenTrial,
-             step: int) -> tuple[int, int]:
-    """The trial's rank (1 = best, in the study's direction) among the values reported at
-    ``step``, and how many trials reported there."""
-    mine = trial.intermediate_values[step]
-    others = [t.intermediate_values[step] for t in trials
-              if t.number != trial.number and step in t.intermediate_values
-              and math.isfinite(t.intermediate_values[step])]
+             step: int) -> tuple[int, int, int]:
+    """The trial's rank (1 = best, in the study's direction) among the finite values reported
+    at the latest of its steps up to ``step`` that another trial reported at too, how many
+    trials reported there, and that step. A trial no other trial has reported beside (the
+    first of a study, or the first member of a population to report) ranks 1 of 1 at
+    ``step``: it leads nothing."""
     sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
-    better = sum(sign * v < sign * mine for v in others)
-    return better + 1, len(others) + 1
+    for at in sorted((s for s in trial.intermediate_values if s <= step), reverse=True):
+        mine = trial.intermediate_values[at]
+        others = [t.intermediate_values[at] for t in trials
+                  if t.number != trial.number and at in t.intermediate_values
+                  and math.isfinite(t.intermediate_values[at])]
+        if others and math.isfinite(mine):
+            better = sum(sign * v < sign * mine for v in others)
+            return better + 1, len(others) + 1, at
+    return 1, 1, step
 
 
 def _best_prediction(study: optuna.Study, finished: list[FrozenTrial],

@@ -105,16 +105,24 @@ def test_prunes_the_predicted_untrainable_and_says_why(runs, model_dir, caplog):
 
 def test_leaders_are_not_pruned_by_the_model(runs, model_dir):
     """Threshold 1.0 would prune every prediction: the trial with the best value reported at
-    a step is kept all the same, and says why."""
+    a step beside others is kept all the same, and says why; a trial alone at its step leads
+    nothing, and one alone because the others stopped earlier is ranked where they stopped."""
     study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
                                                       n_warmup_steps=0, protect_top=0.0))
     row = runs[runs["status"] == "ok"].iloc[0]
     first, pruned = _replay(study, row)
-    assert not pruned  # alone at its steps: the leader
-    record = study.trials[first.number].user_attrs[f"{ATTR}prediction:1"]
-    assert record["leader"] and record["kept"].startswith("a leader at step 1 (rank 1 of 1)")
-    second, pruned = _replay(study, _with(row, val_loss=[v * 1.5 for v in row["val_loss"]]))
+    assert pruned  # the first trial of the study, alone at its steps: no one to lead
+    record = study.trials[first.number].user_attrs[f"{ATTR}prediction:0"]
+    assert (record["rank"], record["reporting"], record["leader"]) == (1, 1, False)
+    second, pruned = _replay(study, row, steps=(0, 1, 2, 3))
+    assert not pruned  # beside the first at step 0 and at least as good: the leader there
+    record = study.trials[second.number].user_attrs[f"{ATTR}prediction:3"]
+    assert record["leader"] and record["rank_step"] == 0
+    assert record["kept"].startswith("a leader at step 0 (rank 1 of 2)")
+    third, pruned = _replay(study, _with(row, val_loss=[v * 1.5 for v in row["val_loss"]]))
     assert pruned  # the same prediction, but behind the leader
+    record = study.trials[third.number].user_attrs[f"{ATTR}prediction:0"]
+    assert (record["rank"], record["reporting"], record["leader"]) == (3, 3, False)
 
 
 def test_no_spectrum_never_pruned_for_stability_and_divergence_pruned_at_once(model_dir):
@@ -130,6 +138,19 @@ def test_no_spectrum_never_pruned_for_stability_and_divergence_pruned_at_once(mo
     other = study.ask()
     other.report(math.inf, 0)
     assert other.should_prune()
+    # A finite loss over 1000 times the chance loss is what train_run labels diverged (and
+    # this predictor, which prunes nothing on the model, keeps the trial just below it).
+    calm = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0,
+                                                     n_warmup_steps=0))
+    for loss, pruned in ((1999.0, False), (2001.0, True)):
+        finite = calm.ask()
+        report_spectrum(finite, {"mean": [0.1, -0.2], "std": [0, 0]}, 0, chance_loss=2.0)
+        finite.report(loss, 0)
+        assert finite.should_prune() is pruned
+        calm.tell(finite, state=optuna.trial.TrialState.PRUNED)
+    reason = calm.trials[-1].user_attrs[f"{ATTR}prediction:0"]["reason"]
+    assert reason == ("validation loss 2001 at epoch 0 is over 1000 times the chance loss 2: "
+                      "diverged")
 
 
 def _user_trial(study, row, steps=(0, 1), scale=2.0, chance=2.0, tell=None):
