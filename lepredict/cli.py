@@ -1006,7 +1006,13 @@ def _cmd_predict(args) -> int:
     print(f"{rec.config['arch'].upper()} N={rec.config['hidden']}, lr "
           f"{rec.config['lr']:g}, init {rec.config['init']} {rec.config['init_scale']:g}, "
           f"{rec.config['optimizer']}")
-    print(f"P(trainable) = {p:.3f}  ({verdict}; status after {budget} epoch(s): {rec.status})")
+    if rec.status == "diverged":  # it stopped there: the later epochs were never trained
+        reached = len(rec.val_loss) - 1
+        status = (f"diverged {'at initialisation' if reached <= 0 else f'in epoch {reached}'} "
+                  f"of {budget}")
+    else:
+        status = f"status after {budget} epoch(s): {rec.status}"
+    print(f"P(trainable) = {p:.3f}  ({verdict}; {status})")
     print(f"cut-off {model.cutoff:.3f}: the predictor's own, the P(trainable) LyapunovPruner "
           "prunes below")
     print(f"predicted final normalised loss {loss:.3f}  (10-90%: {low:.3f} - {high:.3f}; "
@@ -1051,7 +1057,10 @@ def _cmd_analyze(args) -> int:
     model = None
     if args.model != "none":
         models = _load_predictors(args.model, args.trust_model)
-        model = models[min(models, key=lambda b: abs(b - args.budget))]
+        if args.budget not in models:
+            raise CLIError(f"The model has no predictor for budget {args.budget}; it has "
+                           f"{sorted(models)}: pass --budget with one of those.")
+        model = models[args.budget]
     reference = _read_data(args.reference) if args.reference else None
     output = args.output or f"studies/{(args.study_name or 'report')}-report.html"
     try:

@@ -28,8 +28,8 @@ from torch import Tensor
 from lepredict.lyapunov import lyapunov_spectra
 from lepredict.records import MEASURED_EXPONENTS, RunRecord, spectrum_of
 from lepredict.tasks import Task
-from lepredict.train import (PROBE_SIZE, RunConfig, SeqModel, diverged_loss, keep_freed_memory,
-                             measured_options, weight_stats_of)
+from lepredict.train import (PROBE_SIZE, RunConfig, SeqModel, checked_schedule, diverged_loss,
+                             keep_freed_memory, measured_options, weight_stats_of)
 
 __all__ = ["SHAPE_FIELDS", "group_by_shape", "shape_of", "train_population"]
 
@@ -398,9 +398,7 @@ def train_population(
                     f"configs[{i}] has {name}={getattr(config, name)!r} but configs[0] has "
                     f"{name}={getattr(configs[0], name)!r}; a population shares {SHAPE_FIELDS}: "
                     "split the configurations with group_by_shape and train each group.")
-    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative int, got {epochs=}.")
-    le_epochs = sorted({int(e) for e in le_epochs if 0 <= int(e) <= epochs})
+    le_epochs = checked_schedule(epochs, le_epochs, probe_size)
     device = torch.device(device)
     if device.type == "cpu":
         keep_freed_memory()

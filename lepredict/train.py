@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+import operator
 import os
 import sys
 import time
@@ -27,8 +28,8 @@ from lepredict.records import (ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS, Run
                                spectrum_of)
 from lepredict.tasks import Task
 
-__all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "diverged_loss",
-           "keep_freed_memory", "train_run", "weight_stats", "weight_stats_of"]
+__all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "checked_schedule",
+           "diverged_loss", "keep_freed_memory", "train_run", "weight_stats", "weight_stats_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +79,11 @@ class RunConfig:
             raise ValueError(msg)
 
         if self.arch not in ARCHS:
-            bad(f"arch must be one of {ARCHS}, got {self.arch=}.")
+            bad(f"arch must be one of {ARCHS}, got arch={self.arch!r}.")
         if self.optimizer not in OPTIMIZERS:
-            bad(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer=}.")
+            bad(f"optimizer must be one of {OPTIMIZERS}, got optimizer={self.optimizer!r}.")
         if self.init not in INITS:
-            bad(f"init must be one of {INITS}, got {self.init=}.")
+            bad(f"init must be one of {INITS}, got init={self.init!r}.")
         for name in ("hidden", "layers", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -92,11 +93,11 @@ class RunConfig:
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 bad(f"{name} must be a positive finite number, got {name}={value!r}.")
         if not (isinstance(self.clip, (int, float)) and math.isfinite(self.clip) and self.clip >= 0):
-            bad(f"clip must be >= 0 (0 disables clipping), got {self.clip=}.")
+            bad(f"clip must be >= 0 (0 disables clipping), got clip={self.clip!r}.")
         wd = self.weight_decay
         if isinstance(wd, bool) or not (isinstance(wd, (int, float)) and math.isfinite(wd)
                                         and wd >= 0):
-            bad(f"weight_decay must be a finite number >= 0 (0: none), got {self.weight_decay=}.")
+            bad(f"weight_decay must be a finite number >= 0 (0: none), got weight_decay={wd!r}.")
 
     @classmethod
     def from_dict(cls, params: dict) -> RunConfig:
@@ -306,6 +307,27 @@ def diverged_loss(loss: float, chance_loss: float) -> bool:
 PROBE_SIZE = 8
 
 
+def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int) -> list[int]:
+    """The epochs a run measures its spectrum after: ``le_epochs`` up to ``epochs``, sorted,
+    once each (those beyond are dropped: the default ``0..3`` serves shorter runs). Raises
+    ``ValueError`` naming the argument for a negative or non-integer number of epochs, a
+    negative epoch in ``le_epochs`` or a probe of no sequence."""
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative int, got {epochs=}.")
+    given = list(le_epochs)
+    try:  # any integer type (numpy's too), not floats or bools
+        le_epochs = [operator.index(e) for e in given if not isinstance(e, bool)]
+    except TypeError:
+        le_epochs = []
+    if len(le_epochs) != len(given) or any(e < 0 for e in le_epochs):
+        raise ValueError(f"le_epochs must hold epochs >= 0 (0: the initialisation), got "
+                         f"le_epochs={given!r}.")
+    if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
+        raise ValueError(f"probe_size must be a positive int (the validation sequences a "
+                         f"spectrum averages over), got {probe_size=}.")
+    return sorted({e for e in le_epochs if e <= epochs})
+
+
 def train_run(
     config: RunConfig | dict,
     task: Task,
@@ -350,9 +372,7 @@ def train_run(
     """
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)
-    if not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a non-negative int, got {epochs=}.")
-    le_epochs = sorted({int(e) for e in le_epochs if 0 <= int(e) <= epochs})
+    le_epochs = checked_schedule(epochs, le_epochs, probe_size)
     device = torch.device(device)
     if device.type == "cpu":
         keep_freed_memory()

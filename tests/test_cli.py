@@ -35,6 +35,15 @@ def test_predict_stability_from_a_spectrum_measured_elsewhere(model_dir, tmp_pat
     assert out["train_seconds"] == 0.0 and out["config"]["arch"] == "gru"
 
 
+def test_predict_stability_says_when_a_run_diverged(model_dir, capsys):
+    argv = ["predict-stability", "--task", "digits", "--task-option", "mode=row", "--arch",
+            "lstm", "--hidden", "8", "--lr", "1000", "--init-scale", "5", "--model",
+            str(model_dir)]
+    assert main(argv) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("P(trainable)")][0]
+    assert line.endswith("diverged in epoch 1 of 1)")  # the model's largest budget: 1
+
+
 def test_predict_stability_with_the_screening_model_reads_the_hyperparameters(capsys):
     """The shipped "screening" predictors read the configuration too: at initialisation (no
     training) the same network with a learning rate of 1 is rated far less likely to train."""
@@ -74,3 +83,14 @@ def test_analyze_an_export_writes_the_report(runs, tmp_path, capsys):
     assert out.is_file() and out.read_text().count('id="figure-') >= 3
     assert main(["analyze"]) == 2
     assert "--study-name" in capsys.readouterr().err
+
+
+def test_analyze_refuses_a_budget_the_model_has_not(runs, model_dir, tmp_path, capsys):
+    data = tmp_path / "runs.parquet"
+    runs.to_parquet(data)
+    out = tmp_path / "report.html"
+    argv = ["analyze", "--data", str(data), "--model", str(model_dir), "-o", str(out)]
+    assert main([*argv, "--budget", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lepredict analyze: error: The model has no predictor for budget 7")
+    assert "pass --budget with one of those" in err and not out.exists()

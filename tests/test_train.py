@@ -11,7 +11,7 @@ import torch
 import lepredict
 from lepredict import tasks
 from lepredict.cli import main
-from lepredict.train import RunConfig, SeqModel, weight_stats
+from lepredict.train import RunConfig, SeqModel, train_run, weight_stats
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +187,12 @@ def test_weight_decay_reaches_the_optimizer(digits_row):
 @pytest.mark.parametrize(
     "params, match",
     [
-        ({"arch": "transformer"}, "arch must be one of"),
+        ({"arch": "transformer"}, r"arch must be one of .*, got arch='transformer'\.$"),
         ({"hidden": 0}, "hidden must be a positive int"),
         ({"lr": -1.0}, "lr must be a positive"),
         ({"optimizer": "lbfgs"}, "optimizer must be one of"),
         ({"clip": float("nan")}, "clip must be"),
-        ({"weight_decay": -1e-4}, "weight_decay must be"),
+        ({"weight_decay": -1e-4}, r"weight_decay must be .*, got weight_decay=-0\.0001\.$"),
         ({"weight_decay": float("inf")}, "weight_decay must be"),
         ({"init": "xavier"}, "init must be one of"),
         ({"width": 3}, "Unknown hyperparameters"),
@@ -201,6 +201,25 @@ def test_weight_decay_reaches_the_optimizer(digits_row):
 def test_bad_config(params, match):
     with pytest.raises(ValueError, match=match):
         RunConfig.from_dict(params)
+
+
+@pytest.mark.parametrize("train", ["run", "population"])
+@pytest.mark.parametrize("kwargs, match", [
+    ({"le_epochs": [-1]}, r"le_epochs must hold epochs >= 0 .*got le_epochs=\[-1\]"),
+    ({"le_epochs": [0.5]}, r"le_epochs must hold epochs >= 0"),
+    ({"probe_size": 0}, r"probe_size must be a positive int .*got probe_size=0"),
+    ({"epochs": -2}, r"epochs must be a non-negative int, got epochs=-2"),
+])
+def test_bad_schedule_names_the_argument(train, kwargs, match):
+    from lepredict.population import train_population
+
+    task = tasks.get("digits", mode="row")
+    kwargs = {"epochs": 1} | kwargs
+    with pytest.raises(ValueError, match=match):
+        if train == "run":
+            train_run({"hidden": 2}, task, **kwargs)
+        else:
+            train_population([{"hidden": 2}], task, **kwargs)
 
 
 def test_cli_spectrum_prints_table(capsys):
