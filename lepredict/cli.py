@@ -642,12 +642,15 @@ def _check_readable(study, command: str, *, finished_only: bool = False) -> None
         raise CLIError(f"None of the {len(trials)} trials of study {name!r} reported a value "
                        f"(trial.report) or finished with one, so there is nothing to {command}; "
                        "report the validation loss with trial.report(loss, epoch).")
-    active = [t.number for t in trials if t.state.name in ("RUNNING", "WAITING")]
-    if command == "export" and active and not finished_only:
+    running = [t.number for t in trials if t.state.name == "RUNNING"]
+    waiting = [t.number for t in trials if t.state.name == "WAITING"]
+    if command == "export" and (running or waiting) and not finished_only:
         done = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
-        raise CLIError(f"Study {name!r} is still running ({_numbers(active, 'trial')} not "
-                       f"finished); export it when it has finished, or pass --finished-only to "
-                       f"export the {done} finished trials.")
+        unfinished = ([f"{_numbers(running)} running"] if running else []) + (
+            [f"{_numbers(waiting)} enqueued, not started"] if waiting else [])
+        raise CLIError(f"Study {name!r} has unfinished trials ({'; '.join(unfinished)}); "
+                       "export it when they have finished, or pass --finished-only to export "
+                       f"the {done} finished trial{'s' if done != 1 else ''}.")
 
 
 def _cmd_export(args) -> int:

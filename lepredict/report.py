@@ -602,9 +602,9 @@ def _parallel_panel(s: _Study) -> Panel:
     rows, target = _targets(s)
     params = _params(s.frame.loc[rows]) if len(rows) else []
     if not params or len(rows) < _SCATTER_MIN:
-        return Panel("parallel", heading, f"{len(rows)} trials with a value over {len(params)} "
-                     f"varied hyperparameters: too few to draw (at least {_SCATTER_MIN} "
-                     "trials and one varied hyperparameter).")
+        return Panel("parallel", heading, f"{_count(len(rows), 'trial')} with a value over "
+                     f"{_count(len(params), 'varied hyperparameter')}: too few to draw (at least "
+                     f"{_SCATTER_MIN} trials and one varied hyperparameter).")
     stops = {i: (max(s.curves[i][0]) if s.curves[i][0] else 0) for i in rows}
     extra = {}
     steps = sorted(set(stops.values()))
@@ -879,6 +879,11 @@ def figures(frame: pd.DataFrame, **kwargs) -> dict:
     return {p.key: p.figure for p in panels(frame, **kwargs) if p.figure is not None}
 
 
+def _count(n: int, noun: str) -> str:
+    """``3, "trial"`` -> ``"3 trials"``; ``1, "trial"`` -> ``"1 trial"``."""
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def _summary(s: _Study, model) -> str:
     states = s.frame["state"].value_counts().to_dict()
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(states.items(), key=lambda kv:
@@ -886,8 +891,10 @@ def _summary(s: _Study, model) -> str:
     text = f"{len(s.frame)} trials: {counts}. "
     if len(s.finished):
         k = int(s.trainable.sum())
+        # "3 are trainable", but "3 are in the better half"
+        where = s.good if s.good == "trainable" else f"in the {s.good}"
         text += (f"Of the {len(s.finished)} finished, {k} {'is' if k == 1 else 'are'} "
-                 f"{s.good} ({s.rule}). ")
+                 f"{where} ({s.rule}). ")
     text += f"Curves show the {s.value_name}"
     text += "." if s.normalised else (
         " (no chance loss was recorded to normalise losses by: report_spectrum(..., "

@@ -95,6 +95,14 @@ def running_study(tmp: Path) -> None:
     study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).report(0.5, 0)
 
 
+def enqueued_study(tmp: Path) -> None:
+    """A finished trial, and two enqueued that no worker started."""
+    study = _study(tmp)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    study.enqueue_trial({"x": 0.1})
+    study.enqueue_trial({"x": 0.2})
+
+
 def exports_of_both_directions(tmp: Path) -> None:
     """Two exports, of a minimised and of a maximised study: one analysis cannot rank both."""
     import optuna
@@ -254,7 +262,11 @@ CASES = {
         "None of the 2 trials of study 's' reported a value"),
     "export-still-running": (
         ["export", "--study-name", "s", "-o", "x.csv"], running_study,
-        "is still running (trial 2 not finished)"),
+        "has unfinished trials (trial 2 running); export it when they have finished"),
+    "export-enqueued": (
+        ["export", "--study-name", "s", "-o", "x.csv"], enqueued_study,
+        "has unfinished trials (trials 1, 2 enqueued, not started); export it when they have "
+        "finished, or pass --finished-only to export the 1 finished trial."),
     "analyze-threshold-nan": (
         ["analyze", "--study-name", "s", "--model", "none", "--threshold", "nan"],
         running_study, "--threshold must be a finite number"),
