@@ -595,7 +595,8 @@ class LyapunovPruner(BasePruner):
             if (study.study_name, kind) in self._warned:
                 return
             self._warned.add((study.study_name, kind))
-        warnings.warn(message, UserWarning, stacklevel=3)
+        # 5: the line that called trial.should_prune() (through Trial.should_prune, prune, _decide).
+        warnings.warn(message, UserWarning, stacklevel=5)
 
     def _steps_problem(self, trial: FrozenTrial) -> str | None:
         """Why the report steps cannot be read as epochs, if so."""
