@@ -941,7 +941,7 @@ def _read_spectrum_file(path: str, budget: int, *, uses_loss: bool, chance_loss:
 def _cmd_predict(args) -> int:
     """Train for the early budget (or read spectra measured elsewhere) and predict."""
     from lepredict.sweep import record_frame
-    from lepredict.train import RunConfig, RunRecord, train_run
+    from lepredict.train import RunConfig, RunRecord, diverged_loss, train_run
 
     t0 = time.perf_counter()
     models = _load_predictors(args.model, args.trust_model)
@@ -1009,9 +1009,13 @@ def _cmd_predict(args) -> int:
     print(f"{rec.config['arch'].upper()} N={rec.config['hidden']}, lr "
           f"{rec.config['lr']:g}, init {rec.config['init']} {rec.config['init_scale']:g}, "
           f"{rec.config['optimizer']}")
-    if rec.status == "diverged":  # it stopped there: the later epochs were never trained
-        reached = len(rec.val_loss) - 1
-        status = (f"diverged {'at initialisation' if reached <= 0 else f'in epoch {reached}'} "
+    if rec.status == "diverged":
+        # The first validation loss that says so; with none, the training loss broke in the
+        # epoch after the last validated one (train_run stops before validating it).
+        broke = next((e for e, v in enumerate(rec.val_loss)
+                      if diverged_loss(v, task.chance_loss)), len(rec.val_loss))
+        broke = min(broke, budget)
+        status = (f"diverged {'at initialisation' if broke == 0 else f'in epoch {broke}'} "
                   f"of {budget}")
     else:
         status = f"status after {budget} epoch(s): {rec.status}"
@@ -1060,10 +1064,13 @@ def _cmd_analyze(args) -> int:
     model = None
     if args.model != "none":
         models = _load_predictors(args.model, args.trust_model)
-        if args.budget not in models:
+        if args.budget is None:  # 1 by default, or the nearest budget the model has
+            model = models[min(models, key=lambda b: abs(b - 1))]
+        elif args.budget in models:
+            model = models[args.budget]
+        else:
             raise CLIError(f"The model has no predictor for budget {args.budget}; it has "
                            f"{sorted(models)}: pass --budget with one of those.")
-        model = models[args.budget]
     reference = _read_data(args.reference) if args.reference else None
     output = args.output or f"studies/{(args.study_name or 'report')}-report.html"
     try:
@@ -1365,8 +1372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="predictor whose calibration is shown "
                    "('none' for no model)")
     _add_trust_arg(p)
-    p.add_argument("--budget", type=int, default=1, help="early budget of the predictor shown "
-                   "(and the epoch whose spectra are shown)")
+    p.add_argument("--budget", type=int, default=None, help="early budget of the predictor "
+                   "shown (and the epoch whose spectra are shown); default: 1, or the model's "
+                   "nearest")
     p.add_argument("--threshold", type=float, default=None,
                    help="a finished trial trained when its final normalised loss is below this "
                    "(for a study without losses, when its value beats this in the study's "

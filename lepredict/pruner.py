@@ -548,6 +548,8 @@ class LyapunovPruner(BasePruner):
             threshold *= trained / horizon
         # A trial leads only beside others: alone at its step (the first of a study, the
         # first member of a population to report) it is ranked where others reported last.
+        # (A survivor of everyone else's pruning is so ranked by its value back then, however
+        # it has gone since: only divergence or the wrapped pruner stop it.)
         rank, reporting, rank_step = _rank_at(study, trials, trial, step)
         leader = reporting > 1 and rank <= max(1, math.ceil(self._protect_top * reporting))
         record = {"epoch": epoch, "budget": budget, "source": sources, "horizon": horizon,
@@ -719,8 +721,9 @@ def _rank_at(study: optuna.Study, trials: list[FrozenTrial], trial: FrozenTrial,
         others = [t.intermediate_values[at] for t in trials
                   if t.number != trial.number and at in t.intermediate_values
                   and math.isfinite(t.intermediate_values[at])]
-        if others and math.isfinite(mine):
-            better = sum(sign * v < sign * mine for v in others)
+        if others:  # its own non-finite value there ranks last
+            better = sum(sign * v < sign * mine for v in others) if math.isfinite(mine) \
+                else len(others)
             return better + 1, len(others) + 1, at
     return 1, 1, step
 

@@ -53,7 +53,7 @@ from lepredict.population import group_by_shape, train_population
 from lepredict.records import (ATTR, HPARAM_FIELDS, HPARAMS, MEASURED_EXPONENTS, RunRecord,
                                run_row, trial_row)
 from lepredict.records import jsonable as _jsonable
-from lepredict.train import PROBE_SIZE, RunConfig, train_run
+from lepredict.train import PROBE_SIZE, RunConfig, checked_schedule, train_run
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made, not with the module
     import pandas as pd
@@ -894,6 +894,10 @@ def run_sweep(
     if population > 1 and n_jobs > 1:
         raise ValueError(f"population={population} and n_jobs={n_jobs} cannot be combined: a "
                          "population already keeps the cores busy; use one of them.")
+    # Before the study exists: inside each trial these would fail every trial, and the study
+    # would keep the bad setup. (The setup stores le_epochs as given, as it always has.)
+    le_epochs = list(le_epochs)
+    checked_schedule(epochs, le_epochs, probe_size)
     task_options = dict(task_options or {})
     task_obj = task if isinstance(task, tasks.Task) else tasks.get(task, **task_options)
     space = space or DEFAULT_SPACE

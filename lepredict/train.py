@@ -157,33 +157,37 @@ def keep_freed_memory() -> bool:
     activations), and glibc serves blocks of that size with fresh ``mmap`` pages, or trims them
     off its heap when they are freed: every training step then page-faults its working set
     back in (260,000 faults in 4 epochs of 32 LSTM-32s, a third of their time; 2 million in two
-    epochs of a 2-layer LSTM-512, a fifth). This raises the ``mmap`` threshold (1 GiB, or 32 MiB
-    where an older glibc refuses more) and the trim threshold (twice that) once per process, as
-    glibc's own dynamic threshold does for one block, and as a caching allocator does for GPU
-    memory: the process keeps up to its peak use instead of returning freed memory to the
-    system between steps.
+    epochs of a 2-layer LSTM-512, a fifth). This raises the ``mmap`` threshold (1 GiB, or 32
+    MiB where an older glibc refuses more) and the trim threshold (twice that, at most 2 GiB)
+    once per process, as glibc's own dynamic threshold does for one block, and as a caching
+    allocator does for GPU memory: the process keeps up to its peak use instead of returning
+    freed memory to the system between steps.
 
     Nothing happens outside Linux with glibc, when ``MALLOC_MMAP_THRESHOLD_``,
-    ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_TOP_PAD_`` is set (the user's choice stands), or
-    when the environment variable ``LEPREDICT_KEEP_FREED_MEMORY`` is ``0``. Another allocator
-    preloaded (jemalloc, tcmalloc) does not read these settings.
+    ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or a ``glibc.malloc`` tunable in
+    ``GLIBC_TUNABLES`` is set (the user's choice stands), or when the environment variable
+    ``LEPREDICT_KEEP_FREED_MEMORY`` is ``0``. Another allocator preloaded (jemalloc, tcmalloc)
+    does not read these settings.
 
     Returns:
         Whether the thresholds were set (in this call or an earlier one).
     """
     if (not sys.platform.startswith("linux") or os.environ.get(KEEP_FREED_MEMORY_ENV) == "0"
             or any(f"MALLOC_{name}_" in os.environ
-                   for name in ("MMAP_THRESHOLD", "TRIM_THRESHOLD", "TOP_PAD"))):
+                   for name in ("MMAP_THRESHOLD", "TRIM_THRESHOLD", "TOP_PAD"))
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # musl and others have no glibc thresholds to set
+        mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
     for threshold in (1 << 30, 32 << 20):
-        if libc.mallopt(m_mmap_threshold, threshold):
-            return bool(libc.mallopt(m_trim_threshold, 2 * threshold))
+        if mallopt(m_mmap_threshold, threshold):
+            return bool(mallopt(m_trim_threshold, min(2 * threshold, 2**31 - 1)))
     return False
 
 
@@ -308,10 +312,21 @@ PROBE_SIZE = 8
 
 
 def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int) -> list[int]:
-    """The epochs a run measures its spectrum after: ``le_epochs`` up to ``epochs``, sorted,
-    once each (those beyond are dropped: the default ``0..3`` serves shorter runs). Raises
-    ``ValueError`` naming the argument for a negative or non-integer number of epochs, a
-    negative epoch in ``le_epochs`` or a probe of no sequence."""
+    """The epochs after which a run of ``epochs`` epochs measures its spectrum.
+
+    Args:
+        epochs: training epochs of the run.
+        le_epochs: epochs to measure after (0: at initialisation), in any order; those past
+            ``epochs`` are dropped, so the default ``0..3`` serves shorter runs.
+        probe_size: validation sequences each spectrum averages over.
+
+    Returns:
+        ``le_epochs`` up to ``epochs``, sorted, each once.
+
+    Raises:
+        ValueError: ``epochs`` not a non-negative int, an epoch in ``le_epochs`` that is not
+            an integer >= 0, or ``probe_size`` not a positive int; the message names it.
+    """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs=}.")
     given = list(le_epochs)
@@ -320,7 +335,7 @@ def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int) -> 
     except TypeError:
         le_epochs = []
     if len(le_epochs) != len(given) or any(e < 0 for e in le_epochs):
-        raise ValueError(f"le_epochs must hold epochs >= 0 (0: the initialisation), got "
+        raise ValueError(f"le_epochs must hold integer epochs >= 0 (0: the initialisation), got "
                          f"le_epochs={given!r}.")
     if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
         raise ValueError(f"probe_size must be a positive int (the validation sequences a "

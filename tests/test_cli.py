@@ -35,10 +35,15 @@ def test_predict_stability_from_a_spectrum_measured_elsewhere(model_dir, tmp_pat
     assert out["train_seconds"] == 0.0 and out["config"]["arch"] == "gru"
 
 
-def test_predict_stability_says_when_a_run_diverged(model_dir, capsys):
-    argv = ["predict-stability", "--task", "digits", "--task-option", "mode=row", "--arch",
-            "lstm", "--hidden", "8", "--lr", "1000", "--init-scale", "5", "--model",
-            str(model_dir)]
+@pytest.mark.parametrize("net", [
+    # the validation loss over 1000x chance after epoch 1
+    ["--arch", "lstm", "--lr", "1000", "--init-scale", "5"],
+    # the training loss non-finite within epoch 1, before any validation of it
+    ["--arch", "rnn", "--lr", "1e37", "--optimizer", "sgd", "--clip", "0"],
+])
+def test_predict_stability_says_when_a_run_diverged(model_dir, net, capsys):
+    argv = ["predict-stability", "--task", "digits", "--task-option", "mode=row", "--hidden",
+            "8", *net, "--model", str(model_dir)]
     assert main(argv) == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("P(trainable)")][0]
     assert line.endswith("diverged in epoch 1 of 1)")  # the model's largest budget: 1

@@ -231,11 +231,12 @@ def test_freed_blocks_are_kept_for_the_next_step_unless_the_user_says_otherwise(
     kept, faults = run()
     if not kept:
         pytest.skip("not glibc's malloc")
-    left_alone, faults_left_alone = run(LEPREDICT_KEEP_FREED_MEMORY="0")
-    assert not left_alone
-    # An epoch's blocks of megabytes, mapped afresh each step when glibc decides alone (about
-    # 110,000 faults here), against a few hundred to 11,000 (the heap growing to its peak).
-    assert faults_left_alone > 4 * faults and faults_left_alone > 20_000
+    # The epoch allocates and frees about 600 MB in blocks of megabytes: 150,000 pages if
+    # each were mapped afresh. Kept, the second epoch reuses the first's (tens to hundreds of
+    # faults here). Left to glibc's own dynamic threshold the count varies from run to run
+    # (5,000 to 120,000 here), so only the kept side is bounded.
+    assert faults < 4_000
+    assert run("check", LEPREDICT_KEEP_FREED_MEMORY="0")[0] is False
     assert run("check", MALLOC_TRIM_THRESHOLD_="131072")[0] is False
 
 
@@ -406,6 +407,15 @@ def test_run_sweep_refuses_a_bad_population(space_file):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="population must be a positive int"):
             run_sweep("digits", n_trials=1, population=bad, space=load_space(space_file))
+
+
+def test_run_sweep_refuses_a_bad_schedule_before_it_makes_a_study(tmp_path, space_file):
+    db = tmp_path / "s.db"
+    for kwargs in ({"le_epochs": [-1, 0, 1]}, {"probe_size": 0}):
+        with pytest.raises(ValueError, match="le_epochs must hold|probe_size must be"):
+            run_sweep("digits", n_trials=1, storage=f"sqlite:///{db}", study_name="s",
+                      space=load_space(space_file), **kwargs)
+    assert not db.exists()
 
 
 def test_killed_population_is_retried_by_the_next_sweep(tmp_path, space_file):

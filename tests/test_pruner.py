@@ -532,3 +532,20 @@ def test_a_sweep_gives_a_screening_predictor_its_hparams(screening, tmp_path):
     for t in study.trials:
         assert t.user_attrs[f"{ATTR}prediction:1"]["source"] == "model:1"
         assert 0.0 <= t.user_attrs[f"{ATTR}prediction:1"]["p_trainable"] <= 1.0
+
+
+def test_a_trial_is_ranked_last_where_its_own_value_was_not_finite():
+    from lepredict.pruner import _rank_at
+
+    study = optuna.create_study()
+    first = study.ask()
+    for step in (0, 1):
+        first.report(1.0, step)
+    study.tell(first, 1.0)
+    second = study.ask()
+    for step, value in ((0, 0.5), (1, math.nan), (2, 5.0)):
+        second.report(value, step)
+    trials = study.get_trials(deepcopy=False)
+    # Alone at step 2: ranked at step 1, the last step the first trial reached, and last there.
+    assert _rank_at(study, trials, trials[1], 2) == (2, 2, 1)
+    assert _rank_at(study, trials, trials[1], 0) == (1, 2, 0)

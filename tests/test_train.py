@@ -205,8 +205,8 @@ def test_bad_config(params, match):
 
 @pytest.mark.parametrize("train", ["run", "population"])
 @pytest.mark.parametrize("kwargs, match", [
-    ({"le_epochs": [-1]}, r"le_epochs must hold epochs >= 0 .*got le_epochs=\[-1\]"),
-    ({"le_epochs": [0.5]}, r"le_epochs must hold epochs >= 0"),
+    ({"le_epochs": [-1]}, r"le_epochs must hold integer epochs >= 0 .*got le_epochs=\[-1\]"),
+    ({"le_epochs": [0.5]}, r"le_epochs must hold integer epochs >= 0"),
     ({"probe_size": 0}, r"probe_size must be a positive int .*got probe_size=0"),
     ({"epochs": -2}, r"epochs must be a non-negative int, got epochs=-2"),
 ])
