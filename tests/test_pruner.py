@@ -207,6 +207,13 @@ def test_a_maximising_study_needs_the_loss_beside_its_metric(runs, model_dir):
         trial.should_prune()
     record = study.trials[trial.number].user_attrs[f"{ATTR}prediction:1"]
     assert record["source"] == "model:1" and 0.0 <= record["p_trainable"] <= 1.0
+    # A good accuracy does not hide a loss that says the run diverged.
+    trial = study.ask()
+    report_spectrum(trial, {"mean": row["le0_mean"]}, 0, chance_loss=2.0, val_loss=1e4)
+    trial.report(0.9, 0)
+    assert trial.should_prune()
+    reason = study.trials[trial.number].user_attrs[f"{ATTR}prediction:0"]["reason"]
+    assert reason.startswith("validation loss 1e+04 at epoch 0 is over 1000 times")
 
 
 def test_raw_losses_without_a_chance_loss_warn_once_and_prune_nothing(runs, model_dir):
