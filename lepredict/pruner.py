@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import threading
 import warnings
 from collections.abc import Iterable, Mapping
@@ -597,8 +598,7 @@ class LyapunovPruner(BasePruner):
             if (study.study_name, kind) in self._warned:
                 return
             self._warned.add((study.study_name, kind))
-        # 5: the line that called trial.should_prune() (through Trial.should_prune, prune, _decide).
-        warnings.warn(message, UserWarning, stacklevel=5)
+        warnings.warn(message, UserWarning, stacklevel=_outside_stacklevel())
 
     def _steps_problem(self, trial: FrozenTrial) -> str | None:
         """Why the report steps cannot be read as epochs, if so."""
@@ -706,6 +706,17 @@ def _horizon(finished: list[FrozenTrial], steps_per_epoch: int) -> int | None:
     """The epochs the study's finished trials trained for (the longest), if any finished."""
     steps = [t.last_step for t in finished if t.last_step is not None]
     return max(steps) // steps_per_epoch if steps else None
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel``, for a warning issued by the caller, of the first frame outside
+    lepredict and Optuna: the line that called ``trial.should_prune()``, however many pruners
+    wrap this one (Python 3.12's ``skip_file_prefixes``, by hand)."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in (
+            "lepredict", "optuna"):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _rank_at(study: optuna.Study, trials: list[FrozenTrial], trial: FrozenTrial,

@@ -224,6 +224,7 @@ def test_raw_losses_without_a_chance_loss_warn_once_and_prune_nothing(runs, mode
     with pytest.warns(UserWarning, match="no chance loss was reported") as caught:
         pruned = [_user_trial(study, row, scale=3.2, chance=None)[1] for _, row in rows.iterrows()]
     assert not any(pruned) and len(caught) == 1
+    assert caught[0].filename == __file__  # the loop's own should_prune() line, not lepredict's
     record = study.trials[-1].user_attrs[f"{ATTR}prediction:1"]
     assert not record["pruned"] and "chance_loss=" in record["reason"]
     # Normalised values (about 1 at initialisation) need no declaration.
