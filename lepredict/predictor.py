@@ -152,7 +152,8 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
     def _validate(self) -> None:
         feature_names(self.budget, self.feature_sets)  # raises on a bad budget or set
         if self.calibration not in ("sigmoid", "isotonic"):
-            raise ValueError(f"calibration must be 'sigmoid' or 'isotonic', got calibration={self.calibration!r}.")
+            raise ValueError(f"calibration must be 'sigmoid' or 'isotonic', got "
+                             f"calibration={self.calibration!r}.")
 
     @staticmethod
     def _check_frame(X) -> None:
