@@ -70,77 +70,129 @@ def group_by_shape(configs: Iterable[RunConfig | dict]) -> list[list[int]]:
 # layer are the next layer's inputs as they lie.
 
 
-class _Recurrence(torch.autograd.Function):
-    """One recurrent layer of K members over T steps, ``(K, T, B, N)`` hidden states from the
-    input projections ``gi`` ``(K, T, B, G)``, with a hand-written backward through time.
-    ``gi`` includes the input bias, and for the RNN and the LSTM the hidden bias too (``b_hh``
-    is then None): the GRU's ``b_hn`` goes inside its reset gate.
+class _GRURecurrence(torch.autograd.Function):
+    """A GRU layer of K members over T steps, ``(K, T, B, N)`` hidden states from the input
+    projections ``gi`` ``(K, T, B, 3N)`` (input bias included), with a hand-written backward
+    through time. The hidden bias ``b_hh`` goes inside the reset gate, which takes the hidden
+    product alone: so the input projections are computed apart, unlike :class:`_Recurrence`'s.
 
     Autograd through a Python loop of cell operations spends much of its time on the
     zero-filled full-size gradients of every gate slice; here each step of the backward pass
     writes each gate's gradient into its slice with PyTorch's fused ``tanh_backward`` and
     ``sigmoid_backward`` kernels, and the recurrent weight's gradient is one batched product
-    over all steps. The equations are PyTorch's cells; only the order of roundings differs.
+    over all steps. The equations are PyTorch's GRU cell's; only the order of roundings differs.
     """
 
     @staticmethod
-    def forward(ctx, gi: Tensor, w_hh: Tensor, b_hh: Tensor | None, arch: str) -> Tensor:
+    def forward(ctx, gi: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
         K, T, B, G = gi.shape
         N = w_hh.shape[-1]
         wt = w_hh.mT
         hs = gi.new_empty(K, T, B, N)
         h = gi.new_zeros(K, B, N)
-        if arch == "rnn":
-            for t in range(T):
-                h = _tanh(torch.baddbmm(gi[:, t], h, wt), out=hs[:, t])
-            saved = (hs,)
-        elif arch == "lstm":
-            act = gi.new_empty(K, T, B, G)  # i, f, g, o
-            cs, tcs = gi.new_empty(K, T, B, N), gi.new_empty(K, T, B, N)
-            c = gi.new_zeros(K, B, N)
-            for t in range(T):
-                pre, a = torch.baddbmm(gi[:, t], h, wt), act[:, t]
-                _lstm_gates(pre, N, out=a)
-                c = torch.mul(a[..., N:2 * N], c, out=cs[:, t]).addcmul_(a[..., :N],
-                                                                          a[..., 2 * N:3 * N])
-                h = torch.mul(a[..., 3 * N:], _tanh(c, out=tcs[:, t]), out=hs[:, t])
-            saved = (hs, act, cs, tcs)
-        else:  # gru: r, z, n; n = tanh(gi_n + r * (W_hn h + b_hn)), h' = (h - n) z + n
-            act, b = gi.new_empty(K, T, B, G), b_hh[:, None]
-            ghn = gi.new_empty(K, T, B, N)
-            for t in range(T):
-                gh, a, g = torch.baddbmm(b, h, wt), act[:, t], gi[:, t]
-                torch.sigmoid(gh[..., :2 * N].add_(g[..., :2 * N]), out=a[..., :2 * N])
-                ghn[:, t] = gh[..., 2 * N:]
-                n = _tanh(torch.addcmul(g[..., 2 * N:], a[..., :N], gh[..., 2 * N:]),
-                          out=a[..., 2 * N:])
-                h = torch.addcmul(n, h - n, a[..., N:2 * N], out=hs[:, t])
-            saved = (hs, act, ghn)
-        ctx.arch = arch
-        ctx.save_for_backward(w_hh, *saved)
+        # r, z, n; n = tanh(gi_n + r * (W_hn h + b_hn)), h' = (h - n) z + n
+        act, b = gi.new_empty(K, T, B, G), b_hh[:, None]
+        ghn = gi.new_empty(K, T, B, N)
+        for t in range(T):
+            gh, a, g = torch.baddbmm(b, h, wt), act[:, t], gi[:, t]
+            torch.sigmoid(gh[..., :2 * N].add_(g[..., :2 * N]), out=a[..., :2 * N])
+            ghn[:, t] = gh[..., 2 * N:]
+            n = _tanh(torch.addcmul(g[..., 2 * N:], a[..., :N], gh[..., 2 * N:]),
+                      out=a[..., 2 * N:])
+            h = torch.addcmul(n, h - n, a[..., N:2 * N], out=hs[:, t])
+        ctx.save_for_backward(w_hh, hs, act, ghn)
         return hs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout: Tensor):
-        w_hh, hs, *saved = ctx.saved_tensors
+        w_hh, hs, act, ghn = ctx.saved_tensors
         K, T, B, N = hs.shape
         G = w_hh.shape[-2]
         # Step by step, on (K, B, .) slices: factors precomputed for all steps at once are
         # tensors of many megabytes at K = 32, and streaming them from memory cost more than
         # the few extra kernels per step.
-        dpre = hs.new_empty(K, T, B, G)  # gradient of the pre-activations, input side
-        dgh = dpre if ctx.arch != "gru" else torch.empty_like(dpre)  # hidden side
+        di_all = hs.new_empty(K, T, B, G)  # gradient of the pre-activations, input side
+        dg_all = torch.empty_like(di_all)  # hidden side
         dh_next = hs.new_zeros(K, B, N)
         zeros = hs.new_zeros(K, B, N)
+        # h' = (h - n) z + n, n = tanh(a_n + r ghn), r and z sigmoids
+        for t in reversed(range(T)):
+            a, di, dg = act[:, t], di_all[:, t], dg_all[:, t]
+            r, z, n = a[..., :N], a[..., N:2 * N], a[..., 2 * N:]
+            hprev = hs[:, t - 1] if t else zeros
+            dh = dout[:, t] + dh_next
+            dn = _TANH_BACKWARD(torch.addcmul(dh, dh, z, value=-1), n,
+                                grad_input=di[..., 2 * N:])
+            torch.mul(dn, r, out=dg[..., 2 * N:])
+            _SIGMOID_BACKWARD(dh * (hprev - n), z, grad_input=dg[..., N:2 * N])
+            _SIGMOID_BACKWARD(dn * ghn[:, t], r, grad_input=dg[..., :N])
+            di[..., :2 * N] = dg[..., :2 * N]
+            dh_next = torch.baddbmm(dh * z, dg, w_hh)
+        # dW_hh = sum over steps of dgh_t^T h_{t-1}; h_{-1} = 0 drops the first step.
+        d_w = dg_all[:, 1:].reshape(K, (T - 1) * B, G).mT @ hs[:, :-1].reshape(K, (T - 1) * B, N)
+        return di_all, d_w, dg_all.sum((1, 2))
+
+
+class _Recurrence(torch.autograd.Function):
+    """An RNN or LSTM layer of K members over T steps with its input projection inside:
+    ``(K, T, B, N)`` hidden states from the inputs ``x`` ``(K, T, B, I)``, each step one batched
+    product of ``[x_t, h_{t-1}]`` with ``[W_ih, W_hh]`` (the bias ``b`` ``(K, G)``, input and
+    hidden summed, added by it). The input projections of all steps at once were a tensor of
+    megabytes written and read back, and the input weight's gradient a product with an output
+    of a few columns, slow in any BLAS; here it is a slice of the one weight-gradient product.
+    The backward through time is hand-written, as :class:`_GRURecurrence`'s (see there why);
+    the equations are PyTorch's cells', only the order of roundings differs."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor, arch: str) -> Tensor:
+        K, T, B, I = x.shape
+        G, N = w_hh.shape[-2:]
+        wt = torch.cat([w_ih, w_hh], -1).mT  # (K, I + N, G)
+        # Step t's operand [x_t, h_{t-1}] is xh[:, t]; each new h is written into the next
+        # step's slab, so the hidden states are a view of xh.
+        xh = x.new_empty(K, T + 1, B, I + N)
+        xh[:, :T, :, :I] = x
+        xh[:, 0, :, I:] = 0
+        hs = xh[:, 1:, :, I:]
+        bias = b[:, None]
+        if arch == "rnn":
+            for t in range(T):
+                _tanh(torch.baddbmm(bias, xh[:, t], wt), out=hs[:, t])
+            saved = ()
+        else:
+            act = x.new_empty(K, T, B, G)  # i, f, g, o
+            cs, tcs = x.new_empty(K, T, B, N), x.new_empty(K, T, B, N)
+            c = x.new_zeros(K, B, N)
+            for t in range(T):
+                pre, a = torch.baddbmm(bias, xh[:, t], wt), act[:, t]
+                _lstm_gates(pre, N, out=a)
+                c = torch.mul(a[..., N:2 * N], c, out=cs[:, t]).addcmul_(a[..., :N],
+                                                                          a[..., 2 * N:3 * N])
+                torch.mul(a[..., 3 * N:], _tanh(c, out=tcs[:, t]), out=hs[:, t])
+            saved = (act, cs, tcs)
+        ctx.arch, ctx.input_size = arch, I
+        ctx.save_for_backward(w_ih, w_hh, xh, *saved)
+        return hs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout: Tensor):
+        w_ih, w_hh, xh, *saved = ctx.saved_tensors
+        I = ctx.input_size
+        K, T1, B, _ = xh.shape
+        T, (G, N) = T1 - 1, w_hh.shape[-2:]
+        hs = xh[:, 1:, :, I:]
+        dpre = xh.new_empty(K, T, B, G)
+        dh_next = xh.new_zeros(K, B, N)
         if ctx.arch == "rnn":
             for t in reversed(range(T)):
                 dh = dout[:, t] + dh_next
                 d = _TANH_BACKWARD(dh, hs[:, t], grad_input=dpre[:, t])
                 dh_next = torch.bmm(d, w_hh)
-        elif ctx.arch == "lstm":
+        else:
             act, cs, tcs = saved
-            dc_next = zeros
+            dc_next = zeros = xh.new_zeros(K, B, N)
             for t in reversed(range(T)):
                 a, d = act[:, t], dpre[:, t]
                 i, f, g, o = (a[..., k * N:(k + 1) * N] for k in range(4))
@@ -153,23 +205,11 @@ class _Recurrence(torch.autograd.Function):
                 _TANH_BACKWARD(dc * i, g, grad_input=d[..., 2 * N:3 * N])
                 dc_next = dc * f
                 dh_next = torch.bmm(d, w_hh)
-        else:  # h' = (h - n) z + n, n = tanh(a_n + r ghn), r and z sigmoids
-            act, ghn = saved
-            for t in reversed(range(T)):
-                a, di, dg = act[:, t], dpre[:, t], dgh[:, t]
-                r, z, n = a[..., :N], a[..., N:2 * N], a[..., 2 * N:]
-                hprev = hs[:, t - 1] if t else zeros
-                dh = dout[:, t] + dh_next
-                dn = _TANH_BACKWARD(torch.addcmul(dh, dh, z, value=-1), n,
-                                    grad_input=di[..., 2 * N:])
-                torch.mul(dn, r, out=dg[..., 2 * N:])
-                _SIGMOID_BACKWARD(dh * (hprev - n), z, grad_input=dg[..., N:2 * N])
-                _SIGMOID_BACKWARD(dn * ghn[:, t], r, grad_input=dg[..., :N])
-                di[..., :2 * N] = dg[..., :2 * N]
-                dh_next = torch.baddbmm(dh * z, dg, w_hh)
-        # dW_hh = sum over steps of dgh_t^T h_{t-1}; h_{-1} = 0 drops the first step.
-        d_w = dgh[:, 1:].reshape(K, (T - 1) * B, G).mT @ hs[:, :-1].reshape(K, (T - 1) * B, N)
-        return dpre, d_w, dgh.sum((1, 2)) if ctx.arch == "gru" else None, None
+        flat = dpre.view(K, T * B, G)
+        # One product for both weights: the gradient of [W_ih, W_hh] is sum_t dpre_t^T xh_t.
+        d_w = flat.mT @ xh[:, :T].reshape(K, T * B, -1)
+        dx = (flat @ w_ih).view(K, T, B, I) if ctx.needs_input_grad[0] else None
+        return dx, d_w[..., :I], d_w[..., I:], dpre.sum((1, 2)), None
 
 
 def _tanh(x: Tensor, *, out: Tensor) -> Tensor:
@@ -207,20 +247,20 @@ def _forward(params: dict[str, Tensor], arch: str, layers: int, x: Tensor, last:
     """
     K = params["readout.weight"].shape[0]
     *_, B, T, d = x.shape
-    inp = x.transpose(-3, -2).reshape(-1, T * B, d)  # (K or 1, T * B, d)
-    if inp.shape[0] == 1:
-        inp = inp.expand(K, -1, -1)
+    inp = x.transpose(-3, -2)  # (K or 1, T, B, d)
+    if inp.dim() == 3:
+        inp = inp[None]
     for layer in range(layers):
-        w_ih = params[f"rnn.weight_ih_l{layer}"]
-        bias, b_hh = params[f"rnn.bias_ih_l{layer}"], params[f"rnn.bias_hh_l{layer}"]
-        if arch != "gru":  # one bias added once, not a second pass over every pre-activation
-            bias, b_hh = bias + b_hh, None
-        gi = torch.baddbmm(bias[:, None], inp, w_ih.mT)
-        hs = _Recurrence.apply(gi.view(K, T, B, -1), params[f"rnn.weight_hh_l{layer}"], b_hh,
-                               arch)
-        inp = hs.view(K, T * B, -1)
-    N = inp.shape[-1]
-    out = torch.baddbmm(params["readout.bias"][:, None], hs[:, T - last:].reshape(K, last * B, N),
+        w_ih, w_hh = params[f"rnn.weight_ih_l{layer}"], params[f"rnn.weight_hh_l{layer}"]
+        b_ih, b_hh = params[f"rnn.bias_ih_l{layer}"], params[f"rnn.bias_hh_l{layer}"]
+        if arch == "gru":
+            flat = inp.reshape(inp.shape[0], T * B, -1).expand(K, -1, -1)
+            gi = torch.baddbmm(b_ih[:, None], flat, w_ih.mT)
+            inp = _GRURecurrence.apply(gi.view(K, T, B, -1), w_hh, b_hh)
+        else:  # one bias added once, not a second pass over every pre-activation
+            inp = _Recurrence.apply(inp.expand(K, -1, -1, -1), w_ih, w_hh, b_ih + b_hh, arch)
+    out = torch.baddbmm(params["readout.bias"][:, None],
+                        inp[:, T - last:].reshape(K, last * B, inp.shape[-1]),
                         params["readout.weight"].mT)
     return out.view(K, last, B, -1).transpose(1, 2)
 

@@ -567,16 +567,22 @@ def test_a_space_another_worker_exhausts_mid_population_stops_the_sweep(tmp_path
 @pytest.mark.parametrize("arch", ["rnn", "gru", "lstm"])
 def test_the_hand_written_backward_through_time_is_the_gradient(arch):
     """The stacked layers' backward pass against finite differences, in float64: K = 2
-    members, T = 4 steps, batch 3, 5 units (the GRU's hidden bias inside its reset gate)."""
-    from lepredict.population import _Recurrence
+    members, T = 4 steps, batch 3, 5 units, 2 inputs; for the RNN and the LSTM the gradient of
+    the inputs too (a second layer's, from the first), for the GRU its hidden bias inside the
+    reset gate."""
+    from lepredict.population import _GRURecurrence, _Recurrence
 
     gates = {"rnn": 1, "gru": 3, "lstm": 4}[arch]
     g = torch.Generator().manual_seed(0)
-    gi = torch.randn(2, 4, 3, gates * 5, generator=g, dtype=torch.float64, requires_grad=True)
-    w_hh = (0.7 * torch.randn(2, gates * 5, 5, generator=g, dtype=torch.float64)
-            ).requires_grad_()
-    b_hh = (torch.randn(2, gates * 5, generator=g, dtype=torch.float64).requires_grad_()
-            if arch == "gru" else None)
-    inputs = (gi, w_hh) + ((b_hh,) if b_hh is not None else ())
-    assert torch.autograd.gradcheck(
-        lambda gi, w, *b: _Recurrence.apply(gi, w, b[0] if b else None, arch), inputs)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+
+    w_hh, b = randn(2, gates * 5, 5, scale=0.7), randn(2, gates * 5)
+    if arch == "gru":
+        gi = randn(2, 4, 3, gates * 5)
+        assert torch.autograd.gradcheck(_GRURecurrence.apply, (gi, w_hh, b))
+    else:
+        x, w_ih = randn(2, 4, 3, 2), randn(2, gates * 5, 2)
+        assert torch.autograd.gradcheck(
+            lambda *args: _Recurrence.apply(*args, arch), (x, w_ih, w_hh, b))
