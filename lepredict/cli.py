@@ -182,6 +182,13 @@ def _open_study(storage: str | None, study_name: str):
             raise CLIError(f"No journal file {storage!r}; check --storage.")
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+        from lepredict.sweep import check_storage_file
+
+        try:
+            check_storage_file(storage)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+
         backend = JournalStorage(JournalFileBackend(storage))
     else:
         raise CLIError(f"--storage {storage!r} is neither a database URL (sqlite:///..., "
@@ -862,26 +869,111 @@ _SPECTRUM_FORMAT = ("a run record from `lepredict spectrum --json`, or {\"0\": {
                     "[...], \"std\": [...]}, \"1\": ..., \"val_loss\": [...]}")
 
 
-def _read_spectrum_file(path: str, budget: int, *, uses_loss: bool, chance_loss: float) -> dict:
-    """Spectra measured elsewhere, checked: a prediction from a file with an epoch missing or a
-    NaN loss would look as confident as any other."""
-    from lepredict.train import diverged_loss
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object, refusing a key given twice (``json`` would keep the last silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _epoch_key(key: str) -> int | None:
+    """The epoch a spectrum key names: ``"3"`` -> 3; None for a key that is no number at all.
+    A number not written plainly (``"03"``, ``"-1"``, ``"٣"``) is refused: ``int()`` would read
+    ``"00"`` and ``"0"`` as one epoch, the one given last silently winning."""
+    import re
+
+    if re.fullmatch(r"0|[1-9][0-9]*", key, re.ASCII):
+        return int(key)
+    if re.fullmatch(r"\s*[+-]?\d+\s*", key):  # \d: any script's digits
+        raise ValueError(f"key {key!r} is not an epoch as the format writes one: epochs are "
+                         "0, 1, 2, ... in ASCII digits without sign or leading zeros, each "
+                         "given once")
+    return None
+
+
+def _loss_values(values) -> list[float]:
+    """``"val_loss"`` as floats: each a loss (>= 0), or a diverged run's non-finite loss as
+    lepredict writes it: ``null`` (``--json``), ``"inf"``/``"nan"`` (the study's records,
+    ``lepredict.records.jsonable``), or Python's ``Infinity``/``NaN`` tokens."""
+    problem = ("\"val_loss\" must be a list of validation losses, one per epoch from 0: numbers "
+               ">= 0, or null (also \"inf\", \"nan\") for a diverged run's loss that was not "
+               "finite")
+    if not isinstance(values, list):
+        raise ValueError(f"{problem}; got {json.dumps(values)[:40]}.")
+    out = []
+    for epoch, v in enumerate(values):
+        if v is None:
+            v = math.nan
+        elif isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                v = -math.inf if v.strip().startswith("-") else None
+            if v is None or math.isfinite(v):  # "1.5" is a hand-typed number, not a marker
+                raise ValueError(f"{problem}; val_loss[{epoch}] is {values[epoch]!r}.")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{problem}; val_loss[{epoch}] is {json.dumps(v)[:40]}.")
+        v = float(v)
+        if v < 0:
+            raise ValueError(f"val_loss[{epoch}] is {v:g}, and a loss is never negative: give "
+                             "the validation losses themselves (>= 0; not a log-likelihood or "
+                             "a change in loss).")
+        out.append(v)
+    return out
+
+
+def _positive_chance_loss(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise CLIError(f"{where} must be a positive finite number: the loss of the best "
+                       "constant prediction, in the units of \"val_loss\" (1.0 if the losses "
+                       f"are already normalised); got {json.dumps(value)[:40]}.")
+    return float(value)
+
+
+def _read_spectrum_file(path: str, *, chance_loss: float | None) -> dict:
+    """Spectra measured elsewhere, checked: a prediction from a file with a bad key or a
+    negative loss would look as confident as any other (:func:`_check_spectrum_losses` checks
+    the epochs). ``chance_loss``: ``--chance-loss``, if given; the file's must agree with it."""
 
     def bad(problem: str) -> CLIError:
         return CLIError(f"--spectrum {path!r}: {problem}")
 
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(), object_pairs_hook=_unique_keys)
     except OSError as err:
         raise bad(f"cannot read it ({err.strerror or err}).") from None
+    except _DuplicateKey as err:
+        raise bad(f"the key {err.args[0]!r} is given twice in one object; give each key "
+                  "once.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise bad(f"not valid JSON ({err}).") from None
     if not isinstance(data, dict):
         raise bad(f"holds a JSON {type(data).__name__}, not an object; expected "
                   f"{_SPECTRUM_FORMAT}.")
-    raw = data["spectra"] if "spectra" in data else {k: v for k, v in data.items()
-                                                     if k.isdigit()}
-    if not isinstance(raw, dict) or not raw:
+    try:
+        if "spectra" in data:
+            raw = data["spectra"]
+            epochs = {}
+            if isinstance(raw, dict):
+                for key in raw:
+                    epoch = _epoch_key(key)
+                    if epoch is None:
+                        raise ValueError(f"spectrum key {key!r} is not an epoch (0, 1, ...)")
+                    epochs[key] = epoch
+        else:
+            raw = data
+            epochs = {k: e for k in data if (e := _epoch_key(k)) is not None}
+    except ValueError as err:
+        raise bad(f"{err}.") from None
+    if not isinstance(raw, dict) or not epochs:
         raise bad(f"holds no spectra; expected {_SPECTRUM_FORMAT}.")
 
     def numbers(where: str, values) -> list[float]:
@@ -893,9 +985,8 @@ def _read_spectrum_file(path: str, budget: int, *, uses_loss: bool, chance_loss:
         return [math.nan if v is None else float(v) for v in values]
 
     spectra = {}
-    for key, spec in raw.items():
-        if not str(key).isdigit():
-            raise bad(f"spectrum key {key!r} is not an epoch (0, 1, ...).")
+    for key, epoch in epochs.items():
+        spec = raw[key]
         if not isinstance(spec, dict) or "mean" not in spec or "std" not in spec:
             raise bad(f"the spectrum of epoch {key} needs \"mean\" and \"std\" lists.")
         mean, std = numbers(f"epoch {key} mean", spec["mean"]), numbers(f"epoch {key} std",
@@ -908,17 +999,45 @@ def _read_spectrum_file(path: str, budget: int, *, uses_loss: bool, chance_loss:
                 and 0.0 <= share <= 1.0):
             raise bad(f"epoch {key}: \"diverged\" is the share of diverged trajectories, a "
                       f"number in [0, 1], got {share!r}.")
-        spectra[int(key)] = {**spec, "mean": mean, "std": std, "diverged": float(share)}
+        spectra[epoch] = {**spec, "mean": mean, "std": std, "diverged": float(share)}
     status = data.get("status", "ok")
     if status not in ("ok", "diverged"):
         raise bad(f"\"status\" must be \"ok\" or \"diverged\", got {status!r}.")
-    val = numbers("\"val_loss\"", data.get("val_loss", []))
+    try:
+        val = _loss_values(data.get("val_loss", []))
+    except ValueError as err:
+        raise bad(str(err)) from None
+    # The losses' scale, named and meant as report_spectrum's chance_loss: the file's own, so
+    # that normalised losses (chance_loss 1.0) or another task's are not read as this task's.
+    given = None
+    if "chance_loss" in data:
+        given = _positive_chance_loss(data["chance_loss"], f"--spectrum {path!r}: "
+                                      "\"chance_loss\"")
+        if chance_loss is not None and given != chance_loss:
+            raise bad(f"\"chance_loss\" is {given:g} but --chance-loss is {chance_loss:g}: "
+                      "give the losses' scale once (drop --chance-loss, or fix the file).")
     config = data.get("config")
     if config is not None and not isinstance(config, dict):
         raise bad("\"config\" must be an object of hyperparameters.")
+    task = data.get("task")
+    task_name = task.get("name") if isinstance(task, dict) else None
+    return {"spectra": spectra, "val_loss": val, "status": status, "config": config,
+            "chance_loss": given, "task": task_name if isinstance(task_name, str) else None}
+
+
+def _check_spectrum_losses(path: str, data: dict, budget: int, *, uses_loss: bool,
+                           chance_loss: float) -> None:
+    """Whether the file covers what the predictor reads, and whether its losses say the run
+    diverged (``data["status"]`` becomes ``"diverged"`` then), by ``chance_loss``."""
+    from lepredict.train import diverged_loss
+
+    def bad(problem: str) -> CLIError:
+        return CLIError(f"--spectrum {path!r}: {problem}")
+
+    spectra, val = data["spectra"], data["val_loss"]
     # A diverged run has nothing from the epoch it diverged in on: its missing epochs are
     # features of their own. Any other run must cover every epoch the predictor reads.
-    if status != "diverged":
+    if data["status"] != "diverged":
         missing = [e for e in range(budget + 1) if e not in spectra]
         if missing:
             raise bad(f"no spectrum for epoch(s) {missing}; the budget-{budget} predictor reads "
@@ -932,10 +1051,9 @@ def _read_spectrum_file(path: str, budget: int, *, uses_loss: bool, chance_loss:
                 raise bad(f"val_loss[{epoch}] is {loss}: a run whose loss is not finite "
                           "diverged; mark it \"status\": \"diverged\" or fix the value.")
         if any(diverged_loss(v, chance_loss) for v in val[:budget + 1]):
-            status = "diverged"  # the divergence rule of lepredict.train, as a live run would
+            data["status"] = "diverged"  # lepredict.train's rule, as a live run would
     elif 0 not in spectra:
         raise bad("no spectrum for epoch 0 (the initialisation), which every predictor reads.")
-    return {"spectra": spectra, "val_loss": val, "status": status, "config": config}
 
 
 def _cmd_predict(args) -> int:

@@ -21,6 +21,7 @@ configuration already in the study is not drawn again (see :class:`_PerTrialSamp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -64,6 +65,7 @@ __all__ = [
     "FINISHED_STATES",
     "SearchSpace",
     "SpaceExhausted",
+    "check_storage_file",
     "export_trials",
     "fill_fixed_params",
     "load_space",
@@ -214,8 +216,9 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
             a sweep started after that fails it and runs its configuration again (once).
 
     Raises:
-        ValueError: A URL that is neither a database nor a journal file, a database driver that
-            is not installed, or a grace period not longer than the heartbeat interval.
+        ValueError: A URL that is neither a database nor a journal file, a file that is neither
+            new nor an Optuna store (see :func:`check_storage_file`), a database driver that is
+            not installed, or a grace period not longer than the heartbeat interval.
     """
     if isinstance(url, optuna.storages.BaseStorage):
         return url
@@ -229,6 +232,7 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
     if url is None:
         Path(studies_dir).mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{Path(studies_dir) / f'{study_name}.db'}"
+    check_storage_file(url)
     if "://" not in url:
         if url.endswith((".log", ".jsonl")):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -274,6 +278,126 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
             if not race or attempt == SCHEMA_RETRIES - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_storage_file(url: str) -> None:
+    """Raise ValueError for a storage file that is neither new nor an Optuna store (a SQLite
+    database with Optuna's tables or none, or a journal file), or that is a directory.
+
+    Checked by reading only, before Optuna opens it: opening another application's SQLite file
+    creates Optuna's tables in it (and switches it to write-ahead logging), and a journal
+    backend appends its records to any text file."""
+    if "://" in url:
+        from sqlalchemy.engine import make_url
+
+        try:
+            parsed = make_url(url)
+        except Exception:  # not a URL: Optuna's own message follows
+            return
+        if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+            return
+        path, kind = Path(parsed.database), "SQLite database"
+    else:
+        path, kind = Path(url), "journal file"
+    if path.is_dir():
+        example = path / ("study.log" if kind == "journal file" else "study.db")
+        raise ValueError(f"Storage {url!r} names a directory, not a {kind}; name a file in it "
+                         f"(e.g. {str(example)!r}).")
+    if not path.is_file() or path.stat().st_size == 0:
+        return  # new: the sweep creates it
+    if kind == "journal file":
+        with path.open("rb") as f:
+            first = f.readline(1 << 20)
+        try:
+            record = json.loads(first)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or "op_code" not in record:
+            raise ValueError(f"{str(path)!r} is not an Optuna journal file (its first line is no "
+                             "journal record); name a new file ending in .log or .jsonl, or an "
+                             "Optuna journal.")
+        return
+    with path.open("rb") as f:
+        header = f.read(len(_SQLITE_HEADER))
+    if header != _SQLITE_HEADER:
+        raise ValueError(f"{str(path)!r} is not a SQLite database; name a new file "
+                         "(sqlite:///new.db) or an Optuna study database.")
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro",
+                                                uri=True)) as conn:
+            tables = {row[0] for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as err:
+        raise ValueError(f"Cannot read the SQLite database {str(path)!r}: {err}; check the "
+                         "file, or name a new one.") from None
+    if tables and "studies" not in tables:
+        shown = ", ".join(sorted(tables)[:3]) + (", ..." if len(tables) > 3 else "")
+        raise ValueError(f"{str(path)!r} is a SQLite database of another application (tables "
+                         f"{shown}; no Optuna study tables), and a sweep would add Optuna's "
+                         "tables to it; name a new file (sqlite:///new.db).")
+
+
+def _check_sweep_study(study: optuna.Study, study_name: str) -> None:
+    """A sweep resumes only a study it can have made: one minimised value (the normalised
+    loss) and either lepredict's setup or no trials yet (a study created empty, to pass
+    options Optuna's create_study takes). Anything else is someone else's study, which a sweep
+    would fill with trials of other parameters and values of another meaning."""
+    if len(study.directions) > 1:
+        raise ValueError(f"Study {study_name!r} is multi-objective ({len(study.directions)} "
+                         "objectives); a sweep minimises one value, the normalised loss: pick "
+                         "another --study-name.")
+    if study.direction != optuna.study.StudyDirection.MINIMIZE:
+        raise ValueError(f"Study {study_name!r} maximises its value; a sweep minimises the "
+                         "normalised loss: pick another --study-name.")
+    if f"{ATTR}setup" not in study.user_attrs:
+        n = len(study.get_trials(deepcopy=False))
+        if n:
+            raise ValueError(f"Study {study_name!r} holds {n} trial{'s' if n != 1 else ''} that "
+                             "no lepredict sweep made (it has no lepredict setup); pick another "
+                             "--study-name, or another --storage.")
+
+
+def _check_existing_study(url: str | None, study_name: str) -> None:
+    """:func:`_check_sweep_study` of ``study_name`` if the store ``url`` (as
+    :func:`make_storage` takes it) already holds it, read without writing anything: no table,
+    file or journal mode is created."""
+    if url is None:
+        url = f"sqlite:///{Path('studies') / f'{study_name}.db'}"
+    check_storage_file(url)
+    if "://" not in url:
+        if not (url.endswith((".log", ".jsonl")) and Path(url).is_file()
+                and Path(url).stat().st_size):
+            return
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        store = JournalStorage(JournalFileBackend(url))
+    else:
+        import sqlalchemy.exc
+        from sqlalchemy.engine import make_url
+
+        try:
+            parsed = make_url(url)
+            if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+                return  # connecting would create the file
+            store = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        except (ImportError, ValueError, RuntimeError, optuna.exceptions.OptunaError,
+                sqlalchemy.exc.SQLAlchemyError):
+            return  # no Optuna tables (yet), or unreachable: make_storage says what is wrong
+    try:
+        study = optuna.load_study(study_name=study_name, storage=store)
+        _check_sweep_study(study, study_name)
+    except KeyError:
+        pass  # not there yet
+    except optuna.exceptions.StorageInternalError:
+        pass  # workers racing to create the schema: checked again once make_storage has
+    finally:
+        if isinstance(store, optuna.storages.RDBStorage):
+            store.engine.dispose()
 
 
 def _write_ahead_log(engine) -> None:
@@ -905,12 +1029,20 @@ def run_sweep(
                 "random": lambda s: optuna.samplers.RandomSampler(seed=s)}
     if sampler not in samplers:
         raise ValueError(f"sampler must be one of {sorted(samplers)}, got {sampler=}.")
+    if not isinstance(storage, optuna.storages.BaseStorage):
+        # Before make_storage, whose SQLite connections switch the file to write-ahead logging:
+        # a store that is refused is left as it was.
+        _check_existing_study(storage, study_name)
     store = make_storage(storage, study_name, heartbeat_interval=heartbeat_interval,
                          grace_period=grace_period)
     if getattr(store, "heartbeat_interval", None):  # as Optuna's default when none is set
         grace = getattr(store, "grace_period", None) or 2 * store.heartbeat_interval
     else:
         grace = None  # no heartbeat: killed workers' trials cannot be told from running ones
+    try:  # a storage object given: its study, if any, is checked here
+        _check_sweep_study(optuna.load_study(study_name=study_name, storage=store), study_name)
+    except KeyError:
+        pass  # a new study
     study = optuna.create_study(
         storage=store,
         study_name=study_name,

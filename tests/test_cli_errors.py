@@ -7,6 +7,7 @@ have created shows up as a new path there.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -156,6 +157,12 @@ CASES = {
         [*SWEEP, "--storage", "no/such/dir/j.log"], None, "its directory does not exist"),
     "sweep-storage-neither": (
         [*SWEEP, "--storage", "study.txt"], None, "neither a database URL"),
+    "export-text-file-as-journal": (
+        ["export", "--storage", "notes.log", "--study-name", "s", "-o", "x.csv"],
+        write("notes.log", "a\nb\n"), "is not an Optuna journal file"),
+    "analyze-text-file-as-journal": (
+        ["analyze", "--storage", "notes.log", "--study-name", "s"],
+        write("notes.log", "a\nb\n"), "is not an Optuna journal file"),
     "sweep-postgres-closed-port": pytest.param(
         [*SWEEP, "--storage", f"{PG}://postgres@127.0.0.1:{_closed_port()}/test"], None,
         "Cannot open --storage", marks=NO_DRIVER),
@@ -416,3 +423,75 @@ def test_diverged_run_record_is_strict_json_and_reads_back(model_dir, tmp_path, 
                  "--json"]) == 0
     out = _strict_json(capsys.readouterr().out)
     assert out["status"] == "diverged"
+
+
+def _optuna_study(directions, trials: int):
+    def setup(tmp: Path) -> None:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp / 'mine.db'}",
+                                    directions=directions)
+        study.optimize(lambda t: [t.suggest_float("x", 0, 1)] * len(directions),
+                       n_trials=trials)
+    return setup
+
+
+def _foreign_sqlite(tmp: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(tmp / "mine.db") as conn:
+        conn.execute("CREATE TABLE invoices (x)")
+    conn.close()
+
+
+STORES_NOT_A_SWEEPS = {
+    "multi-objective-study": ("sqlite:///mine.db", _optuna_study(["minimize", "maximize"], 2),
+                              "multi-objective"),
+    "maximising-study": ("sqlite:///mine.db", _optuna_study(["maximize"], 0), "maximises"),
+    "users-own-study": ("sqlite:///mine.db", _optuna_study(["minimize"], 3),
+                        "holds 3 trials that no lepredict sweep made"),
+    "another-applications-database": ("sqlite:///mine.db", _foreign_sqlite,
+                                      "SQLite database of another application"),
+    "text-file-as-database": ("sqlite:///mine.db", write("mine.db", "my notes\n"),
+                              "is not a SQLite database"),
+    "text-file-as-journal": ("mine.log", write("mine.log", "my notes\n"),
+                             "is not an Optuna journal file"),
+    "directory-as-database": ("sqlite:///mine.db", lambda tmp: (tmp / "mine.db").mkdir(),
+                              "names a directory"),
+}
+
+
+@pytest.mark.parametrize("storage, setup, message", list(STORES_NOT_A_SWEEPS.values()),
+                         ids=list(STORES_NOT_A_SWEEPS))
+def test_sweep_leaves_stores_it_did_not_make_alone(storage, setup, message, tmp_path,
+                                                   monkeypatch, capsys):
+    """A sweep pointed at someone else's study, database or file refuses before it writes:
+    no trial added, no table created, nothing appended."""
+    import sqlite3
+
+    monkeypatch.chdir(tmp_path)
+    setup(tmp_path)
+    path = tmp_path / storage.removeprefix("sqlite:///")
+
+    def contents():
+        if path.is_dir():
+            return None
+        try:  # an Optuna database's trials and tables (its journal mode may change)
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                return sorted(conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()), (
+                    conn.execute("SELECT * FROM trials").fetchall()
+                    if "trials" in str(conn.execute("SELECT name FROM sqlite_master")
+                                       .fetchall()) else None)
+        except sqlite3.DatabaseError:
+            return path.read_bytes()
+
+    before, listing = contents(), _listing(tmp_path)
+    capsys.readouterr()
+    assert main([*SWEEP, "--storage", storage]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert message in err, err
+    assert contents() == before
+    assert _listing(tmp_path) == listing
