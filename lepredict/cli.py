@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from lepredict.records import MEASURED_EXPONENTS
+from lepredict.records import MEASURED_EXPONENTS, spectrum_dict
 
 __all__ = ["main"]
 
@@ -915,7 +915,7 @@ def _loss_values(values) -> list[float]:
             try:
                 v = float(v)
             except ValueError:
-                v = -math.inf if v.strip().startswith("-") else None
+                v = None
             if v is None or math.isfinite(v):  # "1.5" is a hand-typed number, not a marker
                 raise ValueError(f"{problem}; val_loss[{epoch}] is {values[epoch]!r}.")
         elif isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -999,7 +999,16 @@ def _read_spectrum_file(path: str, *, chance_loss: float | None) -> dict:
                 and 0.0 <= share <= 1.0):
             raise bad(f"epoch {key}: \"diverged\" is the share of diverged trajectories, a "
                       f"number in [0, 1], got {share!r}.")
-        spectra[epoch] = {**spec, "mean": mean, "std": std, "diverged": float(share)}
+        # The checks report_spectrum makes (a NaN exponent only where all trajectories
+        # diverged, a known convention, n not below the exponents given), and its order:
+        # descending, the spread permuted with it.
+        try:
+            checked = spectrum_dict(mean, std, diverged=share, state_size=spec.get("n"),
+                                    convention=spec.get("convention"))
+        except (TypeError, ValueError) as err:
+            raise bad(f"epoch {key}: {err}") from None
+        spectra[epoch] = {**spec, "mean": checked["mean"], "std": checked["std"],
+                          "diverged": float(share)}
     status = data.get("status", "ok")
     if status not in ("ok", "diverged"):
         raise bad(f"\"status\" must be \"ok\" or \"diverged\", got {status!r}.")
@@ -1062,6 +1071,15 @@ def _cmd_predict(args) -> int:
     from lepredict.train import RunConfig, RunRecord, diverged_loss, train_run
 
     t0 = time.perf_counter()
+    if args.chance_loss is not None:
+        if not args.spectrum:
+            raise CLIError("--chance-loss is the scale of the losses in a --spectrum file; a run "
+                           "trained here is measured in its task's own: drop --chance-loss, or "
+                           "add --spectrum FILE.")
+        _positive_chance_loss(args.chance_loss, "--chance-loss")
+    # The file before the model, which takes seconds to load: a typo in it is said at once.
+    data = _read_spectrum_file(args.spectrum, chance_loss=args.chance_loss) if args.spectrum \
+        else None
     models = _load_predictors(args.model, args.trust_model)
     budget = max(models) if args.budget is None else args.budget
     if budget not in models:
@@ -1075,11 +1093,26 @@ def _cmd_predict(args) -> int:
         variant = _trained_variant(model, args.task)
         options = variant or {}
     task = _get_task(args.task, options)
-    if args.spectrum:
-        data = _read_spectrum_file(args.spectrum, budget, uses_loss="loss" in model.feature_sets,
-                                   chance_loss=task.chance_loss)
-        config = data["config"] or (_read_config_file(args.config) if args.config else
-                                    _config_from_args(args).to_dict())
+    uses_hparams = "hparams" in model.feature_sets
+    config_from = "--config" if args.config else "options"
+    chance, chance_from = task.chance_loss, "task"
+    if data is not None:
+        if data["chance_loss"] is not None:
+            chance, chance_from = data["chance_loss"], "file"
+        elif args.chance_loss is not None:
+            chance, chance_from = args.chance_loss, "--chance-loss"
+        elif data["task"] is not None and data["task"] not in (args.task, task.name):
+            raise CLIError(f"--spectrum {args.spectrum!r}: the record is of task "
+                           f"{data['task']!r}, read here as --task {args.task!r}, whose chance "
+                           f"loss ({task.chance_loss:.4g}) would scale its losses: pass --task "
+                           f"{data['task']}, or --chance-loss.")
+        _check_spectrum_losses(args.spectrum, data, budget, uses_loss="loss" in
+                               model.feature_sets, chance_loss=chance)
+        if data["config"]:
+            config, config_from = data["config"], "file"
+        else:
+            config = (_read_config_file(args.config) if args.config else
+                      _config_from_args(args).to_dict())
         try:
             config = RunConfig.from_dict(config).to_dict()
         except (ValueError, TypeError) as err:
@@ -1101,43 +1134,73 @@ def _cmd_predict(args) -> int:
         rec = train_run(config, task, epochs=budget, le_epochs=range(budget + 1),
                         device=args.device, probe_size=args.probe_size)
         measured = rec.wall_time
+    # Spectra from a file with no configuration: a predictor of spectra and losses alone read
+    # none, so none is shown; one that reads hyperparameters read the options' (and defaults).
+    shown_config = rec.config if (not args.spectrum or config_from == "file" or uses_hparams) \
+        else None
     frame = record_frame(rec, task)
+    frame["chance_loss"] = chance  # the features divide the losses by it
     p = float(model.predict_proba(frame)[0, 1])
     loss, low, high = (float(v[0]) for v in model.predict_loss(frame, interval=True))
     drivers = [(name, delta, _feature_words(name)) for name, delta in
                model.explain(frame, top=5)[0]]
+    diverged = rec.status == "diverged"
     result = {
-        "p_trainable": p, "trainable": p >= model.cutoff, "cutoff": model.cutoff,
+        # A run that diverged is labelled not trainable (lepredict.train), whatever P says.
+        "p_trainable": p, "trainable": p >= model.cutoff and not diverged,
+        "above_cutoff": p >= model.cutoff, "cutoff": model.cutoff,
         "final_loss": loss, "final_loss_interval":
         [low, high], "budget": budget, "status": rec.status, "drivers": drivers,
         "task": task.name, "task_options": task.options,
         "task_variant": "trained" if variant else ("given" if args.task_option else "default"),
-        "config": rec.config, "train_seconds": measured,
+        "config": shown_config, "config_from": None if shown_config is None else config_from,
+        "chance_loss": chance, "chance_loss_from": chance_from, "train_seconds": measured,
         "seconds": time.perf_counter() - t0,
     }
     if args.json:
         print(_dumps(result))
         return 0
-    verdict = "likely to train" if p >= model.cutoff else "likely NOT to train"
     why = {"trained": "the variant the predictor was trained on",
            "given": "as given by --task-option",
            "default": "the task's defaults: the predictor has no record of a variant of it"}
     print(f"task {args.task} {_options_text(task.options)} (T={task.seq_len}; "
           f"{why[result['task_variant']]})")
-    print(f"{rec.config['arch'].upper()} N={rec.config['hidden']}, lr "
-          f"{rec.config['lr']:g}, init {rec.config['init']} {rec.config['init_scale']:g}, "
-          f"{rec.config['optimizer']}")
-    if rec.status == "diverged":
+    if shown_config is not None:
+        c = shown_config
+        line = (f"{c['arch'].upper()} N={c['hidden']}, lr {c['lr']:g}, init {c['init']} "
+                f"{c['init_scale']:g}, {c['optimizer']}")
+        if args.spectrum and config_from == "file":
+            line += " (the file's \"config\")"
+        elif args.spectrum and config_from == "--config":
+            line += f" (from --config {args.config}: the file has no \"config\")"
+        elif args.spectrum:
+            read = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in c.items() if k != "seed")
+            line = (f"hyperparameters assumed: {read} (the file has no \"config\"; these are "
+                    "--arch, --hidden, --lr... and their defaults: give the run's own with "
+                    "those options, --config FILE, or a \"config\" object in the file)")
+        print(line)
+    if args.spectrum:
+        scale = {"file": "the file's \"chance_loss\"", "--chance-loss": "--chance-loss",
+                 "task": f"task {task.name}'s: for normalised losses, or another task's, give "
+                 "\"chance_loss\" in the file or --chance-loss"}[chance_from]
+        print(f"val_loss divided by the chance loss {chance:.4g} ({scale})")
+    if diverged:
         # The first validation loss that says so; with none, the training loss broke in the
         # epoch after the last validated one (train_run stops before validating it).
         broke = next((e for e, v in enumerate(rec.val_loss)
-                      if diverged_loss(v, task.chance_loss)), len(rec.val_loss))
+                      if diverged_loss(v, chance)), len(rec.val_loss))
         broke = min(broke, budget)
-        status = (f"diverged {'at initialisation' if broke == 0 else f'in epoch {broke}'} "
-                  f"of {budget}")
+        print(f"diverged {'at initialisation' if broke == 0 else f'in epoch {broke}'} of "
+              f"{budget}: not trainable, whatever P(trainable) ({p:.3f}) says: a run that "
+              "diverges is labelled not trainable")
     else:
-        status = f"status after {budget} epoch(s): {rec.status}"
-    print(f"P(trainable) = {p:.3f}  ({verdict}; {status})")
+        # P at or above the cut-off means "not pruned", not "will train": the cut-offs are low
+        # (0.03-0.15), so a run kept with P = 0.15 more likely fails than trains.
+        verdict = (f"{'at or above' if p >= model.cutoff else 'below'} the pruning cut-off "
+                   f"{model.cutoff:.3f}")
+        print(f"P(trainable) = {p:.3f}  ({verdict}; status after {budget} epoch(s): "
+              f"{rec.status})")
     print(f"cut-off {model.cutoff:.3f}: the predictor's own, the P(trainable) LyapunovPruner "
           "prunes below")
     print(f"predicted final normalised loss {loss:.3f}  (10-90%: {low:.3f} - {high:.3f}; "
@@ -1158,6 +1221,201 @@ def _feature_words(name: str) -> str:
         return ""
 
 
+#: What `lepredict analyze` cannot do without, by option: the trial, its state, its value (the
+#: report reads the rest, from val_loss to the spectra, where an export has it). "value" may be
+#: missing where the trials' normalised losses rank them instead (_ranked_by_losses).
+_REPORT_COLUMNS = {"--data": ("number", "state", "value"),
+                   "--reference": ("state", "final_normalised_loss", "param_*")}
+_BY_LOSSES = ("val_loss", "chance_loss", "final_normalised_loss")
+_NEEDS = {"--data": "number, state and value (a minimised study may give val_loss, chance_loss "
+                    "and final_normalised_loss, for every trial, instead of value)",
+          "--reference": "state, final_normalised_loss and a param_NAME column per "
+                         "hyperparameter"}
+
+
+def _ranked_by_losses(frame) -> bool:
+    """Whether the report ranks the trials by their normalised losses, needing no "value":
+    a minimised study whose trials with losses all have a chance loss, and whose finished trials
+    all have a final normalised loss (lepredict.report._read)."""
+    import pandas as pd
+
+    if not set(_BY_LOSSES) <= set(frame.columns) or (
+            "direction" in frame and (frame["direction"] == "maximize").any()):
+        return False
+    has_loss = frame["val_loss"].map(lambda v: isinstance(v, list) and len(v) > 0)
+    chance = pd.to_numeric(frame["chance_loss"], errors="coerce")
+    final = pd.to_numeric(frame["final_normalised_loss"], errors="coerce")
+    return bool(has_loss.any() and (chance[has_loss] > 0).all()
+                and final[frame["state"] == "COMPLETE"].notna().all())
+_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")  # optuna.trial.TrialState
+_STATUSES = ("ok", "diverged", "pruned", "failed", "running", "waiting")
+#: Columns of numbers in an export (empty where unknown); the leE_* ones are matched apart.
+_NUMBER_COLUMNS = ("value", "chance_loss", "threshold", "final_normalised_loss",
+                   "final_val_loss", "epochs", "epochs_completed", "pruned_at", "predicted_at",
+                   "predicted_p_trainable", "predicted_final_loss", "wall_time", "le_time")
+#: Columns of lists, JSON in a CSV (as lepredict.sweep.read_trials decodes them).
+_LIST_COLUMNS = ("train_loss", "val_loss", "grad_norm", "steps", "values")
+
+
+def _is_list_column(column: str) -> bool:
+    return column in _LIST_COLUMNS or (column.startswith("le")
+                                       and column.endswith(("_mean", "_std")))
+
+
+def _is_number(v) -> bool:
+    import numbers
+
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _empty(v) -> bool:
+    return v is None or (_is_number(v) and math.isnan(v))
+
+
+def _first_bad_list_cell(path: str) -> tuple[int, str, str] | None:
+    """The first CSV cell that ``read_trials`` could not decode as JSON: (row, column, text)."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
+    for column in frame.columns:
+        if not _is_list_column(str(column)):
+            continue
+        for i, v in enumerate(frame[column]):
+            if isinstance(v, str):
+                try:
+                    json.loads(v)
+                except ValueError:
+                    return i, str(column), v
+    return None
+
+
+def _export_problem(frame, option: str) -> tuple[int | None, str | None, str] | None:
+    """What in an export read back would break the report, or give it wrong: (row, column,
+    problem and fix), the first found."""
+    have = [str(c) for c in frame.columns]
+    needed = _REPORT_COLUMNS[option]
+    lacking = [c for c in needed if (not any(h.startswith("param_") for h in have)
+                                     if c == "param_*" else c not in have)]
+    # Without "value", the losses may rank the trials: known once their cells are checked.
+    maybe = lacking == ["value"] and set(_BY_LOSSES) <= set(have)
+    if lacking and not maybe:
+        names = ", ".join("param_NAME" if c == "param_*" else c for c in lacking)
+        return None, None, (f"lacks the column(s) {names}: `lepredict analyze {option}` needs "
+                            f"{_NEEDS[option]}, and reads the others an export has where "
+                            "present; add them, or write the file with `lepredict export`")
+    as_list = "a JSON list of numbers such as [2.3, 1.9] (null for a missing one), or empty"
+    for column in have:
+        values = frame[column]
+        if column == "number":
+            for i, v in enumerate(values):
+                try:  # a column with one bad cell reads as text, its good cells too
+                    whole = not isinstance(v, bool) and float(v).is_integer()
+                except (TypeError, ValueError):
+                    whole = False
+                if not whole:
+                    return i, column, (f"{_shown_cell(v)} is not a trial number: give each "
+                                       "trial's number, an integer")
+        elif column == "state":
+            for i, v in enumerate(values):
+                if v not in _STATES:
+                    return i, column, (f"{_shown_cell(v)} is not a trial state: give one of "
+                                       f"{', '.join(_STATES)}")
+        elif column in ("status", "direction"):
+            allowed = _STATUSES if column == "status" else ("minimize", "maximize")
+            for i, v in enumerate(values):
+                if not _empty(v) and v not in allowed:
+                    return i, column, (f"{_shown_cell(v)} is not a {column}: give one of "
+                                       f"{', '.join(allowed)}, or leave it empty")
+        elif _is_list_column(column):
+            whole = column == "steps"
+            for i, v in enumerate(values):
+                if _empty(v):
+                    continue
+                if not isinstance(v, list) or not all(
+                        (_is_number(x) and (not whole or float(x).is_integer()))
+                        or (x is None and not whole) for x in v):
+                    what = ("a JSON list of the steps reported, integers such as [0, 1, 2], or "
+                            "empty") if whole else as_list
+                    return i, column, f"{_shown_cell(v)} is not {what}"
+        elif column in _NUMBER_COLUMNS or (column.startswith("le") and column.endswith(
+                ("_diverged", "_n", "_sum", "_sum_every"))):
+            for i, v in enumerate(values):
+                if _empty(v):
+                    continue
+                try:
+                    number = float(v)
+                except (TypeError, ValueError):
+                    return i, column, f"{_shown_cell(v)} is not a number: give one, or leave it empty"
+                if column == "chance_loss" and not (math.isfinite(number) and number > 0):
+                    return i, column, (f"{_shown_cell(v)} is no chance loss, which is positive: "
+                                       "give the loss of the best constant prediction (1.0 for "
+                                       "losses already divided by it), or leave it empty")
+    if maybe and not _ranked_by_losses(frame):
+        return None, None, ("lacks the column value, and its losses cannot rank the trials "
+                            "instead (a trial with val_loss but no chance_loss, a finished one "
+                            "without final_normalised_loss, or a maximised study): add value, "
+                            "each trial's final value, or write the file with `lepredict "
+                            "export`")
+    if "steps" in have and "values" in have:
+        for i, (steps, values) in enumerate(zip(frame["steps"], frame["values"])):
+            if isinstance(steps, list) and isinstance(values, list) and steps and values \
+                    and len(steps) != len(values):
+                return i, "values", (f"{len(values)} values for the {len(steps)} steps in "
+                                     "\"steps\": give one value per step reported")
+    return None
+
+
+def _shown_cell(v) -> str:
+    text = json.dumps(v) if isinstance(v, (list, str)) else str(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _read_exports(paths: list[str], option: str):
+    """``--data`` or ``--reference`` of analyze, checked file by file: an export edited by hand
+    fails in the report as a KeyError or TypeError naming nothing the user wrote."""
+    import glob
+
+    import pandas as pd
+
+    from lepredict.sweep import read_trials
+
+    frames = []
+    for f in [f for p in paths for f in (sorted(glob.glob(p)) or [p])]:
+        try:
+            frame = read_trials(f)
+        except FileNotFoundError:
+            raise CLIError(f"No such data file: {f!r}; pass exports written by "
+                           "`lepredict export` (.parquet or .csv).") from None
+        except OSError as err:
+            raise CLIError(f"Cannot read {option} {f!r}: {err.strerror or err}.") from None
+        except UnicodeDecodeError as err:
+            raise CLIError(f"{option} {f!r} is not UTF-8 text (byte {err.object[err.start]:#04x} "
+                           f"at offset {err.start}): save it as UTF-8, as `lepredict export` "
+                           "writes it.") from None
+        except ValueError as err:
+            bad = _first_bad_list_cell(f) if f.endswith(".csv") else None
+            if bad is not None:
+                i, column, text = bad
+                raise CLIError(f"{option} {f!r}, data row {i + 1}, column {column}: "
+                               f"{_shown_cell(text)} is not a JSON list such as [2.3, 1.9]: "
+                               "write the list, or leave the cell empty.") from None
+            if str(err).startswith("Cannot tell the format"):
+                raise CLIError(str(err)) from None
+            kind = "CSV" if f.endswith(".csv") else "Parquet"
+            raise CLIError(f"{option} {f!r} cannot be read as {kind} ({_first_line(err)}): "
+                           "write it with `lepredict export` (comma-separated for .csv).") from None
+        problem = _export_problem(frame, option)
+        if problem is not None:
+            i, column, text = problem
+            where = "" if i is None else f", data row {i + 1}, column {column}"
+            raise CLIError(f"{option} {f!r}{where}: {text}.")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
 def _cmd_analyze(args) -> int:
     from lepredict import report
     from lepredict.sweep import trials_frame
@@ -1170,7 +1428,7 @@ def _cmd_analyze(args) -> int:
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise CLIError(f"--threshold must be a finite number, got {args.threshold}.")
     if args.data:
-        frame = _read_data(args.data)
+        frame = _read_exports(args.data, "--data")
         title = ", ".join(args.data)
     elif args.study_name:
         study = _open_study(args.storage, args.study_name)
@@ -1189,7 +1447,7 @@ def _cmd_analyze(args) -> int:
         else:
             raise CLIError(f"The model has no predictor for budget {args.budget}; it has "
                            f"{sorted(models)}: pass --budget with one of those.")
-    reference = _read_data(args.reference) if args.reference else None
+    reference = _read_exports(args.reference, "--reference") if args.reference else None
     output = args.output or f"studies/{(args.study_name or 'report')}-report.html"
     try:
         sections = report.panels(frame, model=model, reference=reference,
@@ -1472,7 +1730,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="hyperparameters from a TOML or JSON file "
                    "(instead of --arch, --hidden, ...)")
     p.add_argument("--spectrum", default=None, help="predict from spectra measured elsewhere "
-                   "(JSON: a `lepredict spectrum --json` record, or {epoch: {mean, std}})")
+                   "(JSON: a `lepredict spectrum --json` record, or {epoch: {mean, std}, "
+                   "\"val_loss\": [...]}); \"val_loss\" is read as raw losses of --task unless "
+                   "the file gives \"chance_loss\" (their scale: the loss of the best constant "
+                   "prediction, 1.0 if already normalised) or --chance-loss does; the file's "
+                   "\"config\", if any, stands for --config and --arch...")
+    p.add_argument("--chance-loss", type=float, default=None,
+                   help="with --spectrum: the chance loss of its \"val_loss\", in their units "
+                   "(1.0 for losses already divided by it), for a file without \"chance_loss\" "
+                   "(default: --task's)")
     p.add_argument("--model", default="default", help="shipped name or model directory")
     _add_trust_arg(p)
     p.add_argument("--budget", type=int, default=None,

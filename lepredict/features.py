@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from lepredict.records import ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS
+from lepredict.records import ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS, exponent_total
 
 __all__ = [
     "FEATURE_SETS",
@@ -172,7 +172,7 @@ def _spectrum_rows(row: pd.Series, budget: int, summarise, prefix: str = "spec")
             given = row.get(f"le{e}_sum")
             total = _num(given)
             if math.isnan(total) and n == len(mean):
-                total = math.fsum(mean)
+                total = exponent_total(mean)
             if not math.isfinite(total) and n > len(mean):
                 if sum_measured is None:
                     sum_measured = _sum_measured(row)
@@ -224,7 +224,7 @@ def top_summary(mean: Sequence[float], std: Sequence[float] | None = None,
                 f"The spectrum has {len(mean)} of {n} exponents and not their sum, which the "
                 "predictor uses: measure with exponent_sum=True (lepredict.lyapunov_spectrum)."
             )
-        exponent_sum = math.fsum(mean)
+        exponent_sum = exponent_total(mean)
     lam = np.full(top, -CLIP)
     lam[:have] = np.clip(np.asarray(mean[:have], dtype=float), -CLIP, CLIP)
     spread = np.zeros(top)

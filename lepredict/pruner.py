@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 import threading
@@ -17,6 +18,7 @@ import torch
 from optuna.pruners import BasePruner
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
+from torch.nn.utils.rnn import PackedSequence
 
 from lepredict.features import completed_runs
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
@@ -45,13 +47,16 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
 
     Args:
         trial: the running trial.
-        spectrum: a :class:`lepredict.LyapunovSpectrum`, or a dict with ``"mean"`` (descending)
-            and optionally ``"std"``, ``"diverged"`` (share of trajectories), ``"n"`` (the state
-            size, if only the leading exponents are given), ``"sum"`` (the sum of all ``n``
-            exponents, needed then) and ``"convention"`` (``"hidden"`` for an LSTM's
-            hidden-only map).
+        spectrum: a :class:`lepredict.LyapunovSpectrum`, or a dict with ``"mean"`` (descending;
+            sorted if not, ``"std"`` permuted with it) and optionally ``"std"``, ``"diverged"`` (share
+            of trajectories, in ``[0, 1]``), ``"n"`` (the state size, if only the leading
+            exponents are given), ``"sum"`` (the sum of all ``n`` exponents, needed then) and
+            ``"convention"`` (``"hidden"`` for an LSTM's hidden-only map, ``"full"`` for its
+            ``(h, c)`` state).
         step: the step you pass to ``trial.report`` (an epoch, 0 being the initialisation, or an
-            iteration count with ``LyapunovPruner(steps_per_epoch=...)``).
+            iteration count with ``LyapunovPruner(steps_per_epoch=...)``, the spectrum of epoch
+            ``e`` then at step ``e * steps_per_epoch``): an int, or a numpy or 0-d torch
+            integer.
         chance_loss: the scale of the losses: the loss of the best constant prediction
             (:func:`lepredict.chance_loss`) if the values you report are raw losses, or ``1.0``
             if they are already normalised (loss / chance loss). Once per trial is enough.
@@ -68,7 +73,9 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
 
     Raises:
         ValueError: a spectrum the study's :class:`LyapunovPruner` cannot use (leading
-            exponents only, an LSTM's hidden-only map), a bad ``step`` or ``chance_loss``, or
+            exponents only, an LSTM's hidden-only map), a dict that is no spectrum (an empty or
+            NaN ``"mean"``, ``"diverged"`` outside ``[0, 1]``, an unknown ``"convention"``:
+            :func:`lepredict.records.spectrum_dict`), a bad ``step`` or ``chance_loss``, or
             ``hparams`` with an unknown key or a value its key does not allow (the message
             names both).
 
@@ -77,6 +84,7 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         ...                 hparams={"arch": "gru", "hidden": 64, "layers": 1, "lr": 3e-3,
         ...                          "optimizer": "adam", "batch_size": 32})
     """
+    step = _checked_step(step)
     if isinstance(spectrum, LyapunovSpectrum):
         spec = spectrum_of(spectrum)
     elif isinstance(spectrum, Mapping) and "mean" in spectrum:
@@ -88,8 +96,6 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
     else:
         raise TypeError("spectrum must be a LyapunovSpectrum or a dict with 'mean' and 'std' "
                         f"lists, got {type(spectrum).__name__}.")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise ValueError(f"step must be a non-negative int (the step of trial.report), got {step=}.")
     if chance_loss is not None and not (math.isfinite(chance_loss) and chance_loss > 0):
         raise ValueError(f"chance_loss must be a positive finite number, got {chance_loss=}.")
     stored_hparams = None if hparams is None else _merged_hparams(trial, hparams)
@@ -103,6 +109,41 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         trial.set_user_attr(CHANCE_LOSS, float(chance_loss))
     if val_loss is not None:
         trial.set_user_attr(f"{VAL_LOSS}{step}", jsonable(float(val_loss)))
+
+
+def _checked_step(step) -> int:
+    """``step`` as an int, taking what ``trial.report`` takes (numpy and torch integers too)."""
+    try:
+        index = operator.index(step)
+    except TypeError:
+        index = -1
+    if isinstance(step, bool) or index < 0:
+        raise ValueError(f"step must be a non-negative int (the step of trial.report), got {step=}.")
+    return index
+
+
+def _checked_probe(probe, rnn: torch.nn.Module) -> torch.Tensor:
+    """``probe`` if it is a batch of sequences in the module's layout; else a ``TypeError`` or
+    ``ValueError`` saying what to pass (before any measuring, not deep in the engine)."""
+    batch_first = bool(getattr(rnn, "batch_first", True))
+    layout = (f"shaped {'(batch, time, features)' if batch_first else '(time, batch, features)'}"
+              f" as the module (batch_first={batch_first}) takes them")
+    if isinstance(probe, PackedSequence):
+        raise TypeError(f"probe is a PackedSequence; pass a padded tensor of equal-length "
+                        f"sequences {layout} (sequences of one length, or cut to the shortest), "
+                        "since padding would be measured as input.")
+    if isinstance(probe, np.ndarray):
+        raise TypeError(f"probe is a numpy array; convert it with torch.as_tensor(probe) "
+                        f"(validation sequences {layout}).")
+    if not isinstance(probe, torch.Tensor):
+        raise TypeError(f"probe must be a torch.Tensor of validation sequences {layout}, got "
+                        f"{type(probe).__name__}.")
+    if probe.dim() != 3:
+        hint = (" (one sequence needs a batch dimension; token ids go through the embedding "
+                "first)") if probe.dim() == 2 else ""
+        raise ValueError(f"probe must be a 3-D tensor of validation sequences {layout}, got "
+                         f"shape {tuple(probe.shape)}{hint}.")
+    return probe
 
 
 def _merged_hparams(trial, hparams: Mapping) -> dict | None:
@@ -161,7 +202,14 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     the trial's hyperparameters together with ``hparams`` (those the module cannot show: ``lr``,
     ``optimizer``, ``batch_size``, ``init``, ``init_scale``, ``clip``, ``weight_decay``; see
     :func:`report_spectrum`); a value of ``hparams`` that contradicts the module is an error.
+
+    Raises:
+        TypeError: a probe that is not a ``torch.Tensor`` (a numpy array: convert it with
+            ``torch.as_tensor``; a ``PackedSequence``: pass a tensor of equal-length sequences).
+        ValueError: a probe without 3 dimensions, a bad ``step``, ``hparams`` that contradict
+            the module, or anything :func:`report_spectrum` refuses.
     """
+    probe, step = _checked_probe(probe, rnn), _checked_step(step)
     shown = module_hparams(rnn)
     given = check_hparams(hparams or {})
     clash = sorted(k for k in shown if k in given and given[k] != shown[k])
@@ -231,7 +279,10 @@ class _TrialView:
         raw = {s: _float(v) for s, v in own.items()} if self.losses_from_attrs \
             else dict(trial.intermediate_values)
         self.losses = _by_epoch(raw, steps_per_epoch)
-        self.spectra = _by_epoch(attrs_by_step(trial.user_attrs, SPECTRUM), steps_per_epoch)
+        spectra = attrs_by_step(trial.user_attrs, SPECTRUM)
+        self.spectra = _by_epoch(spectra, steps_per_epoch)
+        # Spectra and losses given at steps that are no epoch's end are never read.
+        self.off_epoch = sorted(s for s in {*spectra, *own} if s % steps_per_epoch)
         stored = trial.user_attrs.get(HPARAMS)
         self.hparams = dict(stored) if isinstance(stored, Mapping) else None
         setup = study.user_attrs.get(SETUP, {})
@@ -295,7 +346,8 @@ class LyapunovPruner(BasePruner):
     losses. So the pruner never compares a prediction with a value your study observed:
 
     1. *Unstable*: P(trainable) below the predictor's own cut-off (``threshold``), or a spectrum
-       that diverged on at least half of its trajectories, or a non-finite reported value, or
+       that diverged on at least half of its trajectories (or overflowed: an exponent above
+       the log of the largest float, an infinite sum), or a non-finite reported value, or
        (the chance loss known) a validation loss over
        :data:`~lepredict.train.DIVERGED_LOSS_RATIO` times the chance loss, which
        :func:`~lepredict.train_run` labels diverged.
@@ -312,7 +364,9 @@ class LyapunovPruner(BasePruner):
        model (rules 1-2); only divergence or the wrapped pruner can stop it. A trial that no
        other has reported beside at this step is ranked at the last step others reached too;
        one no other trial ever reported beside (the first of a study, or the first member of a
-       population to report) leads nothing and the model decides for it.
+       population to report) leads nothing and the model decides for it. A tie is no lead: of
+       the trials tied at a value, only the first (by number) still running or finished ranks
+       there, the others behind the whole tie (trials all at chance accuracy do not all lead).
 
     **What you report.** Losses, raw or normalised: give the chance loss once with
     ``report_spectrum(..., chance_loss=lepredict.chance_loss(y_train, y_val))`` for raw losses,
@@ -322,9 +376,14 @@ class LyapunovPruner(BasePruner):
     model. In a maximising study (an accuracy), report the loss beside it with
     ``report_spectrum(..., val_loss=...)``; without that the pruner raises a ``ValueError`` at
     the first ``should_prune()``. Report at every epoch (step = epoch), or at iterations with
-    ``steps_per_epoch`` set: the steps ``e * steps_per_epoch`` are then epoch ``e``'s ends.
-    The predictor needs the full spectrum (``k=None``; for an LSTM the ``(h, c)`` state): a
-    spectrum it cannot use is refused by :func:`report_spectrum`.
+    ``steps_per_epoch`` set: the steps ``e * steps_per_epoch`` are then epoch ``e``'s ends,
+    and spectra are given at the same steps (a spectrum at another step is never read: the
+    pruner warns once). A trial past its first epoch without a spectrum and a loss at epoch 0
+    (or at all of epochs ``0..b`` of the smallest budget ``b`` a predictor has), or one that
+    stores spectra but never calls ``trial.report``, makes the pruner warn once and decide
+    nothing on the model for it (a trial without any spectrum is left to ``wrapped_pruner``,
+    when given, without a warning). The predictor needs the full spectrum (``k=None``; for an
+    LSTM the ``(h, c)`` state): a spectrum it cannot use is refused by :func:`report_spectrum`.
 
     **Screening with hyperparameters.** ``model="screening"`` is a shipped predictor that also
     reads the trial's generic hyperparameters (architecture, hidden size, layers, learning rate,
@@ -462,6 +521,7 @@ class LyapunovPruner(BasePruner):
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         step = trial.last_step
         if step is None:
+            self._check_reported(study, trial)
             return False
         value = trial.intermediate_values[step]
         if not math.isfinite(value):
@@ -483,19 +543,35 @@ class LyapunovPruner(BasePruner):
                     "reason": f"validation loss {loss:.4g} at epoch {epoch} is over "
                               f"{DIVERGED_LOSS_RATIO:g} times the chance loss {view.chance:.4g}: "
                               "diverged"})
-        if not view.spectra:
-            return False
-        latest = view.spectra[max(view.spectra)]
-        if _float(latest.get("diverged", 0.0)) >= 0.5:
-            return self._prune(study, trial, step, {
-                "reason": f"spectrum diverged on {_float(latest['diverged']):.0%} of its "
-                          f"trajectories at epoch {max(view.spectra)}"})
+        if view.off_epoch:
+            self._warn_once(study, "off-epoch", self._off_epoch_message(study, view))
+        if view.spectra:
+            at, latest = max(view.spectra.items())
+            if _overflowed(latest):
+                return self._prune(study, trial, step, {
+                    "reason": f"spectrum overflowed at epoch {at} (exponents beyond "
+                              f"{_OVERFLOW:.4g}, the log of the largest float): diverged"})
+            if _float(latest.get("diverged", 0.0)) >= 0.5:
+                return self._prune(study, trial, step, {
+                    "reason": f"spectrum diverged on {_float(latest['diverged']):.0%} of its "
+                              f"trajectories at epoch {at}"})
         if step < self._n_warmup_steps:
             return False
         epoch = step // self._steps_per_epoch
         return self._decide(study, trial, view, step, epoch)
 
     def _decide(self, study, trial, view: _TrialView, step: int, epoch: int) -> bool:
+        if not view.spectra and self._wrapped_pruner is not None:
+            # A trial that stores no spectrum is the wrapped pruner's to judge (a study may mix
+            # recurrent networks with others): nothing to warn about, nor to record each step.
+            return False
+        problem = self._unfed_problem(view, epoch)
+        if problem:
+            self._warn_once(study, "unfed", f"LyapunovPruner prunes nothing on the model in "
+                            f"study {study.study_name!r}: {problem}")
+            return self._keep(study, trial, step, problem)
+        if not view.spectra:
+            return False  # at initialisation: a spectrum may yet come
         # Every trial is read once per decision: each read is a query of an RDB storage.
         trials = study.get_trials(deepcopy=False)
         for kind, problem in (
@@ -600,13 +676,70 @@ class LyapunovPruner(BasePruner):
             self._warned.add((study.study_name, kind))
         warnings.warn(message, UserWarning, stacklevel=_outside_stacklevel())
 
+    def _check_reported(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Warn once if the trial stores spectra but never calls ``trial.report``, once that is
+        plain: a spectrum after initialisation (the step-0 one may come before the report)."""
+        steps = sorted(attrs_by_step(trial.user_attrs, SPECTRUM))
+        if steps and steps[-1] > 0:
+            self._warn_once(study, "unreported", (
+                f"LyapunovPruner prunes nothing in study {study.study_name!r}: trial "
+                f"{trial.number} stored spectra at steps {_steps_text(steps)} but reported no "
+                "value, and a pruner decides at the reported steps; call trial.report(loss, "
+                "step) after lepredict.measure_and_report(...) at each epoch, then "
+                "trial.should_prune()."))
+
+    def _unfed_problem(self, view: _TrialView, epoch: int) -> str | None:
+        """Why no predictor can read the trial, once it is past initialisation (a spectrum may
+        come after the first ``trial.report``) without the epochs ``0..b`` of the smallest
+        budget ``b``; ``None`` if it can, or still may."""
+        first, last = min(self._models, default=0), max(self._models, default=3)
+        if epoch < max(first, 1):
+            return None
+        needed = range(first + 1)
+        no_spectrum = [e for e in needed if e not in view.spectra]
+        no_loss = [e for e in needed if e not in view.losses]
+        number, when = view.trial.number, self._epochs_text
+        how = ("call lepredict.measure_and_report(trial, rnn, probe, step) or "
+               "lepredict.report_spectrum(trial, spectrum, step) before trial.report(value, "
+               f"step), with the same step, at the epochs the predictors read (0 to {last}, 0 "
+               "being the initialisation)")
+        if not view.spectra:
+            return (f"trial {number} reported values up to step "
+                    f"{view.trial.last_step} but stored no spectrum at an epoch's end; {how}")
+        if no_spectrum:
+            return (f"trial {number} stored no spectrum at {when(no_spectrum)}, which every "
+                    f"predictor reads; {how}")
+        if no_loss and view.losses_from_attrs:
+            return (f"trial {number} gave no loss at {when(no_loss)}, which every predictor "
+                    "reads; pass the validation loss there too: "
+                    "lepredict.report_spectrum(..., val_loss=loss)")
+        if no_loss:
+            return (f"trial {number} reported no value at {when(no_loss)}, which every predictor "
+                    "reads; report the validation loss there too, with trial.report(loss, step) "
+                    "(epoch 0 is the initialisation: trial.report(loss, 0) before any training)")
+        return None
+
+    def _epochs_text(self, epochs: list[int]) -> str:
+        steps = "" if self._steps_per_epoch == 1 else \
+            f" (step {_steps_text([e * self._steps_per_epoch for e in epochs])})"
+        return f"epoch {_steps_text(epochs)}{steps}"
+
+    def _off_epoch_message(self, study: optuna.Study, view: _TrialView) -> str:
+        spe = self._steps_per_epoch
+        return (f"LyapunovPruner reads no spectrum or val_loss= given at steps "
+                f"{_steps_text(view.off_epoch)} (trial {view.trial.number} of study "
+                f"{study.study_name!r}): with steps_per_epoch={spe} it reads those at the ends "
+                f"of epochs, steps 0, {spe}, {2 * spe}...; give measure_and_report and "
+                "report_spectrum the step you give trial.report (epoch * steps_per_epoch), not "
+                "the epoch.")
+
     def _steps_problem(self, trial: FrozenTrial) -> str | None:
         """Why the report steps cannot be read as epochs, if so."""
         steps = sorted(trial.intermediate_values)
         if self._steps_per_epoch != 1 or steps[-1] + 1 <= len(steps) + 1:
             return None
-        return (f"trial {trial.number} reported at steps {', '.join(map(str, steps[:4]))}"
-                f"{'...' if len(steps) > 4 else ''}, not at every epoch; if the steps are "
+        return (f"trial {trial.number} reported at steps {_steps_text(steps)}, not at every "
+                "epoch; if the steps are "
                 "iterations, pass LyapunovPruner(steps_per_epoch=...)")
 
     def _scale_problem(self, study: optuna.Study, trials: list[FrozenTrial],
@@ -702,6 +835,22 @@ def _spectrum_problem(spectrum: Mapping) -> str | None:
     return None
 
 
+def _steps_text(steps: list[int]) -> str:
+    """The first few of ``steps``, for a message."""
+    return f"{', '.join(map(str, steps[:4]))}{'...' if len(steps) > 4 else ''}"
+
+
+#: The largest growth per step, as a log, that a float64 state survives: an exponent above it
+#: (or an infinite sum) is a state that overflowed, which lyapunov_spectrum marks diverged.
+_OVERFLOW = math.log(sys.float_info.max)
+
+
+def _overflowed(spectrum: Mapping) -> bool:
+    """Whether a stored spectrum holds an exponent or sum no network that did not diverge has."""
+    return _float(spectrum.get("sum")) == math.inf or any(
+        _float(v) > _OVERFLOW for v in spectrum.get("mean", []))
+
+
 def _horizon(finished: list[FrozenTrial], steps_per_epoch: int) -> int | None:
     """The epochs the study's finished trials trained for (the longest), if any finished."""
     steps = [t.last_step for t in finished if t.last_step is not None]
@@ -725,17 +874,29 @@ def _rank_at(study: optuna.Study, trials: list[FrozenTrial], trial: FrozenTrial,
     at the latest of its steps up to ``step`` that another trial reported at too, how many
     trials reported there, and that step. A trial no other trial has reported beside (the
     first of a study, or the first member of a population to report) ranks 1 of 1 at
-    ``step``: it leads nothing."""
+    ``step``: it leads nothing.
+
+    A tie is no lead: of the trials tied at a value, the first (the lowest number) that is still
+    running or finished ranks where the value does, and the others behind the whole tie, so a
+    study whose trials all sit at chance (an accuracy of exactly 1/classes) protects at most
+    one of them, not all. A pruned (or failed) trial is out of the race and takes no tie's
+    place: the first trial still in it at that value is the best still going there."""
     sign = 1.0 if study.direction == StudyDirection.MINIMIZE else -1.0
     for at in sorted((s for s in trial.intermediate_values if s <= step), reverse=True):
         mine = trial.intermediate_values[at]
-        others = [t.intermediate_values[at] for t in trials
+        others = [(t, t.intermediate_values[at]) for t in trials
                   if t.number != trial.number and at in t.intermediate_values
                   and math.isfinite(t.intermediate_values[at])]
-        if others:  # its own non-finite value there ranks last
-            better = sum(sign * v < sign * mine for v in others) if math.isfinite(mine) \
-                else len(others)
-            return better + 1, len(others) + 1, at
+        if not others:
+            continue
+        if not math.isfinite(mine):  # its own non-finite value there ranks last
+            return len(others) + 1, len(others) + 1, at
+        better = sum(sign * v < sign * mine for _, v in others)
+        tied = [t for t, v in others if v == mine]
+        if any(t.number < trial.number and t.state not in (TrialState.PRUNED, TrialState.FAIL)
+               for t in tied):
+            better += len(tied)
+        return better + 1, len(others) + 1, at
     return 1, 1, step
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "RunRecord",
     "check_hparams",
     "complete_hparams",
+    "exponent_total",
     "jsonable",
     "run_row",
     "spectrum_dict",
@@ -65,6 +66,9 @@ ERROR = f"{ATTR}error"
 HPARAMS = f"{ATTR}hparams"
 
 ARCHS = ("rnn", "gru", "lstm")
+#: A spectrum's state convention: ``"full"`` (an LSTM's ``(h, c)``), ``"hidden"`` (an LSTM's
+#: hidden-only map), ``None`` (any other module, whose state is its hidden state).
+CONVENTIONS = ("full", "hidden", None)
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 INITS = ("uniform", "gain", "orthogonal", "default")
 
@@ -237,17 +241,50 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
     of the state they are exponents of (``k < n`` for a partial spectrum), the state
     convention (``"full"`` or ``"hidden"`` for an LSTM, ``None`` otherwise) and the sum of all
     ``n`` exponents (``"sum"``; for a full spectrum the sum of ``mean``, else ``None`` unless
-    measured; ``"sum_every"`` where it was estimated from every so-many steps' determinants)."""
-    mean = [float(v) for v in mean]
-    std = [0.0] * len(mean) if std is None else [float(v) for v in std]
+    measured; ``"sum_every"`` where it was estimated from every so-many steps' determinants).
+
+    A ``mean`` not in descending order is sorted (largest first, as ``np.sort(mean)[::-1]``),
+    ``std`` permuted with it: the records and the features read the exponents by rank. A sum
+    of exponents beyond a float is stored as ``inf`` (``-inf``) rather than raising; no network
+    that did not diverge grows that fast, and :class:`~lepredict.LyapunovPruner` prunes a
+    spectrum whose sum is ``inf`` (or whose exponent is above the log of the largest float) as
+    diverged. A NaN exponent is what :func:`~lepredict.lyapunov_spectrum` gives when all the
+    trajectories diverged, so it is taken with ``diverged=1.0`` only.
+
+    Raises:
+        ValueError: an empty ``mean``, values that are not numbers, a NaN exponent in a spectrum
+            not wholly diverged, ``std`` of another length, ``diverged`` outside ``[0, 1]``,
+            an unknown ``convention``, or ``state_size`` below ``len(mean)``.
+    """
+    mean, std = _numbers("mean", mean), None if std is None else _numbers("std", std)
+    if not mean:
+        raise ValueError("mean is empty: give the exponents of the spectrum, largest first.")
+    std = [0.0] * len(mean) if std is None else std
     if len(std) != len(mean):
         raise ValueError(f"std has {len(std)} values but mean has {len(mean)}.")
+    diverged = float(diverged)
+    if not 0.0 <= diverged <= 1.0:
+        raise ValueError(f"diverged is the share of trajectories that diverged, in [0, 1], got "
+                         f"{diverged=}.")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS} (\"hidden\" for an LSTM's "
+                         f"hidden-only map), got {convention=}.")
+    # lepredict.lyapunov_spectrum averages over the trajectories that did not diverge: its
+    # mean is NaN only when all of them diverged, and it says so with diverged=1.0.
+    if any(math.isnan(v) for v in mean):
+        if diverged < 1.0:
+            raise ValueError(f"mean has a NaN exponent but {diverged=}: give the mean over the "
+                             "trajectories that did not diverge and their share in 'diverged' "
+                             "(1.0, with a NaN mean, when all did).")
+    elif any(a < b for a, b in zip(mean, mean[1:])):
+        order = sorted(range(len(mean)), key=lambda i: -mean[i])
+        mean, std = [mean[i] for i in order], [std[i] for i in order]
     n = len(mean) if state_size is None else int(state_size)
     if n < len(mean):
         raise ValueError(f"state_size={n} is smaller than the {len(mean)} exponents given.")
     if exponent_sum is None and n == len(mean):
-        exponent_sum = math.fsum(mean)
-    out = {"mean": mean, "std": std, "diverged": float(diverged), "n": n, "k": len(mean),
+        exponent_sum = exponent_total(mean)
+    out = {"mean": mean, "std": std, "diverged": diverged, "n": n, "k": len(mean),
            "convention": convention,
            "sum": None if exponent_sum is None else float(exponent_sum)}
     if floored is not None:
@@ -255,6 +292,24 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
     if sum_every != 1 and out["sum"] is not None:
         out["sum_every"] = int(sum_every)
     return out
+
+
+def exponent_total(exponents) -> float:
+    """The sum of ``exponents``, exactly rounded (``math.fsum``), or ``inf`` (``-inf``) where it
+    is beyond a float (``fsum`` raises ``OverflowError`` then)."""
+    try:
+        return math.fsum(exponents)
+    except OverflowError:
+        return float(sum(exponents))  # overflows to +-inf rather than raising
+
+
+def _numbers(name: str, values) -> list[float]:
+    """``values`` as floats; ``ValueError`` naming ``name`` if they are not numbers."""
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a list of numbers (one per exponent, largest first), "
+                         f"got {values!r:.80}.") from None
 
 
 def spectrum_of(spectrum, *, digits: int | None = None, floored: bool = False) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -45,8 +46,10 @@ def test_predict_stability_says_when_a_run_diverged(model_dir, net, capsys):
     argv = ["predict-stability", "--task", "digits", "--task-option", "mode=row", "--hidden",
             "8", *net, "--model", str(model_dir)]
     assert main(argv) == 0
-    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("P(trainable)")][0]
-    assert line.endswith("diverged in epoch 1 of 1)")  # the model's largest budget: 1
+    lines = capsys.readouterr().out.splitlines()
+    # the model's largest budget: 1; the headline is the divergence, not a P(trainable) verdict
+    assert any(x.startswith("diverged in epoch 1 of 1: not trainable") for x in lines), lines
+    assert not any(x.startswith("P(trainable) =") for x in lines)
 
 
 def test_predict_stability_with_the_screening_model_reads_the_hyperparameters(capsys):
@@ -99,3 +102,238 @@ def test_analyze_refuses_a_budget_the_model_has_not(runs, model_dir, tmp_path, c
     err = capsys.readouterr().err
     assert err.startswith("lepredict analyze: error: The model has no predictor for budget 7")
     assert "pass --budget with one of those" in err and not out.exists()
+
+
+# -- predict-stability --spectrum: the file's units, divergence, keys, configuration ----------
+
+ROW = ["--task", "digits", "--task-option", "mode=row"]
+DIGITS_CHANCE = 2.3025291696767534  # lepredict.tasks.get("digits", mode="row").chance_loss
+EPOCHS = {"0": {"mean": [0.1, -0.5], "std": [0.01, 0.02]},
+          "1": {"mean": [0.05, -0.6], "std": [0.01, 0.02]}}
+
+
+def _predict(model_dir, tmp_path, capsys, text: str, *extra) -> tuple[int, str, str]:
+    spec = tmp_path / "spec.json"
+    spec.write_text(text)
+    code = main(["predict-stability", *ROW, "--model", str(model_dir), "--spectrum", str(spec),
+                 *extra])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _refused(code: int, err: str, message: str, tmp_path: Path) -> None:
+    """The CLI's rule for bad input: exit 2, one line naming the problem, nothing written (the
+    test runs in ``tmp_path``)."""
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("lepredict "), err
+    assert message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.json"]
+
+
+def test_predict_stability_reads_val_loss_in_the_files_chance_loss(model_dir, tmp_path,
+                                                                   capsys):
+    """Losses already normalised (chance_loss 1.0) predict as those losses in the task's own
+    units do; read as raw digits losses (2.3 = chance), 1.0 would look like learning."""
+    def p(val_loss, *extra, **keys):
+        code, out, err = _predict(model_dir, tmp_path, capsys,
+                                  json.dumps({**EPOCHS, "val_loss": val_loss, **keys}),
+                                  "--json", *extra)
+        assert code == 0, err
+        return json.loads(out)
+
+    raw = p([DIGITS_CHANCE, DIGITS_CHANCE])
+    normalised = p([1.0, 1.0], chance_loss=1.0)
+    assert normalised["chance_loss"] == 1.0 and normalised["chance_loss_from"] == "file"
+    assert normalised["p_trainable"] == pytest.approx(raw["p_trainable"])
+    assert p([1.0, 1.0])["p_trainable"] != pytest.approx(raw["p_trainable"])  # as digits losses
+    given = p([1.0, 1.0], "--chance-loss", "1")
+    assert given["chance_loss_from"] == "--chance-loss"
+    assert given["p_trainable"] == pytest.approx(raw["p_trainable"])
+    # The 1000x-chance divergence rule is in the same units: 1500 is 1500x a chance loss of 1.
+    assert p([1.0, 1500.0], chance_loss=1.0)["status"] == "diverged"
+    assert p([DIGITS_CHANCE, 1500.0])["status"] == "ok"
+    code, out, _ = _predict(model_dir, tmp_path, capsys,
+                            json.dumps({**EPOCHS, "val_loss": [1.0, 1.0], "chance_loss": 1.0}))
+    assert code == 0 and "val_loss divided by the chance loss 1 (the file's \"chance_loss\")" in out
+
+
+@pytest.mark.parametrize("keys, extra, message", [
+    ({"chance_loss": 0}, [], "\"chance_loss\" must be a positive finite number"),
+    ({"chance_loss": -2.3}, [], "\"chance_loss\" must be a positive finite number"),
+    ({"chance_loss": "1.0"}, [], "\"chance_loss\" must be a positive finite number"),
+    ({}, ["--chance-loss", "0"], "--chance-loss must be a positive finite number"),
+    ({}, ["--chance-loss", "nan"], "--chance-loss must be a positive finite number"),
+    ({"chance_loss": 1.0}, ["--chance-loss", "2.3"], "give the losses' scale once"),
+])
+def test_predict_stability_refuses_a_bad_chance_loss(model_dir, tmp_path, monkeypatch, capsys,
+                                                     keys, extra, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _predict(model_dir, tmp_path, capsys,
+                            json.dumps({**EPOCHS, "val_loss": [1.0, 1.0], **keys}), *extra)
+    _refused(code, err, message, tmp_path)
+
+
+def test_chance_loss_is_for_spectrum_files_only(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["predict-stability", *TINY, "--model", str(model_dir), "--chance-loss",
+                 "1"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "drop --chance-loss, or add --spectrum" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("val_loss, status, broke", [
+    ([2.3, 1e5], None, "in epoch 1"),  # over 1000x chance: lepredict.train's rule
+    ([2.3, None], "diverged", "in epoch 1"),  # null: `lepredict spectrum --json`'s inf
+    ([2.3, "inf"], "diverged", "in epoch 1"),  # as lepredict.records.jsonable writes it
+    ([2.3], "diverged", "in epoch 1"),  # stopped before its epoch 1 was validated
+])
+def test_a_diverged_run_is_not_trainable_whatever_p(model_dir, tmp_path, capsys, val_loss,
+                                                    status, broke):
+    keys = {"val_loss": val_loss, **({"status": status} if status else {})}
+    epochs = EPOCHS if len(val_loss) > 1 else {"0": EPOCHS["0"]}
+    code, out, err = _predict(model_dir, tmp_path, capsys, json.dumps({**epochs, **keys}),
+                              "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["status"] == "diverged" and result["trainable"] is False
+    assert result["above_cutoff"] == (result["p_trainable"] >= result["cutoff"])
+    code, out, _ = _predict(model_dir, tmp_path, capsys, json.dumps({**epochs, **keys}))
+    lines = out.splitlines()
+    assert f"diverged {broke} of 1: not trainable" in out
+    assert not any(x.startswith("P(trainable) =") for x in lines)
+    assert f"({result['p_trainable']:.3f})" in out  # the model's P is still shown
+
+
+def test_the_verdict_says_which_side_of_the_pruning_cutoff(model_dir, tmp_path, capsys):
+    """P at or above the cut-off means "LyapunovPruner keeps it", not "likely to train": the
+    cut-offs are a few percent."""
+    text = json.dumps({**EPOCHS, "val_loss": [2.3, 1.9]})
+    code, out, _ = _predict(model_dir, tmp_path, capsys, text, "--json")
+    result = json.loads(out)
+    side = "at or above" if result["p_trainable"] >= result["cutoff"] else "below"
+    code, out, _ = _predict(model_dir, tmp_path, capsys, text)
+    line = [x for x in out.splitlines() if x.startswith("P(trainable) =")][0]
+    assert f"({side} the pruning cut-off {result['cutoff']:.3f};" in line
+    assert "likely" not in out
+
+
+SPEC0 = '{"mean": [0.1, -0.5], "std": [0.01, 0.02]}'
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"00": %s, "0": %s, "1": %s, "val_loss": [2.3, 1.9]}' % (SPEC0, SPEC0, SPEC0),
+     "key '00' is not an epoch"),
+    ('{"0": %s, "\\u0661": %s, "val_loss": [2.3, 1.9]}' % (SPEC0, SPEC0),
+     "key '\u0661' is not an epoch"),
+    ('{"0": %s, "-1": %s, "1": %s, "val_loss": [2.3, 1.9]}' % (SPEC0, SPEC0, SPEC0),
+     "key '-1' is not an epoch"),
+    ('{"0": %s, "1": %s, "1": %s, "val_loss": [2.3, 1.9]}' % (SPEC0, SPEC0, SPEC0),
+     "the key '1' is given twice"),
+    ('{"spectra": {"0": %s, "01": %s}, "val_loss": [2.3, 1.9]}' % (SPEC0, SPEC0),
+     "key '01' is not an epoch"),
+    ('{"0": %s, "1": %s, "val_loss": [2.3, -1.9]}' % (SPEC0, SPEC0),
+     "val_loss[1] is -1.9, and a loss is never negative"),
+    ('{"0": %s, "1": %s, "val_loss": [2.3, "-inf"], "status": "diverged"}' % (SPEC0, SPEC0),
+     "val_loss[1] is -inf, and a loss is never negative"),
+    ('{"0": %s, "1": %s, "val_loss": [2.3, "1.9"]}' % (SPEC0, SPEC0),
+     "val_loss[1] is '1.9'"),
+    # a record of another task: its losses are not in --task's units
+    ('{"task": {"name": "adding"}, "0": %s, "1": %s, "val_loss": [0.2, 0.1]}' % (SPEC0, SPEC0),
+     "the record is of task 'adding', read here as --task 'digits'"),
+])
+def test_predict_stability_refuses_bad_keys_and_losses(model_dir, tmp_path, monkeypatch, capsys,
+                                                       text, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _predict(model_dir, tmp_path, capsys, text)
+    _refused(code, err, message, tmp_path)
+
+
+def test_predict_stability_shows_only_a_configuration_it_was_given(model_dir, tmp_path,
+                                                                   capsys):
+    """No made-up "LSTM N=32" for spectra from elsewhere: the file's configuration, or none
+    for a model of spectra and losses; a model of hyperparameters says what it assumed."""
+    bare = json.dumps({**EPOCHS, "val_loss": [2.3, 1.9]})
+    code, out, _ = _predict(model_dir, tmp_path, capsys, bare)
+    assert code == 0 and "N=32" not in out and "LSTM" not in out
+    code, out, _ = _predict(model_dir, tmp_path, capsys, bare, "--json")
+    assert json.loads(out)["config"] is None
+    config = {"arch": "gru", "hidden": 64, "lr": 0.01}
+    code, out, _ = _predict(model_dir, tmp_path, capsys,
+                            json.dumps({**EPOCHS, "val_loss": [2.3, 1.9], "config": config}))
+    assert code == 0 and "GRU N=64, lr 0.01" in out and "(the file's \"config\")" in out
+    screening = json.dumps({"0": {"mean": [0.1] + [-0.1] * 15, "std": [0.01] * 16},
+                            "val_loss": [2.3]})
+    code, out, err = _predict("screening", tmp_path, capsys, screening, "--budget", "0")
+    assert code == 0, err
+    line = [x for x in out.splitlines() if x.startswith("hyperparameters assumed:")][0]
+    assert "arch=lstm hidden=32" in line and "--config FILE" in line
+    code, out, _ = _predict("screening", tmp_path, capsys, screening, "--budget", "0", "--json")
+    assert json.loads(out)["config_from"] == "options"
+
+
+# -- analyze --data: exports edited by hand ----------------------------------------------------
+
+HEADER = "number,study,state,status,value,chance_loss,final_normalised_loss,steps,values,val_loss"
+ROW_OK = '0,mine,COMPLETE,ok,0.8,2.0,0.4,"[0, 1]","[1.6, 0.8]","[1.6, 0.8]"'
+
+
+def _csv(*rows, header=HEADER) -> str:
+    return "\n".join([header, *rows]) + "\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (_csv("mine,COMPLETE,ok,0.5,\"[1.0, 0.8]\"",
+          header="study,state,status,final_normalised_loss,val_loss"),
+     "lacks the column(s) number, value: `lepredict analyze --data` needs number, state and "
+     "value"),
+    (_csv(ROW_OK, ROW_OK.replace('"[1.6, 0.8]"', "hello")),
+     "data row 2, column values: \"hello\" is not a JSON list"),
+    (_csv(ROW_OK.replace(',"[0, 1]"', ',"[""a"", ""b""]"')),
+     "data row 1, column steps: [\"a\", \"b\"] is not a JSON list of the steps reported"),
+    (_csv(ROW_OK.replace("0,mine", "x,mine")),
+     "data row 1, column number: \"x\" is not a trial number"),
+    (_csv(ROW_OK.replace("COMPLETE", "DONE")),
+     "data row 1, column state: \"DONE\" is not a trial state"),
+    (_csv(ROW_OK.replace(",0.4,", ",abc,")),
+     "data row 1, column final_normalised_loss: \"abc\" is not a number"),
+    (_csv(ROW_OK.replace(",2.0,", ",0,")),
+     "data row 1, column chance_loss: 0 is no chance loss"),
+    (_csv(ROW_OK + ",[1.0, 2",
+          header=HEADER + ",le1_mean").replace(",[1.0, 2", ',"[1.0, 2"'),
+     "data row 1, column le1_mean: \"[1.0, 2\" is not a JSON list"),
+    (_csv(ROW_OK + ",sideways", header=HEADER + ",direction"),
+     "data row 1, column direction: \"sideways\" is not a direction"),
+    (_csv(ROW_OK.replace("mine", "m\xe9")).encode("latin-1"),
+     "is not UTF-8 text (byte 0xe9"),
+])
+def test_analyze_names_the_file_row_column_and_fix(tmp_path, monkeypatch, capsys, text,
+                                                    message):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "mine.csv"
+    data.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert main(["analyze", "--data", "mine.csv", "--model", "none", "-o", "r.html"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("lepredict analyze: error: --data 'mine.csv'") and message in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.csv"]
+
+
+def test_analyze_works_once_the_columns_it_names_are_added(tmp_path, monkeypatch, capsys):
+    """The columns the error lists are all it needs: adding them (and nothing else) works."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.csv").write_text(_csv('mine,COMPLETE,ok,0.5,"[1.0, 0.8]"',
+                                            'mine,COMPLETE,ok,0.9,"[1.0, 0.95]"',
+                                            header="study,state,status,final_normalised_loss,"
+                                            "val_loss"))
+    argv = ["analyze", "--data", "mine.csv", "--model", "none", "-o", "r.html"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    named = err.split("lacks the column(s) ", 1)[1].split(":", 1)[0].split(", ")
+    assert named == ["number", "value"]
+    (tmp_path / "mine.csv").write_text(_csv('mine,COMPLETE,ok,0.5,"[1.0, 0.8]",0,0.8',
+                                            'mine,COMPLETE,ok,0.9,"[1.0, 0.95]",1,0.95',
+                                            header="study,state,status,final_normalised_loss,"
+                                            "val_loss,number,value"))
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (tmp_path / "r.html").is_file() and "wrote r.html" in capsys.readouterr().out

@@ -557,3 +557,242 @@ def test_a_trial_is_ranked_last_where_its_own_value_was_not_finite():
     # Alone at step 2: ranked at step 1, the last step the first trial reached, and last there.
     assert _rank_at(study, trials, trials[1], 2) == (2, 2, 1)
     assert _rank_at(study, trials, trials[1], 0) == (1, 2, 0)
+
+
+# -- loops that do not feed the pruner what it reads ---------------------------------------------
+
+
+def _unfed_trial(study, steps=(0, 1, 2), spectra=(), report=True, val_loss=None):
+    """A trial of a loop that stores ``spectra`` at those steps and, if ``report``, reports a
+    normalised loss at ``steps``; whether it was pruned."""
+    trial = study.ask()
+    for step in sorted({*steps, *spectra}):
+        if step in spectra:
+            report_spectrum(trial, {"mean": [0.1 - 0.05 * i for i in range(8)]}, step,
+                            chance_loss=1.0, val_loss=val_loss)
+        if report and step in steps:
+            trial.report(0.9, step)
+        if trial.should_prune():
+            return trial, True
+    return trial, False
+
+
+def test_a_loop_that_stores_no_spectrum_is_warned_once_naming_the_call(model_dir):
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # at initialisation a spectrum may yet come: no warning
+        _unfed_trial(study, steps=(0,))
+    with pytest.warns(UserWarning, match=r"prunes nothing on the model.*trial 1 reported values "
+                                         r"up to step 1 but stored no spectrum.*lepredict\."
+                                         r"measure_and_report\(trial, rnn, probe, step\)") \
+            as caught:
+        pruned = [_unfed_trial(study)[1] for _ in range(2)]
+    assert len(caught) == 1 and caught[0].filename == __file__  # the loop's should_prune()
+    assert not any(pruned)
+    record = study.trials[-1].user_attrs[f"{ATTR}prediction:2"]
+    assert not record["pruned"] and "stored no spectrum" in record["reason"]
+    # A loop with spectra that leaves out epoch 0 (the initialisation) cannot be read either.
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0))
+    with pytest.warns(UserWarning, match=r"trial 0 stored no spectrum at epoch 0, which every "
+                                         r"predictor reads"):
+        assert not _unfed_trial(study, spectra=(1, 2))[1]
+    # ... nor one that reports its losses from epoch 1 only.
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0))
+    with pytest.warns(UserWarning, match=r"trial 0 reported no value at epoch 0.*"
+                                         r"trial\.report\(loss, 0\)"):
+        assert not _unfed_trial(study, steps=(1, 2), spectra=(0, 1, 2))[1]
+
+
+def test_a_trial_without_spectra_is_left_to_the_wrapped_pruner_without_a_warning(model_dir):
+    """A study may mix recurrent networks with models that have no spectrum: the wrapped
+    pruner judges those, as asked. Spectra with a gap are still a loop's mistake."""
+    study = optuna.create_study(pruner=LyapunovPruner(
+        model=model_dir, threshold=1.0, wrapped_pruner=optuna.pruners.NopPruner()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not _unfed_trial(study)[1]
+    with pytest.warns(UserWarning, match="stored no spectrum at epoch 0"):
+        _unfed_trial(study, spectra=(1, 2))
+
+
+def test_spectra_without_trial_report_warn_once_naming_it(model_dir):
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the spectrum at initialisation may precede the report
+        _unfed_trial(study, steps=(0,), spectra=(0,), report=False)
+    with pytest.warns(UserWarning, match=r"prunes nothing in study .*: trial 1 stored spectra at "
+                                         r"steps 0, 1 but reported no value.*call trial\.report"
+                                         r"\(loss, step\)") as caught:
+        for _ in range(2):
+            assert not _unfed_trial(study, spectra=(0, 1, 2), report=False)[1]
+    assert len(caught) == 1 and caught[0].filename == __file__
+
+
+def test_spectra_given_at_epochs_while_losses_are_at_iterations_warn_once(model_dir):
+    """steps_per_epoch=5 with losses at iterations 0, 5, 10 and spectra at epochs 0, 1, 2: the
+    spectra at steps 1 and 2 are at no epoch's end and never read; the pruner says so and how
+    to number them, and reads them once numbered as documented."""
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0,
+                                                      steps_per_epoch=5))
+    with pytest.warns(UserWarning, match=r"no spectrum or val_loss= given at steps 1 \(trial 0.*"
+                                         r"steps_per_epoch=5.*steps 0, 5, 10\.\.\..*the step you "
+                                         r"give trial\.report \(epoch \* steps_per_epoch\)") \
+            as caught:
+        for _ in range(2):
+            trial = study.ask()
+            for epoch in range(3):
+                report_spectrum(trial, {"mean": [0.1 - 0.05 * i for i in range(8)]}, epoch,
+                                chance_loss=1.0)
+                trial.report(0.9, 5 * epoch)
+                trial.should_prune()
+    assert len(caught) == 1
+    assert study.trials[0].user_attrs[f"{ATTR}prediction:10"]["budget"] == 0  # epoch 0's only
+    trial = study.ask()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(3):
+            report_spectrum(trial, {"mean": [0.1 - 0.05 * i for i in range(8)]}, 5 * epoch,
+                            chance_loss=1.0)
+            trial.report(0.9, 5 * epoch)
+            trial.should_prune()
+    assert study.trials[trial.number].user_attrs[f"{ATTR}prediction:10"]["budget"] == 1
+
+
+# -- ties ------------------------------------------------------------------------------------------
+
+
+def test_trials_tied_at_a_value_do_not_all_lead(model_dir):
+    """An accuracy exactly at chance for every trial of a maximising study: the model prunes
+    each (threshold 1.0) but the first still going at that value, where before every tied
+    trial ranked first and was kept."""
+    study = optuna.create_study(direction="maximize", pruner=LyapunovPruner(
+        model=model_dir, threshold=1.0, protect_top=0.5, n_warmup_steps=0))
+    states = []
+    for _ in range(5):
+        trial, pruned = _unfed_trial(study, steps=(0, 1), spectra=(0, 1), val_loss=1.0)
+        states.append(pruned)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED if pruned else None,
+                   values=None if pruned else 0.1)
+    # Trial 0 leads nothing alone; trial 1 ties only with it, pruned (out of the race): the
+    # first at that value still going, it leads; the others tie with trial 1 and do not.
+    assert states == [True, False, True, True, True]
+    records = [t.user_attrs[f"{ATTR}prediction:0"] for t in study.trials]
+    assert records[1]["leader"] and (records[1]["rank"], records[1]["reporting"]) == (1, 2)
+    assert not records[4]["leader"] and (records[4]["rank"], records[4]["reporting"]) == (5, 5)
+
+
+def test_a_tie_ranks_behind_the_whole_tie_unless_first_still_going():
+    from lepredict.pruner import _rank_at
+
+    study = optuna.create_study()
+    for value, state in ((1.0, "PRUNED"), (0.5, "COMPLETE"), (1.0, "COMPLETE"), (1.0, None)):
+        trial = study.ask()
+        trial.report(value, 0)
+        if state:
+            study.tell(trial, state=getattr(optuna.trial.TrialState, state),
+                       values=None if state == "PRUNED" else value)
+    trials = study.get_trials(deepcopy=False)
+    # Trial 2 ties only with trial 0, which was pruned: it ranks where 1.0 does, behind 0.5.
+    assert _rank_at(study, trials, trials[2], 0) == (2, 4, 0)
+    # Trial 3 ties with trial 2, still in the race and first: behind 0.5 and both of the tie.
+    assert _rank_at(study, trials, trials[3], 0) == (4, 4, 0)
+
+
+# -- what report_spectrum and measure_and_report take -------------------------------------------
+
+
+def test_report_spectrum_refuses_dicts_that_are_no_spectrum():
+    study = optuna.create_study(pruner=LyapunovPruner())
+    trial = study.ask()
+    m16 = [-0.1 * i for i in range(16)]
+    for spectrum, message in (
+            ({"mean": []}, r"mean is empty"),
+            ({"mean": ["a"] * 16}, r"mean must be a list of numbers"),
+            ({"mean": [math.nan] + m16[1:]}, r"mean has a NaN exponent but diverged=0\.0.*"
+                                             r"'diverged'"),
+            ({"mean": m16, "diverged": 2.0}, r"diverged.*in \[0, 1\], got diverged=2\.0"),
+            ({"mean": m16, "diverged": math.nan}, r"in \[0, 1\], got diverged=nan"),
+            ({"mean": m16, "convention": "weird"}, r"convention must be one of \('full', "
+                                                   r"'hidden', None\).*convention='weird'")):
+        with pytest.raises(ValueError, match=message):
+            report_spectrum(trial, spectrum, 0)
+    assert study.trials[0].user_attrs == {}  # a refused call stores nothing
+    # What lyapunov_spectrum gives when every trajectory diverged: a NaN mean, diverged 1.0.
+    report_spectrum(trial, {"mean": [math.nan] * 16, "diverged": 1.0}, 0)
+    stored = study.trials[0].user_attrs[f"{ATTR}spectrum:0"]
+    assert stored["diverged"] == 1.0 and all(math.isnan(float(v)) for v in stored["mean"])
+
+
+def test_a_measured_spectrum_that_diverged_is_stored_as_diverged():
+    gru = torch.nn.GRU(3, 8, batch_first=True)
+    with torch.no_grad():
+        gru.weight_hh_l0[0, 0] = math.nan
+    trial = optuna.create_study().ask()
+    lepredict.measure_and_report(trial, gru, torch.randn(4, 12, 3), 0)
+    stored = trial.study.trials[0].user_attrs[f"{ATTR}spectrum:0"]
+    assert stored["diverged"] == 1.0 and math.isnan(float(stored["mean"][0]))
+
+
+def test_report_spectrum_sorts_the_exponents_descending_with_their_spread():
+    trial = optuna.create_study().ask()
+    report_spectrum(trial, {"mean": [-0.5, 0.2, -0.1], "std": [0.05, 0.02, 0.01]}, 0)
+    stored = trial.study.trials[0].user_attrs[f"{ATTR}spectrum:0"]
+    assert stored["mean"] == [0.2, -0.1, -0.5] and stored["std"] == [0.02, 0.01, 0.05]
+    assert stored["sum"] == pytest.approx(-0.4)
+
+
+def test_exponents_beyond_a_float_are_pruned_as_diverged_not_a_crash(model_dir):
+    """1e308 per exponent: the sum is beyond a float (stored as inf, where math.fsum raised
+    OverflowError). No network that did not diverge grows that fast: pruned as diverged. The
+    same magnitude negative (a collapse, not a divergence) goes to the model."""
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0))
+    trial = study.ask()
+    report_spectrum(trial, {"mean": [1e308] * 16}, 0, chance_loss=1.0)
+    assert study.trials[0].user_attrs[f"{ATTR}spectrum:0"]["sum"] == "inf"
+    trial.report(1.0, 0)
+    assert trial.should_prune()
+    reason = study.trials[0].user_attrs[f"{ATTR}prediction:0"]["reason"]
+    assert reason.startswith("spectrum overflowed at epoch 0") and reason.endswith("diverged")
+    other = study.ask()
+    for e in (0, 1):
+        report_spectrum(other, {"mean": [-1e308] * 16}, e, chance_loss=1.0)
+        other.report(1.0, e)
+        assert not other.should_prune()
+    assert 0.0 <= study.trials[1].user_attrs[f"{ATTR}prediction:1"]["p_trainable"] <= 1.0
+
+
+def test_report_spectrum_takes_the_steps_trial_report_takes():
+    trial = optuna.create_study().ask()
+    report_spectrum(trial, {"mean": [0.1, -0.2]}, np.int64(2))
+    report_spectrum(trial, {"mean": [0.1, -0.2]}, torch.tensor(3))
+    assert {f"{ATTR}spectrum:2", f"{ATTR}spectrum:3"} <= set(trial.study.trials[0].user_attrs)
+    for step in (1.5, torch.tensor(2.0), True, -1, "2"):
+        with pytest.raises(ValueError, match="step must be a non-negative int"):
+            report_spectrum(trial, {"mean": [0.1, -0.2]}, step)
+
+
+def test_measure_and_report_says_what_probe_it_needs():
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    trial = optuna.create_study().ask()
+    gru = torch.nn.GRU(3, 8, batch_first=True)
+    batch = torch.randn(4, 12, 3)
+    for probe, error, message in (
+            (torch.randn(24), ValueError, r"3-D tensor .*\(batch, time, features\).*shape \(24,\)"),
+            (torch.tensor(1.0), ValueError, r"3-D tensor .*got shape \(\)"),
+            (torch.randn(12, 3), ValueError, r"shape \(12, 3\) \(one sequence needs a batch "
+                                             r"dimension"),
+            (None, TypeError, r"must be a torch\.Tensor .*got NoneType"),
+            ((batch,), TypeError, r"got tuple"),
+            (batch.tolist(), TypeError, r"got list"),
+            (batch.numpy(), TypeError, r"numpy array; convert it with torch\.as_tensor\(probe\)"),
+            (pack_padded_sequence(batch, [12, 11, 10, 9], batch_first=True), TypeError,
+             r"PackedSequence; pass a padded tensor of equal-length sequences")):
+        with pytest.raises(error, match=message):
+            lepredict.measure_and_report(trial, gru, probe, 0)
+    with pytest.raises(ValueError, match=r"\(time, batch, features\) as the module "
+                                         r"\(batch_first=False\)"):
+        lepredict.measure_and_report(trial, torch.nn.GRU(3, 8), torch.randn(24), 0)
+    with pytest.raises(ValueError, match="step must be a non-negative int"):
+        lepredict.measure_and_report(trial, gru, batch, 0.5)  # before measuring, not after
+    assert trial.study.trials[0].user_attrs == {}
