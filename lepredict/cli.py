@@ -686,20 +686,10 @@ def _read_data(paths: list[str]):
 
     import pandas as pd
 
-    from lepredict.sweep import read_trials
-
     files = [f for p in paths for f in (sorted(glob.glob(p)) or [p])]
     frames = []
     for f in files:
-        try:
-            frame = read_trials(f)
-        except FileNotFoundError:
-            raise CLIError(f"No such data file: {f!r}; pass exports written by "
-                           "`lepredict export` (.parquet or .csv).") from None
-        except OSError as err:
-            raise CLIError(f"Cannot read --data {f!r}: {err.strerror or err}.") from None
-        except ValueError as err:
-            raise CLIError(str(err)) from None
+        frame = _read_export(f, "--data")
         # Any CSV reads as a frame; one of something else would fail later as a KeyError.
         lacking = [c for c in _EXPORT_COLUMNS if c not in frame.columns]
         if lacking:
@@ -1380,33 +1370,9 @@ def _read_exports(paths: list[str], option: str):
 
     import pandas as pd
 
-    from lepredict.sweep import read_trials
-
     frames = []
     for f in [f for p in paths for f in (sorted(glob.glob(p)) or [p])]:
-        try:
-            frame = read_trials(f)
-        except FileNotFoundError:
-            raise CLIError(f"No such data file: {f!r}; pass exports written by "
-                           "`lepredict export` (.parquet or .csv).") from None
-        except OSError as err:
-            raise CLIError(f"Cannot read {option} {f!r}: {err.strerror or err}.") from None
-        except UnicodeDecodeError as err:
-            raise CLIError(f"{option} {f!r} is not UTF-8 text (byte {err.object[err.start]:#04x} "
-                           f"at offset {err.start}): save it as UTF-8, as `lepredict export` "
-                           "writes it.") from None
-        except ValueError as err:
-            bad = _first_bad_list_cell(f) if f.endswith(".csv") else None
-            if bad is not None:
-                i, column, text = bad
-                raise CLIError(f"{option} {f!r}, data row {i + 1}, column {column}: "
-                               f"{_shown_cell(text)} is not a JSON list such as [2.3, 1.9]: "
-                               "write the list, or leave the cell empty.") from None
-            if str(err).startswith("Cannot tell the format"):
-                raise CLIError(str(err)) from None
-            kind = "CSV" if f.endswith(".csv") else "Parquet"
-            raise CLIError(f"{option} {f!r} cannot be read as {kind} ({_first_line(err)}): "
-                           "write it with `lepredict export` (comma-separated for .csv).") from None
+        frame = _read_export(f, option)
         problem = _export_problem(frame, option)
         if problem is not None:
             i, column, text = problem
@@ -1414,6 +1380,36 @@ def _read_exports(paths: list[str], option: str):
             raise CLIError(f"{option} {f!r}{where}: {text}.")
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
+
+
+def _read_export(f: str, option: str):
+    """One export file as a frame; a file that cannot be read as one is a one-line error
+    naming it (and, in a CSV, the first cell that is not the JSON list it should be)."""
+    from lepredict.sweep import read_trials
+
+    try:
+        return read_trials(f)
+    except FileNotFoundError:
+        raise CLIError(f"No such data file: {f!r}; pass exports written by "
+                       "`lepredict export` (.parquet or .csv).") from None
+    except OSError as err:
+        raise CLIError(f"Cannot read {option} {f!r}: {err.strerror or err}.") from None
+    except UnicodeDecodeError as err:
+        raise CLIError(f"{option} {f!r} is not UTF-8 text (byte {err.object[err.start]:#04x} "
+                       f"at offset {err.start}): save it as UTF-8, as `lepredict export` "
+                       "writes it.") from None
+    except ValueError as err:
+        bad = _first_bad_list_cell(f) if f.endswith(".csv") else None
+        if bad is not None:
+            i, column, text = bad
+            raise CLIError(f"{option} {f!r}, data row {i + 1}, column {column}: "
+                           f"{_shown_cell(text)} is not a JSON list such as [2.3, 1.9]: "
+                           "write the list, or leave the cell empty.") from None
+        if str(err).startswith("Cannot tell the format"):
+            raise CLIError(str(err)) from None
+        kind = "CSV" if f.endswith(".csv") else "Parquet"
+        raise CLIError(f"{option} {f!r} cannot be read as {kind} ({_first_line(err)}): "
+                       "write it with `lepredict export` (comma-separated for .csv).") from None
 
 
 def _cmd_analyze(args) -> int:
