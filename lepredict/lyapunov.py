@@ -383,9 +383,16 @@ def _module_info(rnn: nn.Module, lstm_state: str) -> tuple[str, int, int, int]:
     elif isinstance(rnn, nn.RNN):
         cell = "rnn_" + rnn.nonlinearity
     else:
+        # A model that holds its RNN (model.rnn, say) is the common case: name the attribute.
+        inner = next((name for name, m in rnn.named_modules()
+                      if isinstance(m, (nn.RNN, nn.GRU, nn.LSTM))), None) \
+            if isinstance(rnn, nn.Module) else None
+        hint = (f"pass the recurrent module it holds (.{inner}), or " if inner
+                else "")
         raise ValueError(
             f"Unsupported module {type(rnn).__name__}: lyapunov_spectrum takes torch.nn.RNN, "
-            "nn.GRU or nn.LSTM; wrap any other cell as step(h, x) and use lyapunov_spectrum_map."
+            f"nn.GRU or nn.LSTM; {hint}wrap any other cell as step(h, x) and use "
+            "lyapunov_spectrum_map."
         )
     if rnn.bidirectional:
         raise ValueError(
@@ -641,6 +648,9 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
                 "modules of one shape only: group the modules by shape and call once per group."
             )
     K = len(rnns)
+    if not isinstance(inputs, Tensor) and hasattr(inputs, "__array__"):
+        raise ValueError(f"inputs is a {type(inputs).__name__}, not a torch.Tensor; convert it "
+                         "with torch.as_tensor(inputs).")
     if not isinstance(inputs, Tensor) or inputs.dim() != 3:
         raise ValueError(
             "inputs must be a 3-D tensor, (B, T, input_size) with batch_first=True or "
@@ -662,7 +672,10 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
     param = next(rnn.parameters())
     dtype = dtype or param.dtype
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype=}.")
+        # A half-precision model is measured in float32 (the QRs need its range): say how.
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype=}; for a "
+                         "half-precision model pass dtype=torch.float32 (its weights are read "
+                         "in that precision, not changed).")
     device = param.device
     x = x.detach().to(dtype=dtype, device=device)
     if reorth_every == "auto" and device.type in GRAM_QR_DEVICES:

@@ -503,6 +503,11 @@ def test_map_diverging_rows_do_not_contaminate_others():
         (lambda m, x: lepredict.lyapunov_spectrum(m, x, h0=torch.zeros(1, 2, 6)), "h0 has shape"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x, lstm_state="cell"), "lstm_state"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x, dtype=torch.int64), "dtype"),
+        (lambda m, x: lepredict.lyapunov_spectrum(nn.Sequential(nn.Linear(3, 3), m), x),
+         r"pass the recurrent module it holds \(\.1\)"),
+        (lambda m, x: lepredict.lyapunov_spectrum(nn.GRU(3, 4).half(), x),
+         r"pass dtype=torch\.float32"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x.numpy()), r"torch\.as_tensor"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x[:, :0]), "empty"),
     ],
 )
