@@ -211,6 +211,14 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     """
     probe, step = _checked_probe(probe, rnn), _checked_step(step)
     shown = module_hparams(rnn)
+    if isinstance(rnn, torch.nn.RNN) and getattr(rnn, "nonlinearity", "tanh") == "relu":
+        # Measured and stored all the same (a study may judge it by other means), but a
+        # prediction for it would look as confident as any other.
+        warnings.warn("measure_and_report: the shipped predictors have never seen a ReLU "
+                      "nn.RNN (their corpus holds tanh RNNs, GRUs and LSTMs), so "
+                      "LyapunovPruner's predictions for it are extrapolations; a dead unit's "
+                      "exponent is floored at log(tiny), which depends on the dtype.",
+                      UserWarning, stacklevel=2)
     given = check_hparams(hparams or {})
     clash = sorted(k for k in shown if k in given and given[k] != shown[k])
     if clash:

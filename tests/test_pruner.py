@@ -796,3 +796,15 @@ def test_measure_and_report_says_what_probe_it_needs():
     with pytest.raises(ValueError, match="step must be a non-negative int"):
         lepredict.measure_and_report(trial, gru, batch, 0.5)  # before measuring, not after
     assert trial.study.trials[0].user_attrs == {}
+
+
+def test_a_relu_rnn_is_measured_with_a_warning_that_no_predictor_has_seen_one():
+    trial = optuna.create_study().ask()
+    probe = torch.randn(4, 12, 3)
+    with pytest.warns(UserWarning, match=r"never seen a ReLU nn\.RNN"):
+        lepredict.measure_and_report(trial, torch.nn.RNN(3, 8, nonlinearity="relu",
+                                                         batch_first=True), probe, 0)
+    assert "lepredict:spectrum:0" in trial.study.trials[0].user_attrs  # stored all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tanh RNN: no warning
+        lepredict.measure_and_report(trial, torch.nn.RNN(3, 8, batch_first=True), probe, 1)
