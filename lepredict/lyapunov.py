@@ -142,6 +142,11 @@ def _check_common(k: int | None, n: int, warmup: int, T: int, reorth_every: int 
     return k
 
 
+_META = ("The module or the inputs are on the meta device, which holds shapes but no values: a "
+         "spectrum needs the weights and the data; load them first (module.to_empty(device=...) "
+         "and its state dict).")
+
+
 def _check_finite(name: str, value) -> None:
     """Refuse NaN or infinite inputs: they would come out as "diverged" trajectories, which
     reads as a property of the network when it is a bug in the caller's data."""
@@ -648,6 +653,9 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
                 "modules of one shape only: group the modules by shape and call once per group."
             )
     K = len(rnns)
+    if any(p.is_meta for r in rnns for p in r.parameters()) or (
+            isinstance(inputs, Tensor) and inputs.is_meta):
+        raise ValueError(_META)
     if not isinstance(inputs, Tensor) and hasattr(inputs, "__array__"):
         raise ValueError(f"inputs is a {type(inputs).__name__}, not a torch.Tensor; convert it "
                          "with torch.as_tensor(inputs).")
@@ -1335,6 +1343,8 @@ def lyapunov_spectrum_map(
     dtype = dtype or (h0.dtype if h0.is_floating_point() else torch.get_default_dtype())
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype=}.")
+    if h0.is_meta or (isinstance(inputs, Tensor) and inputs.is_meta):
+        raise ValueError(_META)
     B, n = h0.shape
     device = h0.device
     _check_finite("h0", h0)

@@ -508,6 +508,8 @@ def test_map_diverging_rows_do_not_contaminate_others():
         (lambda m, x: lepredict.lyapunov_spectrum(nn.GRU(3, 4).half(), x),
          r"pass dtype=torch\.float32"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x.numpy()), r"torch\.as_tensor"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m.to("meta"), x), "meta device"),
+        (lambda m, x: lepredict.lyapunov_spectrum(m, x.to("meta")), "meta device"),
         (lambda m, x: lepredict.lyapunov_spectrum(m, x[:, :0]), "empty"),
     ],
 )
@@ -533,6 +535,8 @@ def test_map_bad_input():
         lepredict.lyapunov_spectrum_map(lambda h, x: h, torch.zeros(2, 2), torch.zeros(3, 5, 1))
     with pytest.raises(ValueError, match="callable"):
         lepredict.lyapunov_spectrum_map("henon", torch.zeros(2, 2), steps=3)
+    with pytest.raises(ValueError, match="meta device"):
+        lepredict.lyapunov_spectrum_map(henon, torch.zeros(2, 2, device="meta"), steps=3)
 
 
 @pytest.mark.parametrize("where", ["inputs", "h0", "c0"])
