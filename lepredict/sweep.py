@@ -231,7 +231,7 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
                          f"{grace_period=}, {heartbeat_interval=}; make it several intervals.")
     if url is None:
         Path(studies_dir).mkdir(parents=True, exist_ok=True)
-        url = f"sqlite:///{Path(studies_dir) / f'{study_name}.db'}"
+        url = _default_url(study_name, studies_dir)
     check_storage_file(url)
     if "://" not in url:
         if url.endswith((".log", ".jsonl")):
@@ -278,6 +278,11 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
             if not race or attempt == SCHEMA_RETRIES - 1:
                 raise
             time.sleep(0.2 * (attempt + 1))
+
+
+def _default_url(study_name: str, studies_dir: str | os.PathLike = "studies") -> str:
+    """The SQLite URL of ``make_storage(None, study_name)``."""
+    return f"sqlite:///{Path(studies_dir) / f'{study_name}.db'}"
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -362,17 +367,18 @@ def _check_sweep_study(study: optuna.Study, study_name: str) -> None:
                              "--study-name, or another --storage.")
 
 
-def _check_existing_study(url: str | None, study_name: str) -> None:
+def _check_existing_study(url: str | None, study_name: str) -> bool:
     """:func:`_check_sweep_study` of ``study_name`` if the store ``url`` (as
     :func:`make_storage` takes it) already holds it, read without writing anything: no table,
-    file or journal mode is created."""
+    file or journal mode is created. Returns whether the store could be read (the study checked,
+    or not there); False leaves the check to be made once Optuna has opened the store."""
     if url is None:
-        url = f"sqlite:///{Path('studies') / f'{study_name}.db'}"
+        url = _default_url(study_name)
     check_storage_file(url)
     if "://" not in url:
         if not (url.endswith((".log", ".jsonl")) and Path(url).is_file()
                 and Path(url).stat().st_size):
-            return
+            return True  # a new journal file (make_storage names what else is wrong)
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         store = JournalStorage(JournalFileBackend(url))
@@ -383,18 +389,20 @@ def _check_existing_study(url: str | None, study_name: str) -> None:
         try:
             parsed = make_url(url)
             if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
-                return  # connecting would create the file
+                return True  # a new database: connecting would create the file
             store = optuna.storages.RDBStorage(url, skip_table_creation=True)
         except (ImportError, ValueError, RuntimeError, optuna.exceptions.OptunaError,
                 sqlalchemy.exc.SQLAlchemyError):
-            return  # no Optuna tables (yet), or unreachable: make_storage says what is wrong
+            return False  # no Optuna tables (yet), or unreachable: make_storage says what is wrong
     try:
         study = optuna.load_study(study_name=study_name, storage=store)
-        _check_sweep_study(study, study_name)
     except KeyError:
-        pass  # not there yet
+        return True  # not there yet
     except optuna.exceptions.StorageInternalError:
-        pass  # workers racing to create the schema: checked again once make_storage has
+        return False  # workers racing to create the schema
+    else:
+        _check_sweep_study(study, study_name)
+        return True
     finally:
         if isinstance(store, optuna.storages.RDBStorage):
             store.engine.dispose()
@@ -1029,20 +1037,22 @@ def run_sweep(
                 "random": lambda s: optuna.samplers.RandomSampler(seed=s)}
     if sampler not in samplers:
         raise ValueError(f"sampler must be one of {sorted(samplers)}, got {sampler=}.")
-    if not isinstance(storage, optuna.storages.BaseStorage):
-        # Before make_storage, whose SQLite connections switch the file to write-ahead logging:
-        # a store that is refused is left as it was.
-        _check_existing_study(storage, study_name)
+    # Before make_storage, whose SQLite connections switch the file to write-ahead logging: a
+    # store that is refused is left as it was.
+    checked = (not isinstance(storage, optuna.storages.BaseStorage)
+               and _check_existing_study(storage, study_name))
     store = make_storage(storage, study_name, heartbeat_interval=heartbeat_interval,
                          grace_period=grace_period)
     if getattr(store, "heartbeat_interval", None):  # as Optuna's default when none is set
         grace = getattr(store, "grace_period", None) or 2 * store.heartbeat_interval
     else:
         grace = None  # no heartbeat: killed workers' trials cannot be told from running ones
-    try:  # a storage object given: its study, if any, is checked here
-        _check_sweep_study(optuna.load_study(study_name=study_name, storage=store), study_name)
-    except KeyError:
-        pass  # a new study
+    if not checked:  # a storage object given, or a store that could not be read before
+        try:
+            _check_sweep_study(optuna.load_study(study_name=study_name, storage=store),
+                               study_name)
+        except KeyError:
+            pass  # a new study
     study = optuna.create_study(
         storage=store,
         study_name=study_name,
