@@ -27,6 +27,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -265,18 +266,19 @@ class _Accumulator:
             # averaged steps start from, so it keeps the QR every step.
             self.next_qr = t + 1
             return
-        rates = d.clamp_min(self.tiny).log().to(torch.float64) / steps
-        rates = rates[~self.diverged & torch.isfinite(rates).all(-1)]
-        if rates.numel() == 0:
+        # A (rows, k) matrix: numpy's per-call cost is a fraction of torch's dispatch.
+        with np.errstate(invalid="ignore"):
+            rates = np.log(np.maximum(d.to(torch.float64).cpu().numpy(), self.tiny)) / steps
+        rates = rates[~self.diverged.cpu().numpy() & np.isfinite(rates).all(-1)]
+        if rates.size == 0:
             self.next_qr = t + 1
             return
         # Columns up to the last one that must stay accurate; a collapsed direction above it
         # makes the spread large, and the schedule falls back to a QR every step.
-        accurate = (rates > AUTO_ACCURATE_ABOVE).any(0).nonzero()
-        last = int(accurate.max()) + 1 if accurate.numel() else 1
-        kept = rates[:, :last]
-        spread = float((kept.amax(-1) - kept.amin(-1)).max())
-        growth = float(rates.abs().max())
+        accurate = np.flatnonzero((rates > AUTO_ACCURATE_ABOVE).any(0))
+        kept = rates[:, :accurate[-1] + 1 if accurate.size else 1]
+        spread = float((kept.max(-1) - kept.min(-1)).max())
+        growth = float(np.abs(rates).max())
         m = min(AUTO_CONDITION_BUDGET[self.dtype] / max(spread, 1e-12),
                 AUTO_GROWTH_BUDGET[self.dtype] / max(growth, 1e-12), AUTO_MAX_EVERY)
         self.next_qr = t + max(int(m), 1)
@@ -716,7 +718,8 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
                 and (logdet is None or not ops.lu)):
             _run_graphed(_make_step(ops), weights, state, qt, gi0, N, acc, logdet)
         else:
-            _run_two_pass(ops, weights, state, qt, gi0, N, acc, logdet)
+            _run_two_pass(ops, weights, state, qt, gi0, N, acc, logdet,
+                          x if K == 1 and device.type == "cpu" else None)
         whole = acc.result(dtype, n, logdet is not None)
 
     def rows(tensor, i):
@@ -788,15 +791,20 @@ def _run_graphed(step, weights, state, qt, gi0, N, acc: _Accumulator, logdet=Non
             g.qt.copy_(new_qt)
 
 
-# Each cell is four small functions on one layer, written for any leading dimensions so that the
-# same code serves one step, ``(B, ...)``, and a whole sequence at once, ``(B, T, ...)``:
+# Each cell is a few small functions on one layer, written for any leading dimensions so that
+# the same code serves one step, ``(B, ...)``, and a whole sequence at once, ``(B, T, ...)``:
 #
 # * ``advance(gi, w_hh, b, state) -> (new_state, saved)``: the state recursion, ``gi`` being the
 #   input-side pre-activations (bias included); ``saved`` is what the Jacobian needs of the step;
+# * ``hidden_trajectory(x, w_ih, w_hh, b, state)`` and ``replay(gi, w_hh, b, state, hs)``: the
+#   same for a whole sequence of one network, the first by PyTorch's fused recurrence (its
+#   ``h``), the second recovering ``saved`` and the states before and after every step from it;
 # * ``coefficients(saved, state, new_state)``: the chain rule folded into per-unit vectors, so
 #   each ``(B, k, N)`` tangent block costs a few fused multiply-adds;
 # * ``logdet(coefficients, w_hh, N, constant)``: the layer block's ``log|det|`` (the step's
 #   Jacobian is block lower triangular over layers, so the layers' parts add up);
+# * ``for_push(coefficients)``: those vectors laid out as ``push`` takes them, which is given
+#   them with a broadcast dimension for the tangent rows, ``(B, 1, ...)``;
 # * ``push(coefficients, qt, dq_below, w_ih, w_hh, out, N)``: the layer's tangent rows from its
 #   own old ones and the new ones of the layer below (its input), written into ``out``;
 #   returns the new ``h`` rows, the next layer's input.
@@ -889,6 +897,23 @@ def _lu_logdet(jac_t: Tensor, lead: torch.Size, constant) -> Tensor:
     return _add_constant(_logabsdet(jac_t).view(lead), constant)
 
 
+def _fused_args(w_ih: Tensor, w_hh: Tensor, b) -> tuple[list[Tensor], bool]:
+    return ([w_ih, w_hh] if b is None else [w_ih, w_hh, *b]), b is not None
+
+
+def _before(first: Tensor, trajectory: Tensor) -> Tensor:
+    """``(B, T, N)``: the states each step starts from, ``first`` then all but the last."""
+    return torch.cat([first[:, None], trajectory[:, :-1]], 1)
+
+
+def _xwt_all(g: Tensor | None, x: Tensor, w: Tensor) -> Tensor:
+    """``g + x @ w.T`` for a whole ``(B, T, in)`` sequence as one GEMM; ``g`` per step, a bias
+    or ``None``."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat @ w.T if g is None else torch.addmm(g.reshape(-1, g.shape[-1]), flat, w.T)
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
 class _RNNCell:
     state_parts = 1
     # The hidden bias joins the input side's (once for all steps in the two-pass engine); the
@@ -898,6 +923,15 @@ class _RNNCell:
 
     def __init__(self, act: str):
         self.act = act
+
+    def hidden_trajectory(self, x, w_ih, w_hh, b, state):
+        params, biased = _fused_args(w_ih, w_hh, b)
+        run = torch.rnn_tanh if self.act == "tanh" else torch.rnn_relu
+        return run(x, state[0][None], params, biased, 1, 0.0, False, False, True)[0]
+
+    def replay(self, gi, w_hh, b, state, hs):
+        h_prev = _before(state[0], hs)
+        return (_xwt_all(gi, h_prev, w_hh),), (h_prev,), (hs,)
 
     def advance(self, gi, w_hh, b, state):
         pre = _plus_xwt(gi, state[0], w_hh)
@@ -911,9 +945,13 @@ class _RNNCell:
         (deriv,) = coefficients
         return _add_constant(_log_abs(deriv, torch.finfo(deriv.dtype).tiny), constant)
 
+    @staticmethod
+    def for_push(coefficients):
+        return coefficients
+
     def push(self, coefficients, qt, dq_below, w_ih, w_hh, out, N, jac_t=None):
         (deriv,) = coefficients
-        torch.mul(_tangent_pre(qt, w_hh, dq_below, w_ih), deriv[:, None, :], out=out)
+        torch.mul(_tangent_pre(qt, w_hh, dq_below, w_ih), deriv, out=out)
         return out
 
 
@@ -921,6 +959,16 @@ class _GRUCell:
     state_parts = 1
     fold_hidden_bias = False
     lu = True
+
+    @staticmethod
+    def hidden_trajectory(x, w_ih, w_hh, b, state):
+        params, biased = _fused_args(w_ih, w_hh, b)
+        return torch.gru(x, state[0][None], params, biased, 1, 0.0, False, False, True)[0]
+
+    @staticmethod
+    def replay(gi, w_hh, b, state, hs):
+        h_prev = _before(state[0], hs)
+        return (gi, _xwt_all(None if b is None else b[1], h_prev, w_hh)), (h_prev,), (hs,)
 
     def advance(self, gi, w_hh, b, state):
         (h,) = state
@@ -968,26 +1016,28 @@ class _GRUCell:
         return _lu_logdet(self.jacobian_t(coefficients, w_hh, N), coefficients[0].shape[:-1],
                           constant)
 
+    for_push = staticmethod(_RNNCell.for_push)
+
     def push(self, coefficients, qt, dq_below, w_ih, w_hh, out, N, jac_t=None):
         z, a_r, a_z, a_n, e = coefficients
-        if jac_t is not None or qt.shape[1] * GRU_EXPLICIT_SHARE >= N:
+        many = qt.shape[1] * GRU_EXPLICIT_SHARE >= N
+        if jac_t is not None or many:
             # Many tangent rows: form each trajectory's Jacobian blocks, (B, N, N) for the hidden
             # and the input side, and push the rows through them with one batched product each,
             # a third of the GEMM work of pushing them through the three gates' weights.
-            res = torch.bmm(qt, self.jacobian_t(coefficients, w_hh, N) if jac_t is None else jac_t)
-            if dq_below is not None:
-                res.baddbmm_(dq_below, _gates_jacobian_t(
-                    w_ih, (a_r[:, None], a_z[:, None], e[:, None]), N))
-            out.copy_(res)
-            return out
-        dgh = _xwt(qt, w_hh)
-        torch.mul(qt, z[:, None], out=out)
-        out.addcmul_(dgh[..., :N], a_r[:, None]).addcmul_(dgh[..., N:2 * N], a_z[:, None])
-        out.addcmul_(dgh[..., 2 * N:], a_n[:, None])
-        if dq_below is not None:
-            dgi = _xwt(dq_below, w_ih)
-            out.addcmul_(dgi[..., :N], a_r[:, None]).addcmul_(dgi[..., N:2 * N], a_z[:, None])
-            out.addcmul_(dgi[..., 2 * N:], e[:, None])
+            torch.bmm(qt, self.jacobian_t(coefficients, w_hh, N) if jac_t is None else jac_t,
+                      out=out)
+            if dq_below is not None and many:
+                out.baddbmm_(dq_below, _gates_jacobian_t(w_ih, (a_r, a_z, e), N))
+        else:
+            dgh = _xwt(qt, w_hh).split_with_sizes((N,) * 3, -1)
+            torch.mul(qt, z, out=out)
+            out.addcmul_(dgh[0], a_r).addcmul_(dgh[1], a_z).addcmul_(dgh[2], a_n)
+        if dq_below is not None and not many:
+            # A few rows from the layer below: through the gates' weights, not blocks formed
+            # for them alone.
+            dgi = _xwt(dq_below, w_ih).split_with_sizes((N,) * 3, -1)
+            out.addcmul_(dgi[0], a_r).addcmul_(dgi[1], a_z).addcmul_(dgi[2], e)
         return out
 
 
@@ -1013,6 +1063,26 @@ class _LSTMCell:
         c_new = torch.addcmul(s[..., N:2 * N] * c, s[..., :N], torch.tanh(g[..., 2 * N:3 * N]))
         return (s[..., 3 * N:] * torch.tanh(c_new), c_new), (g,)
 
+    @staticmethod
+    def hidden_trajectory(x, w_ih, w_hh, b, state):
+        params, biased = _fused_args(w_ih, w_hh, b)
+        return torch.lstm(x, (state[0][None], state[1][None]), params, biased, 1, 0.0, False,
+                          False, True)[0]
+
+    @staticmethod
+    def replay(gi, w_hh, b, state, hs):
+        # PyTorch's fused recurrence returns h alone; c_t = f_t c_{t-1} + i_t g_t again from the
+        # gates, a multiply-add per step (its products are the bulk GEMM here).
+        h_prev, (h0, c) = _before(state[0], hs), state
+        N = h0.shape[-1]
+        g = _xwt_all(gi, h_prev, w_hh)
+        s = torch.sigmoid(g[..., :2 * N])
+        drive = s[..., :N] * torch.tanh(g[..., 2 * N:3 * N])
+        cs = torch.empty_like(hs)
+        for t in range(hs.shape[1]):
+            c = torch.addcmul(drive[:, t], s[:, t, N:], c, out=cs[:, t])
+        return (g,), (h_prev, _before(state[1], cs)), (hs, cs)
+
     def coefficients(self, saved, state, new_state):
         # c' = f c + i g and h' = o tanh(c').
         (g,) = saved
@@ -1034,21 +1104,25 @@ class _LSTMCell:
         rows = [_rows(beta * a) for a in (a_i, a_f, a_g)] + [_rows(a_o)]
         return _lu_logdet(_gates_jacobian_t(w_hh, rows, N), f.shape[:-1], constant)
 
+    @staticmethod
+    def for_push(coefficients):
+        # The four gates' coefficients side by side scale the gates' tangent in one product.
+        f, a_i, a_f, a_g, a_o, beta = coefficients
+        return torch.cat([a_i, a_f, a_g, a_o], -1), f, beta
+
     def push(self, coefficients, qt, dq_below, w_ih, w_hh, out, N, jac_t=None):
-        f, a_i, a_f, a_g, a_o, beta = (a[:, None] for a in coefficients)
-        dg = _tangent_pre(qt[..., :N], w_hh, dq_below, w_ih)
-        dh_new = out[..., :N]
+        gates, f, beta = coefficients
+        dg = _tangent_pre(qt[..., :N] if self.full else qt, w_hh, dq_below, w_ih).mul_(gates)
+        # split_with_sizes: one call for the four views (Tensor.split's Python wrapper costs more
+        # than the additions it feeds on small networks).
+        dg_i, dg_f, dg_g, dg_o = dg.split_with_sizes((N,) * 4, -1)
         if self.full:
-            dc_new = out[..., N:]
-            torch.mul(qt[..., N:], f, out=dc_new)
-            dc_new.addcmul_(dg[..., :N], a_i)
+            dh_new = out[..., :N]
+            dc_new = torch.addcmul(dg_i, qt[..., N:], f, out=out[..., N:])
         else:
-            dc_new = dg[..., :N] * a_i
-        dc_new.addcmul_(dg[..., N:2 * N], a_f)
-        dc_new.addcmul_(dg[..., 2 * N:3 * N], a_g)
-        torch.mul(dg[..., 3 * N:], a_o, out=dh_new)
-        dh_new.addcmul_(dc_new, beta)
-        return dh_new
+            dh_new, dc_new = out, dg_i.clone()
+        dc_new.add_(dg_f).add_(dg_g)
+        return torch.addcmul(dg_o, dc_new, beta, out=dh_new)
 
 
 def _logdet_constants(cell: str, weights, N: int, rows_per_network: int) -> list:
@@ -1091,8 +1165,8 @@ def _make_step(cell):
                                       old)
             coefficients = cell.coefficients(saved, old, new)
             columns = slice(layer * per, (layer + 1) * per)
-            dq_below = cell.push(coefficients, qt[..., columns], dq_below, w_ih, w_hh,
-                                 out[..., columns], N)
+            dq_below = cell.push(tuple(a[:, None] for a in cell.for_push(coefficients)),
+                                 qt[..., columns], dq_below, w_ih, w_hh, out[..., columns], N)
             if logdet is not None:
                 part = cell.logdet(coefficients, w_hh, N, logdet[layer])
                 total = part if total is None else total + part
@@ -1124,13 +1198,17 @@ JACOBIAN_BYTES = 1 << 27
 
 
 def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N: int,
-                  acc: "_Accumulator", logdet=None) -> None:
+                  acc: "_Accumulator", logdet=None, x: Tensor | None = None) -> None:
     """The eager time loop of :func:`lyapunov_spectrum`, in two passes (see above) over windows
     of steps: within each, the state recursion and every step's coefficients and
     ``log|det J_t|`` first, then the tangent loop with its QRs. The windows bound the memory the
     first pass keeps to :data:`TWO_PASS_WINDOW_BYTES` however long the sequence. A trajectory
     that diverges keeps its NaNs to itself (every batched operation here treats rows
-    independently) and is marked at the end."""
+    independently) and is marked at the end.
+
+    Given the inputs ``x`` (one network's weights, on the CPU), the first pass runs each layer's
+    state recursion as PyTorch's fused RNN, GRU or LSTM does, in C++, and recovers the
+    pre-activations of all steps from the hidden states with one GEMM."""
     acc.defer = True
     rows = qt.shape[0]
     per_step = rows * len(weights) * 16 * N * qt.element_size()
@@ -1139,7 +1217,8 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
     state = list(state)
     for t0 in range(0, acc.T, window):
         state, qt = _two_pass_window(cell, weights, state, qt, gi0[:, t0:t0 + window], t0, N,
-                                     acc, logdet, finite)
+                                     acc, logdet, finite,
+                                     None if x is None else x[:, t0:t0 + window])
     acc.finish(finite & torch.isfinite(qt.flatten(1).sum(-1)))
 
 
@@ -1149,7 +1228,7 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
 TWO_PASS_WINDOW_BYTES = 1 << 28
 
 
-def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, finite):
+def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, finite, x=None):
     """Steps ``t_start + 1 .. t_start + len`` of :func:`_run_two_pass`; returns the state and
     basis after them and clears ``finite`` for rows whose states left the finite numbers."""
     T, warmup = gi0.shape[1], max(acc.warmup - t_start, 0)
@@ -1159,7 +1238,7 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
     # them anyway (then the tangent rows go through them too: a third of the gates' GEMM work),
     # or when the rows are many (GRU_EXPLICIT_SHARE), as far as they fit in memory.
     gru_blocks = isinstance(cell, _GRUCell) and (
-        logdet is not None or k * GRU_EXPLICIT_SHARE >= N)
+        (logdet is not None and acc.sum_every == 1) or k * GRU_EXPLICIT_SHARE >= N)
     coefficients, jacobians, new_state = [], [], []
     h_below, total = None, None
     if logdet is not None:
@@ -1171,20 +1250,25 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
         # The layer below's whole trajectory drives this one: one GEMM for all steps.
         gi = _layer_input(cell, weights, layer, gi0, h_below)
         old = tuple(state[layer * parts:(layer + 1) * parts])
-        trajectory, saved_steps = [old], []
-        for t in range(T):
-            new, saved = cell.advance(gi[:, t], w_hh, b, trajectory[-1])
-            trajectory.append(new)
-            saved_steps.append(saved)
-        new_state += trajectory[-1]
-        saved = tuple(torch.stack(s, 1) for s in zip(*saved_steps))
-        before = tuple(torch.stack(s, 1) for s in zip(*trajectory[:-1]))
-        after = tuple(torch.stack(s, 1) for s in zip(*trajectory[1:]))
+        if x is not None:
+            hs = cell.hidden_trajectory(x if layer == 0 else h_below, w_ih, w_hh, b, old)
+            saved, before, after = cell.replay(gi, w_hh, b, old, hs)
+        else:
+            trajectory, saved_steps = [old], []
+            for t in range(T):
+                new, saved = cell.advance(gi[:, t], w_hh, b, trajectory[-1])
+                trajectory.append(new)
+                saved_steps.append(saved)
+            saved = tuple(torch.stack(s, 1) for s in zip(*saved_steps))
+            before = tuple(torch.stack(s, 1) for s in zip(*trajectory[:-1]))
+            after = tuple(torch.stack(s, 1) for s in zip(*trajectory[1:]))
+        new_state += tuple(a[:, -1] for a in after)
         for s in after:
             finite &= torch.isfinite(s.flatten(1).sum(-1))
         layer_coefficients = cell.coefficients(saved, before, after)
-        # Step-major for the tangent loop: one contiguous (C, rows, N) block per step.
-        coefficients.append(torch.stack(layer_coefficients).permute(2, 0, 1, 3).contiguous())
+        # Step-major for the tangent loop, each step's tensors ready to broadcast over its rows.
+        coefficients.append(list(zip(*(a.transpose(0, 1).unsqueeze(2).contiguous().unbind(0)
+                                       for a in cell.for_push(layer_coefficients)))))
         h_below = after[0]
         block_bytes = rows * N * N * qt.element_size()
         jac_all = None
@@ -1213,12 +1297,12 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
     for t in range(1, T + 1):
         out = torch.empty_like(qt)
         dq_below = None
-        for layer, (w_ih, w_hh, b) in enumerate(weights):
+        for layer, (w_ih, w_hh, _) in enumerate(weights):
             columns = slice(layer * per, (layer + 1) * per)
+            q_in, q_out = (qt, out) if len(weights) == 1 else (qt[..., columns], out[..., columns])
             jac_t = None if jacobians[layer] is None else jacobians[layer][t - 1]
-            dq_below = cell.push(coefficients[layer][t - 1].unbind(0),
-                                 qt[..., columns], dq_below, w_ih, w_hh, out[..., columns], N,
-                                 jac_t=jac_t)
+            dq_below = cell.push(coefficients[layer][t - 1], q_in, dq_below, w_ih, w_hh, q_out,
+                                 N, jac_t=jac_t)
         qt = out
         if acc.needs_qr(t_start + t):
             qt = acc.qr(t_start + t, qt)

@@ -632,14 +632,15 @@ def test_gram_qr_flags_what_it_cannot_factor():
     torch.testing.assert_close(d[0], r, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("k", [2, 24])
-def test_gru_both_tangent_paths_match_reference(k):
+@pytest.mark.parametrize("k, exponent_sum", [(2, False), (2, True), (24, False)])
+def test_gru_both_tangent_paths_match_reference(k, exponent_sum):
     """A few leading exponents go through the gates' weights, many through explicit Jacobians
-    (GRU_EXPLICIT_SHARE); both must give the reference's exponents."""
+    (GRU_EXPLICIT_SHARE); a few with the sum of all at every step through the hidden blocks
+    the LUs need and the input side's gates. All must give the reference's exponents."""
     assert (k * lepredict.lyapunov.GRU_EXPLICIT_SHARE >= 12) == (k == 24)
     m = make("gru", hidden=12, layers=2, seed=4, scale=1.4)
     x = torch.randn(3, 30, 3, dtype=F64)
-    fast = lepredict.lyapunov_spectrum(m, x, k=k, warmup=5)
+    fast = lepredict.lyapunov_spectrum(m, x, k=k, warmup=5, exponent_sum=exponent_sum)
     ref = lepredict.lyapunov_spectrum_map(rnn_step(m), torch.zeros(3, 24, dtype=F64), x, k=k,
                                           warmup=5)
     torch.testing.assert_close(fast.exponents, ref.exponents, rtol=0, atol=1e-9)
