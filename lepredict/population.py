@@ -184,27 +184,28 @@ class _Recurrence(torch.autograd.Function):
         T, (G, N) = T1 - 1, w_hh.shape[-2:]
         hs = xh[:, 1:, :, I:]
         dpre = xh.new_empty(K, T, B, G)
-        dh_next = xh.new_zeros(K, B, N)
         if ctx.arch == "rnn":
+            dh = dout[:, T - 1]
             for t in reversed(range(T)):
-                dh = dout[:, t] + dh_next
-                d = _TANH_BACKWARD(dh, hs[:, t], grad_input=dpre[:, t])
-                dh_next = torch.bmm(d, w_hh)
+                _TANH_BACKWARD(dh, hs[:, t], grad_input=dpre[:, t])
+                if t:
+                    dh = torch.baddbmm(dout[:, t - 1], dpre[:, t], w_hh)
         else:
             act, cs, tcs = saved
             dc_next = zeros = xh.new_zeros(K, B, N)
+            dh = dout[:, T - 1]
             for t in reversed(range(T)):
                 a, d = act[:, t], dpre[:, t]
-                i, f, g, o = (a[..., k * N:(k + 1) * N] for k in range(4))
-                dh = dout[:, t] + dh_next
+                i, f, g, o = a.split_with_sizes((N,) * 4, -1)
                 _SIGMOID_BACKWARD(dh * tcs[:, t], o, grad_input=d[..., 3 * N:])
                 dc = torch.ops.aten.tanh_backward(dh * o, tcs[:, t]).add_(dc_next)
                 _SIGMOID_BACKWARD(dc * g, i, grad_input=d[..., :N])
                 _SIGMOID_BACKWARD(dc * (cs[:, t - 1] if t else zeros), f,
                                   grad_input=d[..., N:2 * N])
                 _TANH_BACKWARD(dc * i, g, grad_input=d[..., 2 * N:3 * N])
-                dc_next = dc * f
-                dh_next = torch.bmm(d, w_hh)
+                if t:  # the next (earlier) step's dh: its own output's gradient plus the carry
+                    dc_next = dc.mul_(f)
+                    dh = torch.baddbmm(dout[:, t - 1], d, w_hh)
         flat = dpre.view(K, T * B, G)
         # One product for both weights: the gradient of [W_ih, W_hh] is sum_t dpre_t^T xh_t.
         d_w = flat.mT @ xh[:, :T].reshape(K, T * B, -1)
@@ -216,7 +217,7 @@ def _tanh(x: Tensor, *, out: Tensor) -> Tensor:
     """``tanh(x)`` into ``out`` as ``2 sigmoid(2x) - 1``: three cheap kernels, which together
     cost about half of PyTorch's CPU tanh (to within 2e-7 of it: float32 rounding). GPUs
     have a fast tanh, and each kernel there costs a launch."""
-    if out.is_cuda:
+    if out.is_cuda or _FAST_TANH:
         return torch.tanh(x, out=out)
     return torch.sigmoid(torch.mul(x, 2, out=out), out=out).mul_(2).sub_(1)
 
@@ -226,7 +227,7 @@ def _lstm_gates(pre: Tensor, N: int, *, out: Tensor) -> None:
     ``out``: sigmoids, and the candidate's tanh. On CPUs that tanh is ``2 sigmoid(2x) - 1``
     inside the one sigmoid of all four (``pre``'s candidate slice is scaled in place), as in
     :func:`_tanh`; on GPUs three kernels, as before."""
-    if out.is_cuda:
+    if out.is_cuda or _FAST_TANH:
         torch.sigmoid(pre[..., :2 * N], out=out[..., :2 * N])
         torch.tanh(pre[..., 2 * N:3 * N], out=out[..., 2 * N:3 * N])
         torch.sigmoid(pre[..., 3 * N:], out=out[..., 3 * N:])
@@ -236,6 +237,7 @@ def _lstm_gates(pre: Tensor, N: int, *, out: Tensor) -> None:
     out[..., 2 * N:3 * N].mul_(2).sub_(1)
 
 
+_FAST_TANH = False
 _TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input  # grad * (1 - y^2), into grad_input
 _SIGMOID_BACKWARD = torch.ops.aten.sigmoid_backward.grad_input  # grad * y (1 - y)
 
