@@ -718,6 +718,8 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
                 and (logdet is None or not ops.lu)):
             _run_graphed(_make_step(ops), weights, state, qt, gi0, N, acc, logdet)
         else:
+            # PyTorch's fused recurrences serve one network's weights; on CUDA, cuDNN would
+            # want them in one flat buffer (and warn), and graphs replay most runs there.
             _run_two_pass(ops, weights, state, qt, gi0, N, acc, logdet,
                           x if K == 1 and device.type == "cpu" else None)
         whole = acc.result(dtype, n, logdet is not None)
@@ -898,6 +900,10 @@ def _lu_logdet(jac_t: Tensor, lead: torch.Size, constant) -> Tensor:
 
 
 def _fused_args(w_ih: Tensor, w_hh: Tensor, b) -> tuple[list[Tensor], bool]:
+    """One layer's weights as ``torch.rnn_tanh``/``gru``/``lstm`` (what ``nn.RNN``, ``nn.GRU``
+    and ``nn.LSTM`` call) take them, and whether there are biases. Their other positional
+    arguments, as the callers pass them: 1 layer, no dropout, not training, one direction,
+    batch first."""
     return ([w_ih, w_hh] if b is None else [w_ih, w_hh, *b]), b is not None
 
 
