@@ -217,7 +217,7 @@ def _tanh(x: Tensor, *, out: Tensor) -> Tensor:
     """``tanh(x)`` into ``out`` as ``2 sigmoid(2x) - 1``: three cheap kernels, which together
     cost about half of PyTorch's CPU tanh (to within 2e-7 of it: float32 rounding). GPUs
     have a fast tanh, and each kernel there costs a launch."""
-    if out.is_cuda or _FAST_TANH:
+    if out.is_cuda:
         return torch.tanh(x, out=out)
     return torch.sigmoid(torch.mul(x, 2, out=out), out=out).mul_(2).sub_(1)
 
@@ -227,7 +227,7 @@ def _lstm_gates(pre: Tensor, N: int, *, out: Tensor) -> None:
     ``out``: sigmoids, and the candidate's tanh. On CPUs that tanh is ``2 sigmoid(2x) - 1``
     inside the one sigmoid of all four (``pre``'s candidate slice is scaled in place), as in
     :func:`_tanh`; on GPUs three kernels, as before."""
-    if out.is_cuda or _FAST_TANH:
+    if out.is_cuda:
         torch.sigmoid(pre[..., :2 * N], out=out[..., :2 * N])
         torch.tanh(pre[..., 2 * N:3 * N], out=out[..., 2 * N:3 * N])
         torch.sigmoid(pre[..., 3 * N:], out=out[..., 3 * N:])
@@ -237,7 +237,6 @@ def _lstm_gates(pre: Tensor, N: int, *, out: Tensor) -> None:
     out[..., 2 * N:3 * N].mul_(2).sub_(1)
 
 
-_FAST_TANH = False
 _TANH_BACKWARD = torch.ops.aten.tanh_backward.grad_input  # grad * (1 - y^2), into grad_input
 _SIGMOID_BACKWARD = torch.ops.aten.sigmoid_backward.grad_input  # grad * y (1 - y)
 
