@@ -36,7 +36,8 @@ import pandas as pd
 from joblib import Parallel, delayed
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
 
-from lepredict.features import FEATURE_SETS, completed_runs, outcomes
+from lepredict.features import FEATURE_SETS, completed_runs, hparam_column, outcomes
+from lepredict.records import HPARAM_COLUMN, PARAM_COLUMN
 from lepredict.predictor import MIN_PER_CLASS, StabilityPredictor, metric_table
 
 __all__ = ["BASELINE", "COMPARED", "N_BOOT", "SCHEMES", "bootstrap_counts", "compare",
@@ -53,7 +54,8 @@ COMPARED = ("hparams+loss", "hparams+loss+spectrum", "spectrum+loss", "loss", "s
 BASELINE = "hparams+loss"
 #: Bootstrap resamples behind each interval, unless told otherwise.
 N_BOOT = 1000
-_LOGO = {"task": "task", "arch": "param_arch"}
+#: The column each leave-one-out scheme groups by: a frame's own, or a hyperparameter.
+_LOGO = {"task": "task", "arch": "arch"}
 _TITLES = {"configs": "held-out configurations (5 folds grouped by configuration; pooled)",
            "task": "held-out task (leave one task out; mean over tasks)",
            "arch": "held-out architecture (leave one architecture out; mean over architectures)",
@@ -77,7 +79,8 @@ def parse_sets(name: str) -> tuple[str, ...]:
 
 def config_groups(frame: pd.DataFrame) -> np.ndarray:
     """One group per configuration: the task and hyperparameters, seed excluded."""
-    cols = sorted(c for c in frame.columns if c.startswith("param_") and c != "param_seed")
+    cols = sorted(c for c in frame.columns if c.startswith((PARAM_COLUMN, HPARAM_COLUMN))
+                  and c not in (f"{PARAM_COLUMN}seed", f"{HPARAM_COLUMN}seed"))
     keys = frame[["task", "task_options", *cols]].apply(lambda r: "|".join(map(str, r)), axis=1)
     return keys.map(lambda k: hashlib.sha1(k.encode()).hexdigest()[:12]).to_numpy()
 
@@ -121,13 +124,13 @@ def _condition(frame: pd.DataFrame, condition: str, predicate: str) -> np.ndarra
         raise ValueError(f"holdout {predicate!r} is not COLUMN OP VALUE (OP one of = != > >= < "
                          "<=), e.g. arch=lstm or hidden>=128.")
     name, op, value = match.groups()
-    column = name if name in frame.columns else f"param_{name}"
-    if column not in frame.columns:
-        known = sorted({c.removeprefix("param_") for c in frame.columns
-                        if c.startswith("param_")} | {"task", "study"})
+    values = frame[name] if name in frame.columns else hparam_column(frame, name)
+    if values is None:
+        known = sorted({c.removeprefix(PARAM_COLUMN).removeprefix(HPARAM_COLUMN)
+                        for c in frame.columns if c.startswith((PARAM_COLUMN, HPARAM_COLUMN))}
+                       | {"task", "study"})
         raise ValueError(f"holdout {predicate!r}: the data have no column {name!r}; use one of "
                          f"{', '.join(known)}.")
-    values = frame[column]
     numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
     items = [v.strip() for v in value.split(",")] if op in ("=", "==", "!=") else [value]
 
@@ -137,7 +140,7 @@ def _condition(frame: pd.DataFrame, condition: str, predicate: str) -> np.ndarra
         try:
             return float(v)
         except ValueError:
-            raise ValueError(f"holdout {predicate!r}: {column} is numeric, {v!r} is not a "
+            raise ValueError(f"holdout {predicate!r}: {name} is numeric, {v!r} is not a "
                              "number.") from None
 
     targets = [parse(v) for v in items]
@@ -146,7 +149,7 @@ def _condition(frame: pd.DataFrame, condition: str, predicate: str) -> np.ndarra
         hit = shown.isin(targets) & values.notna()
         return (hit if op != "!=" else ~hit & values.notna()).to_numpy(dtype=bool)
     if not numeric:
-        raise ValueError(f"holdout {predicate!r}: {column} is not numeric, so only = and != "
+        raise ValueError(f"holdout {predicate!r}: {name} is not numeric, so only = and != "
                          "apply to it.")
     x = values.astype(float)
     compare_ = {">": x.gt, ">=": x.ge, "<": x.lt, "<=": x.le}[op]
@@ -171,7 +174,7 @@ def _splits(frame: pd.DataFrame, y: np.ndarray, scheme: str, seed: int,
         return list(cv.split(frame, y, config_groups(frame)))
     if kind in _LOGO:
         column = _LOGO[kind]
-        groups = frame[column].astype(str).to_numpy()
+        groups = _group_values(frame, column).astype(str).to_numpy()
         if len(np.unique(groups)) < 2:
             raise ValueError(f"Leave-one-{kind}-out needs runs of at least 2 {column} values; "
                              f"the data hold only {np.unique(groups).tolist()}.")
@@ -231,8 +234,18 @@ def _held_group(frame: pd.DataFrame, scheme: str) -> np.ndarray:
     """Per run, the group its metrics are reported under: the held-out group of a
     leave-one-out scheme, else the task."""
     column = _LOGO.get(_scheme_kind(scheme), "task")
-    name = "arch" if column == "param_arch" else "task"
-    return (name + "=" + frame[column].astype(str)).to_numpy()
+    return (column + "=" + _group_values(frame, column).astype(str)).to_numpy()
+
+
+def _group_values(frame: pd.DataFrame, column: str) -> pd.Series:
+    """A frame's own column, or the runs' hyperparameter of that name (declared or sampled)."""
+    if column in frame.columns:
+        return frame[column]
+    values = hparam_column(frame, column)
+    if values is None:
+        raise ValueError(f"The data have no {column!r}: neither a {PARAM_COLUMN}{column} nor a "
+                         f"{HPARAM_COLUMN}{column} column.")
+    return values
 
 
 def _predictions(frame, y, loss, scheme, budget, name, results, configs=None) -> pd.DataFrame:

@@ -31,7 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from lepredict.records import ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS, exponent_total
+from lepredict.records import (ARCHS, HPARAM_COLUMN, INITS, MEASURED_EXPONENTS, OPTIMIZERS,
+                               PARAM_COLUMN, exponent_total, hparam_value)
 
 __all__ = [
     "FEATURE_SETS",
@@ -41,6 +42,7 @@ __all__ = [
     "completed_runs",
     "describe_feature",
     "feature_names",
+    "hparam_column",
     "kaplan_yorke",
     "outcomes",
     "spectrum_grid",
@@ -280,7 +282,7 @@ def _loss_features(row: pd.Series, budget: int) -> dict[str, float]:
 
 def _weight_features(row: pd.Series, budget: int) -> dict[str, float]:
     weights = _list(row.get("weights"))
-    hidden = _num(row.get("param_hidden"), 1.0)
+    hidden = _num(hparam_value(row, "hidden"), 1.0)
     out: dict[str, float] = {}
     for e in range(budget + 1):
         w = weights[min(e, len(weights) - 1)] if weights else {}
@@ -307,14 +309,15 @@ def _grad_features(row: pd.Series, budget: int) -> dict[str, float]:
 
 
 def _hparam_features(row: pd.Series, budget: int) -> dict[str, float]:
-    arch, opt = row.get("param_arch"), row.get("param_optimizer")
-    init = row.get("param_init") if isinstance(row.get("param_init"), str) else "uniform"
+    arch, opt = hparam_value(row, "arch"), hparam_value(row, "optimizer")
+    init = hparam_value(row, "init")
+    init = init if isinstance(init, str) else "uniform"
     out = {f"hp_arch_{a}": float(arch == a) for a in ARCHS}
     out.update({f"hp_opt_{o}": float(opt == o) for o in OPTIMIZERS})
     out.update({f"hp_init_{i}": float(init == i) for i in INITS})
 
     def get(name, default):
-        v = _num(row.get(f"param_{name}"), default)
+        v = _num(hparam_value(row, name), default)
         return default if math.isnan(v) else v
 
     out["hp_log2_hidden"] = math.log2(get("hidden", 64))
@@ -513,3 +516,12 @@ def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataF
         "trainable": trainable.astype(bool),
         "final_loss": final.where(finite, TARGET_CAP).clip(0.0, TARGET_CAP),
     }, index=frame.index)
+
+
+def hparam_column(frame: pd.DataFrame, name: str) -> pd.Series | None:
+    """The runs' hyperparameter ``name`` as :func:`lepredict.records.hparam_value` reads it
+    from each row (declared, else the parameter), or ``None`` where the frame has neither."""
+    declared, param = f"{HPARAM_COLUMN}{name}", f"{PARAM_COLUMN}{name}"
+    if declared in frame and param in frame:
+        return frame[declared].where(frame[declared].notna(), frame[param])
+    return frame[declared] if declared in frame else frame[param] if param in frame else None

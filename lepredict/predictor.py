@@ -41,7 +41,8 @@ from sklearn.model_selection import GridSearchCV, GroupKFold, StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from lepredict.features import build_features, completed_runs, feature_names, outcomes
+from lepredict.features import (build_features, completed_runs, feature_names, hparam_column,
+                                outcomes)
 
 __all__ = ["ModelFileError", "StabilityPredictor", "load", "load_models", "pin_shipped_models",
            "resolve_model"]
@@ -219,13 +220,13 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
         if self.interval:
             self.oof_loss_, self.oof_residual_ = self._held_out_residuals(
                 features, target, X, reg)
+        archs = hparam_column(X, "arch")
         self.training_summary_ = {
             "runs": int(len(y)),
             "trainable_share": round(float(np.mean(y)), 4),
             "studies": sorted(map(str, X["study"].unique())) if "study" in X else [],
             "tasks": sorted(map(str, X["task"].dropna().unique())) if "task" in X else [],
-            "archs": sorted(map(str, X["param_arch"].dropna().unique()))
-            if "param_arch" in X else [],
+            "archs": sorted(map(str, archs.dropna().unique())) if archs is not None else [],
             # The horizon of the final loss it predicts, when the runs share one.
             "epochs": int(X["epochs"].iloc[0]) if "epochs" in X and X["epochs"].nunique() == 1
             else None,

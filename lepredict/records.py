@@ -65,6 +65,23 @@ STATUS = f"{ATTR}status"
 ERROR = f"{ATTR}error"
 HPARAMS = f"{ATTR}hparams"
 
+#: Trials-frame columns of a study's own parameters, as Optuna holds them (a ``lepredict sweep``
+#: trial's: its whole configuration) ...
+PARAM_COLUMN = "param_"
+#: ... and of the hyperparameters a trial of one's own loop declared to lepredict
+#: (``measure_and_report``'s ``arch``, ``hidden``, ``layers``, ``report_spectrum(hparams=...)``),
+#: kept apart: a loop's own ``hidden`` may be another layer's width.
+HPARAM_COLUMN = "hparam_"
+
+
+def hparam_value(row: Mapping, name: str):
+    """A run's hyperparameter ``name`` as lepredict means it: what its trial declared
+    (``hparam_NAME``), else its parameter of that name (``param_NAME``), else ``None``."""
+    value = row.get(f"{HPARAM_COLUMN}{name}")
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return row.get(f"{PARAM_COLUMN}{name}")
+    return value
+
 ARCHS = ("rnn", "gru", "lstm")
 #: A spectrum's state convention: ``"full"`` (an LSTM's ``(h, c)``), ``"hidden"`` (an LSTM's
 #: hidden-only map), ``None`` (any other module, whose state is its hidden state).
@@ -78,7 +95,7 @@ class HParamField:
     """One generic hyperparameter: what values it may take and what a missing one means.
 
     Attributes:
-        name: the key (``hparams={name: ...}``; the ``param_{name}`` column of a trials frame).
+        name: the key (``hparams={name: ...}``; the ``hparam_{name}`` column of a trials frame).
         kind: ``"choice"``, ``"int"`` or ``"float"``.
         choices: the allowed values of a ``"choice"``.
         low: the smallest allowed value of a number (inclusive).
@@ -352,11 +369,14 @@ def _float(v):
     return float(v)  # float("inf") parses the strings jsonable wrote
 
 
-def run_row(meta: dict, run: Mapping, params: Mapping, spectra: Mapping) -> dict:
+def run_row(meta: dict, run: Mapping, params: Mapping, spectra: Mapping,
+            hparams: Mapping | None = None) -> dict:
     """One trials-frame row: ``meta`` (study, number, state, task...), the stored run, the
-    hyperparameters (``param_*`` columns) and the spectra by epoch (``leE_*`` columns)."""
+    parameters (``param_*`` columns), the declared hyperparameters (``hparam_*``) and the
+    spectra by epoch (``leE_*`` columns)."""
     row = dict(meta)
-    row.update({f"param_{k}": v for k, v in params.items()})
+    row.update({f"{PARAM_COLUMN}{k}": v for k, v in params.items()})
+    row.update({f"{HPARAM_COLUMN}{k}": v for k, v in (hparams or {}).items()})
     for key in ("final_normalised_loss", "final_val_loss", "wall_time", "le_time",
                 "epochs_completed", "pruned_at"):
         row[key] = _float(run.get(key)) if key in run else None
@@ -468,15 +488,15 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
         "predicted_p_trainable": _float(predicted[-1][1]["p_trainable"]) if predicted else None,
         "predicted_final_loss": _float(predicted[-1][1].get("final_loss")) if predicted else None,
     }
-    run = t.user_attrs.get(RUN)
-    if run is None:
-        run = _own_run(t, setup, chance, direction)
-        if meta["status"] is None:
-            meta["status"] = run.pop("status", None)
-        run.pop("status", None)
-    # The whole config (fixed values included), then the sampled params as Optuna holds them,
-    # then the generic hyperparameters the trial declared (report_spectrum(hparams=...)): a
-    # loop's own parameter names (learning_rate...) mean nothing to lepredict, these do.
     hparams = t.user_attrs.get(HPARAMS)
     hparams = hparams if isinstance(hparams, Mapping) else {}
-    return run_row(meta, run, {**run.get("config", {}), **t.params, **hparams}, spectra)
+    run = t.user_attrs.get(RUN)
+    if run is not None:  # a sweep's: the whole config (fixed values included), then the params
+        return run_row(meta, run, {**run.get("config", {}), **t.params, **hparams}, spectra)
+    run = _own_run(t, setup, chance, direction)
+    if meta["status"] is None:
+        meta["status"] = run.pop("status", None)
+    run.pop("status", None)
+    # A loop's own parameters as Optuna holds them, and apart what it declared to lepredict:
+    # the names may coincide and mean other things (a head's "hidden", a schedule's "lr").
+    return run_row(meta, run, dict(t.params), spectra, hparams)

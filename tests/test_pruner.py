@@ -514,16 +514,34 @@ def test_a_screening_predictor_keeps_a_trial_without_hparams_and_says_how(runs, 
     assert full["pruned"] and full["p_trainable"] < 1.0
 
 
-def test_exports_carry_the_declared_hparams(runs):
+def test_exports_keep_a_loops_own_params_apart_from_the_declared_hparams(runs):
+    """A loop's parameters are exported as Optuna holds them (``param_*``) and what it declared
+    to lepredict apart (``hparam_*``): the names may coincide and mean other things (here the
+    loop's ``hidden`` is its head's width, its ``lr`` a schedule's last value). Features,
+    hold-outs and the predictor read the declared ones."""
+    from lepredict.evaluation import holdout_mask
+    from lepredict.features import build_features
+
     row = runs[runs["status"] == "ok"].iloc[0]
     study = optuna.create_study()
-    trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1.0)})
-    report_spectrum(trial, {"mean": row["le0_mean"]}, 0, hparams={"lr": 0.02, "init": "default"})
+    trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1.0),
+                       "hidden": optuna.distributions.IntDistribution(50, 500),
+                       "lr": optuna.distributions.FloatDistribution(0.5, 0.9)})
+    report_spectrum(trial, {"mean": row["le0_mean"]}, 0,
+                    hparams={"lr": 0.02, "init": "default", "hidden": 8, "arch": "gru"})
     trial.report(1.0, 0)
     study.tell(trial, 0.5)
     frame = lepredict.sweep.trials_frame(study)
-    assert frame.loc[0, "param_lr"] == 0.02 and frame.loc[0, "param_init"] == "default"
-    assert frame.loc[0, "param_learning_rate"] == trial.params["learning_rate"]
+    own = frame.iloc[0]
+    assert own["param_hidden"] == trial.params["hidden"] >= 50 and own["hparam_hidden"] == 8
+    assert own["param_lr"] == trial.params["lr"] >= 0.5 and own["hparam_lr"] == 0.02
+    assert own["param_learning_rate"] == trial.params["learning_rate"]
+    assert own["hparam_init"] == "default" and "param_init" not in frame
+    features = build_features(frame, budget=0, sets=["hparams"]).iloc[0]
+    assert features["hp_log2_hidden"] == 3.0 and features["hp_arch_gru"] == 1.0
+    assert features["hp_log10_lr"] == pytest.approx(math.log10(0.02))
+    assert holdout_mask(frame, "hidden<16").tolist() == [True]
+    assert holdout_mask(frame, "arch=gru").tolist() == [True]
 
 
 def test_a_sweep_gives_a_screening_predictor_its_hparams(screening, tmp_path):
