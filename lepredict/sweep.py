@@ -1309,6 +1309,27 @@ def record_frame(record: RunRecord, task: tasks.Task) -> pd.DataFrame:
     return pd.DataFrame([run_row(meta, run, record.config, run["spectra"])])
 
 
+def _as_one_type(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each column Parquet cannot hold as one type (a categorical parameter's
+    choices 32 and "auto") as text, as a CSV holds it (lists as JSON); missing values stay
+    missing."""
+    import pyarrow as pa
+
+    def text(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return None
+        return json.dumps(v) if isinstance(v, list) else str(v)
+
+    out = frame
+    for column in frame.columns[frame.dtypes == object]:
+        try:
+            pa.array(frame[column], from_pandas=True)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            out = out.copy() if out is frame else out
+            out[column] = frame[column].map(text)
+    return out
+
+
 def export_trials(study: optuna.Study, path: str | os.PathLike, *,
                   finished_only: bool = False) -> int:
     """Write :func:`trials_frame` to Parquet (``.parquet``) or CSV (``.csv``, list cells as
@@ -1317,7 +1338,7 @@ def export_trials(study: optuna.Study, path: str | os.PathLike, *,
     path = Path(path)
     frame = trials_frame(study, finished_only=finished_only)
     if path.suffix == ".parquet":
-        frame.to_parquet(path, index=False)
+        _as_one_type(frame).to_parquet(path, index=False)
     elif path.suffix == ".csv":
         listy = [c for c in frame.columns if frame[c].map(lambda v: isinstance(v, list)).any()]
         out = frame.copy()

@@ -12,6 +12,7 @@ import uuid
 import warnings
 
 import optuna
+import pandas as pd
 import pytest
 from conftest import kill_when_it_prints
 
@@ -181,6 +182,25 @@ def test_export_round_trip(tmp_path, space_file, suffix):
     assert len(row["le0_mean"]) == (16 if row["param_arch"] == "lstm" else 8)
     assert len(row["val_loss"]) == 3
     assert row["value"] == pytest.approx(row["final_normalised_loss"])
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_export_of_categoricals_whose_choices_mix_types(tmp_path, suffix):
+    """Optuna's categorical choices may be None, bools, numbers and strings in one parameter:
+    Parquet holds such a column as text (as CSV does), missing values missing."""
+    study = optuna.create_study()
+    for choice in (32, "auto", None, True, 2.5):
+        study.enqueue_trial({"batch": choice})
+        trial = study.ask()
+        trial.suggest_categorical("batch", [32, "auto", None, True, 2.5])
+        if choice == "auto":
+            trial.suggest_float("momentum", 0.1, 0.9)  # conditional: missing elsewhere
+        trial.report(1.0, 0)
+        study.tell(trial, 1.0)
+    out = tmp_path / f"mixed{suffix}"
+    assert export_trials(study, out) == 5
+    column = read_trials(out)["param_batch"]
+    assert [None if pd.isna(v) else str(v) for v in column] == ["32", "auto", None, "True", "2.5"]
 
 
 def test_cli_sweep_and_export(tmp_path, space_file, capsys):
