@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -418,6 +419,19 @@ def _module_info(rnn: nn.Module, lstm_state: str) -> tuple[str, int, int, int]:
     return cell, N, rnn.num_layers, per_layer
 
 
+def _warn_if_forward_overridden(rnn: nn.Module) -> None:
+    """The engine runs PyTorch's equations on the module's weights: a subclass whose own
+    ``forward`` changes what the recurrence receives or does is not what gets measured."""
+    base = next(c for c in (nn.LSTM, nn.GRU, nn.RNN) if isinstance(rnn, c))
+    if type(rnn).forward is not base.forward:
+        warnings.warn(
+            f"{type(rnn).__name__} overrides nn.{base.__name__}.forward: the spectrum is that of "
+            f"nn.{base.__name__}'s own recurrence with this module's weights, driven by the "
+            "inputs as passed, not of what its forward computes. Pass the inputs the recurrence "
+            "receives, or measure your step function with lepredict.lyapunov_spectrum_map.",
+            UserWarning, stacklevel=4)
+
+
 def rnn_state_size(rnn: nn.Module, *, lstm_state: str = "full") -> int:
     """Dimension of the state whose spectrum :func:`lyapunov_spectrum` measures."""
     _, _, layers, per_layer = _module_info(rnn, lstm_state)
@@ -655,6 +669,7 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
                 "modules of one shape only: group the modules by shape and call once per group."
             )
     K = len(rnns)
+    _warn_if_forward_overridden(rnn)
     if any(p.is_meta for r in rnns for p in r.parameters()) or (
             isinstance(inputs, Tensor) and inputs.is_meta):
         raise ValueError(_META)

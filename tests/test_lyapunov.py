@@ -715,3 +715,27 @@ def test_float32_log_determinant_falls_back_to_float64_where_it_fails(monkeypatc
     want = real(jac.double()).logabsdet
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_subclass_with_its_own_forward_is_measured_with_a_warning():
+    """The engine runs nn.GRU's equations on the weights: a subclass whose forward does more is
+    not what gets measured, and is told so; a subclass without its own forward, or one that
+    parametrize made (weight_norm), is measured silently."""
+    import warnings
+
+    class Scaled(torch.nn.GRU):
+        def forward(self, x, h=None):
+            return super().forward(10.0 * x, h)
+
+    class Plain(torch.nn.GRU):
+        pass
+
+    x = torch.randn(2, 12, 3)
+    with pytest.warns(UserWarning, match="Scaled overrides nn.GRU.forward"):
+        lepredict.lyapunov_spectrum(Scaled(3, 4, batch_first=True), x, k=2)
+    normed = torch.nn.utils.parametrizations.weight_norm(torch.nn.GRU(3, 4, batch_first=True),
+                                                         "weight_hh_l0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lepredict.lyapunov_spectrum(Plain(3, 4, batch_first=True), x, k=2)
+        lepredict.lyapunov_spectrum(normed, x, k=2)
