@@ -60,6 +60,9 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         chance_loss: the scale of the losses: the loss of the best constant prediction
             (:func:`lepredict.chance_loss`) if the values you report are raw losses, or ``1.0``
             if they are already normalised (loss / chance loss). Once per trial is enough.
+            (A step's spectrum and ``val_loss``, and a trial's ``chance_loss``, are stored
+            once, as ``trial.report`` stores a step's value: a later call keeps what was stored
+            first, with a warning.)
         val_loss: the validation loss at ``step``, when the value you ``trial.report`` is not
             the loss (an accuracy in a maximising study): the pruner reads this instead.
         hparams: the trial's generic hyperparameters, for predictors that read them
@@ -102,13 +105,37 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
     pruner = getattr(getattr(trial, "study", None), "pruner", None)  # FixedTrial has no study
     if isinstance(pruner, LyapunovPruner):
         pruner.check_spectrum(spec)
+        if pruner.decided_at(trial, step):
+            # One text for all trials: Python shows it once, not every epoch of every trial.
+            warnings.warn(
+                "A spectrum was reported at a step LyapunovPruner had already decided at "
+                "(trial.should_prune() came before report_spectrum or measure_and_report), so "
+                "that decision used an earlier step's spectrum; report the spectrum before "
+                "trial.should_prune() at each step.", UserWarning,
+                stacklevel=_outside_stacklevel())
     if stored_hparams is not None:
         trial.set_user_attr(HPARAMS, stored_hparams)
-    trial.set_user_attr(f"{SPECTRUM}{step}", jsonable(spec))
+    # As trial.report keeps a step's first value, what a trial stored first stands: a second
+    # call would rewrite the spectrum a decision was made on, or rescale every loss.
+    before = getattr(trial, "user_attrs", {})
+    kept = [f"the spectrum at step {step}"] if f"{SPECTRUM}{step}" in before else []
+    if not kept:
+        trial.set_user_attr(f"{SPECTRUM}{step}", jsonable(spec))
     if chance_loss is not None:
-        trial.set_user_attr(CHANCE_LOSS, float(chance_loss))
+        if CHANCE_LOSS not in before:
+            trial.set_user_attr(CHANCE_LOSS, float(chance_loss))
+        elif before[CHANCE_LOSS] != float(chance_loss):
+            kept.append(f"chance_loss={before[CHANCE_LOSS]!r} (not {float(chance_loss)!r})")
     if val_loss is not None:
-        trial.set_user_attr(f"{VAL_LOSS}{step}", jsonable(float(val_loss)))
+        if f"{VAL_LOSS}{step}" not in before:
+            trial.set_user_attr(f"{VAL_LOSS}{step}", jsonable(float(val_loss)))
+        elif before[f"{VAL_LOSS}{step}"] != jsonable(float(val_loss)):
+            kept.append(f"val_loss at step {step}")
+    if kept:
+        warnings.warn(f"Trial {getattr(trial, 'number', '?')} already holds {', '.join(kept)}: "
+                      "the values stored first are kept, as trial.report keeps a step's first "
+                      "value; report each step once, and one chance_loss per trial.",
+                      UserWarning, stacklevel=_outside_stacklevel())
 
 
 def _checked_step(step) -> int:
@@ -513,6 +540,9 @@ class LyapunovPruner(BasePruner):
         self._online: dict[tuple[str, int], dict[int, StabilityPredictor]] = {}
         self._warned: set[tuple[str, str]] = set()
         self._predicted: dict[tuple[str, int, str], tuple[float, float]] = {}
+        # The steps this process decided at, per trial: a spectrum reported at one afterwards
+        # came too late for its decision (the trials a worker decides for are those it runs).
+        self._decided: set[tuple[str, int, int]] = set()
         self._lock = threading.Lock()
 
     # -- what a spectrum must be ------------------------------------------------------------
@@ -642,15 +672,17 @@ class LyapunovPruner(BasePruner):
                   "rank": rank, "reporting": reporting, "rank_step": rank_step,
                   "leader": leader}
         reason = None
+        # A decision on an earlier epoch's spectrum (the last one reported) says so.
+        shown = f"at epoch {epoch}" + (f" (on epochs 0-{budget})" if budget < epoch else "")
         if p < threshold:
-            reason = f"P(trainable)={p:.3f} < {threshold:.3f} at epoch {epoch}"
+            reason = f"P(trainable)={p:.3f} < {threshold:.3f} {shown}"
         elif self._risk is not None:
             best = _best_prediction(study, finished, budget)
             if best is not None and best[0] != trial.number:
                 beats = model.prob_beats(loss, best[1])
                 record.update(p_beats_best=beats, best_trial=best[0], best_final_loss=best[1])
                 if beats < self._risk:
-                    reason = (f"P(beats best)={beats:.1%} < {self._risk:.1%} at epoch {epoch} "
+                    reason = (f"P(beats best)={beats:.1%} < {self._risk:.1%} {shown} "
                               f"(predicted final loss {loss:.3f} against {best[1]:.3f} for "
                               f"trial {best[0]}, the best so far)")
         if reason is not None and leader:
@@ -671,11 +703,22 @@ class LyapunovPruner(BasePruner):
         self._record(study, trial, step, {"pruned": False, "reason": reason})
         return False
 
-    @staticmethod
-    def _record(study: optuna.Study, trial: FrozenTrial, step: int, prediction: dict) -> None:
+    def _record(self, study: optuna.Study, trial: FrozenTrial, step: int,
+                prediction: dict) -> None:
         # A pruner gets a frozen trial: the storage is the only way to annotate it.
         study._storage.set_trial_user_attr(trial._trial_id, f"{PREDICTION}{step}",
                                            jsonable(prediction))
+        if "budget" in prediction:  # decided on a predictor, not kept for want of one
+            with self._lock:
+                if len(self._decided) > 100_000:
+                    self._decided.clear()
+                self._decided.add((study.study_name, trial.number, step))
+
+    def decided_at(self, trial, step: int) -> bool:
+        """Whether this pruner (in this process) has decided for ``trial`` at ``step``."""
+        study = getattr(trial, "study", None)
+        return (getattr(study, "study_name", None), getattr(trial, "number", None),
+                step) in self._decided
 
     def _warn_once(self, study: optuna.Study, kind: str, message: str) -> None:
         with self._lock:

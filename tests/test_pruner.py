@@ -826,3 +826,49 @@ def test_a_relu_rnn_is_measured_with_a_warning_that_no_predictor_has_seen_one():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a tanh RNN: no warning
         lepredict.measure_and_report(trial, torch.nn.RNN(3, 8, batch_first=True), probe, 1)
+
+
+def test_a_spectrum_reported_after_should_prune_is_named_and_so_is_the_epoch_decided_on(runs):
+    """Measuring after trial.should_prune() leaves each decision a step behind: the pruner
+    decides on the previous epoch's spectrum, and the spectrum that comes late says so; a
+    decision on an earlier epoch's spectrum names the epochs it saw."""
+    row = runs[runs["status"] == "ok"].iloc[0]
+    pruner = LyapunovPruner(n_warmup_steps=0, protect_top=0.0)
+    study = optuna.create_study(pruner=pruner)
+    trial = study.ask()
+    report_spectrum(trial, {"mean": row["le0_mean"]}, 0, chance_loss=1.0)
+    trial.report(1.0, 0)
+    trial.should_prune()
+    trial.report(1.0, 1)
+    trial.should_prune()  # decides at epoch 1 on epoch 0's spectrum
+    record = trial.study._storage.get_trial(trial._trial_id).user_attrs[f"{ATTR}prediction:1"]
+    assert record["budget"] == 0 and record["epoch"] == 1
+    with pytest.warns(UserWarning, match="already decided at"):
+        report_spectrum(trial, {"mean": row["le0_mean"]}, 1)
+    trial.report(1.0, 2)
+    study.tell(trial, 1.0)
+    # The order of the README's loop gives no warning:
+    trial = study.ask()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in (0, 1):
+            report_spectrum(trial, {"mean": row["le0_mean"]}, epoch, chance_loss=1.0)
+            trial.report(1.0, epoch)
+            trial.should_prune()
+
+
+def test_a_second_report_at_a_step_keeps_the_first_as_trial_report_does(runs):
+    row = runs[runs["status"] == "ok"].iloc[0]
+    study = optuna.create_study()
+    trial = study.ask()
+    report_spectrum(trial, {"mean": row["le0_mean"]}, 0, chance_loss=2.3, val_loss=2.0)
+    with pytest.warns(UserWarning, match=r"spectrum at step 0, chance_loss=2.3 \(not 1.0\), "
+                                         "val_loss at step 0"):
+        report_spectrum(trial, {"mean": [0.3, -0.2]}, 0, chance_loss=1.0, val_loss=0.5)
+    attrs = trial.user_attrs
+    assert attrs[f"{ATTR}spectrum:0"]["mean"] == pytest.approx(sorted(row["le0_mean"],
+                                                                      reverse=True))
+    assert attrs[f"{ATTR}chance_loss"] == 2.3 and attrs[f"{ATTR}val_loss:0"] == 2.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same chance loss again, another step: fine
+        report_spectrum(trial, {"mean": row["le0_mean"]}, 1, chance_loss=2.3)
