@@ -49,6 +49,15 @@ def _check_int(option: str, value: int, low: int, meaning: str) -> None:
         raise CLIError(f"{option} must be >= {low} ({meaning}), got {option} {value}.")
 
 
+def _check_probe_size(probe_size: int, task) -> None:
+    """The probe is the first validation sequences: no more than the task has."""
+    have = int(task.x_val.shape[0])
+    if probe_size > have:
+        raise CLIError(f"--probe-size {probe_size} exceeds the {have} validation sequences of "
+                       f"task {task.name!r}; pass at most {have} (the predictors were fitted "
+                       "on spectra of 8).")
+
+
 def _check_device(name: str) -> None:
     """Fail here, not in every trial: a sweep whose device is wrong fails all its trials."""
     import torch
@@ -102,7 +111,8 @@ def _check_rdb(url: str, *, read_only: bool) -> bool:
         raise CLIError(f"--storage {url!r} is not a database URL; use sqlite:///FILE.db, "
                        "postgresql://USER@HOST/DB, or a journal file ending in .log or .jsonl."
                        ) from None
-    shown = parsed.render_as_string(hide_password=True)
+    # As given unless there is a password to hide (rendering escapes ':memory:', say).
+    shown = url if parsed.password is None else parsed.render_as_string(hide_password=True)
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database or ""
         if db in ("", ":memory:"):
@@ -111,6 +121,13 @@ def _check_rdb(url: str, *, read_only: bool) -> bool:
                                "study; name the database file: sqlite:///FILE.db.")
             return False
         path = Path(db)
+        if path.is_dir():
+            from lepredict.sweep import check_storage_file
+
+            try:
+                check_storage_file(url)  # says so, with an example
+            except ValueError as err:
+                raise CLIError(str(err)) from None
         if read_only and not path.is_file():
             raise CLIError(f"No SQLite database {db!r} (from --storage {shown}); check the path "
                            "(sqlite:///relative.db, sqlite:////absolute.db).")
@@ -207,9 +224,13 @@ def _task_options(pairs: list[str]) -> dict:
             raise CLIError(f"--task-option takes KEY=VALUE, got {pair!r}.")
         key, value = pair.split("=", 1)
         try:
-            out[key] = json.loads(value)
+            parsed = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
+            parsed = value
+        if key in out and out[key] != parsed:
+            raise CLIError(f"--task-option {key} is given twice ({key}={out[key]!r} and "
+                           f"{key}={parsed!r}); give it once.")
+        out[key] = parsed
     return out
 
 
@@ -347,6 +368,7 @@ def _cmd_spectrum(args) -> int:
     _check_device(args.device)
     config = _config_from_args(args)
     task = _get_task(args.task, _task_options(args.task_option))
+    _check_probe_size(args.probe_size, task)
     le_epochs = list(range(args.epochs + 1))
     t0 = time.perf_counter()
     # The whole spectrum: this command shows it (mean, Kaplan-Yorke dimension, all exponents).
@@ -435,7 +457,8 @@ def _cmd_sweep(args) -> int:
                        "spectra are measured at epochs 0 (initialisation) to --epochs.")
     _check_device(args.device)
     options = _task_options(args.task_option)
-    _get_task(args.task, options)  # a clear error before any storage is touched
+    # A clear error before any storage is touched.
+    _check_probe_size(args.probe_size, _get_task(args.task, options))
     mine = []  # the trials this worker ran, for the exit code
 
     def record(study, trial) -> None:
@@ -1073,7 +1096,8 @@ def _cmd_predict(args) -> int:
     models = _load_predictors(args.model, args.trust_model)
     budget = max(models) if args.budget is None else args.budget
     if budget not in models:
-        raise CLIError(f"The model has no predictor for budget {budget}; it has {sorted(models)}.")
+        raise CLIError(f"The model has no predictor for budget {budget}; it has {sorted(models)}: "
+                       "pass --budget with one of those.")
     model = models[budget]
     options = _task_options(args.task_option)
     variant = None
@@ -1113,6 +1137,7 @@ def _cmd_predict(args) -> int:
     else:
         _check_int("--probe-size", args.probe_size, 1, "validation sequences the spectrum "
                    "averages over")
+        _check_probe_size(args.probe_size, task)
         _check_device(args.device)
         if args.config:
             try:
@@ -1421,6 +1446,9 @@ def _cmd_analyze(args) -> int:
         _check_output(args.output, (".html",))
     if args.publish and (args.data or not args.study_name):
         raise CLIError("--publish saves figures into a study: use --study-name, not --data.")
+    if args.data and (args.study_name or args.storage):
+        raise CLIError("Give --data FILE or --study-name NAME [--storage URL], not both: "
+                       "analyze reads one source.")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise CLIError(f"--threshold must be a finite number, got {args.threshold}.")
     if args.data:

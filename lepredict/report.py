@@ -163,6 +163,11 @@ def _read(frame: pd.DataFrame, threshold: float | None) -> _Study:
         recorded = pd.to_numeric(frame.get("threshold"), errors="coerce") \
             if "threshold" in frame else pd.Series(np.nan, index=frame.index)
         if threshold is not None:
+            if not threshold > 0:
+                raise ValueError(f"threshold {threshold:g} is not above 0, and a normalised "
+                                 "loss (loss / chance loss) never falls below it, so no trial "
+                                 "would count as trained: give the final normalised loss "
+                                 "below which a trial trained (0.5, say).")
             limit = pd.Series(float(threshold), index=finished)
             rule_words = f"final normalised loss below {threshold:g}, from --threshold"
         elif len(finished) and recorded[finished].notna().all():

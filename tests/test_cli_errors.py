@@ -277,6 +277,31 @@ CASES = {
     "analyze-threshold-nan": (
         ["analyze", "--study-name", "s", "--model", "none", "--threshold", "nan"],
         running_study, "--threshold must be a finite number"),
+    "analyze-data-and-study": (
+        ["analyze", "--data", "runs.parquet", "--study-name", "s", "--model", "none"], export,
+        "Give --data FILE or --study-name NAME [--storage URL], not both"),
+    "analyze-threshold-not-above-0": (
+        ["analyze", "--data", "runs.parquet", "--model", "none", "--threshold", "-1", "-o",
+         "r.html"], export, "threshold -1 is not above 0"),
+    "export-sqlite-directory": (
+        ["export", "--storage", "sqlite:///.", "--study-name", "s", "-o", "x.csv"], None,
+        "Storage 'sqlite:///.' names a directory, not a SQLite database; name a file in it"),
+    "export-sqlite-memory-as-given": (
+        ["export", "--storage", "sqlite:///:memory:", "--study-name", "s", "-o", "x.csv"], None,
+        "--storage sqlite:///:memory: is an in-memory database"),
+    "predict-task-option-twice": (
+        ["predict-stability", *TINY, "--task-option", "mode=pixel", "--model", "{model}"], None,
+        "--task-option mode is given twice (mode='row' and mode='pixel'); give it once"),
+    "predict-probe-size-beyond-the-validation-set": (
+        ["predict-stability", *TINY, "--model", "{model}", "--probe-size", "100000"], None,
+        "--probe-size 100000 exceeds the 359 validation sequences of task 'digits'"),
+    "spectrum-probe-size-beyond-the-validation-set": (
+        ["spectrum", *TINY, "--probe-size", "100000"], None, "pass at most 359"),
+    "sweep-probe-size-beyond-the-validation-set": (
+        [*SWEEP, "--probe-size", "100000"], None, "pass at most 359"),
+    "predict-budget-the-model-lacks": (
+        ["predict-stability", *TINY, "--model", "{model}", "--budget", "9"], None,
+        "pass --budget with one of those"),
     "evaluate-unrelated-csv": (
         ["evaluate", "--data", "other.csv"], write("other.csv", "a,b\n1,2\n3,4\n"),
         "'other.csv' is not a lepredict export"),
