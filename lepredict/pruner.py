@@ -401,7 +401,9 @@ class LyapunovPruner(BasePruner):
        one no other trial ever reported beside (the first of a study, or the first member of a
        population to report) leads nothing and the model decides for it. A tie is no lead: of
        the trials tied at a value, only the first (by number) still running or finished ranks
-       there, the others behind the whole tie (trials all at chance accuracy do not all lead).
+       there, the others behind the whole tie (trials all at chance accuracy do not all lead);
+       and a trial whose loss is still at or above the chance loss (where that is known) leads
+       nothing, whatever its rank: it has learned nothing yet.
 
     **What you report.** Losses, raw or normalised: give the chance loss once with
     ``report_spectrum(..., chance_loss=lepredict.chance_loss(y_train, y_val))`` for raw losses,
@@ -667,6 +669,12 @@ class LyapunovPruner(BasePruner):
         # it has gone since: only divergence or the wrapped pruner stop it.)
         rank, reporting, rank_step = _rank_at(study, trials, trial, step)
         leader = reporting > 1 and rank <= max(1, math.ceil(self._protect_top * reporting))
+        # A lead at chance is none: ahead of trials that learned nothing (a pruned one, say),
+        # a trial still at the constant prediction's loss has nothing a lead could rest on.
+        loss_now = view.losses.get(epoch)
+        at_chance = (view.chance is not None and loss_now is not None
+                     and not loss_now < view.chance)
+        leader = leader and not at_chance
         record = {"epoch": epoch, "budget": budget, "source": sources, "horizon": horizon,
                   "p_trainable": p, "threshold": threshold, "final_loss": loss,
                   "rank": rank, "reporting": reporting, "rank_step": rank_step,

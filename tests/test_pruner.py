@@ -679,10 +679,11 @@ def test_spectra_given_at_epochs_while_losses_are_at_iterations_warn_once(model_
 # -- ties ------------------------------------------------------------------------------------------
 
 
-def test_trials_tied_at_a_value_do_not_all_lead(model_dir):
-    """An accuracy exactly at chance for every trial of a maximising study: the model prunes
-    each (threshold 1.0) but the first still going at that value, where before every tied
-    trial ranked first and was kept."""
+def test_trials_at_chance_do_not_lead(model_dir):
+    """A loss exactly at chance for every trial of a maximising study: the model prunes each
+    (threshold 1.0). Before, every tied trial ranked first and was kept; then the first still
+    going at that value led (trial 1, ranked 1 of 2 beside pruned trial 0); a trial that has
+    learned nothing leads nothing now, whatever its rank."""
     study = optuna.create_study(direction="maximize", pruner=LyapunovPruner(
         model=model_dir, threshold=1.0, protect_top=0.5, n_warmup_steps=0))
     states = []
@@ -691,12 +692,26 @@ def test_trials_tied_at_a_value_do_not_all_lead(model_dir):
         states.append(pruned)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED if pruned else None,
                    values=None if pruned else 0.1)
-    # Trial 0 leads nothing alone; trial 1 ties only with it, pruned (out of the race): the
-    # first at that value still going, it leads; the others tie with trial 1 and do not.
-    assert states == [True, False, True, True, True]
+    assert states == [True] * 5
     records = [t.user_attrs[f"{ATTR}prediction:0"] for t in study.trials]
-    assert records[1]["leader"] and (records[1]["rank"], records[1]["reporting"]) == (1, 2)
-    assert not records[4]["leader"] and (records[4]["rank"], records[4]["reporting"]) == (5, 5)
+    assert not records[1]["leader"] and (records[1]["rank"], records[1]["reporting"]) == (1, 2)
+    # (Every trial before it pruned, trial 4 is the first still going at the tie: rank 1.)
+    assert not records[4]["leader"] and (records[4]["rank"], records[4]["reporting"]) == (1, 5)
+
+
+def test_a_leader_below_chance_is_kept_one_at_chance_is_not(model_dir):
+    """Of two trials the model would prune, the better one leads (protect_top) only if its
+    loss is below the chance loss."""
+    for loss, kept in ((0.6, True), (1.0, False), (1.3, False)):
+        study = optuna.create_study(pruner=LyapunovPruner(
+            model=model_dir, threshold=1.0, protect_top=0.5, n_warmup_steps=0))
+        worse, _ = _unfed_trial(study, steps=(0,), spectra=(0,), val_loss=2.0)
+        study.tell(worse, state=optuna.trial.TrialState.PRUNED)
+        trial, pruned = _unfed_trial(study, steps=(0,), spectra=(0,), val_loss=loss)
+        record = trial.study._storage.get_trial(trial._trial_id).user_attrs[
+            f"{ATTR}prediction:0"]
+        assert (record["rank"], record["reporting"]) == (1, 2)
+        assert pruned is not kept and record["leader"] is kept, (loss, record)
 
 
 def test_a_tie_ranks_behind_the_whole_tie_unless_first_still_going():
