@@ -75,6 +75,8 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
             Once per trial is enough.
 
     Raises:
+        TypeError: a ``FrozenTrial`` (a finished trial's copy, which stores nothing), or a
+            spectrum of another type.
         ValueError: a spectrum the study's :class:`LyapunovPruner` cannot use (leading
             exponents only, an LSTM's hidden-only map), a dict that is no spectrum (an empty or
             NaN ``"mean"``, ``"diverged"`` outside ``[0, 1]``, an unknown ``"convention"``:
@@ -87,6 +89,7 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         ...                 hparams={"arch": "gru", "hidden": 64, "layers": 1, "lr": 3e-3,
         ...                          "optimizer": "adam", "batch_size": 32})
     """
+    _checked_trial(trial)
     step = _checked_step(step)
     if isinstance(spectrum, LyapunovSpectrum):
         spec = spectrum_of(spectrum)
@@ -136,6 +139,14 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
                       "the values stored first are kept, as trial.report keeps a step's first "
                       "value; report each step once, and one chance_loss per trial.",
                       UserWarning, stacklevel=_outside_stacklevel())
+
+
+def _checked_trial(trial) -> None:
+    if isinstance(trial, FrozenTrial):
+        # Its set_user_attr changes the copy alone: the study would never see the spectrum.
+        raise TypeError("A spectrum is stored into a running trial: pass the optuna.Trial your "
+                        "objective receives (or study.ask() gives), not a FrozenTrial from "
+                        "study.trials.")
 
 
 def _checked_step(step) -> int:
@@ -232,10 +243,12 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
 
     Raises:
         TypeError: a probe that is not a ``torch.Tensor`` (a numpy array: convert it with
-            ``torch.as_tensor``; a ``PackedSequence``: pass a tensor of equal-length sequences).
+            ``torch.as_tensor``; a ``PackedSequence``: pass a tensor of equal-length sequences),
+            or a ``FrozenTrial`` for ``trial`` (checked before measuring).
         ValueError: a probe without 3 dimensions, a bad ``step``, ``hparams`` that contradict
             the module, or anything :func:`report_spectrum` refuses.
     """
+    _checked_trial(trial)
     probe, step = _checked_probe(probe, rnn), _checked_step(step)
     shown = module_hparams(rnn)
     if isinstance(rnn, torch.nn.RNN) and getattr(rnn, "nonlinearity", "tanh") == "relu":

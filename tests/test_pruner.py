@@ -887,3 +887,16 @@ def test_a_second_report_at_a_step_keeps_the_first_as_trial_report_does(runs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same chance loss again, another step: fine
         report_spectrum(trial, {"mean": row["le0_mean"]}, 1, chance_loss=2.3)
+
+
+def test_a_frozen_trial_is_refused_before_anything_is_measured():
+    """A FrozenTrial's set_user_attr changes its copy alone: the spectrum would be lost."""
+    study = optuna.create_study()
+    study.optimize(lambda t: 1.0, n_trials=1)
+    frozen = study.trials[0]
+    with pytest.raises(TypeError, match="not a FrozenTrial"):
+        report_spectrum(frozen, {"mean": [0.1, -0.2]}, 0)
+    rnn = torch.nn.GRU(3, 4, batch_first=True)
+    with pytest.raises(TypeError, match="not a FrozenTrial"):
+        lepredict.measure_and_report(frozen, rnn, torch.randn(2, 5, 3), 0)
+    assert study.trials[0].user_attrs == {}
