@@ -506,7 +506,7 @@ def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataF
     if threshold is None:
         if "threshold" not in frame or frame["threshold"].isna().any():
             raise ValueError("Some runs have no task threshold (custom task or old export): "
-                             "pass threshold=... explicitly.")
+                             "pass threshold=... explicitly (--threshold on the command line).")
         limit = frame["threshold"].astype(float)
     else:
         limit = pd.Series(float(threshold), index=frame.index)
