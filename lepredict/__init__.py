@@ -20,15 +20,35 @@ The pieces, each in a module named after what it holds:
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from lepredict import features, records, sweep, tasks
-from lepredict.lyapunov import (LyapunovSpectrum, lyapunov_spectra, lyapunov_spectrum,
-                                lyapunov_spectrum_map)
-from lepredict.records import RunRecord
-from lepredict.tasks import chance_loss
-from lepredict.train import RunConfig, train_run
-from lepredict.pruner import LyapunovPruner, measure_and_report, report_spectrum
+# The public names load their modules on first use (PEP 562): `lepredict --help`, or a script
+# that needs only the records, does not wait seconds for torch, Optuna and scikit-learn.
+_FROM = {
+    "LyapunovSpectrum": "lyapunov", "lyapunov_spectra": "lyapunov",
+    "lyapunov_spectrum": "lyapunov", "lyapunov_spectrum_map": "lyapunov",
+    "RunRecord": "records", "chance_loss": "tasks", "RunConfig": "train", "train_run": "train",
+    "LyapunovPruner": "pruner", "measure_and_report": "pruner", "report_spectrum": "pruner",
+}
+_MODULES = ("cli", "evaluation", "features", "lyapunov", "population", "predictor", "pruner",
+            "records", "report", "sweep", "tasks", "train")
+
+
+def __getattr__(name: str):
+    if name in _FROM:
+        value = getattr(importlib.import_module(f"lepredict.{_FROM[name]}"), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f"lepredict.{name}")
+    else:
+        raise AttributeError(f"module 'lepredict' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_FROM, *_MODULES})
+
 
 try:
     __version__ = version("lepredict")

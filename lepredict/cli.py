@@ -51,11 +51,12 @@ def _check_int(option: str, value: int, low: int, meaning: str) -> None:
 
 def _check_probe_size(probe_size: int, task) -> None:
     """The probe is the first validation sequences: no more than the task has."""
-    have = int(task.x_val.shape[0])
-    if probe_size > have:
-        raise CLIError(f"--probe-size {probe_size} exceeds the {have} validation sequences of "
-                       f"task {task.name!r}; pass at most {have} (the predictors were fitted "
-                       "on spectra of 8).")
+    from lepredict.train import checked_schedule
+
+    try:
+        checked_schedule(0, [], probe_size, task)
+    except ValueError as err:
+        raise CLIError(f"--{str(err).replace('_', '-', 1)}") from None
 
 
 def _check_device(name: str) -> None:
@@ -227,7 +228,7 @@ def _task_options(pairs: list[str]) -> dict:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
-        if key in out and out[key] != parsed:
+        if key in out and (out[key] != parsed or type(out[key]) is not type(parsed)):
             raise CLIError(f"--task-option {key} is given twice ({key}={out[key]!r} and "
                            f"{key}={parsed!r}); give it once.")
         out[key] = parsed
@@ -1531,7 +1532,7 @@ def _add_task_args(p: argparse.ArgumentParser, options_default: str | None = Non
 
 def build_parser() -> argparse.ArgumentParser:
     from lepredict import __version__
-    from lepredict.train import PROBE_SIZE
+    from lepredict.records import PROBE_SIZE
 
     parser = _Parser(
         prog="lepredict",
@@ -1670,7 +1671,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "still has trials running; without it such a study is refused")
     p.set_defaults(func=_cmd_export)
 
-    from lepredict.features import FEATURE_SETS
+    from lepredict.records import FEATURE_SETS
 
     p = command("fit", help="fit stability predictors on exported sweeps")
     p.add_argument("--data", nargs="+", required=True, help="exports (.parquet/.csv); globs work")
@@ -1687,7 +1688,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose the classifier's hyperparameters by grouped cross-validation")
     p.set_defaults(func=_cmd_fit)
 
-    from lepredict.evaluation import BASELINE, COMPARED, N_BOOT, SCHEMES
+    from lepredict.records import BASELINE, COMPARED, N_BOOT, SCHEMES
 
     p = command(
         "evaluate", help="cross-validated comparison with the baselines, with intervals; or "

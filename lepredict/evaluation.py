@@ -37,7 +37,8 @@ from joblib import Parallel, delayed
 from sklearn.model_selection import LeaveOneGroupOut, StratifiedGroupKFold
 
 from lepredict.features import FEATURE_SETS, completed_runs, hparam_column, outcomes
-from lepredict.records import HPARAM_COLUMN, PARAM_COLUMN
+from lepredict.records import (BASELINE, COMPARED, HPARAM_COLUMN, N_BOOT, PARAM_COLUMN,
+                               SCHEMES)
 from lepredict.predictor import MIN_PER_CLASS, StabilityPredictor, metric_table
 
 __all__ = ["BASELINE", "COMPARED", "N_BOOT", "SCHEMES", "bootstrap_counts", "compare",
@@ -45,15 +46,6 @@ __all__ = ["BASELINE", "COMPARED", "N_BOOT", "SCHEMES", "bootstrap_counts", "com
            "interval", "out_of_fold", "parse_sets", "summarise", "weighted_auroc",
            "weighted_spearman"]
 
-#: The schemes without a parameter; ``"holdout:PREDICATE"`` and ``"test"`` are the others.
-SCHEMES = ("configs", "task", "arch")
-#: Feature sets compared by default, by the name the tables show.
-COMPARED = ("hparams+loss", "hparams+loss+spectrum", "spectrum+loss", "loss", "spectrum",
-            "hparams")
-#: The strongest baseline: hyperparameters and the early validation loss, no spectra.
-BASELINE = "hparams+loss"
-#: Bootstrap resamples behind each interval, unless told otherwise.
-N_BOOT = 1000
 #: The column each leave-one-out scheme groups by: a frame's own, or a hyperparameter.
 _LOGO = {"task": "task", "arch": "arch"}
 _TITLES = {"configs": "held-out configurations (5 folds grouped by configuration; pooled)",

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from lepredict.records import (ARCHS, HPARAM_COLUMN, INITS, MEASURED_EXPONENTS, OPTIMIZERS,
-                               PARAM_COLUMN, exponent_total, hparam_value)
+from lepredict.records import (ARCHS, FEATURE_SETS, HPARAM_COLUMN, INITS, MEASURED_EXPONENTS,
+                               OPTIMIZERS, PARAM_COLUMN, exponent_total, hparam_value)
 
 __all__ = [
     "FEATURE_SETS",
@@ -50,7 +50,6 @@ __all__ = [
     "top_summary",
 ]
 
-FEATURE_SETS = ("spectrum", "spectrum_full", "loss", "weights", "grad", "hparams")
 #: Points of the common grid each spectrum is interpolated onto.
 GRID = 16
 #: Exponents are clipped to ``[-CLIP, CLIP]``: a floored (saturated) direction is very negative

@@ -439,7 +439,7 @@ def train_population(
                     f"configs[{i}] has {name}={getattr(config, name)!r} but configs[0] has "
                     f"{name}={getattr(configs[0], name)!r}; a population shares {SHAPE_FIELDS}: "
                     "split the configurations with group_by_shape and train each group.")
-    le_epochs = checked_schedule(epochs, le_epochs, probe_size)
+    le_epochs = checked_schedule(epochs, le_epochs, probe_size, task)
     device = torch.device(device)
     if device.type == "cpu":
         keep_freed_memory()

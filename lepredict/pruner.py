@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import os
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
@@ -118,27 +120,56 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
                 stacklevel=_outside_stacklevel())
     if stored_hparams is not None:
         trial.set_user_attr(HPARAMS, stored_hparams)
-    # As trial.report keeps a step's first value, what a trial stored first stands: a second
-    # call would rewrite the spectrum a decision was made on, or rescale every loss.
+    # As trial.report keeps a step's first value, what this trial stored first stands: a second
+    # call would rewrite the spectrum a decision was made on, or rescale every loss. (Only what
+    # this process stored for it: a retry starts with its failed attempt's attributes.)
     before = getattr(trial, "user_attrs", {})
-    kept = [f"the spectrum at step {step}"] if f"{SPECTRUM}{step}" in before else []
-    if not kept:
-        trial.set_user_attr(f"{SPECTRUM}{step}", jsonable(spec))
-    if chance_loss is not None:
-        if CHANCE_LOSS not in before:
-            trial.set_user_attr(CHANCE_LOSS, float(chance_loss))
-        elif before[CHANCE_LOSS] != float(chance_loss):
-            kept.append(f"chance_loss={before[CHANCE_LOSS]!r} (not {float(chance_loss)!r})")
-    if val_loss is not None:
-        if f"{VAL_LOSS}{step}" not in before:
-            trial.set_user_attr(f"{VAL_LOSS}{step}", jsonable(float(val_loss)))
-        elif before[f"{VAL_LOSS}{step}"] != jsonable(float(val_loss)):
-            kept.append(f"val_loss at step {step}")
+    kept = []
+    for key, value, shown in (
+            (f"{SPECTRUM}{step}", jsonable(spec), f"the spectrum at step {step}"),
+            (CHANCE_LOSS, None if chance_loss is None else float(chance_loss), "chance_loss"),
+            (f"{VAL_LOSS}{step}", None if val_loss is None else jsonable(float(val_loss)),
+             f"val_loss at step {step}")):
+        if value is None:
+            continue
+        if key in before and _STORED.holds(trial, key):
+            if before[key] != value:
+                kept.append(shown if key != CHANCE_LOSS
+                            else f"chance_loss={before[key]!r} (not {value!r})")
+            continue
+        trial.set_user_attr(key, value)
+        _STORED.add(trial, key)
     if kept:
         warnings.warn(f"Trial {getattr(trial, 'number', '?')} already holds {', '.join(kept)}: "
                       "the values stored first are kept, as trial.report keeps a step's first "
                       "value; report each step once, and one chance_loss per trial.",
                       UserWarning, stacklevel=_outside_stacklevel())
+
+
+class _Stored:
+    """What :func:`report_spectrum` stored in this process, per running trial (bounded)."""
+
+    def __init__(self):
+        self._keys: set[tuple] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _trial(trial) -> tuple:
+        study = getattr(trial, "study", None)
+        trial_id = getattr(trial, "_trial_id", None)
+        return (id(trial),) if study is None or trial_id is None else _trial_key(study, trial)
+
+    def holds(self, trial, key: str) -> bool:
+        return (*self._trial(trial), key) in self._keys
+
+    def add(self, trial, key: str) -> None:
+        with self._lock:
+            if len(self._keys) > 1_000_000:
+                self._keys.clear()
+            self._keys.add((*self._trial(trial), key))
+
+
+_STORED = _Stored()
 
 
 def _checked_trial(trial) -> None:
@@ -554,10 +585,10 @@ class LyapunovPruner(BasePruner):
         # trials; warnings already given), not state: any worker decides the same.
         self._online: dict[tuple[str, int], dict[int, StabilityPredictor]] = {}
         self._warned: set[tuple[str, str]] = set()
-        self._predicted: dict[tuple[str, int, str], tuple[float, float]] = {}
+        self._predicted: dict[tuple[int, int, str], tuple[float, float]] = {}
         # The steps this process decided at, per trial: a spectrum reported at one afterwards
         # came too late for its decision (the trials a worker decides for are those it runs).
-        self._decided: set[tuple[str, int, int]] = set()
+        self._decided: set[tuple[int, int, int]] = set()
         self._lock = threading.Lock()
 
     # -- what a spectrum must be ------------------------------------------------------------
@@ -656,7 +687,7 @@ class LyapunovPruner(BasePruner):
         # (Online predictors are refitted as trials finish, so theirs are made anew.)
         # (The trial Optuna hands a pruner is its cached copy, without what _record wrote, so
         # the prediction is kept here: a worker predicts only for the trials it runs.)
-        key = (study.study_name, trial.number, sources)
+        key = (*_trial_key(study, trial), sources)
         if self._mode == "model" and key in self._predicted:
             p, loss = self._predicted[key]
         else:
@@ -733,13 +764,17 @@ class LyapunovPruner(BasePruner):
             with self._lock:
                 if len(self._decided) > 100_000:
                     self._decided.clear()
-                self._decided.add((study.study_name, trial.number, step))
+                self._decided.add((*_trial_key(study, trial), step))
 
     def decided_at(self, trial, step: int) -> bool:
-        """Whether this pruner (in this process) has decided for ``trial`` at ``step``."""
+        """Whether this pruner (in this process) has decided for ``trial``, a running trial, at
+        ``step`` on a predictor whose budget a spectrum at ``step`` would have raised (past the
+        largest budget, later spectra change no decision)."""
         study = getattr(trial, "study", None)
-        return (getattr(study, "study_name", None), getattr(trial, "number", None),
-                step) in self._decided
+        if study is None or (self._mode == "model" and self._models
+                             and step // self._steps_per_epoch > max(self._models)):
+            return False
+        return (*_trial_key(study, trial), step) in self._decided
 
     def _warn_once(self, study: optuna.Study, kind: str, message: str) -> None:
         with self._lock:
@@ -927,6 +962,26 @@ def _horizon(finished: list[FrozenTrial], steps_per_epoch: int) -> int | None:
     """The epochs the study's finished trials trained for (the longest), if any finished."""
     steps = [t.last_step for t in finished if t.last_step is not None]
     return max(steps) // steps_per_epoch if steps else None
+
+
+_STORAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STORAGE_NUMBERS = itertools.count()
+_STORAGES_LOCK = threading.Lock()
+
+
+def _trial_key(study, trial) -> tuple[int, int]:
+    """A trial in this process's caches: its storage (numbered while it lives: a new in-memory
+    study may get a freed one's id()) and its id there (a study deleted and made again under
+    its name, or a new in-memory study, holds other trials)."""
+    storage = study._storage
+    with _STORAGES_LOCK:
+        try:
+            number = _STORAGES.get(storage)
+            if number is None:
+                number = _STORAGES[storage] = next(_STORAGE_NUMBERS)
+        except TypeError:  # a storage that takes no weak reference
+            number = id(storage)
+    return number, trial._trial_id
 
 
 def _outside_stacklevel() -> int:

@@ -82,6 +82,22 @@ def hparam_value(row: Mapping, name: str):
         return row.get(f"{PARAM_COLUMN}{name}")
     return value
 
+#: Validation sequences a run's spectra average over, by default: what the corpus of the shipped
+#: predictor was measured with (its features include the spread over these trajectories).
+PROBE_SIZE = 8
+#: The feature sets a predictor may read (:mod:`lepredict.features`).
+FEATURE_SETS = ("spectrum", "spectrum_full", "loss", "weights", "grad", "hparams")
+#: The evaluation's schemes without a parameter; ``"holdout:PREDICATE"`` and ``"test"`` are the
+#: others (:mod:`lepredict.evaluation`).
+SCHEMES = ("configs", "task", "arch")
+#: Feature sets compared by default, by the name the tables show.
+COMPARED = ("hparams+loss", "hparams+loss+spectrum", "spectrum+loss", "loss", "spectrum",
+            "hparams")
+#: The strongest baseline: hyperparameters and the early validation loss, no spectra.
+BASELINE = "hparams+loss"
+#: Bootstrap resamples behind each interval, unless told otherwise.
+N_BOOT = 1000
+
 ARCHS = ("rnn", "gru", "lstm")
 #: A spectrum's state convention: ``"full"`` (an LSTM's ``(h, c)``), ``"hidden"`` (an LSTM's
 #: hidden-only map), ``None`` (any other module, whose state is its hidden state).
@@ -491,12 +507,15 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
     hparams = t.user_attrs.get(HPARAMS)
     hparams = hparams if isinstance(hparams, Mapping) else {}
     run = t.user_attrs.get(RUN)
-    if run is not None:  # a sweep's: the whole config (fixed values included), then the params
+    if run is None:
+        run = _own_run(t, setup, chance, direction)
+        if meta["status"] is None:
+            meta["status"] = run.pop("status", None)
+        run.pop("status", None)
+    if setup.get("task") or RUN in t.user_attrs:
+        # A sweep's trial (its run stored, or failed or still running): the whole config (fixed
+        # values included), then the params; its parameters are lepredict's own.
         return run_row(meta, run, {**run.get("config", {}), **t.params, **hparams}, spectra)
-    run = _own_run(t, setup, chance, direction)
-    if meta["status"] is None:
-        meta["status"] = run.pop("status", None)
-    run.pop("status", None)
     # A loop's own parameters as Optuna holds them, and apart what it declared to lepredict:
     # the names may coincide and mean other things (a head's "hidden", a schedule's "lr").
     return run_row(meta, run, dict(t.params), spectra, hparams)

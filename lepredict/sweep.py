@@ -1029,9 +1029,9 @@ def run_sweep(
     # Before the study exists: inside each trial these would fail every trial, and the study
     # would keep the bad setup. (The setup stores le_epochs as given, as it always has.)
     le_epochs = list(le_epochs)
-    checked_schedule(epochs, le_epochs, probe_size)
     task_options = dict(task_options or {})
     task_obj = task if isinstance(task, tasks.Task) else tasks.get(task, **task_options)
+    checked_schedule(epochs, le_epochs, probe_size, task_obj)
     space = space or DEFAULT_SPACE
     samplers = {"tpe": lambda s: optuna.samplers.TPESampler(seed=s),
                 "random": lambda s: optuna.samplers.RandomSampler(seed=s)}

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from lepredict.lyapunov import lyapunov_spectrum, rnn_state_size
-from lepredict.records import (ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS, RunRecord,
-                               spectrum_of)
+from lepredict.records import (ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS, PROBE_SIZE,
+                               RunRecord, spectrum_of)
 from lepredict.tasks import Task
 
 __all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "checked_schedule",
@@ -306,12 +306,10 @@ def diverged_loss(loss: float, chance_loss: float) -> bool:
     return not math.isfinite(loss) or loss > DIVERGED_LOSS_RATIO * chance_loss
 
 
-#: Validation sequences a run's spectra average over, by default: what the corpus of the shipped
-#: predictor was measured with (its features include the spread over these trajectories).
-PROBE_SIZE = 8
 
 
-def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int) -> list[int]:
+def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int,
+                     task: Task | None = None) -> list[int]:
     """The epochs after which a run of ``epochs`` epochs measures its spectrum.
 
     Args:
@@ -319,13 +317,16 @@ def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int) -> 
         le_epochs: epochs to measure after (0: at initialisation), in any order; those past
             ``epochs`` are dropped, so the default ``0..3`` serves shorter runs.
         probe_size: validation sequences each spectrum averages over.
+        task: the task, whose validation sequences ``probe_size`` may not exceed (the probe is
+            the first of them: more would silently be fewer).
 
     Returns:
         ``le_epochs`` up to ``epochs``, sorted, each once.
 
     Raises:
         ValueError: ``epochs`` not a non-negative int, an epoch in ``le_epochs`` that is not
-            an integer >= 0, or ``probe_size`` not a positive int; the message names it.
+            an integer >= 0, or ``probe_size`` not a positive int or more than ``task`` has;
+            the message names it.
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs=}.")
@@ -340,6 +341,11 @@ def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int) -> 
     if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
         raise ValueError(f"probe_size must be a positive int (the validation sequences a "
                          f"spectrum averages over), got {probe_size=}.")
+    have = None if task is None else int(task.x_val.shape[0])
+    if have is not None and probe_size > have:
+        raise ValueError(f"probe_size {probe_size} exceeds the {have} validation sequences of "
+                         f"task {task.name!r}; pass at most {have} (the predictors were fitted "
+                         f"on spectra of {PROBE_SIZE}).")
     return sorted({e for e in le_epochs if e <= epochs})
 
 
@@ -387,7 +393,7 @@ def train_run(
     """
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)
-    le_epochs = checked_schedule(epochs, le_epochs, probe_size)
+    le_epochs = checked_schedule(epochs, le_epochs, probe_size, task)
     device = torch.device(device)
     if device.type == "cpu":
         keep_freed_memory()

@@ -292,6 +292,9 @@ CASES = {
     "predict-task-option-twice": (
         ["predict-stability", *TINY, "--task-option", "mode=pixel", "--model", "{model}"], None,
         "--task-option mode is given twice (mode='row' and mode='pixel'); give it once"),
+    "predict-task-option-twice-as-true-and-1": (
+        ["predict-stability", *TINY, "--task-option", "x=true", "--task-option", "x=1",
+         "--model", "{model}"], None, "--task-option x is given twice (x=True and x=1)"),
     "predict-probe-size-beyond-the-validation-set": (
         ["predict-stability", *TINY, "--model", "{model}", "--probe-size", "100000"], None,
         "--probe-size 100000 exceeds the 359 validation sequences of task 'digits'"),

@@ -900,3 +900,59 @@ def test_a_frozen_trial_is_refused_before_anything_is_measured():
     with pytest.raises(TypeError, match="not a FrozenTrial"):
         lepredict.measure_and_report(frozen, rnn, torch.randn(2, 5, 3), 0)
     assert study.trials[0].user_attrs == {}
+
+
+def test_a_retried_trial_stores_its_own_spectra_over_those_it_inherited(runs):
+    """Optuna's retry of a stale trial copies the failed attempt's user attributes into the
+    retry, which starts from scratch: its own spectrum, loss and chance loss are stored,
+    silently."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    row = runs[runs["status"] == "ok"].iloc[0]
+    study = optuna.create_study()
+    first = study.ask()
+    report_spectrum(first, {"mean": [0.3, -0.5]}, 0, chance_loss=2.0, val_loss=1.5)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        RetryHeartbeatStaleTrialCallback()(study, study.trials[0])
+    retry = study.ask()
+    assert retry.user_attrs[f"{ATTR}chance_loss"] == 2.0  # inherited
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report_spectrum(retry, {"mean": row["le0_mean"]}, 0, chance_loss=2.5, val_loss=0.9)
+        report_spectrum(retry, {"mean": row["le0_mean"]}, 0)  # the same again: no conflict
+    attrs = retry.user_attrs
+    assert attrs[f"{ATTR}chance_loss"] == 2.5 and attrs[f"{ATTR}val_loss:0"] == 0.9
+    assert attrs[f"{ATTR}spectrum:0"]["mean"][0] == pytest.approx(max(row["le0_mean"]))
+
+
+def test_the_late_spectrum_warning_knows_studies_apart_and_the_largest_budget(runs):
+    """A pruner used again for a new study of the same name does not mistake its trials for
+    the old ones; past the largest budget a late spectrum changes no decision: no warning."""
+    row = runs[runs["status"] == "ok"].iloc[0]
+    pruner = LyapunovPruner(n_warmup_steps=0, protect_top=0.0)
+
+    def loop(study, steps, late):
+        trial = study.ask()
+        for step in steps:
+            if not late:
+                report_spectrum(trial, {"mean": row["le0_mean"]}, step, chance_loss=1.0)
+            trial.report(0.5, step)
+            trial.should_prune()
+            if late:
+                report_spectrum(trial, {"mean": row["le0_mean"]}, step, chance_loss=1.0)
+
+    loop(optuna.create_study(study_name="s", pruner=pruner), (0, 1), late=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop(optuna.create_study(study_name="s", pruner=pruner), (0, 1), late=False)
+        study = optuna.create_study(study_name="late", pruner=pruner)
+        trial = study.ask()
+        for step in range(4):  # budgets 0-3 measured in time
+            report_spectrum(trial, {"mean": row["le0_mean"]}, step, chance_loss=1.0)
+            trial.report(0.5, step)
+            trial.should_prune()
+        trial.report(0.5, 4)
+        trial.should_prune()
+        report_spectrum(trial, {"mean": row["le0_mean"]}, 4)  # past budget 3: nothing lost

@@ -461,3 +461,27 @@ def test_workers_opening_a_new_sqlite_store_together(tmp_path):
                               stderr=subprocess.PIPE, text=True) for i in range(n)]
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-800:] for e in errors if e]
+
+
+def test_a_sweeps_unfinished_trials_keep_its_layout():
+    """In a sweep's study every trial's parameters are lepredict's own: a failed or running
+    one (no stored run) is exported with its whole configuration in param_*, as the others."""
+    from lepredict.records import HPARAMS, trial_row
+
+    frozen = optuna.trial.create_trial(
+        state=optuna.trial.TrialState.FAIL, params={"lr": 0.01},
+        distributions={"lr": optuna.distributions.FloatDistribution(1e-3, 0.1, log=True)},
+        user_attrs={HPARAMS: {"arch": "gru", "hidden": 8, "lr": 0.01}})
+    row = trial_row(frozen, "s", {"task": "digits", "epochs": 2})
+    assert row["param_arch"] == "gru" and row["param_hidden"] == 8 and row["param_lr"] == 0.01
+    assert not [c for c in row if c.startswith("hparam_")]
+    own = trial_row(frozen, "s", {"epochs": 2})  # a loop of one's own: apart
+    assert own["hparam_hidden"] == 8 and "param_hidden" not in own
+
+
+def test_a_probe_beyond_the_validation_set_is_refused_not_cut():
+    import lepredict
+
+    task = lepredict.tasks.get("digits", mode="row")
+    with pytest.raises(ValueError, match="probe_size 1000 exceeds the 359 validation sequences"):
+        lepredict.train_run({"arch": "gru", "hidden": 4}, task, epochs=1, probe_size=1000)
