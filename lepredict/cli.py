@@ -61,22 +61,12 @@ def _check_probe_size(probe_size: int, task) -> None:
 
 def _check_device(name: str) -> None:
     """Fail here, not in every trial: a sweep whose device is wrong fails all its trials."""
-    import torch
+    from lepredict.train import checked_device
 
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError, TypeError):
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps"):
-        raise CLIError(f"--device {name!r} is not a device lepredict can train on; use cpu, "
-                       "cuda, cuda:N or mps.")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu.")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise CLIError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA "
-                       "device(s), numbered from 0.")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise CLIError(f"--device {name}: MPS is not available here; use --device cpu.")
+        checked_device(name)
+    except ValueError as err:
+        raise CLIError(f"--device {err}") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -820,11 +810,14 @@ def _evaluate_model(args) -> int:
     except ModelFileError as err:
         raise CLIError(str(err)) from None
     runs = completed_runs(frame)
-    weights = bootstrap_counts(runs["task"].astype(str), config_groups(runs),
+    weights = bootstrap_counts(runs["task"].fillna("(none)").astype(str), config_groups(runs),
                                n_boot=args.n_boot, random_state=args.seed)
     rows = []
     for budget, model in sorted(models.items()):
-        out = outcomes(runs, threshold=args.threshold if args.threshold else model.threshold)
+        try:
+            out = outcomes(runs, threshold=args.threshold if args.threshold else model.threshold)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
         proba, loss = model.predict_proba(runs)[:, 1], model.predict_loss(runs)
         m = metric_table(out["trainable"], proba, out["final_loss"], loss)
         m["auroc_low"], m["auroc_high"] = interval(
@@ -1818,6 +1811,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lepredict {args.command}: error: {' '.join(str(err).split())}",
                   file=sys.stderr)
             return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not a traceback; what the study holds stays (a sweep resumes).
+        command = (argv if argv is not None else sys.argv[1:])[:1]
+        print(f"lepredict {' '.join(command)}: interrupted"
+              + ("; the study keeps every trial told so far, and running the same command "
+                 "again resumes it" if command == ["sweep"] else ""), file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader of our output left early (`lepredict tasks | head -3`): as the Python
         # docs' "Note on SIGPIPE" advises, send what is still buffered to devnull so the

@@ -166,7 +166,7 @@ def _splits(frame: pd.DataFrame, y: np.ndarray, scheme: str, seed: int,
         return list(cv.split(frame, y, config_groups(frame)))
     if kind in _LOGO:
         column = _LOGO[kind]
-        groups = _group_values(frame, column).astype(str).to_numpy()
+        groups = _labels(_group_values(frame, column)).to_numpy()
         if len(np.unique(groups)) < 2:
             raise ValueError(f"Leave-one-{kind}-out needs runs of at least 2 {column} values; "
                              f"the data hold only {np.unique(groups).tolist()}.")
@@ -226,7 +226,13 @@ def _held_group(frame: pd.DataFrame, scheme: str) -> np.ndarray:
     """Per run, the group its metrics are reported under: the held-out group of a
     leave-one-out scheme, else the task."""
     column = _LOGO.get(_scheme_kind(scheme), "task")
-    return (column + "=" + _group_values(frame, column).astype(str)).to_numpy()
+    return (column + "=" + _labels(_group_values(frame, column))).to_numpy()
+
+
+def _labels(values: pd.Series) -> pd.Series:
+    """Group labels as text, a missing value (a loop of one's own has no task) as "(none)":
+    pandas keeps it missing through astype(str), and labels are sorted."""
+    return values.astype(object).map(lambda v: "(none)" if pd.isna(v) else str(v))
 
 
 def _group_values(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -257,7 +263,7 @@ def _predictions(frame, y, loss, scheme, budget, name, results, configs=None) ->
     out.insert(0, "budget", int(budget))
     out.insert(0, "scheme", scheme)
     out["group"] = _held_group(frame, scheme)[rows]
-    out["task"] = frame["task"].astype(str).to_numpy()[rows]
+    out["task"] = _labels(frame["task"]).to_numpy()[rows]
     configs = config_groups(frame) if configs is None and len(rows) else configs
     out["config"] = configs[rows] if len(rows) else []
     out["trainable"] = y[rows]

@@ -28,8 +28,9 @@ from torch import Tensor
 from lepredict.lyapunov import lyapunov_spectra
 from lepredict.records import MEASURED_EXPONENTS, RunRecord, spectrum_of
 from lepredict.tasks import Task
-from lepredict.train import (PROBE_SIZE, RunConfig, SeqModel, checked_schedule, diverged_loss,
-                             keep_freed_memory, measured_options, weight_stats_of)
+from lepredict.train import (PROBE_SIZE, RunConfig, SeqModel, checked_device, checked_schedule,
+                             checked_task, diverged_loss, keep_freed_memory, measured_options,
+                             weight_stats_of)
 
 __all__ = ["SHAPE_FIELDS", "group_by_shape", "shape_of", "train_population"]
 
@@ -426,6 +427,9 @@ def train_population(
         >>> [r.status for r in recs], [len(r.val_loss) for r in recs]
         (['pruned', 'ok', 'ok', 'diverged'], [2, 3, 3, 2])
     """
+    if isinstance(configs, (dict, RunConfig)):  # one configuration: iterating a dict reads keys
+        raise TypeError("configs must be a list of configurations (RunConfig objects or dicts); "
+                        "for one, pass [config], or use lepredict.train_run.")
     configs = [RunConfig.from_dict(c) if isinstance(c, dict) else c for c in configs]
     if not configs:
         raise ValueError("configs is empty; pass at least one configuration.")
@@ -439,8 +443,9 @@ def train_population(
                     f"configs[{i}] has {name}={getattr(config, name)!r} but configs[0] has "
                     f"{name}={getattr(configs[0], name)!r}; a population shares {SHAPE_FIELDS}: "
                     "split the configurations with group_by_shape and train each group.")
+    checked_task(task)
     le_epochs = checked_schedule(epochs, le_epochs, probe_size, task)
-    device = torch.device(device)
+    device = checked_device(device)
     if device.type == "cpu":
         keep_freed_memory()
     clock = time.perf_counter()

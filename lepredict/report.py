@@ -193,9 +193,13 @@ def _read(frame: pd.DataFrame, threshold: float | None) -> _Study:
     if limit is None:
         middle = float(np.median(final[finite])) if finite.any() else math.nan
         limit = pd.Series(middle, index=finished)
+        recorded_some = by_loss and int(recorded[finished].notna().sum())
+        why = (f"only {recorded_some} of the {len(finished)} finished trials have a recorded "
+               "threshold (a loop of one's own records none): pass --threshold, or analyse "
+               "them apart" if recorded_some else
+               "no threshold was recorded or given with --threshold")
         rule_words = (f"{what} {'below' if lower_better else 'above'} the median of the finished "
-                      f"trials, {middle:.4g}: no threshold was recorded or given "
-                      "with --threshold")
+                      f"trials, {middle:.4g}: {why}")
     better = final < limit if lower_better else final > limit
     trainable = (finite & better & (status[finished] != "diverged")).astype(bool)
     if labelled:

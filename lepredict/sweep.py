@@ -859,6 +859,10 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
             for trial, _ in members:
                 if trial.number not in told:
                     told.add(trial.number)
+                    with contextlib.suppress(Exception):  # the storage may be what failed
+                        objective.failed(trial, RuntimeError(
+                            "the sweep stopped before this trial's result was told "
+                            "(interrupted)"))
                     _tell(study, trial, callbacks, heartbeats, state=optuna.trial.TrialState.FAIL)
             heartbeats.close()
     return exhausted

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -77,6 +78,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         def bad(msg: str):
             raise ValueError(msg)
+
+        # A grid built with numpy, or a row read back from an export, holds numpy scalars.
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, np.generic):
+                object.__setattr__(self, field.name, value.item())
 
         if self.arch not in ARCHS:
             bad(f"arch must be one of {ARCHS}, got arch={self.arch!r}.")
@@ -308,6 +315,36 @@ def diverged_loss(loss: float, chance_loss: float) -> bool:
 
 
 
+def checked_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` lepredict can train on, or a ``ValueError`` whose
+    message (starting with the device as given) says what to use instead."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{str(device)!r} is not a device lepredict can train on; use cpu, "
+                         "cuda, cuda:N or mps.")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{device}: no CUDA GPU is visible to torch here; use the cpu.")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{device}: there are only {torch.cuda.device_count()} CUDA "
+                         "device(s), numbered from 0.")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{device}: MPS is not available here; use the cpu.")
+    return parsed
+
+
+def checked_task(task) -> Task:
+    """``task`` if it is a :class:`~lepredict.tasks.Task`, else a ``TypeError`` naming how to
+    get one."""
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be a lepredict.tasks.Task, got {type(task).__name__}"
+                        + (f" {task!r}: build it with lepredict.tasks.get({task!r})"
+                           if isinstance(task, str) else "") + ".")
+    return task
+
+
 def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int,
                      task: Task | None = None) -> list[int]:
     """The epochs after which a run of ``epochs`` epochs measures its spectrum.
@@ -330,7 +367,11 @@ def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int,
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs=}.")
-    given = list(le_epochs)
+    try:
+        given = list(le_epochs)
+    except TypeError:
+        raise ValueError(f"le_epochs must be the epochs to measure after (0: at "
+                         f"initialisation), e.g. [0, 1, 2, 3]; got {le_epochs!r}.") from None
     try:  # any integer type (numpy's too), not floats or bools
         le_epochs = [operator.index(e) for e in given if not isinstance(e, bool)]
     except TypeError:
@@ -393,8 +434,9 @@ def train_run(
     """
     if isinstance(config, dict):
         config = RunConfig.from_dict(config)
+    checked_task(task)
     le_epochs = checked_schedule(epochs, le_epochs, probe_size, task)
-    device = torch.device(device)
+    device = checked_device(device)
     if device.type == "cpu":
         keep_freed_memory()
     t_start = time.perf_counter()

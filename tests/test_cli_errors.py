@@ -145,6 +145,15 @@ def model_manifest_list(tmp: Path) -> None:
     (tmp / "m" / "budget-1" / "manifest.json").write_text("[]")
 
 
+def own_loop_export(tmp: Path) -> None:
+    """An export of a loop of one's own: no task, so no threshold recorded."""
+    from conftest import synthetic_runs
+
+    runs = synthetic_runs(n=40)
+    runs["task"], runs["threshold"] = None, float("nan")
+    runs.to_parquet(tmp / "own.parquet")
+
+
 # (argv, setup, what the message must name)
 CASES = {
     # Storage: a URL, a driver, a server, a database or a directory that is not there.
@@ -305,6 +314,9 @@ CASES = {
     "predict-budget-the-model-lacks": (
         ["predict-stability", *TINY, "--model", "{model}", "--budget", "9"], None,
         "pass --budget with one of those"),
+    "evaluate-model-on-runs-without-a-threshold": (
+        ["evaluate", "--data", "own.parquet", "--model", "{model}"], own_loop_export,
+        "Some runs have no task threshold"),
     "evaluate-unrelated-csv": (
         ["evaluate", "--data", "other.csv"], write("other.csv", "a,b\n1,2\n3,4\n"),
         "'other.csv' is not a lepredict export"),
@@ -523,3 +535,15 @@ def test_sweep_leaves_stores_it_did_not_make_alone(storage, setup, message, tmp_
     assert message in err, err
     assert contents() == before
     assert _listing(tmp_path) == listing
+
+
+def test_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
+    """Ctrl-C ends a command with one line, not a traceback (a sweep's says how to resume)."""
+    import lepredict.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_export", interrupted)
+    assert main(["export", "--study-name", "s", "-o", "x.csv"]) == 130
+    assert capsys.readouterr().err == "lepredict export: interrupted\n"

@@ -261,3 +261,14 @@ def test_evaluate_command_prints_intervals_and_writes_the_table(runs, tmp_path, 
     rows = json.loads(capsys.readouterr().out)
     assert {r["scheme"] for r in rows} == {"holdout:arch=lstm"}
     assert len(rows) == 6 and all(0 <= r["auroc"] <= 1 for r in rows)  # 2 sets, 3 groups
+
+
+def test_runs_without_a_task_are_a_group_of_their_own(runs):
+    """A loop of one's own exports no task: pooled with a corpus its runs are "task=(none)"
+    (pandas keeps a missing task missing through astype(str), and the labels are sorted)."""
+    mixed = runs.copy()
+    mixed["task"] = mixed["task"].astype(object)
+    mixed.loc[mixed["task"] == "beta", "task"] = None
+    table = compare(mixed, budgets=[1], feature_sets=["spectrum"], schemes=["configs"], n_boot=20,
+                    progress=False)
+    assert set(table["group"]) == {"all", "task=(none)", "task=alpha"}

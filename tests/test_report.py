@@ -458,3 +458,16 @@ def test_report_renders_in_headless_chromium_without_console_errors(report_files
         for key in keys:
             body = dom.split(f'id="figure-{key}"', 1)[1][:30000]
             assert 'class="main-svg"' in body, f"{path.name}: figure {key} not rendered"
+
+
+def test_a_threshold_recorded_for_some_trials_only_is_said_so(runs):
+    """A sweep's export analysed with a loop's own (no threshold recorded): the split falls
+    back to the median, and the report says why (not "none was recorded")."""
+    mixed = runs.copy()
+    mixed["threshold"] = mixed["threshold"].astype(float)
+    mixed.loc[mixed.index[::3], "threshold"] = float("nan")
+    text = " ".join(p.text for p in report.panels(mixed))
+    finished = int((mixed["state"] == "COMPLETE").sum())
+    with_threshold = int(((mixed["state"] == "COMPLETE") & mixed["threshold"].notna()).sum())
+    assert (f"only {with_threshold} of the {finished} finished trials have a recorded "
+            "threshold") in text

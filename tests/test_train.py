@@ -261,3 +261,24 @@ def test_weight_stats_of_many_networks_are_each_ones(arch):
             "w_hh_opnorm": max(float(torch.linalg.matrix_norm(b, ord=2)) for b in blocks),
             "w_hh_norm": math.sqrt(sum(float(w.square().sum()) for w in hh)),
             "w_ih_norm": math.sqrt(sum(float(w.square().sum()) for w in ih))}, rel=1e-12)
+
+
+def test_library_calls_name_the_fix_for_what_users_pass():
+    """A task by name, a device torch cannot train on here, no epochs to measure, one config
+    where a list is wanted: errors that say what to pass. Numpy scalars (a grid built with
+    numpy, a row read back from an export) are taken as the numbers they hold."""
+    import numpy as np
+
+    from lepredict.population import train_population
+
+    task = lepredict.tasks.get("digits", mode="row")
+    with pytest.raises(TypeError, match=r"build it with lepredict.tasks.get\('digits'\)"):
+        lepredict.train_run({"arch": "gru", "hidden": 4}, "digits", epochs=1)
+    with pytest.raises(ValueError, match="'gpu' is not a device lepredict can train on"):
+        lepredict.train_run({"arch": "gru", "hidden": 4}, task, epochs=1, device="gpu")
+    with pytest.raises(ValueError, match="le_epochs must be the epochs to measure after"):
+        train_population([{"arch": "gru", "hidden": 4}], task, epochs=1, le_epochs=None)
+    with pytest.raises(TypeError, match=r"for one, pass \[config\]"):
+        train_population({"arch": "gru", "hidden": 4}, task, epochs=1)
+    config = lepredict.RunConfig(hidden=np.int64(8), lr=np.float32(0.01), layers=np.int32(1))
+    assert type(config.hidden) is int and type(config.lr) is float and config.hidden == 8
