@@ -425,6 +425,12 @@ def train_run(
         loss that breaks :data:`DIVERGED_LOSS_RATIO`, ends the run with ``status="diverged"`` and
         ``final_normalised_loss = inf``.
 
+    Raises:
+        TypeError: ``task`` not a Task (a name: build it with ``lepredict.tasks.get``).
+        ValueError: a bad configuration, schedule or ``probe_size`` (more than the task's
+            validation sequences), or a device torch cannot train on here
+            (:func:`checked_device`); the message names the fix.
+
     Example:
         >>> from lepredict import tasks, train_run
         >>> rec = train_run({"arch": "gru", "hidden": 8, "lr": 1e-2}, tasks.get("digits", mode="row"),
