@@ -49,12 +49,21 @@ def _check_int(option: str, value: int, low: int, meaning: str) -> None:
         raise CLIError(f"{option} must be >= {low} ({meaning}), got {option} {value}.")
 
 
-def _check_probe_size(probe_size: int, task) -> None:
-    """The probe is the first validation sequences: no more than the task has."""
-    from lepredict.train import checked_schedule
+def _check_storage_file(url: str) -> None:
+    from lepredict.sweep import check_storage_file
 
     try:
-        checked_schedule(0, [], probe_size, task)
+        check_storage_file(url)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
+def _check_probe_size(probe_size: int, task) -> None:
+    """The probe is the first validation sequences: no more than the task has."""
+    from lepredict.train import checked_probe_size
+
+    try:
+        checked_probe_size(probe_size, task)
     except ValueError as err:
         raise CLIError(f"--{str(err).replace('_', '-', 1)}") from None
 
@@ -113,12 +122,7 @@ def _check_rdb(url: str, *, read_only: bool) -> bool:
             return False
         path = Path(db)
         if path.is_dir():
-            from lepredict.sweep import check_storage_file
-
-            try:
-                check_storage_file(url)  # says so, with an example
-            except ValueError as err:
-                raise CLIError(str(err)) from None
+            _check_storage_file(url)  # says so, with an example
         if read_only and not path.is_file():
             raise CLIError(f"No SQLite database {db!r} (from --storage {shown}); check the path "
                            "(sqlite:///relative.db, sqlite:////absolute.db).")
@@ -190,13 +194,7 @@ def _open_study(storage: str | None, study_name: str):
             raise CLIError(f"No journal file {storage!r}; check --storage.")
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        from lepredict.sweep import check_storage_file
-
-        try:
-            check_storage_file(storage)
-        except ValueError as err:
-            raise CLIError(str(err)) from None
-
+        _check_storage_file(storage)
         backend = JournalStorage(JournalFileBackend(storage))
     else:
         raise CLIError(f"--storage {storage!r} is neither a database URL (sqlite:///..., "
@@ -810,7 +808,7 @@ def _evaluate_model(args) -> int:
     except ModelFileError as err:
         raise CLIError(str(err)) from None
     runs = completed_runs(frame)
-    weights = bootstrap_counts(runs["task"].fillna("(none)").astype(str), config_groups(runs),
+    weights = bootstrap_counts(runs["task"].astype(str), config_groups(runs),
                                n_boot=args.n_boot, random_state=args.seed)
     rows = []
     for budget, model in sorted(models.items()):

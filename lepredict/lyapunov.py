@@ -1256,8 +1256,9 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
     parts = cell.state_parts
     rows, k, n = qt.shape
     # The GRU's Jacobian blocks are formed for all steps at once when its log-determinant needs
-    # them anyway (then the tangent rows go through them too: a third of the gates' GEMM work),
-    # or when the rows are many (GRU_EXPLICIT_SHARE), as far as they fit in memory.
+    # every step's anyway (sum_every 1; then the tangent rows go through them too: a third of
+    # the gates' GEMM work), or when the rows are many (GRU_EXPLICIT_SHARE), as far as they fit
+    # in memory. Under sum_every > 1 only the LU steps' blocks are formed, for the LU alone.
     gru_blocks = isinstance(cell, _GRUCell) and (
         (logdet is not None and acc.sum_every == 1) or k * GRU_EXPLICIT_SHARE >= N)
     coefficients, jacobians, new_state = [], [], []

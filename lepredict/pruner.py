@@ -146,30 +146,34 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
                       UserWarning, stacklevel=_outside_stacklevel())
 
 
-class _Stored:
-    """What :func:`report_spectrum` stored in this process, per running trial (bounded)."""
+class _TrialMarks:
+    """Marks this process set on trials (``(trial, key)`` pairs, bounded): what
+    :func:`report_spectrum` stored, the steps a pruner decided at. A trial is known by its
+    storage and id (:func:`_trial_key`; ``study`` given for a frozen trial, which has none),
+    one without either (a ``FixedTrial``) by the object."""
 
-    def __init__(self):
+    def __init__(self, bound: int):
         self._keys: set[tuple] = set()
+        self._bound = bound
         self._lock = threading.Lock()
 
     @staticmethod
-    def _trial(trial) -> tuple:
-        study = getattr(trial, "study", None)
+    def _trial(trial, study) -> tuple:
+        study = study if study is not None else getattr(trial, "study", None)
         trial_id = getattr(trial, "_trial_id", None)
         return (id(trial),) if study is None or trial_id is None else _trial_key(study, trial)
 
-    def holds(self, trial, key: str) -> bool:
-        return (*self._trial(trial), key) in self._keys
+    def holds(self, trial, key, study=None) -> bool:
+        return (*self._trial(trial, study), key) in self._keys
 
-    def add(self, trial, key: str) -> None:
+    def add(self, trial, key, study=None) -> None:
         with self._lock:
-            if len(self._keys) > 1_000_000:
+            if len(self._keys) > self._bound:
                 self._keys.clear()
-            self._keys.add((*self._trial(trial), key))
+            self._keys.add((*self._trial(trial, study), key))
 
 
-_STORED = _Stored()
+_STORED = _TrialMarks(1_000_000)
 
 
 def _checked_trial(trial) -> None:
@@ -588,7 +592,7 @@ class LyapunovPruner(BasePruner):
         self._predicted: dict[tuple[int, int, str], tuple[float, float]] = {}
         # The steps this process decided at, per trial: a spectrum reported at one afterwards
         # came too late for its decision (the trials a worker decides for are those it runs).
-        self._decided: set[tuple[int, int, int]] = set()
+        self._decided = _TrialMarks(100_000)
         self._lock = threading.Lock()
 
     # -- what a spectrum must be ------------------------------------------------------------
@@ -761,20 +765,16 @@ class LyapunovPruner(BasePruner):
         study._storage.set_trial_user_attr(trial._trial_id, f"{PREDICTION}{step}",
                                            jsonable(prediction))
         if "budget" in prediction:  # decided on a predictor, not kept for want of one
-            with self._lock:
-                if len(self._decided) > 100_000:
-                    self._decided.clear()
-                self._decided.add((*_trial_key(study, trial), step))
+            self._decided.add(trial, step, study)
 
     def decided_at(self, trial, step: int) -> bool:
         """Whether this pruner (in this process) has decided for ``trial``, a running trial, at
         ``step`` on a predictor whose budget a spectrum at ``step`` would have raised (past the
         largest budget, later spectra change no decision)."""
-        study = getattr(trial, "study", None)
-        if study is None or (self._mode == "model" and self._models
-                             and step // self._steps_per_epoch > max(self._models)):
+        if self._mode == "model" and self._models \
+                and step // self._steps_per_epoch > max(self._models):
             return False
-        return (*_trial_key(study, trial), step) in self._decided
+        return self._decided.holds(trial, step)
 
     def _warn_once(self, study: optuna.Study, kind: str, message: str) -> None:
         with self._lock:

@@ -345,6 +345,20 @@ def checked_task(task) -> Task:
     return task
 
 
+def checked_probe_size(probe_size: int, task: Task | None = None) -> int:
+    """``probe_size`` if it is a positive int, and no more than ``task``'s validation sequences
+    (the probe is the first of them: more would silently be fewer); else a ``ValueError``."""
+    if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
+        raise ValueError(f"probe_size must be a positive int (the validation sequences a "
+                         f"spectrum averages over), got {probe_size=}.")
+    have = None if task is None else int(task.x_val.shape[0])
+    if have is not None and probe_size > have:
+        raise ValueError(f"probe_size {probe_size} exceeds the {have} validation sequences of "
+                         f"task {task.name!r}; pass at most {have} (the predictors were fitted "
+                         f"on spectra of {PROBE_SIZE}).")
+    return probe_size
+
+
 def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int,
                      task: Task | None = None) -> list[int]:
     """The epochs after which a run of ``epochs`` epochs measures its spectrum.
@@ -379,14 +393,7 @@ def checked_schedule(epochs: int, le_epochs: Iterable[int], probe_size: int,
     if len(le_epochs) != len(given) or any(e < 0 for e in le_epochs):
         raise ValueError(f"le_epochs must hold integer epochs >= 0 (0: the initialisation), got "
                          f"le_epochs={given!r}.")
-    if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
-        raise ValueError(f"probe_size must be a positive int (the validation sequences a "
-                         f"spectrum averages over), got {probe_size=}.")
-    have = None if task is None else int(task.x_val.shape[0])
-    if have is not None and probe_size > have:
-        raise ValueError(f"probe_size {probe_size} exceeds the {have} validation sequences of "
-                         f"task {task.name!r}; pass at most {have} (the predictors were fitted "
-                         f"on spectra of {PROBE_SIZE}).")
+    checked_probe_size(probe_size, task)
     return sorted({e for e in le_epochs if e <= epochs})
 
 
