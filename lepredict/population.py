@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 
 import torch
+from optuna.exceptions import TrialPruned
 from torch import Tensor
 
 from lepredict.lyapunov import lyapunov_spectra
@@ -376,6 +377,14 @@ def _member_losses(task: Task, outputs: Tensor, targets: Tensor, shared: bool) -
     return task.member_losses(outputs, targets)
 
 
+def _stops(decision: Future) -> bool:
+    """A pending ``on_epoch`` answer: whether it stops its member (True, or TrialPruned)."""
+    try:
+        return bool(decision.result())
+    except TrialPruned:
+        return True
+
+
 def train_population(
     configs: Sequence[RunConfig | dict],
     task: Task,
@@ -399,14 +408,15 @@ def train_population(
             same for every member.
         on_epoch: called as ``on_epoch(member, epoch, record)`` for each live member, where
             ``member`` is its index in ``configs``, at the moments :func:`train_run` calls its
-            callback (after epoch 0 and after each completed epoch); return True to stop that
-            member: it leaves with ``status="pruned"`` and its record as it stood. It may
+            callback (after epoch 0 and after each completed epoch); return True (or raise
+            ``optuna.TrialPruned``, as in a loop of :func:`train_run`) to stop that member: it
+            leaves with ``status="pruned"`` and its record as it stood. It may
             instead return a :class:`concurrent.futures.Future` of that answer (a decision
             that waits on a database, say): the member trains the next epoch meanwhile, and if
             the answer is True that epoch is dropped and the record is what the callback saw
             (but for ``wall_time``, which counts the dropped epoch at the end). Nothing touches
-            the record until the answer is known. An exception raised by
-            ``on_epoch`` or its future stops the whole population.
+            the record until the answer is known. Any other exception raised by ``on_epoch``
+            or its future stops the whole population.
 
     Returns:
         One :class:`~lepredict.RunRecord` per configuration, in order. Its ``wall_time`` and
@@ -522,7 +532,10 @@ def train_population(
     def call_back(epoch: int, rows: list[int]) -> None:
         if on_epoch is not None:
             for r in rows:
-                decision = on_epoch(alive[r], epoch, recs[alive[r]])
+                try:
+                    decision = on_epoch(alive[r], epoch, recs[alive[r]])
+                except TrialPruned:
+                    decision = True
                 if isinstance(decision, Future):
                     pending[alive[r]] = decision
                 elif decision:
@@ -533,7 +546,7 @@ def train_population(
         stopped = set()
         for r in rows:
             decision = pending.pop(alive[r], None)
-            if decision is not None and decision.result():
+            if decision is not None and _stops(decision):
                 recs[alive[r]].status = "pruned"
             if recs[alive[r]].status == "pruned":
                 stopped.add(r)

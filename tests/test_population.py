@@ -184,6 +184,33 @@ def test_decisions_given_later_give_the_same_records(digits_row):
     assert later[1].to_dict() | {"wall_time": None} == stopped
 
 
+def test_trial_pruned_raised_by_on_epoch_stops_that_member_alone(digits_row):
+    """A user's on_epoch written as an Optuna loop is (raise TrialPruned): it stops the member
+    that raised it, now or from a future, as True would; another exception stops them all."""
+    configs = [{"arch": "gru", "hidden": 5, "lr": 1e-2, "seed": s, "batch_size": 256}
+               for s in range(3)]
+
+    def decide(member, epoch, rec):
+        if member == 1 and epoch == 1:
+            raise optuna.TrialPruned()
+        return member == 2 and epoch == 1
+
+    kw = dict(epochs=2, le_epochs=[0])
+    now = train_population(configs, digits_row, on_epoch=decide, **kw)
+    with ThreadPoolExecutor(1) as pool:
+        later = train_population(configs, digits_row,
+                                 on_epoch=lambda *a: pool.submit(decide, *a), **kw)
+    for recs in (now, later):
+        assert [r.status for r in recs] == ["ok", "pruned", "pruned"]
+        assert [r.epochs_completed for r in recs] == [2, 1, 1]
+
+    def fail(member, epoch, rec):
+        raise RuntimeError("the user's own bug")
+
+    with pytest.raises(RuntimeError, match="own bug"):
+        train_population(configs, digits_row, on_epoch=fail, **kw)
+
+
 def test_shapes_group_and_mixed_shapes_are_refused(digits_row):
     configs = [{"arch": "gru", "hidden": 8}, {"arch": "lstm"}, {"arch": "gru", "hidden": 8,
                                                                  "lr": 0.1, "seed": 3}]
