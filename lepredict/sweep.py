@@ -54,7 +54,7 @@ from lepredict.population import group_by_shape, train_population
 from lepredict.records import (ATTR, HPARAM_FIELDS, HPARAMS, MEASURED_EXPONENTS, RunRecord,
                                run_row, trial_row)
 from lepredict.records import jsonable as _jsonable
-from lepredict.train import PROBE_SIZE, RunConfig, checked_schedule, train_run
+from lepredict.train import PROBE_SIZE, RunConfig, checked_device, checked_schedule, train_run
 
 if TYPE_CHECKING:  # pandas is imported where a frame is made, not with the module
     import pandas as pd
@@ -1036,6 +1036,7 @@ def run_sweep(
     task_options = dict(task_options or {})
     task_obj = task if isinstance(task, tasks.Task) else tasks.get(task, **task_options)
     checked_schedule(epochs, le_epochs, probe_size, task_obj)
+    checked_device(device)
     space = space or DEFAULT_SPACE
     samplers = {"tpe": lambda s: optuna.samplers.TPESampler(seed=s),
                 "random": lambda s: optuna.samplers.RandomSampler(seed=s)}

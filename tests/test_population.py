@@ -438,8 +438,8 @@ def test_run_sweep_refuses_a_bad_population(space_file):
 
 def test_run_sweep_refuses_a_bad_schedule_before_it_makes_a_study(tmp_path, space_file):
     db = tmp_path / "s.db"
-    for kwargs in ({"le_epochs": [-1, 0, 1]}, {"probe_size": 0}):
-        with pytest.raises(ValueError, match="le_epochs must hold|probe_size must be"):
+    for kwargs in ({"le_epochs": [-1, 0, 1]}, {"probe_size": 0}, {"device": "gpu"}):
+        with pytest.raises(ValueError, match="le_epochs must hold|probe_size must be|not a dev"):
             run_sweep("digits", n_trials=1, storage=f"sqlite:///{db}", study_name="s",
                       space=load_space(space_file), **kwargs)
     assert not db.exists()
