@@ -420,6 +420,8 @@ def _cmd_sweep(args) -> int:
     if args.population > 1 and args.n_jobs > 1:
         raise CLIError(f"--population {args.population} and --n-jobs {args.n_jobs} cannot be "
                        "combined (a population already keeps the cores busy); drop one.")
+    if args.same_shape and args.population == 1:
+        raise CLIError("--same-shape shapes populations: give --population K (K > 1) with it.")
     _check_int("--epochs", args.epochs, 1, "epochs each trial trains")
     _check_int("--probe-size", args.probe_size, 1, "validation sequences the spectrum averages "
                "over")
@@ -472,6 +474,7 @@ def _cmd_sweep(args) -> int:
                 probe_size=args.probe_size, show_progress_bar=not args.quiet,
                 callbacks=[record], heartbeat_interval=args.heartbeat_interval,
                 grace_period=args.grace_period, population=args.population,
+                same_shape=args.same_shape,
             )
     except ValueError as err:
         raise CLIError(str(err)) from None
@@ -1632,6 +1635,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "population; 1 trains one trial at a time; not with --n-jobs > 1; on one "
                    "machine a journal file (--storage NAME.log) stores trials faster "
                    "than SQLite")
+    p.add_argument("--same-shape", action="store_true",
+                   help="with --population: each population's first trial is drawn as usual "
+                   "and the others take its architecture, size, layers, optimizer and batch "
+                   "size, drawing the rest, so populations stay full in a space that samples "
+                   "those")
     device(p)
     p.add_argument("--seed", type=int, default=0,
                    help="with the trial number, seeds each trial's sampler and run: the same "

@@ -50,7 +50,7 @@ from optuna.distributions import (
 )
 
 from lepredict import tasks
-from lepredict.population import group_by_shape, train_population
+from lepredict.population import SHAPE_FIELDS, group_by_shape, train_population
 from lepredict.records import (ATTR, HPARAM_FIELDS, HPARAMS, MEASURED_EXPONENTS, RunRecord,
                                run_row, trial_row)
 from lepredict.records import jsonable as _jsonable
@@ -531,6 +531,7 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
         self._make, self._seed, self._space = make, seed, dict(space)
         self._inner: dict[int, optuna.samplers.BaseSampler] = {}
         self._shared: tuple[list, list] | None = None  # see share_read
+        self._pinned: dict = {}  # see pin
         self._lock = threading.Lock()  # n_jobs > 1 runs trials in threads
 
     def trial_seed(self, number: int) -> int:
@@ -568,6 +569,13 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
         with self._lock:
             self._shared = None if trials is None else (list(trials), list(drawn))
 
+    def pin(self, params: dict | None) -> None:
+        """Give the next trials these parameter values (those in the space; the others are
+        drawn as usual, still never repeating a configuration); ``None``: pin nothing. A
+        population with ``same_shape`` pins its first trial's shape for the rest."""
+        with self._lock:
+            self._pinned = dict(params or {})
+
     def _trials_to_draw_from(self, study) -> tuple[list, list]:
         with self._lock:
             shared = self._shared
@@ -588,8 +596,22 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study, trial, search_space) -> dict:
         # A retry or an enqueued trial comes with its parameters: those are not drawn.
         given = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+        with self._lock:
+            pinned = {n: v for n, v in self._pinned.items()
+                      if n in search_space and n not in given}
+        if pinned:
+            # Where every configuration with the pinned values is in the study, the trial is
+            # drawn from the whole space instead (a population of another shape).
+            params = self._draw(study, trial, search_space, {**given, **pinned}, pinned=True)
+            if params is not None:
+                return {**pinned, **params}
+        return self._draw(study, trial, search_space, given)
+
+    def _draw(self, study, trial, search_space, given: dict, *, pinned: bool = False):
+        """The values of the parameters not ``given``, a configuration not yet in the study;
+        ``pinned``: ``None`` where there is none (else :class:`SpaceExhausted`)."""
         todo = {n: d for n, d in search_space.items() if n not in given and not d.single()}
-        if not todo:
+        if not todo and not pinned:
             return {}
         names = sorted(search_space)
         trials, drawn = self._trials_to_draw_from(study)
@@ -601,6 +623,8 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
             full = {**given, **params}
             return tuple(full[n] if n in full else _single_value(search_space[n]) for n in names)
 
+        if not todo:
+            return None if key({}) in seen else {}
         for _ in range(MAX_RESAMPLE):
             params = {n: inner.sample_independent(study, trial, n, d) for n, d in todo.items()}
             if key(params) not in seen:
@@ -618,6 +642,8 @@ class _PerTrialSampler(optuna.samplers.BaseSampler):
                   itertools.product(*(_values(d) for d in todo.values()))
                   if key(dict(zip(todo, combo))) not in seen]
         if not unseen:
+            if pinned:
+                return None
             raise SpaceExhausted(_exhausted_message(study, todo, size))
         return random.Random(self.trial_seed(trial.number)).choice(unseen)
 
@@ -789,11 +815,13 @@ def _ask(study: optuna.Study, *, pop_waiting: bool) -> optuna.Trial:
 
 def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: int,
                      population: int, space: SearchSpace, grace: int | None,
-                     callbacks: list[Callable]) -> bool:
+                     callbacks: list[Callable], same_shape: bool = False) -> bool:
     """The sweep's loop with populations: ask up to ``population`` trials (fewer when fewer
     are left), train them together (one population per shape, see
     :func:`lepredict.population.group_by_shape`), tell each its outcome; until the study holds
-    ``n_trials`` and no retry waits. Returns whether the space ran out of configurations."""
+    ``n_trials`` and no retry waits. ``same_shape``: the first trial's shape is pinned for the
+    others (:meth:`_PerTrialSampler.pin`). Returns whether the space ran out of
+    configurations."""
     log = optuna.logging.get_logger("lepredict")
     exhausted = False
     while not exhausted:
@@ -806,6 +834,7 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
         # count of the study's trials before it, whoever created them. A trial that may pop a
         # waiting one (a retry), or whose start failed, reads the study again.
         share = getattr(study.sampler, "share_read", None)
+        pin = getattr(study.sampler, "pin", None) if same_shape else None
         asked: list[optuna.Trial] = []  # this population's trials, failed starts included
         try:
             read = study.get_trials(deepcopy=False)
@@ -833,6 +862,8 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
                 try:
                     members.append((trial, objective.start(trial)))
                     started = True
+                    if pin is not None and len(members) == 1:
+                        pin({n: trial.params[n] for n in SHAPE_FIELDS if n in trial.params})
                 except Exception as err:
                     told.add(trial.number)
                     _fail(study, trial, err, callbacks, heartbeats)
@@ -854,6 +885,8 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
         finally:
             if share is not None:
                 share(None)
+            if pin is not None:
+                pin(None)
             # Interrupted (Ctrl-C): whatever was not told fails, without an error of its own, so
             # the next sweep retries it, as Optuna's optimize leaves an interrupted trial.
             for trial, _ in members:
@@ -959,6 +992,7 @@ def run_sweep(
     heartbeat_interval: int = 30,
     grace_period: int = 90,
     population: int = 1,
+    same_shape: bool = False,
 ) -> optuna.Study:
     """Run (or resume) a sweep until the study holds ``n_trials`` trials.
 
@@ -1011,6 +1045,12 @@ def run_sweep(
             layers, optimizer, batch size) are trained as separate populations, one after the
             other: a space that samples those gives smaller populations. 1 (the default) trains
             one trial after another; more than 1 cannot be combined with ``n_jobs > 1``.
+        same_shape: With ``population > 1``: the first trial of each population is drawn as
+            usual, and the others take its shape (the :data:`~lepredict.population.SHAPE_FIELDS`
+            the space samples) and draw the rest, so populations stay full in a space that
+            samples shapes. Each trial's shape is still the sampler's draw for the first, and
+            the first's for the others (as if drawn once per population); where every
+            configuration of that shape is in the study, a trial is drawn from the whole space.
 
     Returns:
         The study.
@@ -1027,6 +1067,8 @@ def run_sweep(
     if not isinstance(population, int) or isinstance(population, bool) or population < 1:
         raise ValueError(f"population must be a positive int (1: one trial at a time), got "
                          f"{population=}.")
+    if same_shape and population == 1:
+        raise ValueError("same_shape=True shapes populations: give population > 1 with it.")
     if population > 1 and n_jobs > 1:
         raise ValueError(f"population={population} and n_jobs={n_jobs} cannot be combined: a "
                          "population already keeps the cores busy; use one of them.")
@@ -1108,7 +1150,7 @@ def run_sweep(
         try:
             exhausted = _run_populations(study, objective, n_trials=n_trials,
                                          population=population, space=space, grace=grace,
-                                         callbacks=cbs[1:])
+                                         callbacks=cbs[1:], same_shape=same_shape)
         finally:
             if bar is not None:
                 bar.close()

@@ -403,6 +403,53 @@ def test_population_shrinks_to_the_trials_left_and_groups_shapes(tmp_path):
         assert t.user_attrs[f"{ATTR}spectrum:1"]["n"] == (12 if t.params["arch"] == "lstm" else 6)
 
 
+SHAPES_SPACE = """
+[params.arch]
+choices = ["rnn", "lstm"]
+[params.hidden]
+choices = [4, 6]
+[params.lr]
+low = 1e-3
+high = 3e-2
+log = true
+[fixed]
+batch_size = 256
+"""
+
+
+def test_same_shape_fills_populations_with_the_first_trials_shape(tmp_path):
+    space = tmp_path / "shapes.toml"
+    space.write_text(SHAPES_SPACE)
+    common = dict(epochs=1, le_epochs=[0, 1], task_options={"mode": "row"},
+                  space=load_space(space), show_progress_bar=False, population=4)
+
+    def shapes(same_shape):
+        study = run_sweep("digits", n_trials=8, storage=f"sqlite:///{tmp_path / 's.db'}",
+                          study_name=f"s{same_shape}", same_shape=same_shape, **common)
+        assert [t.state.name for t in study.trials] == ["COMPLETE"] * 8
+        return [{(t.params["arch"], t.params["hidden"]) for t in study.trials[i:i + 4]}
+                for i in (0, 4)]
+
+    assert all(len(group) == 1 for group in shapes(True))
+    assert any(len(group) > 1 for group in shapes(False))  # what same_shape changes
+
+
+def test_same_shape_draws_from_the_whole_space_once_a_shape_is_used_up(tmp_path):
+    """Two configurations per shape: the third member of a population cannot take the first's
+    shape, so it takes another (its own population) rather than repeat or fail."""
+    space = tmp_path / "small.toml"
+    space.write_text(MIXED_SPACE.replace("low = 1e-3\nhigh = 3e-2\nlog = true",
+                                         "choices = [1e-2, 2e-2]"))
+    study = run_sweep("digits", n_trials=4, epochs=1, le_epochs=[0], population=3,
+                      same_shape=True, task_options={"mode": "row"},
+                      storage=f"sqlite:///{tmp_path / 'x.db'}", study_name="x",
+                      space=load_space(space), show_progress_bar=False)
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert len({(t.params["arch"], t.params["lr"]) for t in trials}) == 4
+    assert trials[0].params["arch"] == trials[1].params["arch"] != trials[2].params["arch"]
+
+
 def test_a_failing_population_fails_its_trials_with_the_error(tmp_path, space_file,
                                                               monkeypatch):
     import lepredict.sweep as sw
@@ -422,6 +469,7 @@ def test_a_failing_population_fails_its_trials_with_the_error(tmp_path, space_fi
 @pytest.mark.parametrize("args, message", [
     (["--population", "0"], "--population must be >= 1"),
     (["--population", "2", "--n-jobs", "2"], "cannot be combined"),
+    (["--same-shape"], "--same-shape shapes populations"),
 ])
 def test_bad_population_is_one_line_and_exit_2(tmp_path, space_file, capsys, args, message):
     assert main(_sweep_args(tmp_path, space_file, "--n-trials", "2", *args)) == 2
@@ -434,6 +482,8 @@ def test_run_sweep_refuses_a_bad_population(space_file):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="population must be a positive int"):
             run_sweep("digits", n_trials=1, population=bad, space=load_space(space_file))
+    with pytest.raises(ValueError, match="give population > 1"):
+        run_sweep("digits", n_trials=1, same_shape=True, space=load_space(space_file))
 
 
 def test_run_sweep_refuses_a_bad_schedule_before_it_makes_a_study(tmp_path, space_file):
