@@ -15,6 +15,13 @@ Two parts, both through the real ``run_sweep`` path on SQLite studies:
   epochs 1, 2 and 3, one trial per architecture and seed; the share of each run's wall time
   spent on spectra (target: at most 10%).
 
+* ``corpus`` (not in ``all``): the corpus search space (``studies/corpus-v2.toml``: shapes
+  sampled, 1-3 layers of 16-128 units), digits by rows, random sampler, 4 epochs: populations
+  of K with ``same_shape=True`` against the very same configurations and seeds enqueued in a
+  study run one at a time, both through ``run_sweep`` on journal files, in one process; a
+  round's ratio is the sequential wall time over the populations' (``--corpus-trials`` trials,
+  ``--repeats`` rounds, each drawing its own configurations).
+
 Run: ``python benchmarks/bench_sweep.py`` (``--device cuda`` on a GPU, ``--part populations``
 for the first part only, ``--threads 1`` to pin torch to one thread, ``--repeats 3`` for
 interleaved rounds and the range of their ratios, ``--storage journal`` for Optuna journal files
@@ -34,7 +41,8 @@ import torch
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from lepredict import tasks
-from lepredict.sweep import ATTR, SearchSpace, make_storage, run_sweep
+from lepredict.population import shape_of
+from lepredict.sweep import ATTR, SearchSpace, load_space, make_storage, run_sweep
 
 
 def populations(args) -> None:
@@ -100,6 +108,43 @@ def _cells(rounds: list[list[float]]) -> str:
     return cells
 
 
+def corpus(args) -> None:
+    task = tasks.get("digits", mode="row")
+    space = load_space(Path(__file__).resolve().parents[1] / "studies" / "corpus-v2.toml")
+    n, k = args.corpus_trials, args.corpus_population
+    print(f"corpus-v2 space, digits (row), 4 epochs, spectra at epochs 0-3, random sampler, "
+          f"{n} trials a round, device {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"{'round':>5} {'shapes':>6} {'K=' + str(k) + ' same shape s':>20} "
+          f"{'one by one s':>13} {'ratio':>6}")
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.repeats):
+            common = dict(epochs=4, le_epochs=[0, 1, 2, 3], space=space, device=args.device,
+                          sampler="random", seed=1000 + round_, show_progress_bar=False)
+            times = []
+            for population in (k, 1):
+                storage = str(Path(tmp) / f"{round_}-{population}.log")
+                study = optuna.create_study(storage=make_storage(storage, "bench"),
+                                            study_name="bench")
+                if population == 1:  # the populations' configurations, in their order
+                    for trial in drawn.trials:
+                        study.enqueue_trial(trial.params)
+                t0 = time.perf_counter()
+                done = run_sweep(task, n_trials=n, storage=storage, study_name="bench",
+                                 population=population, same_shape=population > 1, **common)
+                times.append(time.perf_counter() - t0)
+                if population > 1:
+                    drawn = done
+            assert [t.params for t in done.trials] == [t.params for t in drawn.trials]
+            shapes = len({shape_of(t.params | dict(space.fixed)) for t in drawn.trials})
+            ratios.append(times[1] / times[0])
+            print(f"{round_:>5} {shapes:>6} {times[0]:>20.1f} {times[1]:>13.1f} "
+                  f"{ratios[-1]:>5.2f}x", flush=True)
+    if len(ratios) > 1:
+        print(f"median ratio {statistics.median(ratios):.2f}x "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}]")
+
+
 def spectra(args) -> None:
     archs = ["rnn", "gru", "lstm"]
     space = SearchSpace(
@@ -130,7 +175,8 @@ def spectra(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=["all", "populations", "spectra"], default="all")
+    ap.add_argument("--part", choices=["all", "populations", "spectra", "corpus"],
+                    default="all")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: torch's own, one per core)")
@@ -147,6 +193,9 @@ def main() -> None:
                     help="the studies' storage (populations part): SQLite or an Optuna journal "
                          "file")
     ap.add_argument("--trials-per-arch", type=int, default=2, help="spectra part")
+    ap.add_argument("--corpus-trials", type=int, default=64, help="trials a round (corpus part)")
+    ap.add_argument("--corpus-population", type=int, default=16,
+                    help="population size (corpus part)")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -157,6 +206,8 @@ def main() -> None:
         populations(args)
     if args.part in ("all", "spectra"):
         spectra(args)
+    if args.part == "corpus":
+        corpus(args)
 
 
 if __name__ == "__main__":

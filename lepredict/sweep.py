@@ -349,9 +349,10 @@ def check_storage_file(url: str) -> None:
 
 def _check_sweep_study(study: optuna.Study, study_name: str) -> None:
     """A sweep resumes only a study it can have made: one minimised value (the normalised
-    loss) and either lepredict's setup or no trials yet (a study created empty, to pass
-    options Optuna's create_study takes). Anything else is someone else's study, which a sweep
-    would fill with trials of other parameters and values of another meaning."""
+    loss) and either lepredict's setup or no trials yet but enqueued ones (a study created
+    empty, to pass options Optuna's create_study takes, or configurations to run first).
+    Anything else is someone else's study, which a sweep would fill with trials of other
+    parameters and values of another meaning."""
     if len(study.directions) > 1:
         raise ValueError(f"Study {study_name!r} is multi-objective ({len(study.directions)} "
                          "objectives); a sweep minimises one value, the normalised loss: pick "
@@ -360,11 +361,27 @@ def _check_sweep_study(study: optuna.Study, study_name: str) -> None:
         raise ValueError(f"Study {study_name!r} maximises its value; a sweep minimises the "
                          "normalised loss: pick another --study-name.")
     if f"{ATTR}setup" not in study.user_attrs:
-        n = len(study.get_trials(deepcopy=False))
+        trials = study.get_trials(deepcopy=False)
+        n = sum(t.state != optuna.trial.TrialState.WAITING for t in trials)
         if n:
             raise ValueError(f"Study {study_name!r} holds {n} trial{'s' if n != 1 else ''} that "
                              "no lepredict sweep made (it has no lepredict setup); pick another "
                              "--study-name, or another --storage.")
+
+
+def _check_enqueued(study: optuna.Study, space: SearchSpace) -> None:
+    """Trials enqueued in the study set only parameters the space samples: a value for any
+    other name would be dropped without a word (the sweep suggests only the space's)."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        extra = sorted(set(trial.system_attrs.get("fixed_params", {})) - set(space.params))
+        if extra:
+            fixed = sorted(set(extra) & set(space.fixed))
+            raise ValueError(
+                f"Trial {trial.number} of study {study.study_name!r} was enqueued with "
+                f"{', '.join(extra)}, which the search space does not sample"
+                + (f" ({', '.join(fixed)} fixed in it)" if fixed else "")
+                + f"; enqueue only {', '.join(sorted(space.params)) or 'nothing'}, or sample "
+                "the others in the space.")
 
 
 def _check_existing_study(url: str | None, study_name: str) -> bool:
@@ -1110,6 +1127,7 @@ def run_sweep(
     )
     # A task of one's own is stored as the module:function that builds it, not the name its
     # Task carries: a resume, and trials_frame, rebuild it from what is stored.
+    _check_enqueued(study, space)
     task_name = task if isinstance(task, str) and ":" in task else task_obj.name
     setup = {"task": task_name, "task_options": task_obj.options, "epochs": epochs,
              "le_epochs": sorted(int(e) for e in le_epochs)}

@@ -126,6 +126,26 @@ def test_sweep_resumes_and_refuses_a_different_setup(tmp_path, space_file):
         _sweep(tmp_path, space_file, n_trials=5, epochs=3)
 
 
+def test_configurations_enqueued_in_a_new_study_run_first(tmp_path, space_file):
+    """Optuna's enqueue_trial before the sweep: those configurations run first, the rest is
+    drawn; a parameter the space does not sample is refused before anything runs."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=storage, study_name="t")
+    study.enqueue_trial({"arch": "lstm", "lr": 0.02})
+    study = _sweep(tmp_path, space_file, n_trials=2)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
+    assert study.trials[0].params == {"arch": "lstm", "lr": 0.02}
+    assert study.trials[0].user_attrs[f"{ATTR}run"]["config"]["arch"] == "lstm"
+
+    other = optuna.create_study(storage=storage, study_name="u")
+    other.enqueue_trial({"lr": 0.02, "hidden": 16})
+    with pytest.raises(ValueError, match=r"Trial 0 .* enqueued with hidden, which the search "
+                                         r"space does not sample \(hidden fixed in it\)"):
+        _sweep(tmp_path, space_file, study_name="u")
+    assert [t.state.name for t in other.trials] == ["WAITING"]
+    assert ATTR + "setup" not in other.user_attrs
+
+
 def test_diverged_run_is_a_complete_trial_with_inf_value(tmp_path):
     space = tmp_path / "boom.toml"
     space.write_text('[fixed]\narch = "rnn"\nhidden = 16\ninit_scale = 3.0\nlr = 1e38\n'
