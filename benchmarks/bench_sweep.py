@@ -121,22 +121,20 @@ def corpus(args) -> None:
         for round_ in range(args.repeats):
             common = dict(epochs=4, le_epochs=[0, 1, 2, 3], space=space, device=args.device,
                           sampler="random", seed=1000 + round_, show_progress_bar=False)
-            times = []
+            times, drawn = [], []  # drawn: the populations' configurations, in their order
             for population in (k, 1):
                 storage = str(Path(tmp) / f"{round_}-{population}.log")
                 study = optuna.create_study(storage=make_storage(storage, "bench"),
                                             study_name="bench")
-                if population == 1:  # the populations' configurations, in their order
-                    for trial in drawn.trials:
-                        study.enqueue_trial(trial.params)
+                for params in drawn:
+                    study.enqueue_trial(params)
                 t0 = time.perf_counter()
                 done = run_sweep(task, n_trials=n, storage=storage, study_name="bench",
                                  population=population, same_shape=population > 1, **common)
                 times.append(time.perf_counter() - t0)
-                if population > 1:
-                    drawn = done
-            assert [t.params for t in done.trials] == [t.params for t in drawn.trials]
-            shapes = len({shape_of(t.params | dict(space.fixed)) for t in drawn.trials})
+                assert not drawn or [t.params for t in done.trials] == drawn
+                drawn = [t.params for t in done.trials]
+            shapes = len({shape_of(params | dict(space.fixed)) for params in drawn})
             ratios.append(times[1] / times[0])
             print(f"{round_:>5} {shapes:>6} {times[0]:>20.1f} {times[1]:>13.1f} "
                   f"{ratios[-1]:>5.2f}x", flush=True)
