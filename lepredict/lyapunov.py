@@ -892,6 +892,24 @@ def _gates_jacobian_t(w: Tensor, coefficients, N: int) -> Tensor:
     return jac_t.reshape(-1, N, N)
 
 
+#: On a CPU, the LUs of matrices larger than this run one matrix at a time: once
+#: ``torch.set_num_threads`` has been called (2 or more threads), MKL's batched LU of matrices
+#: from about 152 rows up hangs after "Parameter 6 was incorrect on entry to SLASWP"
+#: (pytorch/pytorch#141358; seen with torch 2.13's MKL 2024.2 from 2 threads on), and one matrix
+#: at a time it does not. The loop costs 2.1x the batched LU's time at 256 rows and the same at
+#: 512; below this size the batched LU runs, at a margin from where the hang starts.
+CPU_BATCHED_LU_MAX = 128
+
+
+def _slogdet(a: Tensor) -> Tensor:
+    """``log|det|`` of a batch of matrices, one at a time where a batched LU can hang."""
+    n = a.shape[-1]
+    if a.device.type == "cpu" and n > CPU_BATCHED_LU_MAX and a.shape[:-2].numel() > 1:
+        return torch.stack([torch.linalg.slogdet(m).logabsdet
+                            for m in a.reshape(-1, n, n)]).view(a.shape[:-2])
+    return torch.linalg.slogdet(a).logabsdet
+
+
 def _logabsdet(jac: Tensor) -> Tensor:
     """``(B,)`` float64 ``log|det|`` of a batch of Jacobian blocks, floored like the exponents
     (a singular block gives ``N * log(tiny)`` rather than ``-inf``).
@@ -900,13 +918,13 @@ def _logabsdet(jac: Tensor) -> Tensor:
     saturated scales) a float64 LU moved the mean exponent by at most 5e-7, and cost 2.5 times
     as much; the Jacobian's own float32 rounding already bounds what a wider LU could add."""
     floor = jac.shape[-1] * _log_floor(jac.dtype)
-    out = torch.linalg.slogdet(jac).logabsdet.to(torch.float64)
+    out = _slogdet(jac).to(torch.float64)
     if jac.dtype != torch.float64:
         # A float32 LU can overflow or meet 0/0 where float64's does not (corpus v2 held 4 runs,
         # 3-layer GRUs trained at large learning rates, whose sums came out NaN): redo those.
         redo = ~torch.isfinite(out)
         if bool(redo.any()):
-            out[redo] = torch.linalg.slogdet(jac[redo].double()).logabsdet
+            out[redo] = _slogdet(jac[redo].double())
     return out.clamp_min(floor)
 
 

@@ -739,3 +739,30 @@ def test_a_subclass_with_its_own_forward_is_measured_with_a_warning():
         warnings.simplefilter("error")
         lepredict.lyapunov_spectrum(Plain(3, 4, batch_first=True), x, k=2)
         lepredict.lyapunov_spectrum(normed, x, k=2)
+
+
+def test_exponent_sums_of_large_networks_after_set_num_threads():
+    """With torch.set_num_threads(2) called, MKL's batched LU of matrices of about 152 rows and
+    more hangs (pytorch/pytorch#141358): the sums of a GRU-256 and of a hidden-only LSTM-200,
+    which take LUs of the Jacobian blocks, finish there, equal to those of one thread."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, torch, lepredict
+        torch.set_num_threads(int(sys.argv[1]))
+        torch.manual_seed(0)
+        for rnn, state in ((torch.nn.GRU(4, 256), "full"), (torch.nn.LSTM(4, 200), "hidden")):
+            s = lepredict.lyapunov_spectrum(rnn, torch.randn(12, 3, 4), k=4, warmup=2,
+                                            exponent_sum=True, lstm_state=state)
+            print(s.exponent_sum.tolist())
+    """)
+    sums = [[json.loads(line) for line in subprocess.run(
+                [sys.executable, "-c", code, threads], capture_output=True, text=True,
+                timeout=120, check=True).stdout.splitlines()]
+            for threads in ("2", "1")]
+    assert [len(s) for s in sums[0]] == [3, 3]
+    for two, one in zip(*sums):  # the GEMMs round differently on 1 and 2 threads
+        assert two == pytest.approx(one, rel=1e-5)
