@@ -716,6 +716,18 @@ def _read_data(paths: list[str]):
     return pd.concat(frames, ignore_index=True)
 
 
+def _note_unknown_outcomes(*frames) -> None:
+    """After a command that fitted or scored on ``frames``: how many finished trials it left
+    out for want of a final loss (:func:`lepredict.features.unknown_outcomes`)."""
+    from lepredict.features import unknown_outcomes
+
+    unknown = sum(int(unknown_outcomes(f).sum()) for f in frames if f is not None)
+    if unknown:
+        print(f"note: {unknown} finished trial(s) have no final loss (losses given for the early "
+              "epochs only, as in a maximised study) and were left out; give val_loss at the "
+              "last epoch too to count them.", file=sys.stderr)
+
+
 def _cmd_fit(args) -> int:
     from lepredict.evaluation import cross_validate
     from lepredict.predictor import SEARCH_GRID, StabilityPredictor
@@ -743,6 +755,7 @@ def _cmd_fit(args) -> int:
         auroc = metrics.get("held_out_configs", {}).get("auroc")
         extra = f", held-out AUROC {auroc:.3f}" if auroc is not None else ""
         print(f"budget {budget}: fitted on {model.training_summary_['runs']} runs{extra} -> {out}")
+    _note_unknown_outcomes(frame)
     return 0
 
 
@@ -784,6 +797,7 @@ def _cmd_evaluate(args) -> int:
                         random_state=args.seed, progress=not args.json, n_jobs=args.n_jobs)
     except ValueError as err:
         raise CLIError(str(err)) from None
+    _note_unknown_outcomes(frame, test)
     if args.output is not None:
         _write_table(table, args.output)
     if args.json:
@@ -811,6 +825,10 @@ def _evaluate_model(args) -> int:
     except ModelFileError as err:
         raise CLIError(str(err)) from None
     runs = completed_runs(frame)
+    if runs.empty:
+        raise CLIError("No finished trial with a final outcome in --data (pruned, failed and "
+                       "running trials have none, nor finished ones whose losses were given for "
+                       "the early epochs only): nothing to score the model on.")
     weights = bootstrap_counts(runs["task"].astype(str), config_groups(runs),
                                n_boot=args.n_boot, random_state=args.seed)
     rows = []
@@ -826,6 +844,7 @@ def _evaluate_model(args) -> int:
         m["spearman_low"], m["spearman_high"] = interval(
             weighted_spearman(out["final_loss"], loss, weights))
         rows.append({"budget": budget, **m, "n_boot": args.n_boot})
+    _note_unknown_outcomes(frame)
     if args.output is not None:
         import pandas as pd
 

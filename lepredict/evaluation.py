@@ -218,6 +218,10 @@ def _prepare(frame: pd.DataFrame, threshold: float | None, test: pd.DataFrame | 
         is_test = np.r_[is_test, np.ones(len(test), dtype=bool)]
         frame = pd.concat([frame, test], ignore_index=True)
     frame = frame.reset_index(drop=True)
+    if frame.empty:
+        raise ValueError("No finished runs with a final outcome to evaluate on (pruned, failed "
+                         "and running trials have none, nor finished ones whose losses were "
+                         "given for the early epochs only).")
     out = outcomes(frame, threshold=threshold)
     return frame, out["trainable"].to_numpy(), out["final_loss"].to_numpy(), is_test
 

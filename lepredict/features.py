@@ -48,6 +48,7 @@ __all__ = [
     "spectrum_grid",
     "spectrum_summary",
     "top_summary",
+    "unknown_outcomes",
 ]
 
 #: Points of the common grid each spectrum is interpolated onto.
@@ -491,8 +492,19 @@ def describe_feature(name: str) -> str:
 
 def completed_runs(frame: pd.DataFrame) -> pd.DataFrame:
     """The runs with a final outcome: finished trials, diverged ones included; pruned, failed
-    and running trials have none."""
-    return frame[frame["state"] == "COMPLETE"]
+    and running trials have none, nor has a finished trial whose final loss is unknown (see
+    :func:`unknown_outcomes`)."""
+    return frame[(frame["state"] == "COMPLETE") & ~unknown_outcomes(frame)]
+
+
+def unknown_outcomes(frame: pd.DataFrame) -> pd.Series:
+    """Finished trials whose final loss is unknown and that did not diverge: a loop's trials
+    that gave their losses for the early epochs only (a maximised study, say). Labelling them
+    untrainable would be inventing an outcome, so they are left out of fitting and scoring."""
+    final = pd.to_numeric(frame["final_normalised_loss"], errors="coerce")
+    diverged = (frame["status"] if "status" in frame else pd.Series(None, index=frame.index)
+                ).eq("diverged")
+    return (frame["state"] == "COMPLETE") & final.isna() & ~diverged
 
 
 def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:

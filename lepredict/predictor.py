@@ -42,7 +42,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from lepredict.features import (build_features, completed_runs, feature_names, hparam_column,
-                                outcomes)
+                                outcomes, unknown_outcomes)
 
 __all__ = ["ModelFileError", "StabilityPredictor", "load", "load_models", "pin_shipped_models",
            "resolve_model"]
@@ -180,7 +180,12 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
         self._validate()
         self._check_frame(X)
         if y is None:
+            unknown = int(unknown_outcomes(X).sum())
             X = completed_runs(X)
+            if len(X) == 0 and unknown:
+                raise ValueError(f"No finished runs to fit on: the {unknown} finished trial(s) "
+                                 "have no final loss (losses given for the early epochs only); "
+                                 "give val_loss at the last epoch too.")
         if len(X) == 0:
             raise ValueError("No finished runs to fit on: the frame holds no trial with "
                              "state COMPLETE.")

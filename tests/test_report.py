@@ -223,6 +223,32 @@ def test_maximising_loop_exports_its_values_and_given_losses(studies, tmp_path):
     assert frame.loc[frame["state"] == "COMPLETE", "final_normalised_loss"].isna().all()
 
 
+def test_finished_trials_without_a_final_loss_are_not_labelled(studies, model_dir, tmp_path,
+                                                               capsys):
+    """A maximising loop that gave its losses for epochs 0-3 only: its finished trials have no
+    known final loss, so fit and evaluate leave them out (not 'untrainable'), saying so; a
+    diverged trial without one stays a label."""
+    from lepredict.features import completed_runs, outcomes, unknown_outcomes
+
+    out = tmp_path / "acc.csv"
+    assert main(["export", "--storage", studies["storage"], "--study-name", "classification",
+                 "-o", str(out)]) == 0
+    frame = read_trials(out)
+    finished = frame["state"] == "COMPLETE"
+    assert finished.any() and unknown_outcomes(frame).equals(finished)
+    assert completed_runs(frame).empty
+    capsys.readouterr()
+    for args in (["evaluate", "--model", str(model_dir)], ["evaluate"],
+                 ["fit", "-o", str(tmp_path / "m")]):
+        assert main([*args, "--data", str(out), "--threshold", "0.5"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "early epochs only" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+    diverged = frame[finished].head(1).assign(status="diverged")
+    assert outcomes(completed_runs(diverged), threshold=0.5)["trainable"].tolist() == [False]
+
+
 def test_export_of_a_running_study_needs_finished_only(studies, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path / 'r.db'}"
     study = optuna.create_study(storage=storage, study_name="r")
