@@ -364,8 +364,13 @@ class _TrialView:
         self.losses = _by_epoch(raw, steps_per_epoch)
         spectra = attrs_by_step(trial.user_attrs, SPECTRUM)
         self.spectra = _by_epoch(spectra, steps_per_epoch)
-        # Spectra and losses given at steps that are no epoch's end are never read.
+        # Spectra and losses given at steps that are no epoch's end are never read ...
         self.off_epoch = sorted(s for s in {*spectra, *own} if s % steps_per_epoch)
+        # ... and where the epoch they fall in has none at its end, they were meant for it
+        # (step 999 of a 1000-step epoch, counted from 0): a decision there would read an
+        # earlier epoch's as the latest.
+        self.misplaced = sorted({-(-s // steps_per_epoch) for s in self.off_epoch}
+                                - (self.spectra.keys() & self.losses.keys()))
         stored = trial.user_attrs.get(HPARAMS)
         self.hparams = dict(stored) if isinstance(stored, Mapping) else None
         setup = study.user_attrs.get(SETUP, {})
@@ -666,6 +671,8 @@ class LyapunovPruner(BasePruner):
                 ("spectrum", next(filter(None, map(_spectrum_problem, view.spectra.values())),
                                   None)),
                 ("steps", self._steps_problem(trial)),
+                ("off-epoch", self._off_epoch_message(study, view)
+                 if view.misplaced and view.misplaced[0] <= epoch else None),
                 ("scale", self._scale_problem(study, trials, view)),
                 ("hparams", view.hparams_problem() if self._needs_hparams() else None)):
             if problem:

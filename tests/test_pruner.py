@@ -664,7 +664,9 @@ def test_spectra_given_at_epochs_while_losses_are_at_iterations_warn_once(model_
                 trial.report(0.9, 5 * epoch)
                 trial.should_prune()
     assert len(caught) == 1
-    assert study.trials[0].user_attrs[f"{ATTR}prediction:10"]["budget"] == 0  # epoch 0's only
+    # Not a decision on epoch 0's spectrum as if it were the latest: none on the model at all.
+    record = study.trials[0].user_attrs[f"{ATTR}prediction:10"]
+    assert not record["pruned"] and "budget" not in record and "steps 1" in record["reason"]
     trial = study.ask()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -674,6 +676,24 @@ def test_spectra_given_at_epochs_while_losses_are_at_iterations_warn_once(model_
             trial.report(0.9, 5 * epoch)
             trial.should_prune()
     assert study.trials[trial.number].user_attrs[f"{ATTR}prediction:10"]["budget"] == 1
+
+
+def test_spectra_at_the_last_step_of_each_epoch_are_no_decision_on_epoch_0(model_dir):
+    """Global steps counted from 0, measured at each epoch's last step (999, 1999 of 1000-step
+    epochs): those spectra are no epoch's end, and a decision on the step-0 spectrum alone as
+    if it were the latest would be the initialisation predictor's; the pruner makes none."""
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.99,
+                                                      steps_per_epoch=10))
+    trial = study.ask()
+    with pytest.warns(UserWarning, match=r"given at steps 9 \(trial 0"):
+        for step in (0, 9, 19, 29):
+            report_spectrum(trial, {"mean": [0.3 - 0.05 * i for i in range(8)]}, step,
+                            chance_loss=1.0)
+            trial.report(0.99, step)
+            assert not trial.should_prune()
+    records = {k: v for k, v in study.trials[0].user_attrs.items()
+               if k.startswith(f"{ATTR}prediction:")}
+    assert records and all("budget" not in r and not r["pruned"] for r in records.values())
 
 
 # -- ties ------------------------------------------------------------------------------------------
