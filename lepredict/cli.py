@@ -478,7 +478,10 @@ def _cmd_sweep(args) -> int:
             )
     except ValueError as err:
         raise CLIError(str(err)) from None
-    _print_summary(study, args.epochs, grace_period=args.grace_period)
+    # Database storages keep heartbeats, and a later sweep retries killed and interrupted
+    # trials; a journal file keeps none (see lepredict.sweep.make_storage).
+    retries = args.storage is None or "://" in args.storage
+    _print_summary(study, args.epochs, grace_period=args.grace_period if retries else None)
     if args.report:
         from lepredict import report
         from lepredict.predictor import ModelFileError, load_models, resolve_model
@@ -514,6 +517,10 @@ def _optuna_log(*, verbose: bool, bar: bool):
 
     before = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    # Ctrl-C: Optuna logs the interrupted trial's traceback and "failed with value None"; the
+    # CLI says it in one line instead.
+    trials_log, quiet = logging.getLogger("optuna.study._optimize"), _Interrupted()
+    trials_log.addFilter(quiet)
     try:
         if bar:
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -525,7 +532,22 @@ def _optuna_log(*, verbose: bool, bar: bool):
         else:
             yield
     finally:
+        trials_log.removeFilter(quiet)
         optuna.logging.set_verbosity(before)
+
+
+class _Interrupted(logging.Filter):
+    """Drops Optuna's records of a trial a Ctrl-C stopped: the traceback, and the line after."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.seen = True
+            return False
+        return not (self.seen and "failed with value None" in record.getMessage())
 
 
 def _smallest_state(space) -> int:
@@ -581,15 +603,19 @@ def _print_summary(study, epochs: int, grace_period: int | None = None) -> None:
                        f"{count['running']} running{waiting})"),
     ]
     if count["fail"]:
-        rows.append(("failed", _failures(trials)))
+        rows.append(("failed", _failures(trials, grace_period)))
     if count["running"]:
         # This worker finished all it started: what still runs is another worker's, or was a
         # killed worker's whose heartbeat has not been missing for the grace period yet.
         running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
-        after = f"{grace_period} s" if grace_period else "the grace period"
-        rows.append(("still running", f"{_numbers(running)}: in other workers, or killed ones "
-                                      f"not yet {after} without a heartbeat (a sweep started "
-                                      "after that fails and retries them)"))
+        if grace_period:
+            rows.append(("still running", f"{_numbers(running)}: in other workers, or killed "
+                                          f"ones not yet {grace_period} s without a heartbeat "
+                                          "(a sweep started after that fails and retries them)"))
+        else:
+            rows.append(("still running", f"{_numbers(running)}: in other workers, or killed "
+                                          "ones (this storage keeps no heartbeats: those stay "
+                                          "running)"))
     if count["waiting"]:
         rows.append(("waiting", f"{count['waiting']} (retries of killed trials, or enqueued): "
                                 "the next sweep runs them"))
@@ -623,23 +649,38 @@ def _check_output(path: str, suffixes: tuple[str, ...]) -> None:
                        "first.")
 
 
-def _failures(trials) -> str:
-    """What became of the failed trials: killed (retried or not) or an error, with the first."""
+def _failures(trials, grace_period: int | None = None) -> str:
+    """What became of the failed trials: killed or interrupted (retried, to be retried, or a
+    retry itself, not retried again) or an error, with the first."""
+    from lepredict.sweep import INTERRUPTED_ATTR
+
     fail = [t for t in trials if t.state.name == "FAIL"]
     # A retry lists the trials it repeats in "retry_history", its direct original last.
     retry_of = {t.system_attrs["retry_history"][-1]: t.number for t in trials
                 if t.system_attrs.get("retry_history")}
     errors = [t for t in fail if "lepredict:error" in t.user_attrs]
-    killed = [t.number for t in fail if "lepredict:error" not in t.user_attrs]
-    retried = [n for n in killed if n in retry_of]
+    stopped = [t for t in fail if "lepredict:error" not in t.user_attrs]
+
+    def how(group) -> str:
+        kinds = {"interrupted" if INTERRUPTED_ATTR in t.user_attrs else "killed" for t in group}
+        return " or ".join(sorted(kinds))
+
+    retried = [t for t in stopped if t.number in retry_of]
+    again = [t for t in stopped if t.number not in retry_of and t.system_attrs.get("retry_history")]
+    later = [t for t in stopped if t.number not in retry_of and t not in again]
     parts = []
     if retried:
-        parts.append(f"{_numbers(retried)} killed, retried as "
-                     f"{', '.join(str(retry_of[n]) for n in retried[:6])}")
-    if len(retried) < len(killed):
-        lost = [n for n in killed if n not in retry_of]
-        parts.append(f"{_numbers(lost)} killed, not retried (retries of killed trials are "
-                     "not retried again)")
+        parts.append(f"{_numbers([t.number for t in retried])} {how(retried)}, retried as "
+                     f"{', '.join(str(retry_of[t.number]) for t in retried[:6])}")
+    if later and grace_period:
+        parts.append(f"{_numbers([t.number for t in later])} {how(later)}, to be run again by "
+                     f"the next sweep started {grace_period} s or more after they stopped")
+    elif later:
+        parts.append(f"{_numbers([t.number for t in later])} {how(later)}, not run again (this "
+                     "storage keeps no heartbeats: a database storage retries such trials)")
+    if again:
+        parts.append(f"{_numbers([t.number for t in again])} {how(again)}, not retried (each "
+                     "trial is retried once)")
     if errors:
         first = errors[0]
         parts.append(f"{_numbers([t.number for t in errors])} raised an error (trial "

@@ -63,6 +63,7 @@ __all__ = [
     "ATTR",
     "DEFAULT_SPACE",
     "FINISHED_STATES",
+    "INTERRUPTED_ATTR",
     "SearchSpace",
     "SpaceExhausted",
     "check_storage_file",
@@ -682,11 +683,22 @@ class _Objective:
         except Exception as err:
             self.failed(trial, err)
             raise
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):  # a second Ctrl-C may land here
+                self.interrupted(trial)
+            raise
 
     @staticmethod
     def failed(trial: optuna.Trial, err: Exception) -> None:
         # Optuna logs a failed trial's error but does not store it: keep it for analysis.
         trial.set_user_attr(f"{ATTR}error", f"{type(err).__name__}: {err}")
+        trial.set_user_attr(f"{ATTR}status", "failed")
+
+    @staticmethod
+    def interrupted(trial: optuna.Trial) -> None:
+        # Not an error of its own: _fail_stale_trials retries it (past the grace period).
+        trial.set_user_attr(INTERRUPTED_ATTR, "the sweep stopped before this trial's result "
+                                              "was told (interrupted)")
         trial.set_user_attr(f"{ATTR}status", "failed")
 
     def start(self, trial: optuna.Trial) -> RunConfig:
@@ -905,14 +917,12 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
             if pin is not None:
                 pin(None)
             # Interrupted (Ctrl-C): whatever was not told fails, without an error of its own, so
-            # the next sweep retries it, as Optuna's optimize leaves an interrupted trial.
+            # a later sweep retries it, as the sequential sweep leaves an interrupted trial.
             for trial, _ in members:
                 if trial.number not in told:
                     told.add(trial.number)
                     with contextlib.suppress(Exception):  # the storage may be what failed
-                        objective.failed(trial, RuntimeError(
-                            "the sweep stopped before this trial's result was told "
-                            "(interrupted)"))
+                        objective.interrupted(trial)
                     _tell(study, trial, callbacks, heartbeats, state=optuna.trial.TrialState.FAIL)
             heartbeats.close()
     return exhausted
@@ -1224,6 +1234,8 @@ def _work_left(study: optuna.Study, n_trials: int, trials=None) -> tuple[int, in
 
 #: Written right after a trial's first heartbeat: the worker (host, pid) and trial number.
 _WORKER_ATTR = f"{ATTR}worker"
+#: Marks a trial a Ctrl-C stopped: failed, with no error of its own, so it is retried.
+INTERRUPTED_ATTR = f"{ATTR}interrupted"
 
 
 def _fail_stale_trials(study: optuna.Study, grace_period: int | None) -> None:

@@ -334,6 +334,38 @@ def test_resume_at_its_count_fails_a_stale_trial_and_runs_its_retry(tmp_path, sp
     assert trials[3].system_attrs["failed_trial"] == 2 and trials[3].params == trials[2].params
 
 
+@pytest.mark.parametrize("population", ["1", "2"])
+def test_an_interrupted_trial_is_said_so_and_run_again(tmp_path, space_file, capsys,
+                                                       monkeypatch, population):
+    """Ctrl-C mid-trial: one line (exit 130), the trial failed as interrupted with no error of
+    its own, the next sweep's summary says it will be run again, and past the grace period a
+    sweep runs it again."""
+    import lepredict.sweep as sw
+
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    beat = ("--heartbeat-interval", "1", "--grace-period", "2", "--population", population)
+    name = "train_run" if population == "1" else "train_population"
+    real = getattr(sw, name)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sw, name, interrupted)
+    assert _cli_sweep(db, space_file, 2, *beat) == 130
+    assert capsys.readouterr().err.count("\n") == 1
+    monkeypatch.setattr(sw, name, real)
+    stopped = optuna.load_study(study_name="k", storage=db).trials
+    assert [t.state.name for t in stopped] == ["FAIL"] * int(population)
+    assert all(sw.INTERRUPTED_ATTR in t.user_attrs and f"{ATTR}error" not in t.user_attrs
+               for t in stopped)
+    assert _cli_sweep(db, space_file, int(population), *beat) == 0
+    out = capsys.readouterr().out
+    assert "interrupted, to be run again by the next sweep started 2 s or more after" in out
+    time.sleep(2.5)
+    assert _cli_sweep(db, space_file, int(population), *beat) == 0
+    assert "interrupted, retried as" in capsys.readouterr().out
+
+
 def test_cli_sweep_exit_codes(tmp_path, space_file, capsys, monkeypatch):
     """A trial that raises makes the run exit 1, naming it; bad heartbeat settings exit 2."""
     import lepredict.sweep
