@@ -272,14 +272,25 @@ def _options_text(options: dict) -> str:
     return " ".join(f"{k}={_option_value(v)}" for k, v in options.items())
 
 
+class _Given(argparse.Action):
+    """Stores the value and notes that the option was given (``args.given``), for options
+    whose defaults must not be read as the user's word."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = {*getattr(namespace, "given", ()), self.dest}
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     from lepredict.train import RunConfig
 
     d = RunConfig()
-    p.add_argument("--arch", default="lstm", choices=["rnn", "gru", "lstm"],
+    p.add_argument("--arch", default="lstm", choices=["rnn", "gru", "lstm"], action=_Given,
                    help="recurrent cell: tanh RNN, GRU or LSTM")
-    p.add_argument("--hidden", type=int, default=32, help="hidden units per layer")
-    p.add_argument("--layers", type=int, default=d.layers, help="stacked recurrent layers")
+    p.add_argument("--hidden", type=int, default=32, action=_Given,
+                   help="hidden units per layer")
+    p.add_argument("--layers", type=int, default=d.layers, action=_Given,
+                   help="stacked recurrent layers")
     p.add_argument("--init", default=d.init, choices=["uniform", "gain", "orthogonal", "default"],
                    help="weight initialisation: uniform in [-s, s], Gaussian with gain s (std "
                    "s/sqrt(fan_in)), orthogonal recurrent gate blocks times s (inputs as gain), "
@@ -1186,6 +1197,8 @@ def _cmd_predict(args) -> int:
             config = RunConfig.from_dict(config).to_dict()
         except (ValueError, TypeError) as err:
             raise CLIError(str(err)) from None
+        if config_from != "options" or {"arch", "hidden", "layers"} & getattr(args, "given", set()):
+            _check_spectrum_sizes(args.spectrum, data["spectra"], config)
         rec = RunRecord(config=config, task={"name": task.name}, val_loss=data["val_loss"],
                         spectra=data["spectra"], status=data["status"], epochs=budget)
         measured = 0.0
@@ -1210,10 +1223,14 @@ def _cmd_predict(args) -> int:
         else None
     frame = record_frame(rec, task)
     frame["chance_loss"] = chance  # the features divide the losses by it
-    p = float(model.predict_proba(frame)[0, 1])
-    loss, low, high = (float(v[0]) for v in model.predict_loss(frame, interval=True))
-    drivers = [(name, delta, _feature_words(name)) for name, delta in
-               model.explain(frame, top=5)[0]]
+    try:  # a partial spectrum with fewer exponents than the features read, say
+        p = float(model.predict_proba(frame)[0, 1])
+        loss, low, high = (float(v[0]) for v in model.predict_loss(frame, interval=True))
+        drivers = [(name, delta, _feature_words(name)) for name, delta in
+                   model.explain(frame, top=5)[0]]
+    except ValueError as err:
+        raise CLIError(f"--spectrum {args.spectrum!r}: {err}" if args.spectrum
+                       else str(err)) from None
     diverged = rec.status == "diverged"
     result = {
         # A run that diverged is labelled not trainable (lepredict.train), whatever P says.
@@ -1280,6 +1297,24 @@ def _cmd_predict(args) -> int:
         print(f"  {name:<22} {delta:+.3f}  {words}")
     print(f"took {result['seconds']:.1f} s ({measured:.1f} s training and spectra)")
     return 0
+
+
+def _check_spectrum_sizes(path: str, spectra: dict, config: dict) -> None:
+    """Spectra of a file without their state size ("n") are read as whole: where the network
+    they are said to be of (a "config", --config or --arch/--hidden/--layers) has a larger
+    state, they are its leading exponents, and read as whole they would mislead the features."""
+    for epoch, spec in sorted(spectra.items()):
+        both = config["arch"] == "lstm" and spec.get("convention") != "hidden"
+        n = config["hidden"] * config["layers"] * (2 if both else 1)
+        k = len(spec["mean"])
+        if spec.get("n") is None and k != n:
+            lstm = " (h and c of each layer)" if both else ""
+            raise CLIError(
+                f"--spectrum {path!r}: epoch {epoch} holds {k} exponents, but a "
+                f"{config['arch'].upper()} of {config['hidden']} units x {config['layers']} "
+                f"layer(s) has a state of {n}{lstm}: give all {n}, or with the leading ones "
+                f"the state size as \"n\": {n} (and the sum of all exponents as \"sum\"), or "
+                "the network's own --arch/--hidden/--layers.")
 
 
 def _feature_words(name: str) -> str:

@@ -258,10 +258,10 @@ def test_predict_stability_shows_only_a_configuration_it_was_given(model_dir, tm
     assert code == 0 and "N=32" not in out and "LSTM" not in out
     code, out, _ = _predict(model_dir, tmp_path, capsys, bare, "--json")
     assert json.loads(out)["config"] is None
-    config = {"arch": "gru", "hidden": 64, "lr": 0.01}
+    config = {"arch": "gru", "hidden": 2, "lr": 0.01}  # a state of 2, as EPOCHS has
     code, out, _ = _predict(model_dir, tmp_path, capsys,
                             json.dumps({**EPOCHS, "val_loss": [2.3, 1.9], "config": config}))
-    assert code == 0 and "GRU N=64, lr 0.01" in out and "(the file's \"config\")" in out
+    assert code == 0 and "GRU N=2, lr 0.01" in out and "(the file's \"config\")" in out
     screening = json.dumps({"0": {"mean": [0.1] + [-0.1] * 15, "std": [0.01] * 16},
                             "val_loss": [2.3]})
     code, out, err = _predict("screening", tmp_path, capsys, screening, "--budget", "0")
@@ -337,3 +337,27 @@ def test_analyze_works_once_the_columns_it_names_are_added(tmp_path, monkeypatch
                                             "val_loss,number,value"))
     assert main(argv) == 0, capsys.readouterr().err
     assert (tmp_path / "r.html").is_file() and "wrote r.html" in capsys.readouterr().out
+
+
+def test_a_spectrum_file_shorter_than_the_networks_state_is_refused(model_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Exponents without "n" are a whole spectrum: 8 of them said to be a GRU-32's are its
+    leading ones, refused (read as whole they predict another network); with "n" they are
+    leading exponents, and fewer than the predictor reads are one line, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    mean = [0.1 - 0.05 * i for i in range(32)]
+
+    def spectra(k, **extra):
+        spec = {"mean": mean[:k], "std": [0.0] * k, **extra}
+        return json.dumps({"0": spec, "1": spec, "val_loss": [2.3, 1.0]})
+
+    shape = ("--arch", "gru", "--hidden", "32", "--budget", "1")
+    code, _, err = _predict(model_dir, tmp_path, capsys, spectra(8), *shape)
+    _refused(code, err, "epoch 0 holds 8 exponents, but a GRU of 32 units x 1 layer(s) has a "
+                        "state of 32: give all 32, or with the leading ones the state size as "
+                        "\"n\": 32", tmp_path)
+    for text, extra in ((spectra(32), shape), (spectra(8), ("--budget", "1"))):
+        assert _predict(model_dir, tmp_path, capsys, text, *extra)[0] == 0
+    code, _, err = _predict("default", tmp_path, capsys, spectra(8, n=32), *shape)
+    _refused(code, err, "8 exponents of a state of size 32, but the predictor uses the leading "
+                        "16", tmp_path)
