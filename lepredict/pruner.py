@@ -79,7 +79,8 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
     Raises:
         TypeError: a ``FrozenTrial`` (a finished trial's copy, which stores nothing), or a
             spectrum of another type.
-        ValueError: a spectrum the study's :class:`LyapunovPruner` cannot use (leading
+        ValueError: a trial of a multi-objective study (Optuna prunes single-objective studies
+            only), a spectrum the study's :class:`LyapunovPruner` cannot use (leading
             exponents only, an LSTM's hidden-only map), a dict that is no spectrum (an empty or
             NaN ``"mean"``, ``"diverged"`` outside ``[0, 1]``, an unknown ``"convention"``:
             :func:`lepredict.records.spectrum_dict`), a bad ``step`` or ``chance_loss``, or
@@ -175,6 +176,10 @@ class _TrialMarks:
 
 _STORED = _TrialMarks(1_000_000)
 
+#: The shortest probe the shipped predictors' corpus measured (digits read by rows, 8 steps);
+#: its longest took 64.
+MIN_PROBE_STEPS = 8
+
 
 def _checked_trial(trial) -> None:
     if isinstance(trial, FrozenTrial):
@@ -182,6 +187,14 @@ def _checked_trial(trial) -> None:
         raise TypeError("A spectrum is stored into a running trial: pass the optuna.Trial your "
                         "objective receives (or study.ask() gives), not a FrozenTrial from "
                         "study.trials.")
+    study = getattr(trial, "study", None)
+    directions = getattr(study, "directions", ())
+    if len(directions) > 1:
+        # Optuna prunes single-objective studies only (trial.report raises in the others), and
+        # lepredict reads only those: a spectrum stored here would be measured for nothing.
+        raise ValueError(f"Study {study.study_name!r} has {len(directions)} objectives; "
+                         "LyapunovPruner, like Optuna's pruners, works in single-objective "
+                         "studies: optimise one value (the validation loss, say) to use it.")
 
 
 def _checked_step(step) -> int:
@@ -281,7 +294,8 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
             ``torch.as_tensor``; a ``PackedSequence``: pass a tensor of equal-length sequences),
             or a ``FrozenTrial`` for ``trial`` (checked before measuring).
         ValueError: a probe without 3 dimensions, a bad ``step``, ``hparams`` that contradict
-            the module, or anything :func:`report_spectrum` refuses.
+            the module, a trial of a multi-objective study (checked before measuring), or
+            anything :func:`report_spectrum` refuses.
     """
     _checked_trial(trial)
     probe, step = _checked_probe(probe, rnn), _checked_step(step)
@@ -305,6 +319,13 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     sequences = probe if batch_first else probe.transpose(0, 1)
     if "warmup" not in kwargs:
         kwargs["warmup"] = sequences.shape[1] // 8
+    if sequences.shape[0] < PROBE_SIZE or sequences.shape[1] < MIN_PROBE_STEPS:
+        warnings.warn(f"measure_and_report: a probe of {sequences.shape[0]} sequence(s) of "
+                      f"{sequences.shape[1]} step(s); the shipped predictors learned from "
+                      f"spectra averaged over {PROBE_SIZE} sequences of {MIN_PROBE_STEPS} steps "
+                      "or more, and shorter or fewer give noisier exponents than they expect: "
+                      f"pass at least {PROBE_SIZE} validation sequences of your task's length.",
+                      UserWarning, stacklevel=2)
     sequences = sequences[:PROBE_SIZE]
     probe = sequences if batch_first else sequences.transpose(0, 1)
     defaults = measured_options(rnn, sequences.shape[1] - kwargs["warmup"],

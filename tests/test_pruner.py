@@ -853,7 +853,7 @@ def test_measure_and_report_says_what_probe_it_needs():
 
 def test_a_relu_rnn_is_measured_with_a_warning_that_no_predictor_has_seen_one():
     trial = optuna.create_study().ask()
-    probe = torch.randn(4, 12, 3)
+    probe = torch.randn(8, 12, 3)
     with pytest.warns(UserWarning, match=r"never seen a ReLU nn\.RNN"):
         lepredict.measure_and_report(trial, torch.nn.RNN(3, 8, nonlinearity="relu",
                                                          batch_first=True), probe, 0)
@@ -861,6 +861,22 @@ def test_a_relu_rnn_is_measured_with_a_warning_that_no_predictor_has_seen_one():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a tanh RNN: no warning
         lepredict.measure_and_report(trial, torch.nn.RNN(3, 8, batch_first=True), probe, 1)
+
+
+def test_probes_shorter_or_fewer_than_the_corpus_warn_and_multi_objective_is_refused():
+    gru = torch.nn.GRU(3, 8, batch_first=True)
+    trial = optuna.create_study().ask()
+    for probe in (torch.randn(2, 12, 3), torch.randn(8, 3, 3)):
+        with pytest.warns(UserWarning, match=r"averaged over 8 sequences of 8 steps or more"):
+            lepredict.measure_and_report(trial, gru, probe, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lepredict.measure_and_report(trial, gru, torch.randn(16, 8, 3), 1)
+    both = optuna.create_study(directions=["minimize", "maximize"]).ask()
+    with pytest.raises(ValueError, match="has 2 objectives; LyapunovPruner, like Optuna's "
+                                         "pruners, works in single-objective studies"):
+        lepredict.measure_and_report(both, gru, torch.randn(8, 8, 3), 0)
+    assert not both.study.trials[0].user_attrs
 
 
 def test_a_spectrum_reported_after_should_prune_is_named_and_so_is_the_epoch_decided_on(runs):
