@@ -1254,15 +1254,18 @@ def _cmd_predict(args) -> int:
           f"{why[result['task_variant']]})")
     if shown_config is not None:
         c = shown_config
-        line = (f"{c['arch'].upper()} N={c['hidden']}, lr {c['lr']:g}, init {c['init']} "
-                f"{c['init_scale']:g}, {c['optimizer']}")
+        # torch's default initialisation has no scale: init_scale is not read.
+        scale = "" if c["init"] == "default" else f" {c['init_scale']:g}"
+        line = (f"{c['arch'].upper()} N={c['hidden']}, lr {c['lr']:g}, init {c['init']}{scale}, "
+                f"{c['optimizer']}")
         if args.spectrum and config_from == "file":
             line += " (the file's \"config\")"
         elif args.spectrum and config_from == "--config":
             line += f" (from --config {args.config}: the file has no \"config\")"
         elif args.spectrum:
             read = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in c.items() if k != "seed")
+                            for k, v in c.items() if k != "seed"
+                            and not (k == "init_scale" and c["init"] == "default"))
             line = (f"hyperparameters assumed: {read} (the file has no \"config\"; these are "
                     "--arch, --hidden, --lr... and their defaults: give the run's own with "
                     "those options, --config FILE, or a \"config\" object in the file)")

@@ -681,6 +681,11 @@ def resolve_model(model: str | os.PathLike) -> Path:
             return candidate
         shipped = sorted(p.name for p in Path(MODELS_DIR).iterdir() if p.is_dir()) \
             if Path(MODELS_DIR).is_dir() else []
+        if Path(model).suffix:  # a file's name: no predictor lepredict saves is one file
+            raise ModelFileError(
+                f"No model named {model!r} is shipped (shipped: {shipped or 'none'}), and a "
+                "model is not one file: give a shipped name, or the directory a predictor was "
+                "saved to (lepredict fit -o DIR; StabilityPredictor.save), such as './DIR'.")
         raise ModelFileError(f"No model named {model!r} is shipped (shipped: {shipped or 'none'}); "
                              f"for a saved predictor in a directory, pass its path, such as "
                              f"'./{model}'.")

@@ -493,8 +493,9 @@ class LyapunovPruner(BasePruner):
     (or at all of epochs ``0..b`` of the smallest budget ``b`` a predictor has), or one that
     stores spectra but never calls ``trial.report``, makes the pruner warn once and decide
     nothing on the model for it (a trial without any spectrum is left to ``wrapped_pruner``,
-    when given, without a warning). The predictor needs the full spectrum (``k=None``; for an
-    LSTM the ``(h, c)`` state): a spectrum it cannot use is refused by :func:`report_spectrum`.
+    when given, without a warning). The predictor reads the leading exponents and the sum of
+    all, as :func:`measure_and_report` measures them by default (for an LSTM, of the ``(h, c)``
+    state): a spectrum it cannot use is refused by :func:`report_spectrum`.
 
     **Screening with hyperparameters.** ``model="screening"`` is a shipped predictor that also
     reads the trial's generic hyperparameters (architecture, hidden size, layers, learning rate,
@@ -654,9 +655,10 @@ class LyapunovPruner(BasePruner):
             epoch, loss = max(view.losses.items())
             if diverged_loss(loss, view.chance):
                 return self._prune(study, trial, step, {
-                    "reason": f"validation loss {loss:.4g} at epoch {epoch} is over "
-                              f"{DIVERGED_LOSS_RATIO:g} times the chance loss {view.chance:.4g}: "
-                              "diverged"})
+                    "reason": f"validation loss {loss:.4g} at epoch {epoch} is "
+                              + (f"over {DIVERGED_LOSS_RATIO:g} times the chance loss "
+                                 f"{view.chance:.4g}" if math.isfinite(loss) else "not finite")
+                              + ": diverged"})
         if view.off_epoch:
             self._warn_once(study, "off-epoch", self._off_epoch_message(study, view))
         if view.spectra:

@@ -431,8 +431,9 @@ def test_documented_spectrum_format_predicts_and_json_is_strict(model_dir, tmp_p
     """{epoch: {mean, std}} without "diverged", as the help and README describe it."""
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({**SPECTRUM, "val_loss": [2.3, 1.9]}))
-    argv = ["predict-stability", *TINY, "--model", str(model_dir), "--spectrum", str(spec),
-            "--json"]
+    # A GRU of 2 units: the 2 exponents are its whole spectrum.
+    argv = ["predict-stability", *DIGITS, "--arch", "gru", "--hidden", "2", "--model",
+            str(model_dir), "--spectrum", str(spec), "--json"]
     assert main(argv) == 0
     out = _strict_json(capsys.readouterr().out)
     assert out["status"] == "ok" and 0.0 <= out["p_trainable"] <= 1.0
