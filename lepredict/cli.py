@@ -665,6 +665,10 @@ def _failures(trials, grace_period: int | None = None) -> str:
     retry itself, not retried again) or an error, with the first."""
     from lepredict.sweep import INTERRUPTED_ATTR
 
+    def _interrupted(t) -> bool:  # its own mark, not one its original's retry inherited
+        mark = t.user_attrs.get(INTERRUPTED_ATTR)
+        return isinstance(mark, dict) and mark.get("trial") == t.number
+
     fail = [t for t in trials if t.state.name == "FAIL"]
     # A retry lists the trials it repeats in "retry_history", its direct original last.
     retry_of = {t.system_attrs["retry_history"][-1]: t.number for t in trials
@@ -673,7 +677,7 @@ def _failures(trials, grace_period: int | None = None) -> str:
     stopped = [t for t in fail if "lepredict:error" not in t.user_attrs]
 
     def how(group) -> str:
-        kinds = {"interrupted" if INTERRUPTED_ATTR in t.user_attrs else "killed" for t in group}
+        kinds = {"interrupted" if _interrupted(t) else "killed" for t in group}
         return " or ".join(sorted(kinds))
 
     retried = [t for t in stopped if t.number in retry_of]

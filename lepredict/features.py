@@ -502,9 +502,13 @@ def unknown_outcomes(frame: pd.DataFrame) -> pd.Series:
     that gave their losses for the early epochs only (a maximised study, say). Labelling them
     untrainable would be inventing an outcome, so they are left out of fitting and scoring."""
     final = pd.to_numeric(frame["final_normalised_loss"], errors="coerce")
+    # A final loss without its normalised value lacks the chance loss, not an outcome:
+    # outcomes() says so rather than drop the trial.
+    raw = pd.to_numeric(frame["final_val_loss"], errors="coerce") if "final_val_loss" in frame \
+        else pd.Series(np.nan, index=frame.index)
     diverged = (frame["status"] if "status" in frame else pd.Series(None, index=frame.index)
                 ).eq("diverged")
-    return (frame["state"] == "COMPLETE") & final.isna() & ~diverged
+    return (frame["state"] == "COMPLETE") & final.isna() & raw.isna() & ~diverged
 
 
 def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:
@@ -514,6 +518,14 @@ def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataF
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be a positive finite number, got {threshold=}.")
     final = pd.to_numeric(frame["final_normalised_loss"], errors="coerce").astype(float)
+    if "final_val_loss" in frame:
+        raw = pd.to_numeric(frame["final_val_loss"], errors="coerce")
+        unscaled = final.isna() & raw.notna() & (frame.get("status") != "diverged")
+        if unscaled.any():
+            raise ValueError(
+                f"{int(unscaled.sum())} finished run(s) have a final loss but no chance loss to "
+                "normalise it by: give chance_loss= to report_spectrum or measure_and_report "
+                "(the loss of the best constant prediction; lepredict.chance_loss computes it).")
     if threshold is None:
         if "threshold" not in frame or frame["threshold"].isna().any():
             raise ValueError("Some runs have no task threshold (custom task or old export): "

@@ -324,7 +324,8 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
                       f"{sequences.shape[1]} step(s); the shipped predictors learned from "
                       f"spectra averaged over {PROBE_SIZE} sequences of {MIN_PROBE_STEPS} steps "
                       "or more, and shorter or fewer give noisier exponents than they expect: "
-                      f"pass at least {PROBE_SIZE} validation sequences of your task's length.",
+                      f"pass at least {PROBE_SIZE} validation sequences (where the task's own "
+                      "are shorter, its predictions are extrapolations).",
                       UserWarning, stacklevel=2)
     sequences = sequences[:PROBE_SIZE]
     probe = sequences if batch_first else sequences.transpose(0, 1)
@@ -694,8 +695,12 @@ class LyapunovPruner(BasePruner):
                 ("spectrum", next(filter(None, map(_spectrum_problem, view.spectra.values())),
                                   None)),
                 ("steps", self._steps_problem(trial)),
+                # Only where the features would read that epoch: a spectrum logged past the
+                # largest budget (monitoring, say) changes no decision.
                 ("off-epoch", self._off_epoch_message(study, view)
-                 if view.misplaced and view.misplaced[0] <= epoch else None),
+                 if view.misplaced
+                 and view.misplaced[0] <= min(epoch, max(self._models, default=3))
+                 else None),
                 ("scale", self._scale_problem(study, trials, view)),
                 ("hparams", view.hparams_problem() if self._needs_hparams() else None)):
             if problem:

@@ -383,6 +383,20 @@ def _check_enqueued(study: optuna.Study, space: SearchSpace) -> None:
                 + (f" ({', '.join(fixed)} fixed in it)" if fixed else "")
                 + f"; enqueue only {', '.join(sorted(space.params)) or 'nothing'}, or sample "
                 "the others in the space.")
+        for name, value in trial.system_attrs.get("fixed_params", {}).items():
+            if not _in_distribution(value, space.params[name]):
+                raise ValueError(
+                    f"Trial {trial.number} of study {study.study_name!r} was enqueued with "
+                    f"{name}={value!r}, outside the search space's {space.params[name]!r}; "
+                    "enqueue a value the space holds, or widen it.")
+
+
+def _in_distribution(value, dist: BaseDistribution) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return dist.low <= value <= dist.high
 
 
 def _check_existing_study(url: str | None, study_name: str) -> bool:
@@ -697,8 +711,9 @@ class _Objective:
     @staticmethod
     def interrupted(trial: optuna.Trial) -> None:
         # Not an error of its own: _fail_stale_trials retries it (past the grace period).
-        trial.set_user_attr(INTERRUPTED_ATTR, "the sweep stopped before this trial's result "
-                                              "was told (interrupted)")
+        # With its number: a retry inherits its original's attributes, the mark included.
+        trial.set_user_attr(INTERRUPTED_ATTR, {"trial": trial.number, "reason": (
+            "the sweep stopped before this trial's result was told (interrupted)")})
         trial.set_user_attr(f"{ATTR}status", "failed")
 
     def start(self, trial: optuna.Trial) -> RunConfig:
@@ -865,6 +880,7 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
         share = getattr(study.sampler, "share_read", None)
         pin = getattr(study.sampler, "pin", None) if same_shape else None
         asked: list[optuna.Trial] = []  # this population's trials, failed starts included
+        stopped_by: BaseException | None = None
         try:
             read = study.get_trials(deepcopy=False)
             remaining, waiting = _work_left(study, n_trials, read)
@@ -891,7 +907,9 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
                 try:
                     members.append((trial, objective.start(trial)))
                     started = True
-                    if pin is not None and len(members) == 1:
+                    if pin is not None:
+                        # The first member's shape, or the one a member had to take once the
+                        # pinned shape's configurations ran out: the next members join it.
                         pin({n: trial.params[n] for n in SHAPE_FIELDS if n in trial.params})
                 except Exception as err:
                     told.add(trial.number)
@@ -911,18 +929,24 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
             if not members:
                 break
             _train_members(study, objective, members, told, callbacks, heartbeats, log)
+        except BaseException as err:
+            stopped_by = err
+            raise
         finally:
             if share is not None:
                 share(None)
             if pin is not None:
                 pin(None)
-            # Interrupted (Ctrl-C): whatever was not told fails, without an error of its own, so
-            # a later sweep retries it, as the sequential sweep leaves an interrupted trial.
+            # Stopped: whatever was not told fails; by Ctrl-C without an error of its own, so a
+            # later sweep retries it, as the sequential sweep leaves an interrupted trial.
             for trial, _ in members:
                 if trial.number not in told:
                     told.add(trial.number)
                     with contextlib.suppress(Exception):  # the storage may be what failed
-                        objective.interrupted(trial)
+                        if isinstance(stopped_by, KeyboardInterrupt):
+                            objective.interrupted(trial)
+                        else:
+                            objective.failed(trial, stopped_by)
                     _tell(study, trial, callbacks, heartbeats, state=optuna.trial.TrialState.FAIL)
             heartbeats.close()
     return exhausted
@@ -1234,7 +1258,8 @@ def _work_left(study: optuna.Study, n_trials: int, trials=None) -> tuple[int, in
 
 #: Written right after a trial's first heartbeat: the worker (host, pid) and trial number.
 _WORKER_ATTR = f"{ATTR}worker"
-#: Marks a trial a Ctrl-C stopped: failed, with no error of its own, so it is retried.
+#: Marks a trial a Ctrl-C stopped (``{"trial": its number, "reason": ...}``; a retry inherits
+#: the mark, with its original's number): failed, with no error of its own, so it is retried.
 INTERRUPTED_ATTR = f"{ATTR}interrupted"
 
 

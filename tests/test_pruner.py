@@ -694,6 +694,16 @@ def test_spectra_at_the_last_step_of_each_epoch_are_no_decision_on_epoch_0(model
     records = {k: v for k, v in study.trials[0].user_attrs.items()
                if k.startswith(f"{ATTR}prediction:")}
     assert records and all("budget" not in r and not r["pruned"] for r in records.values())
+    # A spectrum logged past every budget the predictors read changes no decision.
+    trial = study.ask()
+    for step in (0, 10, 20, 30, 40, 45, 50):
+        if step <= 30 or step == 45:
+            report_spectrum(trial, {"mean": [0.3 - 0.05 * i for i in range(8)]}, step,
+                            chance_loss=1.0)
+        if step % 10 == 0:
+            trial.report(0.99, step)
+            trial.should_prune()
+    assert study.trials[1].user_attrs[f"{ATTR}prediction:50"].get("budget", -1) >= 1
 
 
 # -- ties ------------------------------------------------------------------------------------------

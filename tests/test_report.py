@@ -247,6 +247,11 @@ def test_finished_trials_without_a_final_loss_are_not_labelled(studies, model_di
 
     diverged = frame[finished].head(1).assign(status="diverged")
     assert outcomes(completed_runs(diverged), threshold=0.5)["trainable"].tolist() == [False]
+    # A final loss without a chance loss to divide it by is a missing scale, not an outcome.
+    unscaled = frame[finished].head(1).assign(final_val_loss=0.4)
+    assert not unknown_outcomes(unscaled).any()
+    with pytest.raises(ValueError, match="a final loss but no chance loss.*chance_loss="):
+        outcomes(completed_runs(unscaled), threshold=0.5)
 
 
 def test_export_of_a_running_study_needs_finished_only(studies, tmp_path, capsys):

@@ -144,6 +144,11 @@ def test_configurations_enqueued_in_a_new_study_run_first(tmp_path, space_file):
         _sweep(tmp_path, space_file, study_name="u")
     assert [t.state.name for t in other.trials] == ["WAITING"]
     assert ATTR + "setup" not in other.user_attrs
+    for bad in ({"arch": "transformer"}, {"lr": 5.0}):
+        third = optuna.create_study(storage=storage, study_name=f"v{len(bad)}{list(bad)[0]}")
+        third.enqueue_trial(bad)
+        with pytest.raises(ValueError, match=f"enqueued with {list(bad)[0]}=.*outside the "):
+            _sweep(tmp_path, space_file, study_name=third.study_name)
 
 
 def test_diverged_run_is_a_complete_trial_with_inf_value(tmp_path):
@@ -356,7 +361,8 @@ def test_an_interrupted_trial_is_said_so_and_run_again(tmp_path, space_file, cap
     monkeypatch.setattr(sw, name, real)
     stopped = optuna.load_study(study_name="k", storage=db).trials
     assert [t.state.name for t in stopped] == ["FAIL"] * int(population)
-    assert all(sw.INTERRUPTED_ATTR in t.user_attrs and f"{ATTR}error" not in t.user_attrs
+    assert all(t.user_attrs[sw.INTERRUPTED_ATTR]["trial"] == t.number
+               and f"{ATTR}error" not in t.user_attrs
                for t in stopped)
     assert _cli_sweep(db, space_file, int(population), *beat) == 0
     out = capsys.readouterr().out
