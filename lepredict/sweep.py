@@ -388,7 +388,8 @@ def _check_enqueued(study: optuna.Study, space: SearchSpace) -> None:
                 raise ValueError(
                     f"Trial {trial.number} of study {study.study_name!r} was enqueued with "
                     f"{name}={value!r}, outside the search space's {space.params[name]!r}; "
-                    "enqueue a value the space holds, or widen it.")
+                    "enqueue a value the space holds (an int for an int parameter), or widen "
+                    "it.")
 
 
 def _in_distribution(value, dist: BaseDistribution) -> bool:
@@ -396,6 +397,8 @@ def _in_distribution(value, dist: BaseDistribution) -> bool:
         return value in dist.choices
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
+    if isinstance(dist, IntDistribution) and not isinstance(value, int):
+        return False  # 32.0 (pandas' hidden size, say) is not an int: the run would refuse it
     return dist.low <= value <= dist.high
 
 
