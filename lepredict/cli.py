@@ -1569,7 +1569,9 @@ def _cmd_analyze(args) -> int:
             raise CLIError(f"The model has no predictor for budget {args.budget}; it has "
                            f"{sorted(models)}: pass --budget with one of those.")
     reference = _read_exports(args.reference, "--reference") if args.reference else None
-    output = args.output or f"studies/{(args.study_name or 'report')}-report.html"
+    # NAME: the study's, or the (first) export's file name without its suffix.
+    name = args.study_name or (Path(args.data[0]).stem if args.data else "report")
+    output = args.output or f"studies/{name}-report.html"
     try:
         sections = report.panels(frame, model=model, reference=reference,
                                  threshold=args.threshold)
@@ -1892,7 +1894,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", nargs="+", default=None,
                    help="exports of full runs: what pruned configurations would have reached")
     p.add_argument("-o", "--output", default=None, help="report path (default: "
-                   "studies/NAME-report.html)")
+                   "studies/NAME-report.html, NAME the study's or the export's file name)")
     p.add_argument("--publish", action="store_true",
                    help="also save the figures into the study for optuna-dashboard, one graph "
                    "per figure (pip install optuna-dashboard)")

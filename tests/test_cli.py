@@ -83,12 +83,15 @@ def test_predict_stability_bad_input_is_a_clear_error(model_dir, args, message, 
     assert err.startswith("lepredict predict-stability: error:") and message in err
 
 
-def test_analyze_an_export_writes_the_report(runs, tmp_path, capsys):
+def test_analyze_an_export_writes_the_report(runs, tmp_path, capsys, monkeypatch):
     data = tmp_path / "runs.parquet"
     runs.to_parquet(data)
     out = tmp_path / "report.html"
     assert main(["analyze", "--data", str(data), "--model", "none", "-o", str(out)]) == 0
     assert out.is_file() and out.read_text().count('id="figure-') >= 3
+    monkeypatch.chdir(tmp_path)  # without -o: studies/ named after the export
+    assert main(["analyze", "--data", str(data), "--model", "none"]) == 0
+    assert (tmp_path / "studies" / "runs-report.html").is_file()
     assert main(["analyze"]) == 2
     assert "--study-name" in capsys.readouterr().err
 
