@@ -501,14 +501,21 @@ def unknown_outcomes(frame: pd.DataFrame) -> pd.Series:
     """Finished trials whose final loss is unknown and that did not diverge: a loop's trials
     that gave their losses for the early epochs only (a maximised study, say). Labelling them
     untrainable would be inventing an outcome, so they are left out of fitting and scoring."""
-    final = pd.to_numeric(frame["final_normalised_loss"], errors="coerce")
+    final, raw, diverged = _final_losses(frame)
     # A final loss without its normalised value lacks the chance loss, not an outcome:
     # outcomes() says so rather than drop the trial.
+    return (frame["state"] == "COMPLETE") & final.isna() & raw.isna() & ~diverged
+
+
+def _final_losses(frame: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Per run: the final normalised loss, the final loss as reported (NaN where a frame has
+    neither), and whether the run diverged."""
+    final = pd.to_numeric(frame["final_normalised_loss"], errors="coerce").astype(float)
     raw = pd.to_numeric(frame["final_val_loss"], errors="coerce") if "final_val_loss" in frame \
         else pd.Series(np.nan, index=frame.index)
     diverged = (frame["status"] if "status" in frame else pd.Series(None, index=frame.index)
                 ).eq("diverged")
-    return (frame["state"] == "COMPLETE") & final.isna() & raw.isna() & ~diverged
+    return final, raw, diverged
 
 
 def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:
@@ -517,15 +524,13 @@ def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataF
     final normalised loss clipped to ``[0, TARGET_CAP]``)."""
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be a positive finite number, got {threshold=}.")
-    final = pd.to_numeric(frame["final_normalised_loss"], errors="coerce").astype(float)
-    if "final_val_loss" in frame:
-        raw = pd.to_numeric(frame["final_val_loss"], errors="coerce")
-        unscaled = final.isna() & raw.notna() & (frame.get("status") != "diverged")
-        if unscaled.any():
-            raise ValueError(
-                f"{int(unscaled.sum())} finished run(s) have a final loss but no chance loss to "
-                "normalise it by: give chance_loss= to report_spectrum or measure_and_report "
-                "(the loss of the best constant prediction; lepredict.chance_loss computes it).")
+    final, raw, diverged = _final_losses(frame)
+    unscaled = final.isna() & raw.notna() & ~diverged
+    if unscaled.any():
+        raise ValueError(
+            f"{int(unscaled.sum())} finished run(s) have a final loss but no chance loss to "
+            "normalise it by: give chance_loss= to report_spectrum or measure_and_report "
+            "(the loss of the best constant prediction; lepredict.chance_loss computes it).")
     if threshold is None:
         if "threshold" not in frame or frame["threshold"].isna().any():
             raise ValueError("Some runs have no task threshold (custom task or old export): "
@@ -534,7 +539,7 @@ def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataF
     else:
         limit = pd.Series(float(threshold), index=frame.index)
     finite = np.isfinite(final)
-    trainable = finite & (frame["status"] != "diverged") & (final < limit)
+    trainable = finite & ~diverged & (final < limit)
     return pd.DataFrame({
         "trainable": trainable.astype(bool),
         "final_loss": final.where(finite, TARGET_CAP).clip(0.0, TARGET_CAP),
