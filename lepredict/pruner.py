@@ -691,16 +691,16 @@ class LyapunovPruner(BasePruner):
             return False  # at initialisation: a spectrum may yet come
         # Every trial is read once per decision: each read is a query of an RDB storage.
         trials = study.get_trials(deepcopy=False)
+        largest = self._largest_budget()
+        read_to = epoch if largest is None else min(epoch, largest)  # epochs a decision reads
         for kind, problem in (
                 ("spectrum", next(filter(None, map(_spectrum_problem, view.spectra.values())),
                                   None)),
                 ("steps", self._steps_problem(trial)),
-                # Only where the features would read that epoch: a spectrum logged past the
-                # largest budget (monitoring, say) changes no decision.
+                # Only where a decision reads that epoch: a spectrum logged past the largest
+                # budget (monitoring, say) changes none.
                 ("off-epoch", self._off_epoch_message(study, view)
-                 if view.misplaced
-                 and view.misplaced[0] <= min(epoch, max(self._models, default=3))
-                 else None),
+                 if view.misplaced and view.misplaced[0] <= read_to else None),
                 ("scale", self._scale_problem(study, trials, view)),
                 ("hparams", view.hparams_problem() if self._needs_hparams() else None)):
             if problem:
@@ -806,10 +806,15 @@ class LyapunovPruner(BasePruner):
         """Whether this pruner (in this process) has decided for ``trial``, a running trial, at
         ``step`` on a predictor whose budget a spectrum at ``step`` would have raised (past the
         largest budget, later spectra change no decision)."""
-        if self._mode == "model" and self._models \
-                and step // self._steps_per_epoch > max(self._models):
+        largest = self._largest_budget()
+        if largest is not None and step // self._steps_per_epoch > largest:
             return False
         return self._decided.holds(trial, step)
+
+    def _largest_budget(self) -> int | None:
+        """The last epoch whose spectrum a decision reads: the shipped or given predictors'
+        largest budget; ``None`` where online predictors may read later ones."""
+        return max(self._models) if self._mode == "model" and self._models else None
 
     def _warn_once(self, study: optuna.Study, kind: str, message: str) -> None:
         with self._lock:
