@@ -420,7 +420,7 @@ def _pruner(args):
 
 
 def _cmd_sweep(args) -> int:
-    from lepredict.sweep import load_space, run_sweep
+    from lepredict.sweep import load_space, retries_stopped_trials, run_sweep
 
     # Everything is checked before the study exists: a study created with a bad setup is pinned
     # to it (resuming must repeat it), and every one of its trials would fail.
@@ -489,10 +489,8 @@ def _cmd_sweep(args) -> int:
             )
     except ValueError as err:
         raise CLIError(str(err)) from None
-    # Database storages keep heartbeats, and a later sweep retries killed and interrupted
-    # trials; a journal file keeps none (see lepredict.sweep.make_storage).
-    retries = args.storage is None or "://" in args.storage
-    _print_summary(study, args.epochs, grace_period=args.grace_period if retries else None)
+    _print_summary(study, args.epochs, grace_period=args.grace_period
+                   if retries_stopped_trials(study) else None)
     if args.report:
         from lepredict import report
         from lepredict.predictor import ModelFileError, load_models, resolve_model
@@ -663,11 +661,7 @@ def _check_output(path: str, suffixes: tuple[str, ...]) -> None:
 def _failures(trials, grace_period: int | None = None) -> str:
     """What became of the failed trials: killed or interrupted (retried, to be retried, or a
     retry itself, not retried again) or an error, with the first."""
-    from lepredict.sweep import INTERRUPTED_ATTR
-
-    def _interrupted(t) -> bool:  # its own mark, not one its original's retry inherited
-        mark = t.user_attrs.get(INTERRUPTED_ATTR)
-        return isinstance(mark, dict) and mark.get("trial") == t.number
+    from lepredict.sweep import interrupted_here
 
     fail = [t for t in trials if t.state.name == "FAIL"]
     # A retry lists the trials it repeats in "retry_history", its direct original last.
@@ -677,7 +671,7 @@ def _failures(trials, grace_period: int | None = None) -> str:
     stopped = [t for t in fail if "lepredict:error" not in t.user_attrs]
 
     def how(group) -> str:
-        kinds = {"interrupted" if _interrupted(t) else "killed" for t in group}
+        kinds = {"interrupted" if interrupted_here(t) else "killed" for t in group}
         return " or ".join(sorted(kinds))
 
     retried = [t for t in stopped if t.number in retry_of]

@@ -725,7 +725,7 @@ class _Objective:
         # killed before then leaves a trial with no beat, which is never found stale and stays
         # RUNNING for ever. One beat written here makes every started trial recoverable.
         storage = trial.study._storage
-        if getattr(storage, "get_heartbeat_interval", lambda: None)():
+        if _heartbeat_interval(storage):
             storage.record_heartbeat(trial._trial_id)
             # Killed before this beat, a trial has no heartbeat at all: the mark tells
             # _fail_stale_trials that one without it, older than the grace period, is dead.
@@ -783,7 +783,7 @@ class _Heartbeats:
 
     def __init__(self, storage):
         self.storage = storage
-        self.interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self.interval = _heartbeat_interval(storage)
         self.ids: set[int] = set()
         self.lock = threading.Lock()
         self.stopped = threading.Event()
@@ -1162,9 +1162,9 @@ def run_sweep(
         pruner=pruner or optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
+    _check_enqueued(study, space)
     # A task of one's own is stored as the module:function that builds it, not the name its
     # Task carries: a resume, and trials_frame, rebuild it from what is stored.
-    _check_enqueued(study, space)
     task_name = task if isinstance(task, str) and ":" in task else task_obj.name
     setup = {"task": task_name, "task_options": task_obj.options, "epochs": epochs,
              "le_epochs": sorted(int(e) for e in le_epochs)}
@@ -1257,6 +1257,24 @@ def _work_left(study: optuna.Study, n_trials: int, trials=None) -> tuple[int, in
     retried = _retried(trials)
     replaced = sum(t.state == optuna.trial.TrialState.FAIL and t.number in retried for t in trials)
     return n_trials - (len(trials) - waiting - replaced), waiting
+
+
+def _heartbeat_interval(storage) -> int | None:
+    """The storage's heartbeat interval; ``None`` for one that keeps no heartbeats."""
+    return getattr(storage, "get_heartbeat_interval", lambda: None)()
+
+
+def retries_stopped_trials(study: optuna.Study) -> bool:
+    """Whether a later sweep fails and retries this study's killed and interrupted trials: its
+    storage keeps heartbeats (a database made by :func:`make_storage`; a journal file none)."""
+    return bool(_heartbeat_interval(study._storage))
+
+
+def interrupted_here(trial) -> bool:
+    """Whether a Ctrl-C stopped ``trial`` itself (its :data:`INTERRUPTED_ATTR`, not one a
+    retry inherited from its original)."""
+    mark = trial.user_attrs.get(INTERRUPTED_ATTR)
+    return isinstance(mark, dict) and mark.get("trial") == trial.number
 
 
 #: Written right after a trial's first heartbeat: the worker (host, pid) and trial number.
