@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from lepredict.records import MEASURED_EXPONENTS, spectrum_dict
+from lepredict.records import MEASURED_EXPONENTS, spectrum_dict, state_size
 
 __all__ = ["main"]
 
@@ -576,8 +576,8 @@ def _smallest_state(space) -> int:
             return [getattr(default, name)]
         return list(dist.choices) if isinstance(dist, CategoricalDistribution) else [dist.low]
 
-    width = min(values("hidden")) * min(values("layers"))
-    return int(width * min(2 if arch == "lstm" else 1 for arch in values("arch")))
+    return min(state_size(arch, int(min(values("hidden"))), int(min(values("layers"))))
+               for arch in values("arch"))
 
 
 def _numbers(numbers: list[int], noun: str = "trial", most: int = 6) -> str:
@@ -1306,7 +1306,8 @@ def _check_spectrum_sizes(path: str, spectra: dict, config: dict) -> None:
     state, they are its leading exponents, and read as whole they would mislead the features."""
     for epoch, spec in sorted(spectra.items()):
         both = config["arch"] == "lstm" and spec.get("convention") != "hidden"
-        n = config["hidden"] * config["layers"] * (2 if both else 1)
+        n = state_size(config["arch"], config["hidden"], config["layers"],
+                       lstm_state="full" if both else "hidden")
         k = len(spec["mean"])
         if spec.get("n") is None and k != n:
             lstm = " (h and c of each layer)" if both else ""

@@ -82,6 +82,7 @@ def hparam_value(row: Mapping, name: str):
         return row.get(f"{PARAM_COLUMN}{name}")
     return value
 
+
 #: Validation sequences a run's spectra average over, by default: what the corpus of the shipped
 #: predictor was measured with (its features include the spread over these trajectories).
 PROBE_SIZE = 8
@@ -99,6 +100,14 @@ BASELINE = "hparams+loss"
 N_BOOT = 1000
 
 ARCHS = ("rnn", "gru", "lstm")
+
+
+def state_size(arch: str, hidden: int, layers: int, *, lstm_state: str = "full") -> int:
+    """The size of the state whose exponents a spectrum holds (the engine's convention): the
+    layers' hidden units, twice that for an LSTM's ``(h, c)`` (not its hidden-only map)."""
+    return hidden * layers * (2 if arch == "lstm" and lstm_state == "full" else 1)
+
+
 #: A spectrum's state convention: ``"full"`` (an LSTM's ``(h, c)``), ``"hidden"`` (an LSTM's
 #: hidden-only map), ``None`` (any other module, whose state is its hidden state).
 CONVENTIONS = ("full", "hidden", None)
