@@ -896,10 +896,10 @@ def _gates_jacobian_t(w: Tensor, coefficients, N: int) -> Tensor:
 #: On a CPU, the LUs of matrices larger than this run one matrix at a time: once
 #: ``torch.set_num_threads`` has been called (2 or more threads), MKL's batched LU of matrices
 #: from about 152 rows up hangs after "Parameter 6 was incorrect on entry to SLASWP"
-#: (pytorch/pytorch#141358; seen with torch 2.13's MKL 2024.2 from 2 threads on; with 16 or 32
-#: threads it returned wrong determinants at 150 rows instead), and one matrix at a time it
-#: does neither (exact from 129 to 149 rows, batched, in a review's check). The loop costs 2.1x the batched LU's time at 256 rows and the same at
-#: 512; below this size the batched LU runs, at a margin from where the hang starts.
+#: (pytorch/pytorch#141358; torch 2.13's MKL 2024.2), or with 16 or 32 threads returns wrong
+#: determinants at 150 rows; one matrix at a time it does neither, and batched it was exact
+#: from 129 to 149 rows. The loop costs 2.1x the batched LU's time at 256 rows and the same at
+#: 512; below this size the batched LU runs, at a margin from where the trouble starts.
 CPU_BATCHED_LU_MAX = 128
 
 

@@ -313,8 +313,6 @@ def diverged_loss(loss: float, chance_loss: float) -> bool:
     return not math.isfinite(loss) or loss > DIVERGED_LOSS_RATIO * chance_loss
 
 
-
-
 def checked_device(device: str | torch.device) -> torch.device:
     """``device`` as a ``torch.device`` lepredict can train on, or a ``ValueError`` whose
     message (starting with the device as given) says what to use instead."""
