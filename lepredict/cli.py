@@ -154,8 +154,9 @@ def _check_rdb(url: str, *, read_only: bool) -> bool:
         engine.dispose()
 
 
-def _check_storage_for_sweep(storage: str | None) -> None:
-    """What a sweep will open, checked before anything is created."""
+def _check_storage_for_sweep(storage: str | None, heartbeat_options: list[str]) -> None:
+    """What a sweep will open, checked before anything is created; ``heartbeat_options``: the
+    heartbeat settings given on the command line."""
     if storage is None:
         return  # studies/NAME.db, created by the sweep
     if "://" in storage:
@@ -166,6 +167,13 @@ def _check_storage_for_sweep(storage: str | None) -> None:
     elif not Path(storage).absolute().parent.is_dir():
         raise CLIError(f"Cannot create the journal file {storage!r}: its directory does not "
                        "exist; create it first.")
+    elif heartbeat_options:
+        # Taken silently, it would promise killed workers' trials a retry that never comes.
+        them, verb = ("them", "apply") if len(heartbeat_options) > 1 else ("it", "applies")
+        raise CLIError(f"{' and '.join(heartbeat_options)} {verb} to a database storage; a "
+                       f"journal file ({storage!r}) keeps no heartbeats, so a killed worker's "
+                       f"trial is never found: leave {them} out, or use --storage "
+                       "sqlite:///NAME.db (or postgresql://...).")
 
 
 def _open_study(storage: str | None, study_name: str):
@@ -474,7 +482,9 @@ def _cmd_sweep(args) -> int:
         raise CLIError(f"--le-k {args.le_k} exceeds the state size of the smallest network the "
                        f"space holds ({_smallest_state(space)}); lower --le-k or leave it out.")
     pruner = _pruner(args)
-    _check_storage_for_sweep(args.storage)
+    _check_storage_for_sweep(args.storage, heartbeat_options=[
+        f"--{name.replace('_', '-')}" for name in ("heartbeat_interval", "grace_period")
+        if name in getattr(args, "given", ())])
     try:
         with _optuna_log(verbose=args.verbose, bar=not args.quiet):
             study = run_sweep(
@@ -1681,7 +1691,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run or resume an Optuna sweep of short training runs. Any number of "
         "workers may run it on one study (--storage postgresql://... or sqlite:///...); "
         "together they stop at --n-trials. Trials of killed workers are failed and run again "
-        "once by the next sweep started more than --grace-period seconds after the kill.",
+        "once by the next sweep started more than --grace-period seconds after the kill (database "
+        "storages); a trial stopped by Ctrl-C is run again first by the resumed sweep.",
         epilog="Exit status: 0 when every trial this run started completed or was pruned "
         "(diverged runs are complete), even if other workers' trials are still running (the "
         "summary lists them); 1 when a trial this run started failed with an error (the "
@@ -1744,10 +1755,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with the trial number, seeds each trial's sampler and run: the same "
                    "seed and trial number give the same configuration, and workers started "
                    "alike draw distinct ones (default: %(default)s)")
-    p.add_argument("--heartbeat-interval", type=int, default=30, metavar="SECONDS",
+    p.add_argument("--heartbeat-interval", type=int, default=30, metavar="SECONDS", action=_Given,
                    help="seconds between a running trial's heartbeats in a database storage "
                    "(default: %(default)s)")
-    p.add_argument("--grace-period", type=int, default=90, metavar="SECONDS",
+    p.add_argument("--grace-period", type=int, default=90, metavar="SECONDS", action=_Given,
                    help="seconds without a heartbeat after which a running trial counts as "
                    "killed, is failed and run again (default: %(default)s; longer than "
                    "--heartbeat-interval)")

@@ -241,10 +241,6 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
             return JournalStorage(JournalFileBackend(url))
         raise ValueError(f"Storage {url!r} is neither a database URL (sqlite:///..., "
                          "postgresql://...) nor a journal file path ending in .log or .jsonl.")
-    # The heartbeat lets a resumed sweep find trials whose worker died (RUNNING forever
-    # otherwise), mark them failed, and run them again once.
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback",
-                    optuna.storages.RetryFailedTrialCallback)
     import sqlalchemy.exc
 
     # Workers started together on an empty database all try to create Optuna's schema; all but
@@ -257,7 +253,9 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
                     url,
                     heartbeat_interval=heartbeat_interval,
                     grace_period=grace_period,
-                    heartbeat_stale_trial_callback=retry(max_retry=1),
+                    # The heartbeat lets a resumed sweep find trials whose worker died
+                    # (RUNNING for ever otherwise), mark them failed, and run them again once.
+                    heartbeat_stale_trial_callback=_retry_callback(max_retry=1),
                     engine_kwargs={"pool_pre_ping": True},
                 )
             if storage.engine.dialect.name == "sqlite":
@@ -390,6 +388,35 @@ def _check_enqueued(study: optuna.Study, space: SearchSpace) -> None:
                     f"{name}={value!r}, outside the search space's {space.params[name]!r}; "
                     "enqueue a value the space holds (an int for an int parameter), or widen "
                     "it.")
+
+
+def _check_space_kinds(study: optuna.Study, space: SearchSpace) -> None:
+    """The space samples each parameter as the study's trials hold it: Optuna keeps one kind
+    (range or choices), one log setting and one set of choices per parameter and study, and
+    fails every trial that suggests another, after the trial has started."""
+    held: dict[str, tuple[BaseDistribution, list[int]]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        for name, dist in trial.distributions.items():
+            if name in space.params:
+                held.setdefault(name, (dist, []))[1].append(trial.number)
+    for name, (dist, numbers) in sorted(held.items()):
+        try:
+            optuna.distributions.check_distribution_compatibility(dist, space.params[name])
+        except ValueError:
+            raise ValueError(
+                f"The search space samples {name} as {_shown_distribution(space.params[name])}, "
+                f"but study {study.study_name!r} holds it as {_shown_distribution(dist)} "
+                f"({len(numbers)} trial{'s' if len(numbers) != 1 else ''}, from trial "
+                f"{numbers[0]}); Optuna keeps one kind, log setting and set of choices per "
+                f"parameter in a study: sample {name} as the study does, or pick another "
+                "--study-name.") from None
+
+
+def _shown_distribution(dist: BaseDistribution) -> str:
+    if isinstance(dist, CategoricalDistribution):
+        return f"choices {list(dist.choices)}"
+    kind = "an integer range" if isinstance(dist, IntDistribution) else "a range"
+    return f"{kind} {dist.low:g} to {dist.high:g}{', log-scaled' if dist.log else ''}"
 
 
 def _in_distribution(value, dist: BaseDistribution) -> bool:
@@ -713,11 +740,18 @@ class _Objective:
 
     @staticmethod
     def interrupted(trial: optuna.Trial) -> None:
-        # Not an error of its own: _fail_stale_trials retries it (past the grace period).
-        # With its number: a retry inherits its original's attributes, the mark included.
+        # Not an error of its own. With its number: a retry inherits its original's
+        # attributes, the mark included.
         trial.set_user_attr(INTERRUPTED_ATTR, {"trial": trial.number, "reason": (
             "the sweep stopped before this trial's result was told (interrupted)")})
         trial.set_user_attr(f"{ATTR}status", "failed")
+        # Its retry is queued now, by the one worker that knows the trial was stopped and not
+        # killed: so the next sweep runs it first on any storage (a journal file keeps no
+        # heartbeats to find it by) without waiting out a grace period, and no two resuming
+        # workers both queue one. Any number of times: a Ctrl-C is no fault of the
+        # configuration's, unlike a kill that may be (out of memory), which is retried once.
+        retry = _retry_callback(max_retry=None)
+        retry(trial.study, trial.study._storage.get_trial(trial._trial_id))
 
     def start(self, trial: optuna.Trial) -> RunConfig:
         """First heartbeat, worker mark, and the trial's configuration."""
@@ -1162,6 +1196,7 @@ def run_sweep(
         pruner=pruner or optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
+    _check_space_kinds(study, space)
     _check_enqueued(study, space)
     # A task of one's own is stored as the module:function that builds it, not the name its
     # Task carries: a resume, and trials_frame, rebuild it from what is stored.
@@ -1257,6 +1292,14 @@ def _work_left(study: optuna.Study, n_trials: int, trials=None) -> tuple[int, in
     retried = _retried(trials)
     replaced = sum(t.state == optuna.trial.TrialState.FAIL and t.number in retried for t in trials)
     return n_trials - (len(trials) - waiting - replaced), waiting
+
+
+def _retry_callback(max_retry: int | None):
+    """Optuna's callback that queues a failed trial's retry (renamed in Optuna 4.9)."""
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return (retry or optuna.storages.RetryFailedTrialCallback)(max_retry=max_retry)
 
 
 def _heartbeat_interval(storage) -> int | None:

@@ -164,6 +164,9 @@ CASES = {
         "directory '/no/such/dir' does not exist"),
     "sweep-journal-missing-dir": (
         [*SWEEP, "--storage", "no/such/dir/j.log"], None, "its directory does not exist"),
+    "sweep-journal-with-grace-period": (
+        [*SWEEP, "--storage", "j.log", "--grace-period", "60"], None,
+        "--grace-period applies to a database storage; a journal file ('j.log') keeps no"),
     "sweep-storage-neither": (
         [*SWEEP, "--storage", "study.txt"], None, "neither a database URL"),
     "export-text-file-as-journal": (

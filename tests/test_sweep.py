@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -124,6 +125,32 @@ def test_sweep_resumes_and_refuses_a_different_setup(tmp_path, space_file):
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="was run with"):
         _sweep(tmp_path, space_file, n_trials=5, epochs=3)
+
+
+@pytest.mark.parametrize("changed,said", [
+    ('[params.lr]\nchoices = [0.001, 0.01]', "samples lr as choices [0.001, 0.01], but study "
+     "'t' holds it as a range 0.001 to 0.03, log-scaled (2 trials, from trial 0)"),
+    ('[params.lr]\nlow = 1e-3\nhigh = 3e-2', "holds it as a range 0.001 to 0.03, log-scaled"),
+    ('[params.arch]\nchoices = ["rnn", "gru"]', "samples arch as choices ['rnn', 'gru'], but"),
+])
+def test_a_resume_whose_space_changes_a_parameters_kind_is_refused(tmp_path, space_file,
+                                                                     changed, said):
+    """Optuna fails every trial that suggests a parameter as another kind, log setting or set
+    of choices than its study holds: the sweep says so before running any (widening a range
+    is allowed)."""
+    _sweep(tmp_path, space_file, n_trials=2)
+    name = changed.split("\n")[0]
+    start = SMALL_SPACE.index(name)
+    end = SMALL_SPACE.index("\n[", start) + 1
+    other = tmp_path / "other.toml"
+    other.write_text(SMALL_SPACE[:start] + changed + "\n" + SMALL_SPACE[end:])
+    with pytest.raises(ValueError, match=re.escape(said)):
+        _sweep(tmp_path, other, n_trials=4)
+    assert len(optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 's.db'}")
+               .trials) == 2
+    wider = tmp_path / "wider.toml"
+    wider.write_text(SMALL_SPACE.replace("high = 3e-2", "high = 1e-1"))
+    assert len(_sweep(tmp_path, wider, n_trials=3).trials) == 3
 
 
 def test_configurations_enqueued_in_a_new_study_run_first(tmp_path, space_file):
@@ -339,16 +366,16 @@ def test_resume_at_its_count_fails_a_stale_trial_and_runs_its_retry(tmp_path, sp
     assert trials[3].system_attrs["failed_trial"] == 2 and trials[3].params == trials[2].params
 
 
-@pytest.mark.parametrize("population", ["1", "2"])
+@pytest.mark.parametrize("population,storage", [("1", "k.db"), ("2", "k.db"), ("1", "k.log")])
 def test_an_interrupted_trial_is_said_so_and_run_again(tmp_path, space_file, capsys,
-                                                       monkeypatch, population):
+                                                       monkeypatch, population, storage):
     """Ctrl-C mid-trial: one line (exit 130), the trial failed as interrupted with no error of
-    its own, the next sweep's summary says it will be run again, and past the grace period a
-    sweep runs it again."""
+    its own and its retry queued at once, so the next sweep runs it first, on a journal file
+    (no heartbeats) too, with no grace period to wait out."""
     import lepredict.sweep as sw
 
-    db = f"sqlite:///{tmp_path / 'k.db'}"
-    beat = ("--heartbeat-interval", "1", "--grace-period", "2", "--population", population)
+    db = f"sqlite:///{tmp_path / storage}" if storage.endswith(".db") else str(tmp_path / storage)
+    beat = ("--heartbeat-interval", "1", "--grace-period", "60") if storage.endswith(".db") else ()
     name = "train_run" if population == "1" else "train_population"
     real = getattr(sw, name)
 
@@ -356,20 +383,23 @@ def test_an_interrupted_trial_is_said_so_and_run_again(tmp_path, space_file, cap
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sw, name, interrupted)
-    assert _cli_sweep(db, space_file, 2, *beat) == 130
+    assert _cli_sweep(db, space_file, 2, *beat, "--population", population) == 130
     assert capsys.readouterr().err.count("\n") == 1
     monkeypatch.setattr(sw, name, real)
-    stopped = optuna.load_study(study_name="k", storage=db).trials
-    assert [t.state.name for t in stopped] == ["FAIL"] * int(population)
+    stopped = optuna.load_study(study_name="k", storage=sw.make_storage(db, "k")).trials
+    size = int(population)
+    assert [t.state.name for t in stopped] == ["FAIL"] * size + ["WAITING"] * size
     assert all(t.user_attrs[sw.INTERRUPTED_ATTR]["trial"] == t.number
-               and f"{ATTR}error" not in t.user_attrs
-               for t in stopped)
-    assert _cli_sweep(db, space_file, int(population), *beat) == 0
+               and f"{ATTR}error" not in t.user_attrs for t in stopped[:size])
+    assert [t.system_attrs["failed_trial"] for t in stopped[size:]] == list(range(size))
+    assert [t.params for t in stopped[size:]] == [t.params for t in stopped[:size]]
+    # The count is of trials run: the retries take the interrupted ones' places.
+    assert _cli_sweep(db, space_file, size, *beat, "--population", population) == 0
     out = capsys.readouterr().out
-    assert "interrupted, to be run again by the next sweep started 2 s or more after" in out
-    time.sleep(2.5)
-    assert _cli_sweep(db, space_file, int(population), *beat) == 0
-    assert "interrupted, retried as" in capsys.readouterr().out
+    retried = ", ".join(str(size + i) for i in range(size))
+    assert f"interrupted, retried as {retried}" in out, out
+    done = optuna.load_study(study_name="k", storage=sw.make_storage(db, "k")).trials
+    assert [t.state.name for t in done] == ["FAIL"] * size + ["COMPLETE"] * size
 
 
 def test_cli_sweep_exit_codes(tmp_path, space_file, capsys, monkeypatch):
