@@ -368,10 +368,11 @@ def _check_sweep_study(study: optuna.Study, study_name: str) -> None:
                              "--study-name, or another --storage.")
 
 
-def _check_enqueued(study: optuna.Study, space: SearchSpace) -> None:
-    """Trials enqueued in the study set only parameters the space samples: a value for any
-    other name would be dropped without a word (the sweep suggests only the space's)."""
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+def _check_enqueued(study: optuna.Study, space: SearchSpace, trials: list) -> None:
+    """Trials enqueued in the study (of its ``trials``) set only parameters the space samples:
+    a value for any other name would be dropped without a word (the sweep suggests only the
+    space's)."""
+    for trial in (t for t in trials if t.state == optuna.trial.TrialState.WAITING):
         extra = sorted(set(trial.system_attrs.get("fixed_params", {})) - set(space.params))
         if extra:
             fixed = sorted(set(extra) & set(space.fixed))
@@ -390,12 +391,12 @@ def _check_enqueued(study: optuna.Study, space: SearchSpace) -> None:
                     "it.")
 
 
-def _check_space_kinds(study: optuna.Study, space: SearchSpace) -> None:
-    """The space samples each parameter as the study's trials hold it: Optuna keeps one kind
-    (range or choices), one log setting and one set of choices per parameter and study, and
-    fails every trial that suggests another, after the trial has started."""
+def _check_space_kinds(study: optuna.Study, space: SearchSpace, trials: list) -> None:
+    """The space samples each parameter as the study's ``trials`` hold it: Optuna keeps one
+    kind (range or choices), one log setting and one set of choices per parameter and study,
+    and fails every trial that suggests another, after the trial has started."""
     held: dict[str, tuple[BaseDistribution, list[int]]] = {}
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         for name, dist in trial.distributions.items():
             if name in space.params:
                 held.setdefault(name, (dist, []))[1].append(trial.number)
@@ -781,8 +782,10 @@ class _Objective:
         val = rec.val_loss[-1]
         trial.report(self.task.normalised_loss(val) if math.isfinite(val) else math.inf, epoch)
         # should_prune reads the whole trial back from the storage before asking the pruner:
-        # a wasted read per epoch where the pruner is Optuna's "never prune".
-        if type(trial.study.pruner) is not optuna.pruners.NopPruner and trial.should_prune():
+        # a wasted read per epoch where the pruner is Optuna's "never prune". After the last
+        # epoch nothing is left to save, and a prune would only discard the finished run.
+        if (epoch < self.epochs and type(trial.study.pruner) is not optuna.pruners.NopPruner
+                and trial.should_prune()):
             _store(trial, rec, pruned_at=epoch)
             return True
         return False
@@ -1196,8 +1199,9 @@ def run_sweep(
         pruner=pruner or optuna.pruners.NopPruner(),
         load_if_exists=True,
     )
-    _check_space_kinds(study, space)
-    _check_enqueued(study, space)
+    trials = study.get_trials(deepcopy=False)
+    _check_space_kinds(study, space, trials)
+    _check_enqueued(study, space, trials)
     # A task of one's own is stored as the module:function that builds it, not the name its
     # Task carries: a resume, and trials_frame, rebuild it from what is stored.
     task_name = task if isinstance(task, str) and ":" in task else task_obj.name

@@ -118,6 +118,27 @@ def test_fill_fixed_params_completes_old_exports_and_refuses_another_space(space
         fill_fixed_params(old.assign(param_hidden=[8, 16]), space_file)
 
 
+@pytest.mark.parametrize("population", [1, 2])
+def test_the_last_epoch_is_never_pruned(tmp_path, space_file, population):
+    """A pruner saying "prune" after the last epoch would only discard a finished run: the
+    sweep asks it at every epoch but the last (here it answers yes from epoch 1 on)."""
+    asked = []
+
+    class FromEpochOne(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            asked.append(trial.last_step)
+            return trial.last_step >= 1
+
+    study = _sweep(tmp_path, space_file, n_trials=2, epochs=1, le_epochs=[0],
+                   pruner=FromEpochOne(), population=population)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert sorted(asked) == [0, 0]
+    study = _sweep(tmp_path, space_file, study_name="u", n_trials=2, epochs=2, le_epochs=[0],
+                   pruner=FromEpochOne(), population=population)
+    assert [t.state.name for t in study.trials] == ["PRUNED", "PRUNED"]
+    assert all(t.last_step == 1 for t in study.trials)
+
+
 def test_sweep_resumes_and_refuses_a_different_setup(tmp_path, space_file):
     _sweep(tmp_path, space_file, n_trials=2)
     study = _sweep(tmp_path, space_file, n_trials=4)
