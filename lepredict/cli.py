@@ -725,11 +725,18 @@ def _check_readable(study, command: str, *, finished_only: bool = False) -> None
                        f"(trial.report) or finished with one, so there is nothing to {command}; "
                        "report the validation loss with trial.report(loss, epoch).")
     running = [t.number for t in trials if t.state.name == "RUNNING"]
-    waiting = [t.number for t in trials if t.state.name == "WAITING"]
+    waiting = [t for t in trials if t.state.name == "WAITING"]
     if command == "export" and (running or waiting) and not finished_only:
         done = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
+        # A retry is queued by the sweep for a trial a kill or Ctrl-C stopped: not the user's.
+        retries = [t for t in waiting if t.system_attrs.get("retry_history")]
+        queued = [t.number for t in waiting if t not in retries]
         unfinished = ([f"{_numbers(running)} running"] if running else []) + (
-            [f"{_numbers(waiting)} enqueued, not started"] if waiting else [])
+            [f"{_numbers(queued)} enqueued, not started"] if queued else []) + (
+            [f"{_numbers([t.number for t in retries])} waiting to run stopped trial"
+             f"{'s' if len(retries) > 1 else ''} "
+             f"{', '.join(str(t.system_attrs['retry_history'][-1]) for t in retries[:6])} again "
+             "when the sweep resumes"] if retries else [])
         raise CLIError(f"Study {name!r} has unfinished trials ({'; '.join(unfinished)}); "
                        "export it when they have finished, or pass --finished-only to export "
                        f"the {done} finished trial{'s' if done != 1 else ''}.")

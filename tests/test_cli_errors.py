@@ -104,6 +104,19 @@ def enqueued_study(tmp: Path) -> None:
     study.enqueue_trial({"x": 0.2})
 
 
+def retried_study(tmp: Path) -> None:
+    """A finished trial, one a Ctrl-C stopped (failed), and the retry the sweep queued."""
+    import optuna
+
+    from lepredict.sweep import _retry_callback
+
+    study = _study(tmp)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    stopped = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    study.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    _retry_callback(max_retry=None)(study, study.trials[1])
+
+
 def exports_of_both_directions(tmp: Path) -> None:
     """Two exports, of a minimised and of a maximised study: one analysis cannot rank both."""
     import optuna
@@ -286,6 +299,10 @@ CASES = {
         ["export", "--study-name", "s", "-o", "x.csv"], enqueued_study,
         "has unfinished trials (trials 1, 2 enqueued, not started); export it when they have "
         "finished, or pass --finished-only to export the 1 finished trial."),
+    "export-retry-waiting": (
+        ["export", "--study-name", "s", "-o", "x.csv"], retried_study,
+        "has unfinished trials (trial 2 waiting to run stopped trial 1 again when the sweep "
+        "resumes); export it when they have finished, or pass --finished-only to export the 2"),
     "analyze-threshold-nan": (
         ["analyze", "--study-name", "s", "--model", "none", "--threshold", "nan"],
         running_study, "--threshold must be a finite number"),
