@@ -795,13 +795,19 @@ def _note_unknown_outcomes(*frames) -> None:
               "last epoch too to count them.", file=sys.stderr)
 
 
+#: Fewer runs than this on either side of the threshold (trained, not) and ``fit`` says the
+#: predictor it wrote rests on too few to be relied on.
+FEW_RUNS = 20
+
+
 def _cmd_fit(args) -> int:
-    from lepredict.evaluation import cross_validate
+    from lepredict.evaluation import N_BOOT, cross_validate
     from lepredict.predictor import SEARCH_GRID, StabilityPredictor
 
     frame = _read_data(args.data)
     # Model selection by grouped cross-validation (groups = study) over a small grid.
     grid = SEARCH_GRID if args.search else None
+    model = None
     for budget in args.budgets:
         try:
             metrics = {}
@@ -813,16 +819,26 @@ def _cmd_fit(args) -> int:
                 # that score them.
                 metrics["held_out_configs"] = cross_validate(
                     frame, budget=budget, sets=args.features, scheme="configs",
-                    threshold=args.threshold, param_grid=grid)
+                    threshold=args.threshold, param_grid=grid, n_boot=N_BOOT)
                 metrics["held_out_configs"]["nested"] = grid is not None
                 model.prune_threshold_ = metrics["held_out_configs"]["p_at_99_recall"]
         except ValueError as err:
             raise CLIError(str(err)) from None
         out = model.save(f"{args.output}/budget-{budget}", metrics=metrics)
-        auroc = metrics.get("held_out_configs", {}).get("auroc")
-        extra = f", held-out AUROC {auroc:.3f}" if auroc is not None else ""
+        held_out = metrics.get("held_out_configs", {})
+        extra = ""
+        if held_out.get("auroc") is not None:
+            low, high = held_out["auroc_interval"]
+            extra = f", held-out AUROC {held_out['auroc']:.3f} [{low:.3f}-{high:.3f}]"
         print(f"budget {budget}: fitted on {model.training_summary_['runs']} runs{extra} -> {out}")
     _note_unknown_outcomes(frame)
+    runs = model.training_summary_["runs"]
+    trained = round(runs * model.training_summary_["trainable_share"])
+    if min(trained, runs - trained) < FEW_RUNS:
+        print(f"note: fitted on {runs} runs, {trained} of which trained: with fewer than "
+              f"{FEW_RUNS} on either side, the predictor rests on a handful of runs and its "
+              "held-out AUROC is known only roughly (see its interval); fit on more runs "
+              "before pruning with it.", file=sys.stderr)
     return 0
 
 

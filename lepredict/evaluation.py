@@ -311,12 +311,13 @@ def out_of_fold(frame: pd.DataFrame, *, budget: int, sets: Sequence[str] | str,
 def cross_validate(frame: pd.DataFrame, *, budget: int, sets: Sequence[str], scheme: str = "configs",
                    threshold: float | None = None, random_state: int = 0,
                    n_jobs: int | None = None, classifier=None,
-                   param_grid: dict | None = None) -> dict:
+                   param_grid: dict | None = None, n_boot: int = 0) -> dict:
     """Metrics of a :class:`StabilityPredictor` on held-out runs under ``scheme``.
 
     Returns :func:`lepredict.predictor.metric_table`'s keys; for ``"task"`` and ``"arch"`` the
     mean over held-out groups, with each group's metrics under ``"groups"``; for pooled schemes
-    also ``p_at_99_recall``. ``classifier`` is the predictor's (``None``: the default one);
+    also ``p_at_99_recall``, and with ``n_boot`` resamples ``auroc_interval`` (95%, as
+    :func:`summarise` takes it). ``classifier`` is the predictor's (``None``: the default one);
     ``param_grid`` makes it nested (see :func:`out_of_fold`).
     """
     pred = out_of_fold(frame, budget=budget, sets=sets, scheme=scheme, threshold=threshold,
@@ -329,6 +330,10 @@ def cross_validate(frame: pd.DataFrame, *, budget: int, sets: Sequence[str], sch
         # The P(trainable) under which only 1% of the trainable held-out runs fell: a pruning
         # threshold that, on data like these, stops at most 1 in 100 configurations that train.
         out["p_at_99_recall"] = float(np.quantile(proba[y], 0.01)) if y.any() else math.nan
+        if n_boot:
+            table = summarise(pred, baseline=None, n_boot=n_boot, random_state=random_state)
+            pooled = table[table["group"] == "all"].iloc[0]
+            out["auroc_interval"] = [float(pooled["auroc_low"]), float(pooled["auroc_high"])]
         return out
     groups = {name.split("=", 1)[1]: metric_table(g["trainable"].to_numpy(dtype=bool), g["proba"],
                                                   g["final_loss"], g["loss_pred"])

@@ -126,13 +126,27 @@ def test_fit_and_evaluate_commands(runs, tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_fit_records_a_pruning_threshold_and_evaluate_summarises(runs, tmp_path):
+def test_fit_records_a_pruning_threshold_and_evaluate_summarises(runs, tmp_path, capsys):
+    import re
+
     from lepredict.cli import main
     from lepredict.evaluation import compare, format_summary
 
     data = tmp_path / "runs.parquet"
     runs.to_parquet(data)
     assert main(["fit", "--data", str(data), "-o", str(tmp_path / "m"), "--budgets", "1"]) == 0
+    out, err = capsys.readouterr()
+    auroc, low, high = map(float, re.search(r"held-out AUROC ([\d.]+) \[([\d.]+)-([\d.]+)\]",
+                                            out).groups())
+    assert low <= auroc <= high and high - low < 0.2
+    assert "note: fitted on" not in err
+    # A handful of runs: fit says what that means.
+    few = tmp_path / "few.parquet"
+    runs.sample(30, random_state=0).to_parquet(few)  # 5 trainable
+    assert main(["fit", "--data", str(few), "-o", str(tmp_path / "f"), "--budgets", "1",
+                 "--no-cv"]) == 0
+    err = capsys.readouterr().err
+    assert "note: fitted on 30 runs, 5 of which trained" in err and "fewer than 20 on either side" in err
     manifest = json.loads((tmp_path / "m" / "budget-1" / "manifest.json").read_text())
     threshold = manifest["prune_threshold"]
     assert threshold == manifest["metrics"]["held_out_configs"]["p_at_99_recall"]
