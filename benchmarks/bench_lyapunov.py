@@ -28,7 +28,7 @@ import time
 import torch
 
 import lepredict
-from lepredict.lyapunov import GRAM_QR_DEVICES, _gram_qr, rnn_step
+from lepredict.lyapunov import GRAM_QR_DEVICES, _gram_qr, _householder_qr, rnn_step
 
 ARCHS = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
 
@@ -67,8 +67,7 @@ def time_unavoidable(B: int, n: int, T: int, device, householder: bool = False) 
             if gram:
                 q, d, _ = _gram_qr(a)
             else:
-                q, r = torch.linalg.qr(a)
-                d = r.diagonal(dim1=-2, dim2=-1).abs()
+                q, d = _householder_qr(a)
             d.log()
             qt = q.mT
 

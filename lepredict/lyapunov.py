@@ -171,6 +171,22 @@ def _initial_basis(B: int, k: int, n: int, dtype: torch.dtype, device: torch.dev
     return q.expand(B, k, n).clone()
 
 
+def _householder_qr(a: Tensor) -> tuple[Tensor, Tensor]:
+    """Thin Householder QR of ``a`` ``(B, n, k)``: ``Q`` and ``|diag R|``.
+
+    On a CPU as LAPACK's two halves (``geqrf``, then ``orgqr`` forming ``Q``) with ``R``'s
+    diagonal read off the factored matrix: the same numbers as ``torch.linalg.qr``, bit for bit,
+    12-15% sooner from n = 128 (that call also copies out ``R``'s upper triangle, n^2 per
+    matrix, which the spectrum never reads). Elsewhere ``torch.linalg.qr``, as measured there.
+    """
+    if a.device.type != "cpu":
+        q, r = torch.linalg.qr(a)
+        return q, r.diagonal(dim1=-2, dim2=-1).abs()
+    factored, tau = torch.geqrf(a)
+    return (torch.linalg.householder_product(factored, tau),
+            factored.diagonal(dim1=-2, dim2=-1).abs())
+
+
 #: Devices on which float32 bases are re-orthonormalised by Cholesky-QR on the float64 Gram
 #: matrix (:func:`_gram_qr`) rather than by Householder QR. On CUDA, cuSOLVER's batched QR runs
 #: one small factorisation after another (about 44 ms for 32 matrices of 256 x 256 on an H100,
@@ -291,8 +307,7 @@ class _Accumulator:
             q, d, ok = _gram_qr(a)
             self.householder_where_not(ok, a, q, d)
         else:
-            q, r = torch.linalg.qr(a)
-            d = r.diagonal(dim1=-2, dim2=-1).abs()
+            q, d = _householder_qr(a)
         self.accumulate(t, d)
         if self.auto:
             self.schedule(t, d)
@@ -303,9 +318,9 @@ class _Accumulator:
         """Redo by Householder QR, in place in ``q`` and ``d``, the rows the Gram route flagged."""
         if not bool(ok.all()):
             bad = (~ok).nonzero().squeeze(-1)
-            q_bad, r_bad = torch.linalg.qr(a[bad])
+            q_bad, d_bad = _householder_qr(a[bad])
             q[bad] = q_bad
-            d[bad] = r_bad.diagonal(dim1=-2, dim2=-1).abs().to(d.dtype)
+            d[bad] = d_bad.to(d.dtype)
 
     def accumulate(self, t: int, d: Tensor) -> None:
         if t <= self.warmup:

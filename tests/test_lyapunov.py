@@ -282,8 +282,8 @@ def test_long_sequences_run_in_windows_with_the_same_result(arch, monkeypatch):
 
 def test_auto_reorthonormalisation_skips_qrs_where_conditioning_allows(monkeypatch):
     calls = []
-    qr = torch.linalg.qr
-    monkeypatch.setattr(torch.linalg, "qr", lambda a, *args, **kw: calls.append(1) or qr(a, *args, **kw))
+    qr = lepredict.lyapunov._householder_qr
+    monkeypatch.setattr(lepredict.lyapunov, "_householder_qr", lambda a: calls.append(1) or qr(a))
     torch.manual_seed(0)
     gru = nn.GRU(1, 32, batch_first=True)  # exponents within about 1 of each other
     lepredict.lyapunov_spectrum(gru, torch.randn(2, 100, 1), reorth_every="auto")
@@ -617,6 +617,22 @@ def test_gram_qr_route_is_as_accurate_as_householder_in_float32(arch, scale):
     x = torch.randn(8, 60, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
     householder, gram = _float32_errors(m, x)
     assert gram <= 1.2 * householder + 1e-6, (gram, householder)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_householder_qr_is_torchs_qr_bit_for_bit(dtype):
+    """The engine's CPU QR (LAPACK's geqrf and orgqr, R's diagonal read off the factored
+    matrix) gives torch.linalg.qr's Q and |diag R| exactly, in the engine's column-major
+    layout and on singular and non-finite matrices too."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 5, 20, generator=g, dtype=dtype).mT  # (4, 20, 5), read in place
+    a[1, :, 3] = 0.0
+    a[2, 7, 1] = float("nan")
+    q, d = lepredict.lyapunov._householder_qr(a)
+    q_ref, r_ref = torch.linalg.qr(a)
+    torch.testing.assert_close(q, q_ref, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(d, r_ref.diagonal(dim1=-2, dim2=-1).abs(), rtol=0, atol=0,
+                               equal_nan=True)
 
 
 def test_gram_qr_flags_what_it_cannot_factor():
