@@ -27,7 +27,8 @@ from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
 from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
                                SPECTRUM, VAL_LOSS, attrs_by_step, check_hparams,
-                               complete_hparams, jsonable, run_row, spectrum_dict, spectrum_of)
+                               complete_hparams, jsonable, own_attrs, run_row, spectrum_dict,
+                               spectrum_of)
 from lepredict.train import DIVERGED_LOSS_RATIO, PROBE_SIZE, diverged_loss, measured_options
 
 __all__ = ["LyapunovPruner", "measure_and_report", "module_hparams", "report_spectrum"]
@@ -376,7 +377,8 @@ class _TrialView:
 
     def __init__(self, study: optuna.Study, trial: FrozenTrial, steps_per_epoch: int):
         self.trial = trial
-        own = attrs_by_step(trial.user_attrs, VAL_LOSS)
+        attrs = own_attrs(trial)  # not what a retry inherited of its attempt's later epochs
+        own = attrs_by_step(attrs, VAL_LOSS)
         self.reported_losses = bool(own)
         # A maximising study reports something else than the loss: only losses given to
         # report_spectrum(val_loss=...) can be read then.
@@ -384,7 +386,7 @@ class _TrialView:
         raw = {s: _float(v) for s, v in own.items()} if self.losses_from_attrs \
             else dict(trial.intermediate_values)
         self.losses = _by_epoch(raw, steps_per_epoch)
-        spectra = attrs_by_step(trial.user_attrs, SPECTRUM)
+        spectra = attrs_by_step(attrs, SPECTRUM)
         self.spectra = _by_epoch(spectra, steps_per_epoch)
         # Spectra and losses given at steps that are no epoch's end are never read ...
         self.off_epoch = sorted(s for s in {*spectra, *own} if s % steps_per_epoch)
@@ -826,7 +828,7 @@ class LyapunovPruner(BasePruner):
     def _check_reported(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Warn once if the trial stores spectra but never calls ``trial.report``, once that is
         plain: a spectrum after initialisation (the step-0 one may come before the report)."""
-        steps = sorted(attrs_by_step(trial.user_attrs, SPECTRUM))
+        steps = sorted(attrs_by_step(own_attrs(trial), SPECTRUM))
         if steps and steps[-1] > 0:
             self._warn_once(study, "unreported", (
                 f"LyapunovPruner prunes nothing in study {study.study_name!r}: trial "
@@ -1076,7 +1078,7 @@ def _best_prediction(study: optuna.Study, finished: list[FrozenTrial],
         return None
     best = (min if study.direction == StudyDirection.MINIMIZE else max)(
         finished, key=lambda t: t.value)
-    for record in attrs_by_step(best.user_attrs, PREDICTION).values():
+    for record in attrs_by_step(own_attrs(best), PREDICTION).values():
         if isinstance(record, Mapping) and record.get("budget") == budget \
                 and record.get("final_loss") is not None:
             return best.number, float(record["final_loss"])

@@ -43,6 +43,7 @@ __all__ = [
     "complete_hparams",
     "exponent_total",
     "jsonable",
+    "own_attrs",
     "run_row",
     "spectrum_dict",
     "spectrum_of",
@@ -430,12 +431,39 @@ def attrs_by_step(user_attrs: Mapping, prefix: str) -> dict[int, object]:
 _STATUS = {"PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
+def own_attrs(t) -> Mapping:
+    """A trial's user attributes without those a retry inherited from its failed attempt.
+
+    Optuna's retry callbacks copy the attempt's user attributes into the retry, so a retry
+    pruned at epoch 2 would otherwise show its attempt's spectra and predictions of epochs 3
+    and on. A retry's lepredict attributes of a step count only up to the last step it
+    reported itself (each step it reached it wrote again), and its outcome's only once it has
+    one of its own (stored when it ends).
+    """
+    attrs = t.user_attrs
+    if not (getattr(t, "system_attrs", None) or {}).get("retry_history"):
+        return attrs
+    last = -1 if t.last_step is None else t.last_step
+    finished = t.state.name in ("COMPLETE", "PRUNED", "FAIL")
+    own = {}
+    for key, value in attrs.items():
+        step = next((key[len(p):] for p in (SPECTRUM, VAL_LOSS, PREDICTION)
+                     if key.startswith(p)), None)
+        if step is not None:
+            if step.lstrip("-").isdigit() and int(step) > last:
+                continue
+        elif key in (RUN, STATUS, ERROR) and not finished:
+            continue
+        own[key] = value
+    return own
+
+
 def _own_run(t, setup: Mapping, chance: float | None, direction: str) -> dict:
     """What a trial of a loop of one's own (or a sweep trial still running) holds, as a stored
     run: its losses (those given to ``report_spectrum(val_loss=...)``, else the values it
     reported in a minimising study), how it ended and where it was pruned."""
     reported = {int(s): _float(v) for s, v in t.intermediate_values.items()}
-    given = {s: _float(v) for s, v in attrs_by_step(t.user_attrs, VAL_LOSS).items()}
+    given = {s: _float(v) for s, v in attrs_by_step(own_attrs(t), VAL_LOSS).items()}
     scale = 1.0
     if given:
         losses = given
@@ -483,13 +511,14 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
     (``predicted_p_trainable``, ``predicted_final_loss``, at ``predicted_at``) and, for a trial
     it pruned, why (``prune_reason``).
     """
-    spectra = {attr[len(SPECTRUM):]: spec for attr, spec in t.user_attrs.items()
+    attrs = own_attrs(t)
+    spectra = {attr[len(SPECTRUM):]: spec for attr, spec in attrs.items()
                if attr.startswith(SPECTRUM)}
-    own_chance = t.user_attrs.get(CHANCE_LOSS)
+    own_chance = attrs.get(CHANCE_LOSS)
     chance = _float(own_chance) if own_chance is not None else (
         chance_loss if chance_loss is not None else _float(setup.get("chance_loss")))
     reported = sorted((int(s), _float(v)) for s, v in t.intermediate_values.items())
-    decisions = attrs_by_step(t.user_attrs, PREDICTION)
+    decisions = attrs_by_step(attrs, PREDICTION)
     predicted = [(s, d) for s, d in sorted(decisions.items())
                  if isinstance(d, Mapping) and d.get("p_trainable") is not None]
     pruned = [d for s, d in sorted(decisions.items()) if isinstance(d, Mapping) and d.get("pruned")]
@@ -499,13 +528,13 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
         "state": t.state.name,
         "value": _float(t.value),
         "direction": direction,
-        "status": t.user_attrs.get(STATUS, _STATUS.get(t.state.name)),
+        "status": attrs.get(STATUS, _STATUS.get(t.state.name)),
         "task": setup.get("task"),
         "task_options": json.dumps(setup.get("task_options", {}), sort_keys=True),
         "epochs": setup.get("epochs"),
         "chance_loss": chance,
         "threshold": threshold if threshold is not None else setup.get("threshold"),
-        "fail_reason": t.user_attrs.get(ERROR),
+        "fail_reason": attrs.get(ERROR),
         "steps": [s for s, _ in reported],
         "values": [v for _, v in reported],
         "prune_reason": pruned[-1].get("reason") if pruned and t.state.name == "PRUNED" else None,
@@ -513,15 +542,15 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
         "predicted_p_trainable": _float(predicted[-1][1]["p_trainable"]) if predicted else None,
         "predicted_final_loss": _float(predicted[-1][1].get("final_loss")) if predicted else None,
     }
-    hparams = t.user_attrs.get(HPARAMS)
+    hparams = attrs.get(HPARAMS)
     hparams = hparams if isinstance(hparams, Mapping) else {}
-    run = t.user_attrs.get(RUN)
+    run = attrs.get(RUN)
     if run is None:
         run = _own_run(t, setup, chance, direction)
         if meta["status"] is None:
             meta["status"] = run.pop("status", None)
         run.pop("status", None)
-    if setup.get("task") or RUN in t.user_attrs:
+    if setup.get("task") or RUN in attrs:
         # A sweep's trial (its run stored, or failed or still running): the whole config (fixed
         # values included), then the params; its parameters are lepredict's own.
         return run_row(meta, run, {**run.get("config", {}), **t.params, **hparams}, spectra)

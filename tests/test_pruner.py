@@ -544,6 +544,43 @@ def test_exports_keep_a_loops_own_params_apart_from_the_declared_hparams(runs):
     assert holdout_mask(frame, "arch=gru").tolist() == [True]
 
 
+def test_a_retry_shows_only_what_it_reported_itself(runs):
+    """Optuna's retry callbacks copy the failed attempt's user attributes into the retry: the
+    attempt's spectra, losses and decisions of epochs the retry never reached are neither
+    exported as the retry's nor read by the pruner deciding for it."""
+    row = runs[runs["status"] == "ok"].iloc[0]
+    study = optuna.create_study(pruner=LyapunovPruner(threshold=0.0))
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-4, 1.0, log=True)}
+
+    def epochs(trial, last):
+        for e in range(last + 1):
+            report_spectrum(trial, {"mean": row[f"le{e}_mean"], "std": row[f"le{e}_std"]}, e,
+                            chance_loss=row["chance_loss"], val_loss=row["val_loss"][e])
+            trial.report(row["val_loss"][e], e)
+            trial.should_prune()
+
+    attempt = study.ask(dist)
+    epochs(attempt, 3)
+    study.tell(attempt, state=optuna.trial.TrialState.FAIL)  # a kill, say
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks the callback experimental
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    retry(study, study.trials[0])
+    again = study.ask()
+    assert again.user_attrs[f"{ATTR}spectrum:3"] is not None  # inherited
+    epochs(again, 1)
+    frame = lepredict.sweep.trials_frame(study)
+    first, second = frame.iloc[0], frame.iloc[1]
+    assert first["predicted_at"] == 3 and np.isfinite(first["le3_mean"]).all()
+    assert second["predicted_at"] == 1
+    assert all(isinstance(second[f"le{e}_mean"], float) and math.isnan(second[f"le{e}_mean"])
+               for e in (2, 3))
+    assert second["val_loss"] == list(row["val_loss"][:2])
+    # The pruner reads the retry's own epochs: at epoch 1 its latest is epoch 1's.
+    view = lepredict.pruner._TrialView(study, study.trials[1], 1)
+    assert sorted(view.spectra) == [0, 1] and sorted(view.losses) == [0, 1]
+
+
 def test_a_sweep_gives_a_screening_predictor_its_hparams(screening, tmp_path):
     task = lepredict.tasks.get("digits", mode="row")
     space = lepredict.sweep._parse_space({"params": {"lr": {"low": 1e-3, "high": 0.1}},
