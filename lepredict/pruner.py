@@ -664,6 +664,11 @@ class LyapunovPruner(BasePruner):
                               + ": diverged"})
         if view.off_epoch:
             self._warn_once(study, "off-epoch", self._off_epoch_message(study, view))
+        if view.chance is not None and 0 in view.losses:
+            ratio = view.losses[0] / view.chance
+            if not INIT_LOSS_RATIOS[0] <= ratio <= INIT_LOSS_RATIOS[1]:
+                self._warn_once(study, "chance-scale", self._chance_scale_message(
+                    study, view, ratio))
         if view.spectra:
             at, latest = max(view.spectra.items())
             if _overflowed(latest):
@@ -873,6 +878,17 @@ class LyapunovPruner(BasePruner):
             f" (step {_steps_text([e * self._steps_per_epoch for e in epochs])})"
         return f"epoch {_steps_text(epochs)}{steps}"
 
+    @staticmethod
+    def _chance_scale_message(study: optuna.Study, view: _TrialView, ratio: float) -> str:
+        return (f"LyapunovPruner: trial {view.trial.number} of study {study.study_name!r} "
+                f"has a loss at initialisation {ratio:.3g} times the chance_loss it gave "
+                f"({view.chance:.4g}), where an untrained network scores about its chance loss "
+                f"({INIT_LOSS_RATIOS[0]:g} to {INIT_LOSS_RATIOS[1]:g} times it in lepredict's "
+                "runs), so the predictor reads every loss on a wrong scale: give the chance "
+                "loss of the loss reported (lepredict.chance_loss of one-hot targets is the "
+                "squared error's unless kind='classification'; 1.0 for losses already "
+                "normalised).")
+
     def _off_epoch_message(self, study: optuna.Study, view: _TrialView) -> str:
         spe = self._steps_per_epoch
         return (f"LyapunovPruner reads no spectrum or val_loss= given at steps "
@@ -988,6 +1004,12 @@ def _steps_text(steps: list[int]) -> str:
     """The first few of ``steps``, for a message."""
     return f"{', '.join(map(str, steps[:4]))}{'...' if len(steps) > 4 else ''}"
 
+
+#: Loss at initialisation over the chance loss given, outside which the chance loss is taken to
+#: be another loss's and the pruner warns: of the 6,937 runs of studies/, none lay below 0.76
+#: and 2 above 20 (at most 22.4; 99.9% within 0.88-16.4), while one-hot targets' squared-error
+#: chance loss under a cross-entropy gives about 25.
+INIT_LOSS_RATIOS = (0.5, 20.0)
 
 #: The largest growth per step, as a log, that a float64 state survives: an exponent above it
 #: (or an infinite sum) is a state that overflowed, which lyapunov_spectrum marks diverged.

@@ -37,6 +37,7 @@ import functools
 import inspect
 import importlib
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -480,6 +481,14 @@ def _constant_mse(y_train: Tensor, y_val: Tensor) -> float:
     return float(((y_val.reshape(-1, size).double() - mean) ** 2).mean())
 
 
+def _one_hot(y: Tensor) -> bool:
+    """Whether ``y`` holds rows of 0s with a single 1 (two or more classes)."""
+    if y.dim() < 2 or y.shape[-1] < 2:
+        return False
+    binary = ((y == 0) | (y == 1)).all()
+    return bool(binary and (y.sum(-1) == 1).all())
+
+
 def chance_loss(y_train, y_val=None, *, kind: str | None = None,
                 n_classes: int | None = None) -> float:
     """The loss of the best constant prediction: what a model that learned nothing scores, and
@@ -487,10 +496,12 @@ def chance_loss(y_train, y_val=None, *, kind: str | None = None,
     (``loss / chance_loss``, 1.0 = learned nothing).
 
     Args:
-        y_train: training targets (tensor or array): integer class indices for cross-entropy,
-            floats (last axis = output size) for mean squared error.
+        y_train: training targets (tensor or array): integer class indices for cross-entropy
+            (or one-hot rows, with ``kind="classification"``), floats (last axis = output
+            size) for mean squared error.
         y_val: the targets the loss is measured on; ``None`` uses ``y_train``.
-        kind: ``"classification"`` or ``"regression"``; ``None`` decides by the dtype.
+        kind: ``"classification"`` or ``"regression"``; ``None`` decides by the dtype (and
+            warns where float targets are one-hot rows, which a cross-entropy loss may take).
         n_classes: number of classes (default: the largest index + 1).
 
     Returns:
@@ -506,13 +517,25 @@ def chance_loss(y_train, y_val=None, *, kind: str | None = None,
     y_train = torch.as_tensor(np.asarray(y_train) if not torch.is_tensor(y_train) else y_train)
     y_val = y_train if y_val is None else torch.as_tensor(
         np.asarray(y_val) if not torch.is_tensor(y_val) else y_val)
-    if kind is None:
-        kind = REGRESSION if torch.is_floating_point(y_train) else CLASSIFICATION
-    if kind not in (CLASSIFICATION, REGRESSION):
+    if kind not in (None, CLASSIFICATION, REGRESSION):
         raise ValueError(f"kind must be {CLASSIFICATION!r} or {REGRESSION!r}, got {kind=}.")
     if y_train.numel() == 0 or y_val.numel() == 0:
         raise ValueError("chance_loss needs at least one target.")
+    one_hot = _one_hot(y_train) and _one_hot(y_val)
+    if kind is None:
+        kind = REGRESSION if torch.is_floating_point(y_train) else CLASSIFICATION
+        if kind == REGRESSION and one_hot:
+            # F.cross_entropy takes such rows as class probabilities: a chance loss of the
+            # squared error there is 25 times too small, and every trial looks diverged.
+            warnings.warn(
+                f"chance_loss: the targets are one-hot rows of {y_train.shape[-1]} classes, "
+                "taken as regression targets (the mean squared error of the best constant); "
+                "if the model is trained with cross-entropy, pass kind='classification' (or "
+                "the class indices).", UserWarning, stacklevel=2)
     if kind == CLASSIFICATION:
+        if one_hot and torch.is_floating_point(y_train):
+            n_classes = y_train.shape[-1] if n_classes is None else n_classes
+            y_train, y_val = y_train.argmax(-1), y_val.argmax(-1)
         y_train, y_val = y_train.long(), y_val.long()
         n = int(max(y_train.max(), y_val.max())) + 1 if n_classes is None else int(n_classes)
         if int(min(y_train.min(), y_val.min())) < 0 or n <= int(max(y_train.max(), y_val.max())):

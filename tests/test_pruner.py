@@ -389,6 +389,25 @@ def test_raw_losses_with_chance_loss_predict_as_normalised_ones(runs, model_dir)
         assert other["final_loss"] == pytest.approx(records[0]["final_loss"])
 
 
+def test_a_chance_loss_of_another_loss_warns_once(runs, model_dir):
+    """A loss at initialisation 25 times the chance loss given (the squared error's chance loss
+    of one-hot targets, a cross-entropy reported) reads every loss on a wrong scale: the pruner
+    says so once per study; a chance loss of the loss reported says nothing."""
+    row = runs[runs["status"] == "ok"].iloc[0]
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _user_trial(study, row, scale=2.0, chance=2.0)
+    assert not [w for w in caught if "times the chance_loss" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            _user_trial(study, row, scale=2.0, chance=row["val_loss"][0] / 25)
+    said = [str(w.message) for w in caught if "times the chance_loss" in str(w.message)]
+    assert len(said) == 1 and "trial 1 " in said[0] and "has a loss at initialisation 25 times" \
+        in said[0] and "kind='classification'" in said[0]
+
+
 # -- hyperparameters for the screening predictor ------------------------------------------------
 
 GOOD_HPARAMS = {"arch": "gru", "hidden": 16, "layers": 1, "lr": 0.01, "optimizer": "adam",

@@ -484,6 +484,26 @@ def test_known_chance_levels(default_tasks):
     assert 2.0 < charlm.chance_loss < math.log(charlm.output_size) - 0.3
 
 
+def test_chance_loss_of_one_hot_targets():
+    """One-hot float rows are regression targets unless said otherwise, with a warning (a
+    cross-entropy takes them too, and its chance loss is 25 times theirs here); with
+    kind='classification' they are the classes they mark."""
+    import warnings
+
+    from lepredict import chance_loss
+
+    labels = torch.arange(400) % 10
+    one_hot = torch.nn.functional.one_hot(labels, 10).float()
+    with pytest.warns(UserWarning, match="one-hot rows of 10 classes.*kind='classification'"):
+        assert chance_loss(one_hot) == pytest.approx(0.09)
+    assert chance_loss(one_hot, kind="classification") == pytest.approx(chance_loss(labels))
+    assert chance_loss(labels) == pytest.approx(math.log(10), abs=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # other float targets: no word
+        chance_loss(torch.rand(50, 3))
+        chance_loss(one_hot * 0.5)
+
+
 @pytest.mark.parametrize("name", BUILTIN)
 def test_best_constant_prediction_scores_chance(default_tasks, name):
     task = default_tasks[name]
