@@ -481,7 +481,7 @@ def _constant_mse(y_train: Tensor, y_val: Tensor) -> float:
     return float(((y_val.reshape(-1, size).double() - mean) ** 2).mean())
 
 
-def _one_hot(y: Tensor) -> bool:
+def _is_one_hot(y: Tensor) -> bool:
     """Whether ``y`` holds rows of 0s with a single 1 (two or more classes)."""
     if y.dim() < 2 or y.shape[-1] < 2:
         return False
@@ -521,7 +521,7 @@ def chance_loss(y_train, y_val=None, *, kind: str | None = None,
         raise ValueError(f"kind must be {CLASSIFICATION!r} or {REGRESSION!r}, got {kind=}.")
     if y_train.numel() == 0 or y_val.numel() == 0:
         raise ValueError("chance_loss needs at least one target.")
-    one_hot = _one_hot(y_train) and _one_hot(y_val)
+    one_hot = _is_one_hot(y_train) and _is_one_hot(y_val)
     if kind is None:
         kind = REGRESSION if torch.is_floating_point(y_train) else CLASSIFICATION
         if kind == REGRESSION and one_hot:
