@@ -615,6 +615,11 @@ class LyapunovPruner(BasePruner):
         self._n_startup_trials = n_startup_trials
         self._trainable_below, self._refit_every = trainable_below, refit_every
         self._wrapped_pruner = wrapped_pruner
+        self._start_caches()
+
+    _CACHES = ("_online", "_warned", "_predicted", "_decided", "_lock")
+
+    def _start_caches(self) -> None:
         # Caches of what the storage implies (the online fit for a given set of finished
         # trials; warnings already given), not state: any worker decides the same.
         self._online: dict[tuple[str, int], dict[int, StabilityPredictor]] = {}
@@ -624,6 +629,16 @@ class LyapunovPruner(BasePruner):
         # came too late for its decision (the trials a worker decides for are those it runs).
         self._decided = _TrialMarks(100_000)
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # A pickled study (joblib.dump, as Optuna's FAQ saves an in-memory one) or a deepcopy
+        # starts with empty caches, as a new worker does: they know trials by this process's
+        # storages, and a lock does not pickle.
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start_caches()
 
     # -- what a spectrum must be ------------------------------------------------------------
 

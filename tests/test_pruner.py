@@ -389,6 +389,24 @@ def test_raw_losses_with_chance_loss_predict_as_normalised_ones(runs, model_dir)
         assert other["final_loss"] == pytest.approx(records[0]["final_loss"])
 
 
+def test_a_study_with_the_pruner_pickles_and_decides_the_same(runs, model_dir):
+    """joblib.dump of an in-memory study (Optuna's FAQ) and copy.deepcopy of the pruner work:
+    the copy starts without this process's caches and decides as the original does."""
+    import copy
+    import pickle
+
+    row = runs[runs["status"] == "ok"].iloc[0]
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0))
+    _user_trial(study, row)
+    restored = pickle.loads(pickle.dumps(study))
+    assert isinstance(copy.deepcopy(study.pruner), LyapunovPruner)
+    decided = []
+    for s in (study, restored):
+        trial, _ = _user_trial(s, row)
+        decided.append(s.trials[trial.number].user_attrs[f"{ATTR}prediction:1"])
+    assert decided[0] == decided[1] and "p_trainable" in decided[0]
+
+
 def test_a_chance_loss_of_another_loss_warns_once(runs, model_dir):
     """A loss at initialisation 25 times the chance loss given (the squared error's chance loss
     of one-hot targets, a cross-entropy reported) reads every loss on a wrong scale: the pruner
