@@ -98,6 +98,14 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
     if isinstance(spectrum, LyapunovSpectrum):
         spec = spectrum_of(spectrum)
     elif isinstance(spectrum, Mapping) and "mean" in spectrum:
+        if spectrum.get("std") is None:
+            # Zeros are what one trajectory gives; the predictor reads the spread over the
+            # probe's sequences, and its predictions move with it.
+            warnings.warn("report_spectrum: the spectrum has no \"std\" (the exponents' spread "
+                          "over the probe's sequences), so it is stored as 0, as from a single "
+                          "sequence; the predictor reads the spread: give \"std\" too (a "
+                          "LyapunovSpectrum's .std), or pass the LyapunovSpectrum itself.",
+                          UserWarning, stacklevel=_outside_stacklevel())
         spec = spectrum_dict(spectrum["mean"], spectrum.get("std"),
                              diverged=float(spectrum.get("diverged", 0.0)),
                              state_size=spectrum.get("n"), convention=spectrum.get("convention"),

@@ -153,6 +153,14 @@ def test_no_spectrum_never_pruned_for_stability_and_divergence_pruned_at_once(mo
                       "diverged")
 
 
+def _spectrum(row, epoch: int = 0) -> dict:
+    return {"mean": row[f"le{epoch}_mean"], "std": row[f"le{epoch}_std"]}
+
+
+#: Eight exponents falling from 0.1, from one sequence.
+_FALLING = {"mean": [0.1 - 0.05 * i for i in range(8)], "std": [0.0] * 8}
+
+
 def _user_trial(study, row, steps=(0, 1), scale=2.0, chance=2.0, tell=None):
     """A user's loop: raw losses (normalised x ``scale``) with the chance loss declared."""
     trial = study.ask()
@@ -195,7 +203,7 @@ def test_a_maximising_study_needs_the_loss_beside_its_metric(runs, model_dir):
     row = runs[runs["status"] == "ok"].iloc[0]
     study = optuna.create_study(direction="maximize", pruner=LyapunovPruner(model=model_dir))
     trial = study.ask()
-    report_spectrum(trial, {"mean": row["le0_mean"]}, 0)
+    report_spectrum(trial, _spectrum(row), 0)
     trial.report(0.1, 0)  # an accuracy
     with pytest.raises(ValueError, match="maximises.*val_loss="):
         trial.should_prune()
@@ -209,7 +217,7 @@ def test_a_maximising_study_needs_the_loss_beside_its_metric(runs, model_dir):
     assert record["source"] == "model:1" and 0.0 <= record["p_trainable"] <= 1.0
     # A good accuracy does not hide a loss that says the run diverged.
     trial = study.ask()
-    report_spectrum(trial, {"mean": row["le0_mean"]}, 0, chance_loss=2.0, val_loss=1e4)
+    report_spectrum(trial, _spectrum(row), 0, chance_loss=2.0, val_loss=1e4)
     trial.report(0.9, 0)
     assert trial.should_prune()
     reason = study.trials[trial.number].user_attrs[f"{ATTR}prediction:0"]["reason"]
@@ -389,6 +397,19 @@ def test_raw_losses_with_chance_loss_predict_as_normalised_ones(runs, model_dir)
         assert other["final_loss"] == pytest.approx(records[0]["final_loss"])
 
 
+def test_a_spectrum_without_its_spread_is_stored_with_a_warning(runs):
+    """No "std": stored as zeros (one sequence's), which the predictor reads as a spread, so
+    report_spectrum says so; given, nothing is said."""
+    row = runs[runs["status"] == "ok"].iloc[0]
+    trial = optuna.create_study().ask()
+    with pytest.warns(UserWarning, match=r'no "std" .* stored as 0, as from a single sequence'):
+        report_spectrum(trial, {"mean": row["le0_mean"]}, 0)
+    assert trial.user_attrs[f"{ATTR}spectrum:0"]["std"] == [0.0] * len(row["le0_mean"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report_spectrum(trial, {"mean": row["le1_mean"], "std": row["le1_std"]}, 1)
+
+
 def test_a_study_with_the_pruner_pickles_and_decides_the_same(runs, model_dir):
     """joblib.dump of an in-memory study (Optuna's FAQ) and copy.deepcopy of the pruner work:
     the copy starts without this process's caches and decides as the original does."""
@@ -564,7 +585,7 @@ def test_exports_keep_a_loops_own_params_apart_from_the_declared_hparams(runs):
     trial = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-5, 1.0),
                        "hidden": optuna.distributions.IntDistribution(50, 500),
                        "lr": optuna.distributions.FloatDistribution(0.5, 0.9)})
-    report_spectrum(trial, {"mean": row["le0_mean"]}, 0,
+    report_spectrum(trial, _spectrum(row), 0,
                     hparams={"lr": 0.02, "init": "default", "hidden": 8, "arch": "gru"})
     trial.report(1.0, 0)
     study.tell(trial, 0.5)
@@ -660,7 +681,7 @@ def _unfed_trial(study, steps=(0, 1, 2), spectra=(), report=True, val_loss=None)
     trial = study.ask()
     for step in sorted({*steps, *spectra}):
         if step in spectra:
-            report_spectrum(trial, {"mean": [0.1 - 0.05 * i for i in range(8)]}, step,
+            report_spectrum(trial, _FALLING, step,
                             chance_loss=1.0, val_loss=val_loss)
         if report and step in steps:
             trial.report(0.9, step)
@@ -733,7 +754,7 @@ def test_spectra_given_at_epochs_while_losses_are_at_iterations_warn_once(model_
         for _ in range(2):
             trial = study.ask()
             for epoch in range(3):
-                report_spectrum(trial, {"mean": [0.1 - 0.05 * i for i in range(8)]}, epoch,
+                report_spectrum(trial, _FALLING, epoch,
                                 chance_loss=1.0)
                 trial.report(0.9, 5 * epoch)
                 trial.should_prune()
@@ -745,7 +766,7 @@ def test_spectra_given_at_epochs_while_losses_are_at_iterations_warn_once(model_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for epoch in range(3):
-            report_spectrum(trial, {"mean": [0.1 - 0.05 * i for i in range(8)]}, 5 * epoch,
+            report_spectrum(trial, _FALLING, 5 * epoch,
                             chance_loss=1.0)
             trial.report(0.9, 5 * epoch)
             trial.should_prune()
@@ -971,7 +992,7 @@ def test_a_spectrum_reported_after_should_prune_is_named_and_so_is_the_epoch_dec
     pruner = LyapunovPruner(n_warmup_steps=0, protect_top=0.0)
     study = optuna.create_study(pruner=pruner)
     trial = study.ask()
-    report_spectrum(trial, {"mean": row["le0_mean"]}, 0, chance_loss=1.0)
+    report_spectrum(trial, _spectrum(row), 0, chance_loss=1.0)
     trial.report(1.0, 0)
     trial.should_prune()
     trial.report(1.0, 1)
@@ -979,7 +1000,7 @@ def test_a_spectrum_reported_after_should_prune_is_named_and_so_is_the_epoch_dec
     record = trial.study._storage.get_trial(trial._trial_id).user_attrs[f"{ATTR}prediction:1"]
     assert record["budget"] == 0 and record["epoch"] == 1
     with pytest.warns(UserWarning, match="already decided at"):
-        report_spectrum(trial, {"mean": row["le0_mean"]}, 1)
+        report_spectrum(trial, _spectrum(row), 1)
     trial.report(1.0, 2)
     study.tell(trial, 1.0)
     # The order of the README's loop gives no warning:
@@ -987,7 +1008,7 @@ def test_a_spectrum_reported_after_should_prune_is_named_and_so_is_the_epoch_dec
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for epoch in (0, 1):
-            report_spectrum(trial, {"mean": row["le0_mean"]}, epoch, chance_loss=1.0)
+            report_spectrum(trial, _spectrum(row), epoch, chance_loss=1.0)
             trial.report(1.0, epoch)
             trial.should_prune()
 
@@ -996,17 +1017,18 @@ def test_a_second_report_at_a_step_keeps_the_first_as_trial_report_does(runs):
     row = runs[runs["status"] == "ok"].iloc[0]
     study = optuna.create_study()
     trial = study.ask()
-    report_spectrum(trial, {"mean": row["le0_mean"]}, 0, chance_loss=2.3, val_loss=2.0)
+    report_spectrum(trial, _spectrum(row), 0, chance_loss=2.3, val_loss=2.0)
     with pytest.warns(UserWarning, match=r"spectrum at step 0, chance_loss=2.3 \(not 1.0\), "
                                          "val_loss at step 0"):
-        report_spectrum(trial, {"mean": [0.3, -0.2]}, 0, chance_loss=1.0, val_loss=0.5)
+        report_spectrum(trial, {"mean": [0.3, -0.2], "std": [0.0, 0.0]}, 0, chance_loss=1.0,
+                        val_loss=0.5)
     attrs = trial.user_attrs
     assert attrs[f"{ATTR}spectrum:0"]["mean"] == pytest.approx(sorted(row["le0_mean"],
                                                                       reverse=True))
     assert attrs[f"{ATTR}chance_loss"] == 2.3 and attrs[f"{ATTR}val_loss:0"] == 2.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same chance loss again, another step: fine
-        report_spectrum(trial, {"mean": row["le0_mean"]}, 1, chance_loss=2.3)
+        report_spectrum(trial, _spectrum(row), 1, chance_loss=2.3)
 
 
 def test_a_frozen_trial_is_refused_before_anything_is_measured():
@@ -1031,7 +1053,8 @@ def test_a_retried_trial_stores_its_own_spectra_over_those_it_inherited(runs):
     row = runs[runs["status"] == "ok"].iloc[0]
     study = optuna.create_study()
     first = study.ask()
-    report_spectrum(first, {"mean": [0.3, -0.5]}, 0, chance_loss=2.0, val_loss=1.5)
+    report_spectrum(first, {"mean": [0.3, -0.5], "std": [0.0, 0.0]}, 0, chance_loss=2.0,
+                    val_loss=1.5)
     study.tell(first, state=optuna.trial.TrialState.FAIL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -1040,8 +1063,8 @@ def test_a_retried_trial_stores_its_own_spectra_over_those_it_inherited(runs):
     assert retry.user_attrs[f"{ATTR}chance_loss"] == 2.0  # inherited
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        report_spectrum(retry, {"mean": row["le0_mean"]}, 0, chance_loss=2.5, val_loss=0.9)
-        report_spectrum(retry, {"mean": row["le0_mean"]}, 0)  # the same again: no conflict
+        report_spectrum(retry, _spectrum(row), 0, chance_loss=2.5, val_loss=0.9)
+        report_spectrum(retry, _spectrum(row), 0)  # the same again: no conflict
     attrs = retry.user_attrs
     assert attrs[f"{ATTR}chance_loss"] == 2.5 and attrs[f"{ATTR}val_loss:0"] == 0.9
     assert attrs[f"{ATTR}spectrum:0"]["mean"][0] == pytest.approx(max(row["le0_mean"]))
@@ -1057,11 +1080,11 @@ def test_the_late_spectrum_warning_knows_studies_apart_and_the_largest_budget(ru
         trial = study.ask()
         for step in steps:
             if not late:
-                report_spectrum(trial, {"mean": row["le0_mean"]}, step, chance_loss=1.0)
+                report_spectrum(trial, _spectrum(row), step, chance_loss=1.0)
             trial.report(0.5, step)
             trial.should_prune()
             if late:
-                report_spectrum(trial, {"mean": row["le0_mean"]}, step, chance_loss=1.0)
+                report_spectrum(trial, _spectrum(row), step, chance_loss=1.0)
 
     loop(optuna.create_study(study_name="s", pruner=pruner), (0, 1), late=False)
     with warnings.catch_warnings():
@@ -1070,9 +1093,9 @@ def test_the_late_spectrum_warning_knows_studies_apart_and_the_largest_budget(ru
         study = optuna.create_study(study_name="late", pruner=pruner)
         trial = study.ask()
         for step in range(4):  # budgets 0-3 measured in time
-            report_spectrum(trial, {"mean": row["le0_mean"]}, step, chance_loss=1.0)
+            report_spectrum(trial, _spectrum(row), step, chance_loss=1.0)
             trial.report(0.5, step)
             trial.should_prune()
         trial.report(0.5, 4)
         trial.should_prune()
-        report_spectrum(trial, {"mean": row["le0_mean"]}, 4)  # past budget 3: nothing lost
+        report_spectrum(trial, _spectrum(row), 4)  # past budget 3: nothing lost
