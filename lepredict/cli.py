@@ -833,13 +833,17 @@ def _cmd_fit(args) -> int:
         print(f"budget {budget}: fitted on {model.training_summary_['runs']} runs{extra} -> {out}")
     _note_unknown_outcomes(frame)
     runs = model.training_summary_["runs"]
-    trained = round(runs * model.training_summary_["trainable_share"])
-    if min(trained, runs - trained) < FEW_RUNS:
-        print(f"note: fitted on {runs} runs, {trained} of which trained: with fewer than "
-              f"{FEW_RUNS} on either side, the predictor rests on a handful of runs and its "
-              "held-out AUROC is known only roughly (see its interval); fit on more runs "
-              "before pruning with it.", file=sys.stderr)
+    _note_few_runs("fitted on", runs, round(runs * model.training_summary_["trainable_share"]),
+                   "the predictor rests on a handful of runs and its held-out AUROC is known "
+                   "only roughly (see its interval); fit on more runs before pruning with it")
     return 0
+
+
+def _note_few_runs(what: str, runs: int, trained: int, meaning: str) -> None:
+    """A note where fewer than :data:`FEW_RUNS` runs trained, or did not."""
+    if min(trained, runs - trained) < FEW_RUNS:
+        print(f"note: {what} {runs} runs, {trained} of which trained: with fewer than "
+              f"{FEW_RUNS} on either side, {meaning}.", file=sys.stderr)
 
 
 def _write_table(table, path: str) -> None:
@@ -922,6 +926,7 @@ def _evaluate_model(args) -> int:
             raise CLIError(str(err)) from None
         proba, loss = model.predict_proba(runs)[:, 1], model.predict_loss(runs)
         m = metric_table(out["trainable"], proba, out["final_loss"], loss)
+        m["trained"] = int(out["trainable"].sum())
         m["auroc_low"], m["auroc_high"] = interval(
             weighted_auroc(out["trainable"], proba, weights))
         m["spearman_low"], m["spearman_high"] = interval(
@@ -935,7 +940,7 @@ def _evaluate_model(args) -> int:
     if args.json:
         print(_dumps(rows, indent=1))
         return 0
-    print(f"{'budget':>6} {'runs':>6} {'AUROC [95%]':>22} {'AP':>6} {'Brier':>6} "
+    print(f"{'budget':>6} {'runs':>6} {'trained':>7} {'AUROC [95%]':>22} {'AP':>6} {'Brier':>6} "
           f"{'Spearman [95%]':>22} {'MAE':>6}")
 
     def cell(r, k):
@@ -944,11 +949,16 @@ def _evaluate_model(args) -> int:
         return text + (f" [{low:.3f}, {high:.3f}]" if math.isfinite(low) else "")
 
     for r in rows:
-        print(f"{r['budget']:>6} {r['n']:>6} {cell(r, 'auroc'):>22} {r['ap']:>6.3f} "
-              f"{r['brier']:>6.3f} {cell(r, 'spearman'):>22} {r['mae']:>6.3f}")
+        print(f"{r['budget']:>6} {r['n']:>6} {r['trained']:>7} {cell(r, 'auroc'):>22} "
+              f"{r['ap']:>6.3f} {r['brier']:>6.3f} {cell(r, 'spearman'):>22} {r['mae']:>6.3f}")
     if args.n_boot:
         print(f"95% percentile intervals from {args.n_boot} bootstrap resamples of "
               "configurations within tasks.")
+    fewest = min(rows, key=lambda r: min(r["trained"], r["n"] - r["trained"]))
+    _note_few_runs("scored on", fewest["n"], fewest["trained"],
+                   "the AUROC ranks a handful of runs, and a bootstrap interval, which only "
+                   "resamples them, can look narrow (one trained run gives [1, 1] or [0, 0]); "
+                   "score on more runs")
     return 0
 
 

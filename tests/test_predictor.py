@@ -118,6 +118,15 @@ def test_fit_and_evaluate_commands(runs, tmp_path, capsys):
                  "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["budget"] for r in rows] == [0, 1] and rows[1]["auroc"] > 0.9
+    assert rows[1]["trained"] == int((runs["final_normalised_loss"] < runs["threshold"]).sum())
+    few = tmp_path / "few.parquet"
+    runs.sample(30, random_state=0).to_parquet(few)  # 5 trained
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(few),
+                 "--n-boot", "50"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split()[:3] == ["budget", "runs", "trained"]
+    assert out.splitlines()[1].split()[:3] == ["0", "30", "5"]
+    assert "note: scored on 30 runs, 5 of which trained: with fewer than 20" in err
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
     assert "No saved predictor" in capsys.readouterr().err
     assert main(["fit", "--data", str(tmp_path / "missing.parquet"), "-o",
