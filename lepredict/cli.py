@@ -1297,8 +1297,10 @@ def _cmd_predict(args) -> int:
         c = shown_config
         # torch's default initialisation has no scale: init_scale is not read.
         scale = "" if c["init"] == "default" else f" {c['init_scale']:g}"
-        line = (f"{c['arch'].upper()} N={c['hidden']}, lr {c['lr']:g}, init {c['init']}{scale}, "
-                f"{c['optimizer']}")
+        line = (f"{c['arch'].upper()} N={c['hidden']} x {c['layers']} layer(s), lr {c['lr']:g}, "
+                f"init {c['init']}{scale}, {c['optimizer']}, batch {c['batch_size']}"
+                + (f", clip {c['clip']:g}" if c.get("clip") else "")
+                + (f", weight decay {c['weight_decay']:g}" if c.get("weight_decay") else ""))
         if args.spectrum and config_from == "file":
             line += " (the file's \"config\")"
         elif args.spectrum and config_from == "--config":

@@ -264,7 +264,7 @@ def test_predict_stability_shows_only_a_configuration_it_was_given(model_dir, tm
     config = {"arch": "gru", "hidden": 2, "lr": 0.01}  # a state of 2, as EPOCHS has
     code, out, _ = _predict(model_dir, tmp_path, capsys,
                             json.dumps({**EPOCHS, "val_loss": [2.3, 1.9], "config": config}))
-    assert code == 0 and "GRU N=2, lr 0.01" in out and "(the file's \"config\")" in out
+    assert code == 0 and "GRU N=2 x 1 layer(s), lr 0.01" in out and "(the file's \"config\")" in out
     screening = json.dumps({"0": {"mean": [0.1] + [-0.1] * 15, "std": [0.01] * 16},
                             "val_loss": [2.3]})
     code, out, err = _predict("screening", tmp_path, capsys, screening, "--budget", "0")
