@@ -1240,6 +1240,15 @@ def _cmd_predict(args) -> int:
             raise CLIError(str(err)) from None
         if config_from != "options" or {"arch", "hidden", "layers"} & getattr(args, "given", set()):
             _check_spectrum_sizes(args.spectrum, data["spectra"], config)
+        else:
+            sizes = sorted({len(spec["mean"]) for spec in data["spectra"].values()
+                            if spec.get("n") is None})
+            if sizes:
+                # Nothing says what network they are of: leading exponents would pass as whole.
+                print(f"note: --spectrum {args.spectrum!r} gives no state size (\"n\"), so its "
+                      f"{' or '.join(map(str, sizes))} exponents are read as whole spectra; if "
+                      "they are the leading ones of a larger state, give \"n\" and \"sum\" in "
+                      "the file, or the network's --arch/--hidden/--layers.", file=sys.stderr)
         rec = RunRecord(config=config, task={"name": task.name}, val_loss=data["val_loss"],
                         spectra=data["spectra"], status=data["status"], epochs=budget)
         measured = 0.0

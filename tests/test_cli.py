@@ -155,9 +155,11 @@ def test_predict_stability_reads_val_loss_in_the_files_chance_loss(model_dir, tm
     # The 1000x-chance divergence rule is in the same units: 1500 is 1500x a chance loss of 1.
     assert p([1.0, 1500.0], chance_loss=1.0)["status"] == "diverged"
     assert p([DIGITS_CHANCE, 1500.0])["status"] == "ok"
-    code, out, _ = _predict(model_dir, tmp_path, capsys,
-                            json.dumps({**EPOCHS, "val_loss": [1.0, 1.0], "chance_loss": 1.0}))
+    code, out, err = _predict(model_dir, tmp_path, capsys,
+                              json.dumps({**EPOCHS, "val_loss": [1.0, 1.0], "chance_loss": 1.0}))
     assert code == 0 and "val_loss divided by the chance loss 1 (the file's \"chance_loss\")" in out
+    # Nothing says what network the 2 exponents are of: read as whole, and said so.
+    assert "gives no state size (\"n\"), so its 2 exponents are read as whole spectra" in err
 
 
 @pytest.mark.parametrize("keys, extra, message", [
