@@ -980,9 +980,25 @@ def _read_config_file(path: str) -> dict:
         raise CLIError(f"Cannot read --config {path!r}: {err.strerror}.") from None
     try:
         return json.loads(text) if path.endswith(".json") else tomllib.loads(text.decode())
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError:
+        raise CLIError(f"--config {path!r} is {_binary_file(path)[3:]}, not a configuration: "
+                       "give the run's hyperparameters as JSON or TOML ({\"arch\": \"gru\", "
+                       "\"hidden\": 64, ...}), or as --arch/--hidden/... options.") from None
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise CLIError(f"--config {path!r} is not valid {'JSON' if path.endswith('.json') else 'TOML'}:"
                        f" {err}") from None
+
+
+def _binary_file(path: str) -> str:
+    """What a file that is not text seems to be, for a message: "is ..."."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK\x03\x04"):
+            return "is a zip archive (a torch.save checkpoint?)"
+        if head[:1] == b"\x80":
+            return "is a pickle (a torch.save checkpoint or a joblib file?)"
+    return "is a binary file"
 
 
 _SPECTRUM_FORMAT = ("a run record from `lepredict spectrum --json`, or {\"0\": {\"mean\": "
@@ -1073,7 +1089,11 @@ def _read_spectrum_file(path: str, *, chance_loss: float | None) -> dict:
     except _DuplicateKey as err:
         raise bad(f"the key {err.args[0]!r} is given twice in one object; give each key "
                   "once.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError:
+        raise bad(f"{_binary_file(path)}, not JSON: --spectrum reads spectra, not models; "
+                  f"expected {_SPECTRUM_FORMAT}, an epoch's \"mean\" and \"std\" being "
+                  "those of lepredict.lyapunov_spectrum(rnn, probe).") from None
+    except json.JSONDecodeError as err:
         raise bad(f"not valid JSON ({err}).") from None
     if not isinstance(data, dict):
         raise bad(f"holds a JSON {type(data).__name__}, not an object; expected "
@@ -1558,6 +1578,9 @@ def _read_export(f: str, option: str):
     naming it (and, in a CSV, the first cell that is not the JSON list it should be)."""
     from lepredict.sweep import read_trials
 
+    if "://" in f:
+        raise CLIError(f"{option} {f!r} is a database URL; {option} reads exports: write one "
+                       "with `lepredict export --storage URL --study-name NAME -o runs.parquet`.")
     try:
         return read_trials(f)
     except FileNotFoundError:

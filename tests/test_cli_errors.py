@@ -51,6 +51,13 @@ NO_SERVER = pytest.mark.skipif(PG is None or not _pg_server(),
                                reason="no PostgreSQL server at 127.0.0.1:5432")
 
 
+def checkpoint(tmp: Path) -> None:
+    """What torch.save writes: a zip archive."""
+    import torch
+
+    torch.save(torch.nn.GRU(2, 3).state_dict(), tmp / "ck.pt")
+
+
 def write(name: str, text: str):
     def setup(tmp: Path) -> None:
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +350,10 @@ CASES = {
     "fit-unrelated-csv": (
         ["fit", "--data", "other.csv", "-o", "models/m"], write("other.csv", "a,b\n1,2\n"),
         "is not a lepredict export"),
+    "evaluate-data-is-a-database-url": (
+        ["evaluate", "--data", "postgresql+psycopg://postgres@127.0.0.1/x"], None,
+        "--data 'postgresql+psycopg://postgres@127.0.0.1/x' is a database URL; --data reads "
+        "exports: write one with `lepredict export"),
     "evaluate-data-is-a-directory": (
         ["evaluate", "--data", "d.csv"], lambda tmp: (tmp / "d.csv").mkdir(), "Cannot read"),
     "evaluate-unknown-feature-set": (
@@ -389,6 +400,14 @@ CASES = {
     "predict-spectrum-json-list": (
         ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
         write("spec.json", "[[0.1, -0.5]]"), "holds a JSON list, not an object"),
+    "predict-spectrum-is-a-checkpoint": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "ck.pt"],
+        checkpoint, "'ck.pt': is a zip archive (a torch.save checkpoint?), not JSON: --spectrum "
+        "reads spectra, not models"),
+    "predict-config-is-a-checkpoint": (
+        ["predict-stability", *TINY, "--model", "{model}", "--config", "ck.pt"],
+        checkpoint, "--config 'ck.pt' is a zip archive (a torch.save checkpoint?), not a "
+        "configuration"),
     "predict-spectrum-missing-epoch": (
         ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
         spectrum_file(**{"1": None}), "no spectrum for epoch(s) [1]"),
