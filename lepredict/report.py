@@ -688,6 +688,11 @@ def _spectrum_panel(s: _Study, epoch: int) -> Panel:
                                          opacity=0.7, legendgroup=name, showlegend=j == 0,
                                          name=f"{name}: each run (n={len(grids)})"))
     if not fig.data:
+        others = len(_spectra(s, epoch, s.frame.index))
+        if others:  # running or failed trials: no outcome to group them by
+            return Panel("spectra", heading, f"No finished or pruned trial recorded a spectrum "
+                         f"at epoch {epoch}; {others} running or failed trial(s) did, but the "
+                         "panel compares spectra by outcome, which they have not yet.")
         return Panel("spectra", heading, f"No trial recorded a spectrum at epoch {epoch} "
                      "(lepredict.report_spectrum stores them), so there are none to compare.")
     fig.add_hline(y=0, line={"color": "#999", "width": 1})

@@ -330,6 +330,28 @@ def test_maximising_and_plain_studies_report(studies, tmp_path, capsys):
     assert "final value below 2" in (tmp_path / "plain.html").read_text()
 
 
+def test_spectra_of_running_trials_alone_are_said_to_be_there():
+    """Only a running trial measured spectra: the panel, which groups spectra by outcome, says
+    so instead of that no trial recorded any."""
+    import optuna
+
+    import lepredict
+    from lepredict import report
+
+    study = optuna.create_study()
+    for value in (0.5, 0.7):
+        study.optimize(lambda t, v=value: [t.report(v, e) for e in (0, 1)] and v, n_trials=1)
+    running = study.ask()
+    for epoch in (0, 1):
+        lepredict.report_spectrum(running, {"mean": [0.1, -0.4], "std": [0.0, 0.0]}, epoch)
+        running.report(0.9, epoch)
+    panel = next(p for p in report.panels(trials_frame(study), threshold=0.6)
+                 if p.key == "spectra")
+    assert panel.figure is None
+    assert "No finished or pruned trial recorded a spectrum at epoch 1; 1 running or failed" \
+        in panel.text
+
+
 def test_demo_sweep_reports_and_exports_alike(sweep_storage, model_dir, tmp_path, capsys):
     out = tmp_path / "demo.parquet"
     assert main(["export", "--storage", sweep_storage, "--study-name", "demo", "-o",
