@@ -687,11 +687,6 @@ class LyapunovPruner(BasePruner):
                               + ": diverged"})
         if view.off_epoch:
             self._warn_once(study, "off-epoch", self._off_epoch_message(study, view))
-        if view.chance is not None and 0 in view.losses:
-            ratio = view.losses[0] / view.chance
-            if not INIT_LOSS_RATIOS[0] <= ratio <= INIT_LOSS_RATIOS[1]:
-                self._warn_once(study, "chance-scale", self._chance_scale_message(
-                    study, view, ratio))
         if view.spectra:
             at, latest = max(view.spectra.items())
             if _overflowed(latest):
@@ -901,17 +896,6 @@ class LyapunovPruner(BasePruner):
             f" (step {_steps_text([e * self._steps_per_epoch for e in epochs])})"
         return f"epoch {_steps_text(epochs)}{steps}"
 
-    @staticmethod
-    def _chance_scale_message(study: optuna.Study, view: _TrialView, ratio: float) -> str:
-        return (f"LyapunovPruner: trial {view.trial.number} of study {study.study_name!r} "
-                f"has a loss at initialisation {ratio:.3g} times the chance_loss it gave "
-                f"({view.chance:.4g}), where an untrained network scores about its chance loss "
-                f"({INIT_LOSS_RATIOS[0]:g} to {INIT_LOSS_RATIOS[1]:g} times it in lepredict's "
-                "runs), so the predictor reads every loss on a wrong scale: give the chance "
-                "loss of the loss reported (lepredict.chance_loss of one-hot targets is the "
-                "squared error's unless kind='classification'; 1.0 for losses already "
-                "normalised).")
-
     def _off_epoch_message(self, study: optuna.Study, view: _TrialView) -> str:
         spe = self._steps_per_epoch
         return (f"LyapunovPruner reads no spectrum or val_loss= given at steps "
@@ -934,7 +918,16 @@ class LyapunovPruner(BasePruner):
                        view: _TrialView) -> str | None:
         """Why the reported values are evidently not losses on the predictor's scale, if so."""
         if view.chance is not None:
-            return None
+            ratio = view.losses[0] / view.chance if 0 in view.losses else 1.0
+            if INIT_LOSS_RATIOS[0] <= ratio <= INIT_LOSS_RATIOS[1]:
+                return None
+            return (f"trial {view.trial.number} has a loss at initialisation {ratio:.3g} times "
+                    f"the chance_loss it gave ({view.chance:.4g}), where an untrained network "
+                    f"scores about its chance loss ({INIT_LOSS_RATIOS[0]:g} to "
+                    f"{INIT_LOSS_RATIOS[1]:g} times it in lepredict's runs), so its losses are "
+                    "on another scale than the predictor's: give the chance loss of the loss "
+                    "reported (lepredict.chance_loss of one-hot targets is the squared error's "
+                    "unless kind='classification'; 1.0 for losses already normalised)")
         at_init = [v for t in trials
                    for v in [_TrialView(study, t, self._steps_per_epoch).losses.get(0)]
                    if v is not None and math.isfinite(v)]

@@ -430,8 +430,9 @@ def test_a_study_with_the_pruner_pickles_and_decides_the_same(runs, model_dir):
 
 def test_a_chance_loss_of_another_loss_warns_once(runs, model_dir):
     """A loss at initialisation 25 times the chance loss given (the squared error's chance loss
-    of one-hot targets, a cross-entropy reported) reads every loss on a wrong scale: the pruner
-    says so once per study; a chance loss of the loss reported says nothing."""
+    of one-hot targets, a cross-entropy reported) puts every loss on a wrong scale: the pruner
+    says so once per study and decides nothing on the model for such trials; a chance loss of
+    the loss reported says nothing."""
     row = runs[runs["status"] == "ok"].iloc[0]
     study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0))
     with warnings.catch_warnings(record=True) as caught:
@@ -443,8 +444,12 @@ def test_a_chance_loss_of_another_loss_warns_once(runs, model_dir):
         for _ in range(2):
             _user_trial(study, row, scale=2.0, chance=row["val_loss"][0] / 25)
     said = [str(w.message) for w in caught if "times the chance_loss" in str(w.message)]
-    assert len(said) == 1 and "trial 1 " in said[0] and "has a loss at initialisation 25 times" \
-        in said[0] and "kind='classification'" in said[0]
+    assert len(said) == 1 and "prunes nothing on the model" in said[0] and "trial 1 has a loss " \
+        "at initialisation 25 times" in said[0] and "kind='classification'" in said[0]
+    assert "p_trainable" in study.trials[0].user_attrs[f"{ATTR}prediction:1"]
+    for trial in study.trials[1:]:
+        decision = trial.user_attrs[f"{ATTR}prediction:1"]
+        assert not decision["pruned"] and "p_trainable" not in decision
 
 
 # -- hyperparameters for the screening predictor ------------------------------------------------
