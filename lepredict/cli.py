@@ -10,6 +10,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from lepredict.records import MEASURED_EXPONENTS, spectrum_dict, state_size
@@ -807,12 +808,23 @@ def _cmd_fit(args) -> int:
     frame = _read_data(args.data)
     # Model selection by grouped cross-validation (groups = study) over a small grid.
     grid = SEARCH_GRID if args.search else None
-    model = None
+    fitted = []  # every budget's, before any is written: a refusal leaves nothing half done
     for budget in args.budgets:
         try:
             metrics = {}
-            model = StabilityPredictor(budget=budget, feature_sets=tuple(args.features),
-                                       threshold=args.threshold, param_grid=grid).fit(frame)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "StabilityPredictor.fit: the classifier gives")
+                model = StabilityPredictor(budget=budget, feature_sets=tuple(args.features),
+                                           threshold=args.threshold, param_grid=grid).fit(frame)
+            summary = model.training_summary_
+            if summary["constant"]:
+                # Saved, it would prune every trial or none, on no evidence at all.
+                trained = round(summary["runs"] * summary["trainable_share"])
+                raise CLIError(
+                    f"On {summary['runs']} runs ({trained} trained) the budget-{budget} "
+                    "classifier learnt nothing: it gives every run the same P(trainable); "
+                    "nothing was written. Fit on more runs (a few hundred; the shipped "
+                    "predictors saw 1,504), or use them (model='default').")
             if not args.no_cv:
                 # Nested: each outer fold searches the grid on its own training runs, so the
                 # figures (and LyapunovPruner's default threshold) are not selected on the runs
@@ -824,13 +836,17 @@ def _cmd_fit(args) -> int:
                 model.prune_threshold_ = metrics["held_out_configs"]["p_at_99_recall"]
         except ValueError as err:
             raise CLIError(str(err)) from None
-        out = model.save(f"{args.output}/budget-{budget}", metrics=metrics)
+        fitted.append((budget, model, metrics))
         held_out = metrics.get("held_out_configs", {})
         extra = ""
         if held_out.get("auroc") is not None:
             low, high = held_out["auroc_interval"]
             extra = f", held-out AUROC {held_out['auroc']:.3f} [{low:.3f}-{high:.3f}]"
-        print(f"budget {budget}: fitted on {model.training_summary_['runs']} runs{extra} -> {out}")
+        print(f"budget {budget}: fitted on {model.training_summary_['runs']} runs{extra}",
+              flush=True)
+    written = [model.save(f"{args.output}/budget-{budget}", metrics=metrics)
+               for budget, model, metrics in fitted]
+    print(f"wrote {', '.join(map(str, written))}")
     _note_unknown_outcomes(frame)
     runs = model.training_summary_["runs"]
     _note_few_runs("fitted on", runs, round(runs * model.training_summary_["trainable_share"]),

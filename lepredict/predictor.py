@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,6 +217,14 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             self.search_score_ = float(search.best_score_)
         self.classifier_ = CalibratedClassifierCV(clf, method=self.calibration, cv=3).fit(
             features, y)
+        fitted_p = self.classifier_.predict_proba(features)[:, 1]
+        if np.ptp(fitted_p) == 0:
+            # On a few dozen runs the default trees (20 runs per leaf, fitted on two thirds of
+            # them by the calibration) cannot split: one P for every run, whatever it shows.
+            warnings.warn(f"StabilityPredictor.fit: the classifier gives all {len(y)} runs the "
+                          f"same P(trainable), {fitted_p[0]:.3f}: it found nothing to split on "
+                          "in so few runs; fit on more (the shipped predictors saw 1,504).",
+                          UserWarning, stacklevel=2)
         target = out["final_loss"].to_numpy()
         reg = clone(self.regressor) if self.regressor is not None else _default_regressor(
             self.random_state)
@@ -235,6 +244,8 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             # The horizon of the final loss it predicts, when the runs share one.
             "epochs": int(X["epochs"].iloc[0]) if "epochs" in X and X["epochs"].nunique() == 1
             else None,
+            # One P(trainable) for every run: the classifier learnt nothing.
+            "constant": bool(np.ptp(fitted_p) == 0),
         }
         return self
 

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.base import clone
 from sklearn.model_selection import GroupKFold, cross_val_score
@@ -149,13 +150,24 @@ def test_fit_records_a_pruning_threshold_and_evaluate_summarises(runs, tmp_path,
                                             out).groups())
     assert low <= auroc <= high and high - low < 0.2
     assert "note: fitted on" not in err
-    # A handful of runs: fit says what that means.
+    # Fewer than 20 trained: fit says what that means.
     few = tmp_path / "few.parquet"
-    runs.sample(30, random_state=0).to_parquet(few)  # 5 trainable
+    runs.sample(60, random_state=0).to_parquet(few)  # 13 trainable
     assert main(["fit", "--data", str(few), "-o", str(tmp_path / "f"), "--budgets", "1",
                  "--no-cv"]) == 0
     err = capsys.readouterr().err
-    assert "note: fitted on 30 runs, 5 of which trained" in err and "fewer than 20 on either side" in err
+    assert "note: fitted on 60 runs, 13 of which trained" in err
+    assert "fewer than 20 on either side" in err
+    # A handful: the trees cannot split, and a predictor that gives every run one P is not
+    # written (budget 0 fits first: nothing of budget 1 either).
+    runs.sample(30, random_state=0).to_parquet(few)  # 5 trainable
+    with pytest.warns(UserWarning, match="gives all 30 runs the same P"):
+        StabilityPredictor(budget=1).fit(pd.read_parquet(few))
+    assert main(["fit", "--data", str(few), "-o", str(tmp_path / "g"), "--budgets", "0", "1",
+                 "--no-cv"]) == 2
+    err = capsys.readouterr().err
+    assert "On 30 runs (5 trained) the budget-0 classifier learnt nothing" in err
+    assert not (tmp_path / "g").exists()
     manifest = json.loads((tmp_path / "m" / "budget-1" / "manifest.json").read_text())
     threshold = manifest["prune_threshold"]
     assert threshold == manifest["metrics"]["held_out_configs"]["p_at_99_recall"]
