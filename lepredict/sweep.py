@@ -430,11 +430,12 @@ def _in_distribution(value, dist: BaseDistribution) -> bool:
     return dist.low <= value <= dist.high
 
 
-def _check_existing_study(url: str | None, study_name: str) -> bool:
-    """:func:`_check_sweep_study` of ``study_name`` if the store ``url`` (as
-    :func:`make_storage` takes it) already holds it, read without writing anything: no table,
-    file or journal mode is created. Returns whether the store could be read (the study checked,
-    or not there); False leaves the check to be made once Optuna has opened the store."""
+def _check_existing_study(url: str | None, study_name: str, space: SearchSpace) -> bool:
+    """:func:`_check_sweep_study` and :func:`_check_space_kinds` of ``study_name`` if the store
+    ``url`` (as :func:`make_storage` takes it) already holds it, read without writing anything:
+    no table, file, journal record or journal mode is created. Returns whether the store could
+    be read (the study checked, or not there); False leaves the checks to be made once Optuna
+    has opened the store."""
     if url is None:
         url = _default_url(study_name)
     check_storage_file(url)
@@ -465,6 +466,7 @@ def _check_existing_study(url: str | None, study_name: str) -> bool:
         return False  # workers racing to create the schema
     else:
         _check_sweep_study(study, study_name)
+        _check_space_kinds(study, space, study.get_trials(deepcopy=False))
         return True
     finally:
         if isinstance(store, optuna.storages.RDBStorage):
@@ -1178,7 +1180,7 @@ def run_sweep(
     # Before make_storage, whose SQLite connections switch the file to write-ahead logging: a
     # store that is refused is left as it was.
     checked = (not isinstance(storage, optuna.storages.BaseStorage)
-               and _check_existing_study(storage, study_name))
+               and _check_existing_study(storage, study_name, space))
     store = make_storage(storage, study_name, heartbeat_interval=heartbeat_interval,
                          grace_period=grace_period)
     if getattr(store, "heartbeat_interval", None):  # as Optuna's default when none is set

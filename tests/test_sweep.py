@@ -169,6 +169,13 @@ def test_a_resume_whose_space_changes_a_parameters_kind_is_refused(tmp_path, spa
         _sweep(tmp_path, other, n_trials=4)
     assert len(optuna.load_study(study_name="t", storage=f"sqlite:///{tmp_path / 's.db'}")
                .trials) == 2
+    # Refused before Optuna opens the study: a journal file is not appended to.
+    journal = tmp_path / "j.log"
+    _sweep(tmp_path, space_file, n_trials=2, storage=str(journal))
+    before = journal.read_bytes()
+    with pytest.raises(ValueError, match=re.escape(said)):
+        _sweep(tmp_path, other, n_trials=4, storage=str(journal))
+    assert journal.read_bytes() == before
     wider = tmp_path / "wider.toml"
     wider.write_text(SMALL_SPACE.replace("high = 3e-2", "high = 1e-1"))
     assert len(_sweep(tmp_path, wider, n_trials=3).trials) == 3
