@@ -1274,8 +1274,11 @@ def _cmd_predict(args) -> int:
             config = RunConfig.from_dict(config).to_dict()
         except (ValueError, TypeError) as err:
             raise CLIError(str(err)) from None
-        if config_from != "options" or {"arch", "hidden", "layers"} & getattr(args, "given", set()):
-            _check_spectrum_sizes(args.spectrum, data["spectra"], config)
+        named = {"arch", "hidden", "layers"} & getattr(args, "given", set())
+        if config_from != "options" or named:
+            _check_spectrum_sizes(args.spectrum, data["spectra"], config,
+                                  defaults=set() if config_from != "options"
+                                  else {"arch", "hidden", "layers"} - named)
         else:
             sizes = sorted({len(spec["mean"]) for spec in data["spectra"].values()
                             if spec.get("n") is None})
@@ -1390,10 +1393,15 @@ def _cmd_predict(args) -> int:
     return 0
 
 
-def _check_spectrum_sizes(path: str, spectra: dict, config: dict) -> None:
+def _check_spectrum_sizes(path: str, spectra: dict, config: dict, *,
+                          defaults: set[str] = frozenset()) -> None:
     """Spectra of a file without their state size ("n") are read as whole: where the network
     they are said to be of (a "config", --config or --arch/--hidden/--layers) has a larger
-    state, they are its leading exponents, and read as whole they would mislead the features."""
+    state, they are its leading exponents, and read as whole they would mislead the features.
+    ``defaults``: which of arch, hidden and layers are the options' defaults, not the user's."""
+    def shown(name: str, text: str) -> str:
+        return f"{text} (the default --{name})" if name in defaults else text
+
     for epoch, spec in sorted(spectra.items()):
         both = config["arch"] == "lstm" and spec.get("convention") != "hidden"
         n = state_size(config["arch"], config["hidden"], config["layers"],
@@ -1401,12 +1409,15 @@ def _check_spectrum_sizes(path: str, spectra: dict, config: dict) -> None:
         k = len(spec["mean"])
         if spec.get("n") is None and k != n:
             lstm = " (h and c of each layer)" if both else ""
+            arch = config["arch"].upper()
             raise CLIError(
-                f"--spectrum {path!r}: epoch {epoch} holds {k} exponents, but a "
-                f"{config['arch'].upper()} of {config['hidden']} units x {config['layers']} "
-                f"layer(s) has a state of {n}{lstm}: give all {n}, or with the leading ones "
-                f"the state size as \"n\": {n} (and the sum of all exponents as \"sum\"), or "
-                "the network's own --arch/--hidden/--layers.")
+                f"--spectrum {path!r}: epoch {epoch} holds {k} exponents, but "
+                f"{'an' if arch[0] in 'AEFHILMNORSX' else 'a'} {shown('arch', arch)} of "
+                f"{shown('hidden', str(config['hidden']))} units x "
+                f"{shown('layers', str(config['layers']))} layer(s) has a state of {n}{lstm}: "
+                f"give all {n}, or with the leading ones the state size as \"n\": {n} (and "
+                "the sum of all exponents as \"sum\"), or the network's own "
+                "--arch/--hidden/--layers.")
 
 
 def _feature_words(name: str) -> str:

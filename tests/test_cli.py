@@ -358,9 +358,13 @@ def test_a_spectrum_file_shorter_than_the_networks_state_is_refused(model_dir, t
 
     shape = ("--arch", "gru", "--hidden", "32", "--budget", "1")
     code, _, err = _predict(model_dir, tmp_path, capsys, spectra(8), *shape)
-    _refused(code, err, "epoch 0 holds 8 exponents, but a GRU of 32 units x 1 layer(s) has a "
-                        "state of 32: give all 32, or with the leading ones the state size as "
-                        "\"n\": 32", tmp_path)
+    _refused(code, err, "epoch 0 holds 8 exponents, but a GRU of 32 units x 1 (the default "
+                        "--layers) layer(s) has a state of 32: give all 32, or with the leading "
+                        "ones the state size as \"n\": 32", tmp_path)
+    # Named by --layers alone, the rest is the options' defaults, said as such.
+    code, _, err = _predict(model_dir, tmp_path, capsys, spectra(8), "--layers", "2")
+    _refused(code, err, "but an LSTM (the default --arch) of 32 (the default --hidden) units x 2 "
+                        "layer(s) has a state of 128", tmp_path)
     for text, extra in ((spectra(32), shape), (spectra(8), ("--budget", "1"))):
         assert _predict(model_dir, tmp_path, capsys, text, *extra)[0] == 0
     code, _, err = _predict("default", tmp_path, capsys, spectra(8, n=32), *shape)
