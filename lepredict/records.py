@@ -42,6 +42,7 @@ __all__ = [
     "check_hparams",
     "complete_hparams",
     "exponent_total",
+    "interrupted_reason",
     "jsonable",
     "own_attrs",
     "run_row",
@@ -65,6 +66,9 @@ RUN = f"{ATTR}run"
 STATUS = f"{ATTR}status"
 ERROR = f"{ATTR}error"
 HPARAMS = f"{ATTR}hparams"
+#: Marks a trial a Ctrl-C stopped (``{"trial": its number, "reason": ...}``; a retry inherits
+#: the mark, with its original's number): failed, with no error of its own, so it is retried.
+INTERRUPTED = f"{ATTR}interrupted"
 
 #: Trials-frame columns of a study's own parameters, as Optuna holds them (a ``lepredict sweep``
 #: trial's: its whole configuration) ...
@@ -431,6 +435,16 @@ def attrs_by_step(user_attrs: Mapping, prefix: str) -> dict[int, object]:
 _STATUS = {"PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
+def interrupted_reason(t, attrs: Mapping | None = None) -> str | None:
+    """Why a trial failed where a Ctrl-C stopped it (its :data:`INTERRUPTED` mark, not one a
+    retry inherited from its original); ``None`` otherwise. ``attrs``: its user attributes, if
+    already read."""
+    mark = (t.user_attrs if attrs is None else attrs).get(INTERRUPTED)
+    if isinstance(mark, Mapping) and mark.get("trial") == t.number:
+        return mark.get("reason")
+    return None
+
+
 def own_attrs(t) -> Mapping:
     """A trial's user attributes without those a retry inherited from its failed attempt.
 
@@ -534,7 +548,7 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
         "epochs": setup.get("epochs"),
         "chance_loss": chance,
         "threshold": threshold if threshold is not None else setup.get("threshold"),
-        "fail_reason": attrs.get(ERROR),
+        "fail_reason": attrs.get(ERROR) or interrupted_reason(t, attrs),
         "steps": [s for s, _ in reported],
         "values": [v for _, v in reported],
         "prune_reason": pruned[-1].get("reason") if pruned and t.state.name == "PRUNED" else None,

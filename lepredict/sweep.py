@@ -51,8 +51,8 @@ from optuna.distributions import (
 
 from lepredict import tasks
 from lepredict.population import SHAPE_FIELDS, group_by_shape, train_population
-from lepredict.records import (ATTR, HPARAM_FIELDS, HPARAMS, MEASURED_EXPONENTS, RunRecord,
-                               run_row, trial_row)
+from lepredict.records import (ATTR, HPARAM_FIELDS, HPARAMS, INTERRUPTED, MEASURED_EXPONENTS,
+                               RunRecord, interrupted_reason, run_row, trial_row)
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, checked_device, checked_schedule, train_run
 
@@ -1322,15 +1322,13 @@ def retries_stopped_trials(study: optuna.Study) -> bool:
 def interrupted_here(trial) -> bool:
     """Whether a Ctrl-C stopped ``trial`` itself (its :data:`INTERRUPTED_ATTR`, not one a
     retry inherited from its original)."""
-    mark = trial.user_attrs.get(INTERRUPTED_ATTR)
-    return isinstance(mark, dict) and mark.get("trial") == trial.number
+    return interrupted_reason(trial) is not None
 
 
 #: Written right after a trial's first heartbeat: the worker (host, pid) and trial number.
 _WORKER_ATTR = f"{ATTR}worker"
-#: Marks a trial a Ctrl-C stopped (``{"trial": its number, "reason": ...}``; a retry inherits
-#: the mark, with its original's number): failed, with no error of its own, so it is retried.
-INTERRUPTED_ATTR = f"{ATTR}interrupted"
+#: Marks a trial a Ctrl-C stopped (:data:`lepredict.records.INTERRUPTED`).
+INTERRUPTED_ATTR = INTERRUPTED
 
 
 def _fail_stale_trials(study: optuna.Study, grace_period: int | None) -> None:

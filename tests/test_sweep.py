@@ -421,6 +421,9 @@ def test_an_interrupted_trial_is_said_so_and_run_again(tmp_path, space_file, cap
                and f"{ATTR}error" not in t.user_attrs for t in stopped[:size])
     assert [t.system_attrs["failed_trial"] for t in stopped[size:]] == list(range(size))
     assert [t.params for t in stopped[size:]] == [t.params for t in stopped[:size]]
+    frame = sw.trials_frame(optuna.load_study(study_name="k", storage=sw.make_storage(db, "k")),
+                            finished_only=True)
+    assert frame["fail_reason"].str.contains("stopped before this trial's result").all()
     # The count is of trials run: the retries take the interrupted ones' places.
     assert _cli_sweep(db, space_file, size, *beat, "--population", population) == 0
     out = capsys.readouterr().out
