@@ -637,8 +637,8 @@ def _print_summary(study, epochs: int, grace_period: int | None = None) -> None:
                                           "ones (this storage keeps no heartbeats: those stay "
                                           "running)"))
     if count["waiting"]:
-        rows.append(("waiting", f"{count['waiting']} (retries of killed trials, or enqueued): "
-                                "the next sweep runs them"))
+        rows.append(("waiting", f"{count['waiting']} (retries of killed or interrupted "
+                                "trials, or enqueued): the next sweep runs them"))
     rows += [
         ("pruned", f"{count['pruned']}"),
         ("epochs trained", f"{spent} of {full} without pruning"),
@@ -829,9 +829,11 @@ def _cmd_fit(args) -> int:
                 # Nested: each outer fold searches the grid on its own training runs, so the
                 # figures (and LyapunovPruner's default threshold) are not selected on the runs
                 # that score them.
-                metrics["held_out_configs"] = cross_validate(
-                    frame, budget=budget, sets=args.features, scheme="configs",
-                    threshold=args.threshold, param_grid=grid, n_boot=N_BOOT)
+                with warnings.catch_warnings():  # a fold's constant classifier: its AUROC says
+                    warnings.filterwarnings("ignore", "StabilityPredictor.fit: the classifier")
+                    metrics["held_out_configs"] = cross_validate(
+                        frame, budget=budget, sets=args.features, scheme="configs",
+                        threshold=args.threshold, param_grid=grid, n_boot=N_BOOT)
                 metrics["held_out_configs"]["nested"] = grid is not None
                 model.prune_threshold_ = metrics["held_out_configs"]["p_at_99_recall"]
         except ValueError as err:

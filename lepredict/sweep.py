@@ -255,7 +255,7 @@ def make_storage(url, study_name: str, *, studies_dir: str | os.PathLike = "stud
                     grace_period=grace_period,
                     # The heartbeat lets a resumed sweep find trials whose worker died
                     # (RUNNING for ever otherwise), mark them failed, and run them again once.
-                    heartbeat_stale_trial_callback=_retry_callback(max_retry=1),
+                    heartbeat_stale_trial_callback=_RetryUnlessRetried(max_retry=1),
                     engine_kwargs={"pool_pre_ping": True},
                 )
             if storage.engine.dialect.name == "sqlite":
@@ -439,12 +439,12 @@ def _check_existing_study(url: str | None, study_name: str, space: SearchSpace) 
     if url is None:
         url = _default_url(study_name)
     check_storage_file(url)
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
     if "://" not in url:
         if not (url.endswith((".log", ".jsonl")) and Path(url).is_file()
                 and Path(url).stat().st_size):
             return True  # a new journal file (make_storage names what else is wrong)
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
         store = JournalStorage(JournalFileBackend(url))
     else:
         import sqlalchemy.exc
@@ -466,7 +466,10 @@ def _check_existing_study(url: str | None, study_name: str, space: SearchSpace) 
         return False  # workers racing to create the schema
     else:
         _check_sweep_study(study, study_name)
-        _check_space_kinds(study, space, study.get_trials(deepcopy=False))
+        if isinstance(store, JournalStorage):
+            # Opening a journal study appends a record; a database's is checked once opened,
+            # with the read the sweep makes anyway (thousands of trials take a second or two).
+            _check_space_kinds(study, space, study.get_trials(deepcopy=False))
         return True
     finally:
         if isinstance(store, optuna.storages.RDBStorage):
@@ -731,7 +734,7 @@ class _Objective:
             self.failed(trial, err)
             raise
         except KeyboardInterrupt:
-            with contextlib.suppress(Exception):  # a second Ctrl-C may land here
+            with contextlib.suppress(Exception):  # the storage may be what failed
                 self.interrupted(trial)
             raise
 
@@ -743,18 +746,21 @@ class _Objective:
 
     @staticmethod
     def interrupted(trial: optuna.Trial) -> None:
-        # Not an error of its own. With its number: a retry inherits its original's
-        # attributes, the mark included.
-        trial.set_user_attr(INTERRUPTED_ATTR, {"trial": trial.number, "reason": (
-            "the sweep stopped before this trial's result was told (interrupted)")})
-        trial.set_user_attr(f"{ATTR}status", "failed")
         # Its retry is queued now, by the one worker that knows the trial was stopped and not
         # killed: so the next sweep runs it first on any storage (a journal file keeps no
         # heartbeats to find it by) without waiting out a grace period, and no two resuming
         # workers both queue one. Any number of times: a Ctrl-C is no fault of the
         # configuration's, unlike a kill that may be (out of memory), which is retried once.
+        # First, so that a second Ctrl-C in what follows loses no retry; from a copy, as the
+        # callback appends to the retry history it is given (in-memory and journal storages
+        # hand out their own objects).
         retry = _retry_callback(max_retry=None)
-        retry(trial.study, trial.study._storage.get_trial(trial._trial_id))
+        retry(trial.study, copy.deepcopy(trial.study._storage.get_trial(trial._trial_id)))
+        # Not an error of its own. With its number: a retry inherits its original's
+        # attributes, the mark included.
+        trial.set_user_attr(INTERRUPTED_ATTR, {"trial": trial.number, "reason": (
+            "the sweep stopped before this trial's result was told (interrupted)")})
+        trial.set_user_attr(f"{ATTR}status", "failed")
 
     def start(self, trial: optuna.Trial) -> RunConfig:
         """First heartbeat, worker mark, and the trial's configuration."""
@@ -922,6 +928,7 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
         share = getattr(study.sampler, "share_read", None)
         pin = getattr(study.sampler, "pin", None) if same_shape else None
         asked: list[optuna.Trial] = []  # this population's trials, failed starts included
+        mine: list[optuna.Trial] = []  # every trial asked here, whatever became of it
         stopped_by: BaseException | None = None
         try:
             read = study.get_trials(deepcopy=False)
@@ -945,6 +952,7 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
                     exhausted = True
                     break
                 asked.append(trial)
+                mine.append(trial)
                 heartbeats.add(trial._trial_id)
                 try:
                     members.append((trial, objective.start(trial)))
@@ -980,8 +988,9 @@ def _run_populations(study: optuna.Study, objective: _Objective, *, n_trials: in
             if pin is not None:
                 pin(None)
             # Stopped: whatever was not told fails; by Ctrl-C without an error of its own, so a
-            # later sweep retries it, as the sequential sweep leaves an interrupted trial.
-            for trial, _ in members:
+            # later sweep retries it, as the sequential sweep leaves an interrupted trial. (A
+            # trial asked but stopped while it started, before joining, too.)
+            for trial in mine:
                 if trial.number not in told:
                     told.add(trial.number)
                     with contextlib.suppress(Exception):  # the storage may be what failed
@@ -1308,14 +1317,28 @@ def _retry_callback(max_retry: int | None):
         return (retry or optuna.storages.RetryFailedTrialCallback)(max_retry=max_retry)
 
 
+class _RetryUnlessRetried:
+    """A database's stale-trial callback: Optuna's retry, unless the trial has one queued
+    already. A Ctrl-C queues the retry of the trial it stops before Optuna fails that trial: a
+    kill in between leaves it running, to be found stale later, and retried a second time."""
+
+    def __init__(self, max_retry: int | None):
+        self._retry = _retry_callback(max_retry)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.number not in _retried(study.get_trials(deepcopy=False)):
+            self._retry(study, trial)
+
+
 def _heartbeat_interval(storage) -> int | None:
     """The storage's heartbeat interval; ``None`` for one that keeps no heartbeats."""
     return getattr(storage, "get_heartbeat_interval", lambda: None)()
 
 
 def retries_stopped_trials(study: optuna.Study) -> bool:
-    """Whether a later sweep fails and retries this study's killed and interrupted trials: its
-    storage keeps heartbeats (a database made by :func:`make_storage`; a journal file none)."""
+    """Whether a later sweep fails and retries this study's killed trials: its storage keeps
+    heartbeats (a database made by :func:`make_storage`; a journal file none). A trial a
+    Ctrl-C stopped has its retry queued at once, on any storage."""
     return bool(_heartbeat_interval(study._storage))
 
 

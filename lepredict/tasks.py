@@ -533,7 +533,7 @@ def chance_loss(y_train, y_val=None, *, kind: str | None = None,
                 "if the model is trained with cross-entropy, pass kind='classification' (or "
                 "the class indices).", UserWarning, stacklevel=2)
     if kind == CLASSIFICATION:
-        if one_hot and torch.is_floating_point(y_train):
+        if one_hot:  # rows marking their class, of floats or ints: the classes they mark
             n_classes = y_train.shape[-1] if n_classes is None else n_classes
             y_train, y_val = y_train.argmax(-1), y_val.argmax(-1)
         y_train, y_val = y_train.long(), y_val.long()

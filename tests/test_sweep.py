@@ -433,6 +433,50 @@ def test_an_interrupted_trial_is_said_so_and_run_again(tmp_path, space_file, cap
     assert [t.state.name for t in done] == ["FAIL"] * size + ["COMPLETE"] * size
 
 
+def test_interrupts_of_retries_and_of_starting_members_leave_nothing_running(
+        tmp_path, space_file, monkeypatch):
+    """A retry interrupted in turn gets its own retry, each keeping its own history (an
+    in-memory storage hands out its own objects, which Optuna's callback would append to); a
+    population member stopped while it starts is failed and retried too, not left running;
+    and a database's stale-trial callback does not retry a trial whose retry is queued."""
+    import lepredict.sweep as sw
+
+    memory = optuna.storages.InMemoryStorage()
+    real = sw.train_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sw, "train_run", interrupted)
+    for _ in range(2):
+        with pytest.raises(KeyboardInterrupt):
+            _sweep(tmp_path, space_file, n_trials=1, storage=memory)
+    monkeypatch.setattr(sw, "train_run", real)
+    trials = optuna.load_study(study_name="t", storage=memory).trials
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "WAITING"]
+    assert [t.system_attrs.get("retry_history") for t in trials] == [None, [0], [0, 1]]
+    study = _sweep(tmp_path, space_file, n_trials=1, storage=memory)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "COMPLETE"]
+
+    start = sw._Objective.start
+
+    def second_starts_interrupted(self, trial):
+        if trial.number == 1:
+            raise KeyboardInterrupt
+        return start(self, trial)
+
+    monkeypatch.setattr(sw._Objective, "start", second_starts_interrupted)
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(tmp_path, space_file, n_trials=2, population=2, storage=db)
+    study = optuna.load_study(study_name="t", storage=db)
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    assert sorted(t.system_attrs["failed_trial"] for t in study.trials[2:]) == [0, 1]
+    before = len(study.trials)
+    sw._RetryUnlessRetried(max_retry=1)(study, study.trials[0])  # found stale later: no
+    assert len(study.trials) == before
+
+
 def test_cli_sweep_exit_codes(tmp_path, space_file, capsys, monkeypatch):
     """A trial that raises makes the run exit 1, naming it; bad heartbeat settings exit 2."""
     import lepredict.sweep

@@ -498,6 +498,10 @@ def test_chance_loss_of_one_hot_targets():
         assert chance_loss(one_hot) == pytest.approx(0.09)
     assert chance_loss(one_hot, kind="classification") == pytest.approx(chance_loss(labels))
     assert chance_loss(labels) == pytest.approx(math.log(10), abs=1e-3)
+    # Integer one-hot rows are classes whatever is said (their 0s and 1s are no labels).
+    as_ints = torch.nn.functional.one_hot(labels, 10)
+    assert chance_loss(as_ints) == chance_loss(as_ints, kind="classification") \
+        == pytest.approx(chance_loss(labels))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # other float targets: no word
         chance_loss(torch.rand(50, 3))
