@@ -672,12 +672,11 @@ def _check_output(path: str, suffixes: tuple[str, ...]) -> None:
 def _failures(trials, grace_period: int | None = None) -> str:
     """What became of the failed trials: killed or interrupted (retried, to be retried, or a
     retry itself, not retried again) or an error, with the first."""
+    from lepredict.records import retry_of
     from lepredict.sweep import interrupted_here
 
     fail = [t for t in trials if t.state.name == "FAIL"]
-    # A retry lists the trials it repeats in "retry_history", its direct original last.
-    retry_of = {t.system_attrs["retry_history"][-1]: t.number for t in trials
-                if t.system_attrs.get("retry_history")}
+    retried_as = {retry_of(t): t.number for t in trials if retry_of(t) is not None}
     errors = [t for t in fail if "lepredict:error" in t.user_attrs]
     stopped = [t for t in fail if "lepredict:error" not in t.user_attrs]
 
@@ -685,13 +684,13 @@ def _failures(trials, grace_period: int | None = None) -> str:
         kinds = {"interrupted" if interrupted_here(t) else "killed" for t in group}
         return " or ".join(sorted(kinds))
 
-    retried = [t for t in stopped if t.number in retry_of]
-    again = [t for t in stopped if t.number not in retry_of and t.system_attrs.get("retry_history")]
-    later = [t for t in stopped if t.number not in retry_of and t not in again]
+    retried = [t for t in stopped if t.number in retried_as]
+    again = [t for t in stopped if t.number not in retried_as and retry_of(t) is not None]
+    later = [t for t in stopped if t.number not in retried_as and t not in again]
     parts = []
     if retried:
         parts.append(f"{_numbers([t.number for t in retried])} {how(retried)}, retried as "
-                     f"{', '.join(str(retry_of[t.number]) for t in retried[:6])}")
+                     f"{', '.join(str(retried_as[t.number]) for t in retried[:6])}")
     if later and grace_period:
         parts.append(f"{_numbers([t.number for t in later])} {how(later)}, to be run again by "
                      f"the next sweep started {grace_period} s or more after they stopped")
@@ -711,6 +710,8 @@ def _failures(trials, grace_period: int | None = None) -> str:
 def _check_readable(study, command: str, *, finished_only: bool = False) -> None:
     """A study ``export`` and ``analyze`` can read: one objective, something reported, and (for
     an export) no trial still running unless only the finished ones are asked for."""
+    from lepredict.records import retry_of
+
     trials = study.get_trials(deepcopy=False)
     name = study.study_name
     if len(study.directions) > 1:
@@ -730,13 +731,13 @@ def _check_readable(study, command: str, *, finished_only: bool = False) -> None
     if command == "export" and (running or waiting) and not finished_only:
         done = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
         # A retry is queued by the sweep for a trial a kill or Ctrl-C stopped: not the user's.
-        retries = [t for t in waiting if t.system_attrs.get("retry_history")]
+        retries = [t for t in waiting if retry_of(t) is not None]
         queued = [t.number for t in waiting if t not in retries]
         unfinished = ([f"{_numbers(running)} running"] if running else []) + (
             [f"{_numbers(queued)} enqueued, not started"] if queued else []) + (
             [f"{_numbers([t.number for t in retries])} waiting to run stopped trial"
              f"{'s' if len(retries) > 1 else ''} "
-             f"{', '.join(str(t.system_attrs['retry_history'][-1]) for t in retries[:6])} again "
+             f"{', '.join(str(retry_of(t)) for t in retries[:6])} again "
              "when the sweep resumes"] if retries else [])
         raise CLIError(f"Study {name!r} has unfinished trials ({'; '.join(unfinished)}); "
                        "export it when they have finished, or pass --finished-only to export "

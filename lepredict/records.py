@@ -45,6 +45,7 @@ __all__ = [
     "interrupted_reason",
     "jsonable",
     "own_attrs",
+    "retry_of",
     "run_row",
     "spectrum_dict",
     "spectrum_of",
@@ -435,6 +436,14 @@ def attrs_by_step(user_attrs: Mapping, prefix: str) -> dict[int, object]:
 _STATUS = {"PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
+def retry_of(t) -> int | None:
+    """The number of the trial ``t`` retries directly (Optuna's retry callbacks list the trials
+    a retry repeats in ``retry_history``, its direct original last); ``None`` for a trial that
+    is no retry."""
+    history = (getattr(t, "system_attrs", None) or {}).get("retry_history")
+    return history[-1] if history else None
+
+
 def interrupted_reason(t, attrs: Mapping | None = None) -> str | None:
     """Why a trial failed where a Ctrl-C stopped it (its :data:`INTERRUPTED` mark, not one a
     retry inherited from its original); ``None`` otherwise. ``attrs``: its user attributes, if
@@ -455,7 +464,7 @@ def own_attrs(t) -> Mapping:
     one of its own (stored when it ends).
     """
     attrs = t.user_attrs
-    if not (getattr(t, "system_attrs", None) or {}).get("retry_history"):
+    if retry_of(t) is None:
         return attrs
     last = -1 if t.last_step is None else t.last_step
     finished = t.state.name in ("COMPLETE", "PRUNED", "FAIL")

@@ -52,7 +52,7 @@ from optuna.distributions import (
 from lepredict import tasks
 from lepredict.population import SHAPE_FIELDS, group_by_shape, train_population
 from lepredict.records import (ATTR, HPARAM_FIELDS, HPARAMS, INTERRUPTED, MEASURED_EXPONENTS,
-                               RunRecord, interrupted_reason, run_row, trial_row)
+                               RunRecord, interrupted_reason, retry_of, run_row, trial_row)
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, checked_device, checked_schedule, train_run
 
@@ -1291,8 +1291,7 @@ def run_sweep(
 
 def _retried(trials) -> set[int]:
     """Numbers of the trials that have a retry (a retry lists its original last in its history)."""
-    return {t.system_attrs["retry_history"][-1] for t in trials
-            if t.system_attrs.get("retry_history")}
+    return {n for n in map(retry_of, trials) if n is not None}
 
 
 def _work_left(study: optuna.Study, n_trials: int, trials=None) -> tuple[int, int]:
