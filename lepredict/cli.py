@@ -673,7 +673,7 @@ def _failures(trials, grace_period: int | None = None) -> str:
     """What became of the failed trials: killed or interrupted (retried, to be retried, or a
     retry itself, not retried again) or an error, with the first."""
     from lepredict.records import retry_of
-    from lepredict.sweep import interrupted_here
+    from lepredict.sweep import interrupted_here, retries_used_up
 
     fail = [t for t in trials if t.state.name == "FAIL"]
     retried_as = {retry_of(t): t.number for t in trials if retry_of(t) is not None}
@@ -685,7 +685,7 @@ def _failures(trials, grace_period: int | None = None) -> str:
         return " or ".join(sorted(kinds))
 
     retried = [t for t in stopped if t.number in retried_as]
-    again = [t for t in stopped if t.number not in retried_as and retry_of(t) is not None]
+    again = [t for t in stopped if t.number not in retried_as and retries_used_up(t, trials)]
     later = [t for t in stopped if t.number not in retried_as and t not in again]
     parts = []
     if retried:
@@ -698,8 +698,8 @@ def _failures(trials, grace_period: int | None = None) -> str:
         parts.append(f"{_numbers([t.number for t in later])} {how(later)}, not run again (this "
                      "storage keeps no heartbeats: a database storage retries such trials)")
     if again:
-        parts.append(f"{_numbers([t.number for t in again])} {how(again)}, not retried (each "
-                     "trial is retried once)")
+        parts.append(f"{_numbers([t.number for t in again])} {how(again)}, not retried (a "
+                     "configuration is retried once after a kill)")
     if errors:
         first = errors[0]
         parts.append(f"{_numbers([t.number for t in errors])} raised an error (trial "

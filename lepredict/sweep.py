@@ -1318,15 +1318,33 @@ def _retry_callback(max_retry: int | None):
 
 class _RetryUnlessRetried:
     """A database's stale-trial callback: Optuna's retry, unless the trial has one queued
-    already. A Ctrl-C queues the retry of the trial it stops before Optuna fails that trial: a
-    kill in between leaves it running, to be found stale later, and retried a second time."""
+    already, or the kills in its retry history (its own included) exceed ``max_retry``.
+
+    A Ctrl-C queues the retry of the trial it stops before Optuna fails that trial: a kill in
+    between leaves it running, to be found stale later, and retried a second time. And only
+    kills count, as Ctrl-Cs are no fault of the configuration's: Optuna's own count would
+    let an earlier Ctrl-C use up the retry a later kill is due."""
 
     def __init__(self, max_retry: int | None):
-        self._retry = _retry_callback(max_retry)
+        self.max_retry = max_retry
+        self._retry = _retry_callback(max_retry=None)
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.number not in _retried(study.get_trials(deepcopy=False)):
+        trials = study.get_trials(deepcopy=False)
+        if trial.number not in _retried(trials) and not retries_used_up(trial, trials,
+                                                                        self.max_retry):
             self._retry(study, trial)
+
+
+def retries_used_up(trial, trials, max_retry: int | None = 1) -> bool:
+    """Whether a stopped ``trial`` (one of the study's ``trials``) is retried no more: its
+    retry history, itself included, holds more than ``max_retry`` kills (a database retries a
+    killed trial once; Ctrl-Cs do not count, being no fault of the configuration's)."""
+    if max_retry is None:
+        return False
+    by_number = {t.number: t for t in trials}
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    return sum(not interrupted_here(by_number.get(n, trial)) for n in history) > max_retry
 
 
 def _heartbeat_interval(storage) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -475,6 +476,27 @@ def test_interrupts_of_retries_and_of_starting_members_leave_nothing_running(
     before = len(study.trials)
     sw._RetryUnlessRetried(max_retry=1)(study, study.trials[0])  # found stale later: no
     assert len(study.trials) == before
+
+
+@pytest.mark.parametrize("first_stopped_by, retried", [("ctrl-c", True), ("kill", False)])
+def test_a_kill_is_retried_once_whatever_ctrl_cs_came_before(first_stopped_by, retried):
+    """A retry killed in turn is retried again where its original was stopped by a Ctrl-C (no
+    fault of the configuration's), not where that was a kill too: kills alone count."""
+    import lepredict.sweep as sw
+
+    study = optuna.create_study()
+    dist = {"lr": optuna.distributions.FloatDistribution(1e-3, 1e-1)}
+    first = study.ask(dist)
+    if first_stopped_by == "ctrl-c":
+        first.set_user_attr(sw.INTERRUPTED_ATTR, {"trial": first.number, "reason": "test"})
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    sw._retry_callback(max_retry=None)(study, copy.deepcopy(study.trials[0]))
+    second = study.ask()  # the retry, then killed (found stale)
+    study.tell(second, state=optuna.trial.TrialState.FAIL)
+    sw._RetryUnlessRetried(max_retry=1)(study, copy.deepcopy(study.trials[1]))
+    assert (len(study.trials) == 3) == retried
+    if retried:
+        assert study.trials[2].system_attrs["retry_history"] == [0, 1]
 
 
 def test_cli_sweep_exit_codes(tmp_path, space_file, capsys, monkeypatch):
