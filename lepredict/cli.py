@@ -952,6 +952,20 @@ def _evaluate_model(args) -> int:
             weighted_spearman(out["final_loss"], loss, weights))
         rows.append({"budget": budget, **m, "n_boot": args.n_boot})
     _note_unknown_outcomes(frame)
+    fitted_on = {str(name) for predictor in models.values()
+                 for name in (getattr(predictor, "training_summary_", None) or {}).get("studies",
+                                                                                        [])}
+    seen = sorted(fitted_on & set(runs["study"].astype(str))) if "study" in runs else []
+    if seen:
+        which = "study" if len(seen) == 1 else "studies"
+        print(f"note: the model was fitted on the runs of {which} {', '.join(map(repr, seen))}, "
+              "which --data holds too: on those its figures are not held out (and read high).",
+              file=sys.stderr)
+    fewest = min(rows, key=lambda r: min(r["trained"], r["n"] - r["trained"]))
+    _note_few_runs("scored on", fewest["n"], fewest["trained"],
+                   "the AUROC ranks a handful of runs, and a bootstrap interval, which only "
+                   "resamples them, can look narrow (one trained run gives [1, 1] or [0, 0]); "
+                   "score on more runs")
     if args.output is not None:
         import pandas as pd
 
@@ -973,11 +987,6 @@ def _evaluate_model(args) -> int:
     if args.n_boot:
         print(f"95% percentile intervals from {args.n_boot} bootstrap resamples of "
               "configurations within tasks.")
-    fewest = min(rows, key=lambda r: min(r["trained"], r["n"] - r["trained"]))
-    _note_few_runs("scored on", fewest["n"], fewest["trained"],
-                   "the AUROC ranks a handful of runs, and a bootstrap interval, which only "
-                   "resamples them, can look narrow (one trained run gives [1, 1] or [0, 0]); "
-                   "score on more runs")
     return 0
 
 

@@ -117,8 +117,12 @@ def test_fit_and_evaluate_commands(runs, tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(data),
                  "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
     assert [r["budget"] for r in rows] == [0, 1] and rows[1]["auroc"] > 0.9
+    # Scored on the very runs it was fitted on: said so.
+    assert "note: the model was fitted on the runs of stud" in err
+    assert "which --data holds too: on those its figures are not held out" in err
     assert rows[1]["trained"] == int((runs["final_normalised_loss"] < runs["threshold"]).sum())
     few = tmp_path / "few.parquet"
     runs.sample(30, random_state=0).to_parquet(few)  # 5 trained
