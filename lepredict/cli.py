@@ -710,7 +710,7 @@ def _failures(trials, grace_period: int | None = None) -> str:
 def _check_readable(study, command: str, *, finished_only: bool = False) -> None:
     """A study ``export`` and ``analyze`` can read: one objective, something reported, and (for
     an export) no trial still running unless only the finished ones are asked for."""
-    from lepredict.records import retry_of
+    from lepredict.records import FINISHED_STATES, retry_of
 
     trials = study.get_trials(deepcopy=False)
     name = study.study_name
@@ -729,7 +729,7 @@ def _check_readable(study, command: str, *, finished_only: bool = False) -> None
     running = [t.number for t in trials if t.state.name == "RUNNING"]
     waiting = [t for t in trials if t.state.name == "WAITING"]
     if command == "export" and (running or waiting) and not finished_only:
-        done = sum(t.state.name in ("COMPLETE", "PRUNED", "FAIL") for t in trials)
+        done = sum(t.state.name in FINISHED_STATES for t in trials)
         # A retry is queued by the sweep for a trial a kill or Ctrl-C stopped: not the user's.
         retries = [t for t in waiting if retry_of(t) is not None]
         queued = [t.number for t in waiting if t not in retries]
@@ -814,29 +814,28 @@ def _cmd_fit(args) -> int:
         try:
             metrics = {}
             with warnings.catch_warnings():
+                # A constant classifier is refused below; a fold's shows in its held-out AUROC.
                 warnings.filterwarnings("ignore", "StabilityPredictor.fit: the classifier gives")
                 model = StabilityPredictor(budget=budget, feature_sets=tuple(args.features),
                                            threshold=args.threshold, param_grid=grid).fit(frame)
-            summary = model.training_summary_
-            if summary["constant"]:
-                # Saved, it would prune every trial or none, on no evidence at all.
-                trained = round(summary["runs"] * summary["trainable_share"])
-                raise CLIError(
-                    f"On {summary['runs']} runs ({trained} trained) the budget-{budget} "
-                    "classifier learnt nothing: it gives every run the same P(trainable); "
-                    "nothing was written. Fit on more runs (a few hundred; the shipped "
-                    "predictors saw 1,504), or use them (model='default').")
-            if not args.no_cv:
-                # Nested: each outer fold searches the grid on its own training runs, so the
-                # figures (and LyapunovPruner's default threshold) are not selected on the runs
-                # that score them.
-                with warnings.catch_warnings():  # a fold's constant classifier: its AUROC says
-                    warnings.filterwarnings("ignore", "StabilityPredictor.fit: the classifier")
+                summary = model.training_summary_
+                if summary["constant"]:
+                    # Saved, it would prune every trial or none, on no evidence at all.
+                    trained = round(summary["runs"] * summary["trainable_share"])
+                    raise CLIError(
+                        f"On {summary['runs']} runs ({trained} trained) the budget-{budget} "
+                        "classifier learnt nothing: it gives every run the same P(trainable); "
+                        "nothing was written. Fit on more runs (a few hundred; the shipped "
+                        "predictors saw 1,504), or use them (model='default').")
+                if not args.no_cv:
+                    # Nested: each outer fold searches the grid on its own training runs, so
+                    # the figures (and LyapunovPruner's default threshold) are not selected on
+                    # the runs that score them.
                     metrics["held_out_configs"] = cross_validate(
                         frame, budget=budget, sets=args.features, scheme="configs",
                         threshold=args.threshold, param_grid=grid, n_boot=N_BOOT)
-                metrics["held_out_configs"]["nested"] = grid is not None
-                model.prune_threshold_ = metrics["held_out_configs"]["p_at_99_recall"]
+                    metrics["held_out_configs"]["nested"] = grid is not None
+                    model.prune_threshold_ = metrics["held_out_configs"]["p_at_99_recall"]
         except ValueError as err:
             raise CLIError(str(err)) from None
         fitted.append((budget, model, metrics))

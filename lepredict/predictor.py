@@ -218,7 +218,8 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
         self.classifier_ = CalibratedClassifierCV(clf, method=self.calibration, cv=3).fit(
             features, y)
         fitted_p = self.classifier_.predict_proba(features)[:, 1]
-        if np.ptp(fitted_p) == 0:
+        constant = bool(np.ptp(fitted_p) == 0)
+        if constant:
             # On a few dozen runs the default trees (20 runs per leaf, fitted on two thirds of
             # them by the calibration) cannot split: one P for every run, whatever it shows.
             warnings.warn(f"StabilityPredictor.fit: the classifier gives all {len(y)} runs the "
@@ -245,7 +246,7 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             "epochs": int(X["epochs"].iloc[0]) if "epochs" in X and X["epochs"].nunique() == 1
             else None,
             # One P(trainable) for every run: the classifier learnt nothing.
-            "constant": bool(np.ptp(fitted_p) == 0),
+            "constant": constant,
         }
         return self
 

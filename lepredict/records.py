@@ -70,6 +70,8 @@ HPARAMS = f"{ATTR}hparams"
 #: Marks a trial a Ctrl-C stopped (``{"trial": its number, "reason": ...}``; a retry inherits
 #: the mark, with its original's number): failed, with no error of its own, so it is retried.
 INTERRUPTED = f"{ATTR}interrupted"
+#: Trial states of a trial that is over: it will report nothing more.
+FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 #: Trials-frame columns of a study's own parameters, as Optuna holds them (a ``lepredict sweep``
 #: trial's: its whole configuration) ...
@@ -467,7 +469,7 @@ def own_attrs(t) -> Mapping:
     if retry_of(t) is None:
         return attrs
     last = -1 if t.last_step is None else t.last_step
-    finished = t.state.name in ("COMPLETE", "PRUNED", "FAIL")
+    finished = t.state.name in FINISHED_STATES
     own = {}
     for key, value in attrs.items():
         step = next((key[len(p):] for p in (SPECTRUM, VAL_LOSS, PREDICTION)
@@ -481,12 +483,12 @@ def own_attrs(t) -> Mapping:
     return own
 
 
-def _own_run(t, setup: Mapping, chance: float | None, direction: str) -> dict:
+def _own_run(t, attrs: Mapping, setup: Mapping, chance: float | None, direction: str) -> dict:
     """What a trial of a loop of one's own (or a sweep trial still running) holds, as a stored
     run: its losses (those given to ``report_spectrum(val_loss=...)``, else the values it
     reported in a minimising study), how it ended and where it was pruned."""
     reported = {int(s): _float(v) for s, v in t.intermediate_values.items()}
-    given = {s: _float(v) for s, v in attrs_by_step(own_attrs(t), VAL_LOSS).items()}
+    given = {s: _float(v) for s, v in attrs_by_step(attrs, VAL_LOSS).items()}
     scale = 1.0
     if given:
         losses = given
@@ -569,7 +571,7 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
     hparams = hparams if isinstance(hparams, Mapping) else {}
     run = attrs.get(RUN)
     if run is None:
-        run = _own_run(t, setup, chance, direction)
+        run = _own_run(t, attrs, setup, chance, direction)
         if meta["status"] is None:
             meta["status"] = run.pop("status", None)
         run.pop("status", None)

@@ -51,8 +51,9 @@ from optuna.distributions import (
 
 from lepredict import tasks
 from lepredict.population import SHAPE_FIELDS, group_by_shape, train_population
-from lepredict.records import (ATTR, HPARAM_FIELDS, HPARAMS, INTERRUPTED, MEASURED_EXPONENTS,
-                               RunRecord, interrupted_reason, retry_of, run_row, trial_row)
+from lepredict.records import (ATTR, FINISHED_STATES, HPARAM_FIELDS, HPARAMS, INTERRUPTED,
+                               MEASURED_EXPONENTS, RunRecord, interrupted_reason, retry_of,
+                               run_row, trial_row)
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, checked_device, checked_schedule, train_run
 
@@ -752,8 +753,8 @@ class _Objective:
         # workers both queue one. Any number of times: a Ctrl-C is no fault of the
         # configuration's, unlike a kill that may be (out of memory), which is retried once.
         # First, so that a second Ctrl-C in what follows loses no retry; from a copy, as the
-        # callback appends to the retry history it is given (in-memory and journal storages
-        # hand out their own objects).
+        # callback appends to the retry history it is given (an in-memory storage hands out its
+        # own objects).
         retry = _retry_callback(max_retry=None)
         retry(trial.study, copy.deepcopy(trial.study._storage.get_trial(trial._trial_id)))
         # Not an error of its own. With its number: a retry inherits its original's
@@ -1459,10 +1460,6 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-#: Trial states of a trial that is over: it will report nothing more.
-FINISHED_STATES = ("COMPLETE", "PRUNED", "FAIL")
 
 
 def trials_frame(study: optuna.Study, *, finished_only: bool = False):
