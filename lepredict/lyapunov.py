@@ -24,6 +24,7 @@ QR wants, so no copies are made around the QR.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -165,10 +166,18 @@ def _initial_basis(B: int, k: int, n: int, dtype: torch.dtype, device: torch.dev
     basis (a coordinate subspace could be invariant, e.g. the units of an undriven layer)."""
     if k == n:
         return torch.eye(n, dtype=dtype, device=device).expand(B, n, n).clone()
+    q = _random_rows(k, n).to(dtype=dtype, device=device)
+    return q.expand(B, k, n).clone()
+
+
+@functools.lru_cache(maxsize=64)
+def _random_rows(k: int, n: int) -> Tensor:
+    """The fixed ``(k, n)`` orthonormal rows of :func:`_initial_basis`, float64 on the CPU:
+    kept, since drawing and factoring them was a few percent of a small network's
+    measurement, which a sweep repeats at every epoch."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, k, generator=g, dtype=torch.float64)
-    q = torch.linalg.qr(a).Q.T.to(dtype=dtype, device=device)
-    return q.expand(B, k, n).clone()
+    return torch.linalg.qr(a).Q.T.contiguous()
 
 
 def _householder_qr(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -278,12 +287,10 @@ class _Accumulator:
 
     def schedule(self, t: int, d: Tensor) -> None:
         """Under ``"auto"``, the next QR from the per-step rates of the QR just made."""
+        # The warm-up follows the schedule too: the QR that ends it is always taken, and the
+        # subspaces a QR leaves are those of the product of the Jacobians since the last one, so
+        # the skipped ones change where the averaged steps start only by rounding.
         steps, self.last_qr = t - self.last_qr, t
-        if t < self.warmup:
-            # The warm-up orients the basis; a step without its QR there would change where the
-            # averaged steps start from, so it keeps the QR every step.
-            self.next_qr = t + 1
-            return
         # A (rows, k) matrix: numpy's per-call cost is a fraction of torch's dispatch.
         with np.errstate(invalid="ignore"):
             rates = np.log(np.maximum(d.to(torch.float64).cpu().numpy(), self.tiny)) / steps
@@ -732,13 +739,14 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
         qt = acc.basis0.clone()
         # Input projection of layer 0 for all steps at once: one GEMM instead of T small ones.
         w_ih0, _, b0 = weights[0]
+        ops = _CELLS[map_name]
+        bias0 = _layer_bias(ops, b0)
         if K == 1:
-            gi0 = x @ w_ih0.T
+            gi0 = _xwt_all(bias0, x, w_ih0)
         else:  # (B * T, d) by each network's (d, G): (K, B * T, G), read as (K * B, T, G)
             gi0 = (x.reshape(B * T, d_in) @ w_ih0.mT).view(K * B, T, w_ih0.shape[-2])
-        if b0 is not None:
-            gi0 = _plus(gi0, b0[0])
-        ops = _CELLS[map_name]
+            if bias0 is not None:
+                gi0 = _plus(gi0, bias0)
         logdet = (_logdet_constants(map_name, weights, N, B) if exponent_sum and k < n
                   else None)
         if ops.lu:
@@ -853,9 +861,12 @@ def _tangent_pre(qt_h: Tensor, w_hh: Tensor, dq_below: Tensor | None, w_ih: Tens
     """Tangent of the pre-activations: ``dh @ W_hh.T + d(input) @ W_ih.T``; layer 0's input is
     the data, which is not perturbed."""
     d = _xwt(qt_h, w_hh)
-    if dq_below is not None:
-        d = d.add_(_xwt(dq_below, w_ih))
-    return d
+    if dq_below is None:
+        return d
+    if w_ih.dim() == 2:  # accumulated in place by the GEMM: no temporary, no addition
+        d.view(-1, d.shape[-1]).addmm_(dq_below.reshape(-1, dq_below.shape[-1]), w_ih.T)
+        return d
+    return d.add_(_xwt(dq_below, w_ih))
 
 
 def _sig_pair(pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -1245,16 +1256,23 @@ def _make_step(cell):
     return step
 
 
+def _layer_bias(cell, b) -> Tensor | None:
+    """A layer's input-side bias: ``b_ih``, plus ``b_hh`` where the cell folds it in (one
+    vector, so the pre-activations of all steps take a single addition)."""
+    if b is None:
+        return None
+    return b[0] + b[1] if cell.fold_hidden_bias else b[0]
+
+
 def _layer_input(cell, weights, layer: int, gi0: Tensor, below: Tensor) -> Tensor:
     """Input-side pre-activations of ``layer`` (one step or a whole sequence of ``below``),
-    with the hidden bias where the cell folds it in."""
+    with the hidden bias where the cell folds it in (layer 0's ``gi0`` holds its biases)."""
+    if layer == 0:
+        return gi0
     w_ih, _, b = weights[layer]
-    gi = gi0 if layer == 0 else _xwt(below, w_ih)
-    if b is None:
-        return gi
-    if layer:
-        gi = _plus(gi, b[0])
-    return _plus(gi, b[1]) if cell.fold_hidden_bias else gi
+    gi = _xwt(below, w_ih)
+    bias = _layer_bias(cell, b)
+    return gi if bias is None else _plus(gi, bias)
 
 
 #: The two-pass engine computes LU log-determinants (GRU, hidden-only LSTM) for as many steps at
