@@ -750,14 +750,56 @@ def _cmd_export(args) -> int:
     _check_output(args.output, (".parquet", ".csv"))
     study = _open_study(args.storage, args.study_name)
     _check_readable(study, "export", finished_only=args.finished_only)
+    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
+        raise CLIError(f"--steps-per-epoch must be a positive integer, got "
+                       f"{args.steps_per_epoch}: the report steps in one epoch.")
     try:
-        n = export_trials(study, args.output, finished_only=args.finished_only)
+        n = export_trials(study, args.output, finished_only=args.finished_only,
+                          steps_per_epoch=args.steps_per_epoch)
     except OSError as err:
         raise CLIError(f"Cannot write -o {args.output!r}: {err.strerror or err}.") from None
     except ValueError as err:
         raise CLIError(str(err)) from None
     print(f"wrote {n} trials to {args.output}")
+    _note_report_steps(study, args.steps_per_epoch)
     return 0
+
+
+def _note_report_steps(study, given: int | None) -> None:
+    """After an export of a loop of one's own: a note where its report steps look like
+    iterations read as epochs, or where none falls on an epoch's end."""
+    from lepredict.records import RUN, SETUP, steps_per_epoch_of
+
+    own = [t for t in study.get_trials(deepcopy=False)
+           if t.intermediate_values and RUN not in t.user_attrs]
+    if not own or study.user_attrs.get(SETUP, {}).get("task"):
+        return
+    spe = {t.number: given or steps_per_epoch_of(t) or 1 for t in own}
+    off = [t.number for t in own if spe[t.number] > 1
+           and not any(s and s % spe[t.number] == 0 for s in t.intermediate_values)
+           and len(t.intermediate_values) > 1]
+    if off:
+        t = next(t for t in own if t.number == off[0])
+        print(f"note: {_numbers(off, 'trial')} reported at no epoch's end after the first (trial "
+              f"{t.number}: steps {_steps_list(t.intermediate_values)}; steps per epoch "
+              f"{spe[t.number]}), so their rows hold epoch 0 alone; report at the end of each "
+              "epoch (step = epoch * steps per epoch), or export with --steps-per-epoch set "
+              "to your reporting interval (each report then counts as an epoch).",
+              file=sys.stderr)
+        return
+    steps = sorted({s for t in own if spe[t.number] == 1 for s in t.intermediate_values if s})
+    interval = math.gcd(*steps) if len(steps) > 1 else 1
+    if interval > 1:
+        print(f"note: the trials report at steps 0, {_steps_list(steps)}, all multiples of "
+              f"{interval}, read here as epochs; if they count iterations, export again with "
+              "--steps-per-epoch N (the iterations in one epoch, as LyapunovPruner("
+              "steps_per_epoch=N) takes it) so losses and spectra are read by epoch.",
+              file=sys.stderr)
+
+
+def _steps_list(steps) -> str:
+    steps = sorted(steps)
+    return ", ".join(map(str, steps[:4])) + (", ..." if len(steps) > 4 else "")
 
 
 #: Columns every export has (``lepredict.sweep.trials_frame``) and every command reading one uses.
@@ -1350,8 +1392,11 @@ def _cmd_predict(args) -> int:
     why = {"trained": "the variant the predictor was trained on",
            "given": "as given by --task-option",
            "default": "the task's defaults: the predictor has no record of a variant of it"}
-    print(f"task {args.task} {_options_text(task.options)} (T={task.seq_len}; "
-          f"{why[result['task_variant']]})")
+    # A spectrum file with its own chance loss uses nothing of the task.
+    task_used = data is None or chance_from == "task"
+    if task_used:
+        print(f"task {args.task} {_options_text(task.options)} (T={task.seq_len}; "
+              f"{why[result['task_variant']]})")
     if shown_config is not None:
         c = shown_config
         # torch's default initialisation has no scale: init_scale is not read.
@@ -1395,8 +1440,8 @@ def _cmd_predict(args) -> int:
               f"{rec.status})")
     print(f"cut-off {model.cutoff:.3f}: the predictor's own, the P(trainable) LyapunovPruner "
           "prunes below")
-    print(f"predicted final normalised loss {loss:.3f}  (10-90%: {low:.3f} - {high:.3f}; "
-          f"trainable below {task.threshold:g})")
+    print(f"predicted final normalised loss {loss:.3f}  (10-90%: {low:.3f} - {high:.3f}"
+          + (f"; trainable below {task.threshold:g})" if task_used else ")"))
     print("what drove it (P minus P with that feature at a typical value):")
     for name, delta, words in drivers:
         print(f"  {name:<22} {delta:+.3f}  {words}")
@@ -1418,14 +1463,24 @@ def _check_spectrum_sizes(path: str, spectra: dict, config: dict, *,
         n = state_size(config["arch"], config["hidden"], config["layers"],
                        lstm_state="full" if both else "hidden")
         k = len(spec["mean"])
-        if spec.get("n") is None and k != n:
-            lstm = " (h and c of each layer)" if both else ""
-            arch = config["arch"].upper()
+        lstm = " (h and c of each layer)" if both else ""
+        arch = config["arch"].upper()
+        network = (f"{'an' if arch[0] in 'AEFHILMNORSX' else 'a'} {shown('arch', arch)} of "
+                   f"{shown('hidden', str(config['hidden']))} units x "
+                   f"{shown('layers', str(config['layers']))} layer(s)")
+        given = spec.get("n")
+        if given is not None and int(given) != n:
+            # The features read the state size and the mean of all exponents with the
+            # hyperparameters: of two different networks, they describe neither.
             raise CLIError(
-                f"--spectrum {path!r}: epoch {epoch} holds {k} exponents, but "
-                f"{'an' if arch[0] in 'AEFHILMNORSX' else 'a'} {shown('arch', arch)} of "
-                f"{shown('hidden', str(config['hidden']))} units x "
-                f"{shown('layers', str(config['layers']))} layer(s) has a state of {n}{lstm}: "
+                f"--spectrum {path!r}: epoch {epoch}'s spectrum is of a state of {int(given)} "
+                f"(its \"n\"), but {network} has a state of {n}{lstm}: give the measured "
+                "network's own --arch/--hidden/--layers (or --config), or a spectrum of this "
+                "network.")
+        if given is None and k != n:
+            raise CLIError(
+                f"--spectrum {path!r}: epoch {epoch} holds {k} exponents, but {network} has "
+                f"a state of {n}{lstm}: "
                 f"give all {n}, or with the leading ones the state size as \"n\": {n} (and "
                 "the sum of all exponents as \"sum\"), or the network's own "
                 "--arch/--hidden/--layers.")
@@ -1883,6 +1938,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finished-only", action="store_true",
                    help="export the finished trials (complete, pruned, failed) of a study that "
                    "still has trials running; without it such a study is refused")
+    p.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
+                   help="for a loop of your own that reports by iteration: the report steps "
+                   "in one epoch, so losses and spectra are read at epochs' ends (default: "
+                   "what its LyapunovPruner was given, else 1)")
     p.set_defaults(func=_cmd_export)
 
     from lepredict.records import FEATURE_SETS

@@ -533,8 +533,11 @@ def outcomes(frame: pd.DataFrame, *, threshold: float | None = None) -> pd.DataF
             "(the loss of the best constant prediction; lepredict.chance_loss computes it).")
     if threshold is None:
         if "threshold" not in frame or frame["threshold"].isna().any():
-            raise ValueError("Some runs have no task threshold (custom task or old export): "
-                             "pass threshold=... explicitly (--threshold on the command line).")
+            raise ValueError("Some runs have no task threshold (a study of your own, a "
+                             "custom task or an old export): pass threshold=T (--threshold T "
+                             "on the command line), the final normalised loss (final loss / "
+                             "chance loss) below which a finished run counts as trained; the "
+                             "corpus's tasks use 0.05-0.7, most 0.5.")
         limit = frame["threshold"].astype(float)
     else:
         limit = pd.Series(float(threshold), index=frame.index)

@@ -324,13 +324,14 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
         quantiles, as ``(loss, low, high)``."""
         features = self._features(X)[self.feature_names_]
         with _few_threads(len(features)):
-            loss = self.regressor_.predict(features)
+            # A loss is not negative: the regressors' extrapolation below zero is cut there.
+            loss = np.maximum(self.regressor_.predict(features), 0.0)
             if not interval:
                 return loss
             if not self.interval_:
                 raise ValueError("This predictor was fitted with interval=False: no quantiles.")
             low, high = (m.predict(features) for m in self.interval_)
-        return loss, np.minimum(low, loss), np.maximum(high, loss)
+        return loss, np.clip(low, 0.0, loss), np.maximum(high, loss)
 
     def explain(self, X: pd.DataFrame, reference: pd.DataFrame | None = None,
                 top: int = 5) -> list[list[tuple[str, float]]]:
@@ -464,7 +465,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not manifest_path.is_file():
         raise ModelFileError(
             f"No saved predictor at {str(path)!r}: expected {MANIFEST} and {MODEL_FILE} there. "
-            "Fit one with `lepredict fit --data ... -o DIR`, or use model='default'."
+            "Fit one with `lepredict fit --data ... -o DIR`; a shipped model goes by its name "
+            "where a model is asked for (LyapunovPruner(model='default'), --model default), "
+            "and load_models(resolve_model('default')) loads its predictors."
         )
     try:
         manifest = json.loads(manifest_path.read_text())

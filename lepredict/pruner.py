@@ -26,7 +26,7 @@ from lepredict.features import completed_runs
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
 from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
-                               SPECTRUM, VAL_LOSS, attrs_by_step, check_hparams,
+                               SPECTRUM, VAL_LOSS, attrs_by_step, by_epoch, check_hparams,
                                complete_hparams, jsonable, own_attrs, run_row, spectrum_dict,
                                spectrum_of)
 from lepredict.train import DIVERGED_LOSS_RATIO, PROBE_SIZE, diverged_loss, measured_options
@@ -202,8 +202,9 @@ def _checked_trial(trial) -> None:
         # Optuna prunes single-objective studies only (trial.report raises in the others), and
         # lepredict reads only those: a spectrum stored here would be measured for nothing.
         raise ValueError(f"Study {study.study_name!r} has {len(directions)} objectives; "
-                         "LyapunovPruner, like Optuna's pruners, works in single-objective "
-                         "studies: optimise one value (the validation loss, say) to use it.")
+                         "lepredict's spectra serve LyapunovPruner, export and analyze, which "
+                         "like Optuna's pruners work in single-objective studies: optimise one "
+                         "value (the validation loss, say) to record them.")
 
 
 def _checked_step(step) -> int:
@@ -367,11 +368,6 @@ def _models(model, trust: bool = False) -> dict[int, StabilityPredictor]:
     return _load_cached(str(path), mtime, bool(trust))
 
 
-def _by_epoch(items: Mapping[int, object], steps_per_epoch: int) -> dict[int, object]:
-    """Report steps that fall on an epoch's end, keyed by epoch."""
-    return {s // steps_per_epoch: v for s, v in items.items() if s % steps_per_epoch == 0}
-
-
 def _float(value) -> float:
     try:
         return float(value)
@@ -393,9 +389,9 @@ class _TrialView:
         self.losses_from_attrs = bool(own) or study.direction != StudyDirection.MINIMIZE
         raw = {s: _float(v) for s, v in own.items()} if self.losses_from_attrs \
             else dict(trial.intermediate_values)
-        self.losses = _by_epoch(raw, steps_per_epoch)
+        self.losses = by_epoch(raw, steps_per_epoch)
         spectra = attrs_by_step(attrs, SPECTRUM)
-        self.spectra = _by_epoch(spectra, steps_per_epoch)
+        self.spectra = by_epoch(spectra, steps_per_epoch)
         # Spectra and losses given at steps that are no epoch's end are never read ...
         self.off_epoch = sorted(s for s in {*spectra, *own} if s % steps_per_epoch)
         # ... and where the epoch they fall in has none at its end, they were meant for it
@@ -675,6 +671,7 @@ class LyapunovPruner(BasePruner):
             raise ValueError(
                 f"LyapunovPruner: study {study.study_name!r} maximises, so its reported values "
                 "are not losses; report the validation loss beside them with "
+                "lepredict.measure_and_report(trial, rnn, probe, step, val_loss=...) or "
                 "lepredict.report_spectrum(trial, spectrum, step, val_loss=...) at each epoch "
                 "the predictor uses (0..3), or minimise the loss.")
         if view.chance is not None and view.losses:
@@ -821,9 +818,11 @@ class LyapunovPruner(BasePruner):
 
     def _record(self, study: optuna.Study, trial: FrozenTrial, step: int,
                 prediction: dict) -> None:
-        # A pruner gets a frozen trial: the storage is the only way to annotate it.
-        study._storage.set_trial_user_attr(trial._trial_id, f"{PREDICTION}{step}",
-                                           jsonable(prediction))
+        # A pruner gets a frozen trial: the storage is the only way to annotate it. The steps
+        # per epoch go with each decision, so an export reads the trial's steps as it did.
+        study._storage.set_trial_user_attr(
+            trial._trial_id, f"{PREDICTION}{step}",
+            jsonable({**prediction, "steps_per_epoch": self._steps_per_epoch}))
         if "budget" in prediction:  # decided on a predictor, not kept for want of one
             self._decided.add(trial, step, study)
 
@@ -898,12 +897,19 @@ class LyapunovPruner(BasePruner):
 
     def _off_epoch_message(self, study: optuna.Study, view: _TrialView) -> str:
         spe = self._steps_per_epoch
-        return (f"LyapunovPruner reads no spectrum or val_loss= given at steps "
+        said = (f"LyapunovPruner reads no spectrum or val_loss= given at steps "
                 f"{_steps_text(view.off_epoch)} (trial {view.trial.number} of study "
                 f"{study.study_name!r}): with steps_per_epoch={spe} it reads those at the ends "
-                f"of epochs, steps 0, {spe}, {2 * spe}...; give measure_and_report and "
-                "report_spectrum the step you give trial.report (epoch * steps_per_epoch), not "
-                "the epoch.")
+                f"of epochs, steps 0, {spe}, {2 * spe}...; ")
+        if set(view.off_epoch) <= set(view.trial.intermediate_values):
+            # trial.report itself is called between epochs' ends: the steps agree, the
+            # interval does not.
+            return said + ("report (and measure) at the end of each epoch, step = epoch * "
+                           f"{spe}, or, to decide at your reporting interval, pass "
+                           "steps_per_epoch=that interval (each report then counts as an "
+                           "epoch).")
+        return said + ("give measure_and_report and report_spectrum the step you give "
+                       "trial.report (epoch * steps_per_epoch), not the epoch.")
 
     def _steps_problem(self, trial: FrozenTrial) -> str | None:
         """Why the report steps cannot be read as epochs, if so."""

@@ -49,6 +49,7 @@ __all__ = [
     "run_row",
     "spectrum_dict",
     "spectrum_of",
+    "steps_per_epoch_of",
     "trial_row",
 ]
 
@@ -456,6 +457,22 @@ def interrupted_reason(t, attrs: Mapping | None = None) -> str | None:
     return None
 
 
+def steps_per_epoch_of(t) -> int | None:
+    """The ``steps_per_epoch`` a :class:`~lepredict.LyapunovPruner` read trial ``t``'s steps
+    with (it writes it into each decision it records); ``None`` where no decision says."""
+    for record in attrs_by_step(t.user_attrs, PREDICTION).values():
+        spe = record.get("steps_per_epoch") if isinstance(record, Mapping) else None
+        if isinstance(spe, int) and not isinstance(spe, bool) and spe >= 1:
+            return spe
+    return None
+
+
+def by_epoch(items: Mapping[int, object], steps_per_epoch: int) -> dict[int, object]:
+    """Values keyed by report step, keyed by epoch: those at the ends of epochs (steps
+    ``e * steps_per_epoch``) only."""
+    return {s // steps_per_epoch: v for s, v in items.items() if s % steps_per_epoch == 0}
+
+
 def own_attrs(t) -> Mapping:
     """A trial's user attributes without those a retry inherited from its failed attempt.
 
@@ -483,12 +500,17 @@ def own_attrs(t) -> Mapping:
     return own
 
 
-def _own_run(t, attrs: Mapping, setup: Mapping, chance: float | None, direction: str) -> dict:
+def _own_run(t, attrs: Mapping, setup: Mapping, chance: float | None, direction: str,
+             steps_per_epoch: int = 1) -> dict:
     """What a trial of a loop of one's own (or a sweep trial still running) holds, as a stored
     run: its losses (those given to ``report_spectrum(val_loss=...)``, else the values it
-    reported in a minimising study), how it ended and where it was pruned."""
-    reported = {int(s): _float(v) for s, v in t.intermediate_values.items()}
-    given = {s: _float(v) for s, v in attrs_by_step(attrs, VAL_LOSS).items()}
+    reported in a minimising study), how it ended and where it was pruned, by epoch (steps
+    ``e * steps_per_epoch``; a pruned trial's ``pruned_at`` and ``epochs_completed`` are the
+    epochs it completed)."""
+    reported = by_epoch({int(s): _float(v) for s, v in t.intermediate_values.items()},
+                        steps_per_epoch)
+    given = by_epoch({s: _float(v) for s, v in attrs_by_step(attrs, VAL_LOSS).items()},
+                     steps_per_epoch)
     scale = 1.0
     if given:
         losses = given
@@ -500,7 +522,7 @@ def _own_run(t, attrs: Mapping, setup: Mapping, chance: float | None, direction:
         losses = {}  # a maximised value (an accuracy) is not a loss
     val = [losses[s] * scale for s in sorted(losses)]
     run: dict = {"val_loss": val}
-    last = t.last_step
+    last = None if t.last_step is None else t.last_step // steps_per_epoch
     state = t.state.name
     if last is not None:
         run["epochs_completed"] = last
@@ -524,21 +546,29 @@ def _own_run(t, attrs: Mapping, setup: Mapping, chance: float | None, direction:
 
 
 def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = None,
-              threshold: float | None = None, *, direction: str = "minimize") -> dict:
+              threshold: float | None = None, *, direction: str = "minimize",
+              steps_per_epoch: int = 1) -> dict:
     """A trial of any single-objective study as a trials-frame row.
 
     A ``lepredict sweep`` trial gives its stored run. A trial of a loop of one's own gives what
-    it reported: the values of ``trial.report`` (``steps``, ``values``), its losses (those given
-    to :func:`~lepredict.report_spectrum` with ``val_loss=``, else the reported values when the
-    study minimises), the chance loss given to ``report_spectrum``, how it ended (``status``,
-    ``final_normalised_loss``; ``pruned_at``, the last step of a pruned trial) and spectra.
+    it reported: the values of ``trial.report`` (``steps``, ``values``, as reported), its
+    losses (those given to :func:`~lepredict.report_spectrum` with ``val_loss=``, else the
+    reported values when the study minimises), the chance loss given to ``report_spectrum``,
+    how it ended (``status``, ``final_normalised_loss``; ``pruned_at``, the last epoch of a
+    pruned trial) and spectra. Losses and spectra are by epoch, as the features read them: a
+    loop that reports by iteration gives ``steps_per_epoch`` (what its
+    :class:`~lepredict.LyapunovPruner` was given), and those at the ends of epochs count.
     Either way the row carries what :class:`~lepredict.LyapunovPruner` decided last
-    (``predicted_p_trainable``, ``predicted_final_loss``, at ``predicted_at``) and, for a trial
-    it pruned, why (``prune_reason``).
+    (``predicted_p_trainable``, ``predicted_final_loss``, at step ``predicted_at``) and, for a
+    trial it pruned, why (``prune_reason``).
     """
     attrs = own_attrs(t)
     spectra = {attr[len(SPECTRUM):]: spec for attr, spec in attrs.items()
                if attr.startswith(SPECTRUM)}
+    sweep_trial = bool(setup.get("task")) or RUN in attrs
+    if not sweep_trial:
+        spectra = by_epoch({int(s): v for s, v in spectra.items() if s.isdigit()},
+                           steps_per_epoch)
     own_chance = attrs.get(CHANCE_LOSS)
     chance = _float(own_chance) if own_chance is not None else (
         chance_loss if chance_loss is not None else _float(setup.get("chance_loss")))
@@ -566,16 +596,17 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
         "predicted_at": predicted[-1][0] if predicted else None,
         "predicted_p_trainable": _float(predicted[-1][1]["p_trainable"]) if predicted else None,
         "predicted_final_loss": _float(predicted[-1][1].get("final_loss")) if predicted else None,
+        "steps_per_epoch": 1 if sweep_trial else steps_per_epoch,
     }
     hparams = attrs.get(HPARAMS)
     hparams = hparams if isinstance(hparams, Mapping) else {}
     run = attrs.get(RUN)
     if run is None:
-        run = _own_run(t, attrs, setup, chance, direction)
+        run = _own_run(t, attrs, setup, chance, direction, 1 if sweep_trial else steps_per_epoch)
         if meta["status"] is None:
             meta["status"] = run.pop("status", None)
         run.pop("status", None)
-    if setup.get("task") or RUN in attrs:
+    if sweep_trial:
         # A sweep's trial (its run stored, or failed or still running): the whole config (fixed
         # values included), then the params; its parameters are lepredict's own.
         return run_row(meta, run, {**run.get("config", {}), **t.params, **hparams}, spectra)

@@ -21,6 +21,7 @@ configuration already in the study is not drawn again (see :class:`_PerTrialSamp
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -53,7 +54,7 @@ from lepredict import tasks
 from lepredict.population import SHAPE_FIELDS, group_by_shape, train_population
 from lepredict.records import (ATTR, FINISHED_STATES, HPARAM_FIELDS, HPARAMS, INTERRUPTED,
                                MEASURED_EXPONENTS, RunRecord, interrupted_reason, retry_of,
-                               run_row, trial_row)
+                               run_row, steps_per_epoch_of, trial_row)
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, checked_device, checked_schedule, train_run
 
@@ -1462,16 +1463,24 @@ class _Progress:
         self.bar.close()
 
 
-def trials_frame(study: optuna.Study, *, finished_only: bool = False):
+def trials_frame(study: optuna.Study, *, finished_only: bool = False,
+                 steps_per_epoch: int | None = None):
     """One row per trial: params, outcome, curves and spectra per epoch (lists in cells).
 
     Any single-objective study reads: one made by ``lepredict sweep``, or by a loop of one's
     own (see :func:`lepredict.records.trial_row` for what its rows hold). ``epochs`` is the
-    sweep's, or for a study of one's own the last step its finished trials reported (its
+    sweep's, or for a study of one's own the last epoch its finished trials reported (its
     horizon). ``finished_only`` leaves out running and waiting trials.
 
+    ``steps_per_epoch``: a loop of one's own that reports by iteration (``trial.report(loss,
+    step)`` every so many batches) has its losses and spectra read at the ends of epochs, steps
+    ``e * steps_per_epoch``. By default each trial's is what its
+    :class:`~lepredict.LyapunovPruner` read it with (recorded with its decisions), else the
+    study's most common such value, else 1 (steps are epochs).
+
     Raises:
-        ValueError: a study with several objectives.
+        ValueError: a study with several objectives, a ``steps_per_epoch`` that is not a
+            positive int.
     """
     import pandas as pd
 
@@ -1489,14 +1498,22 @@ def trials_frame(study: optuna.Study, *, finished_only: bool = False):
             chance, threshold = task.chance_loss, task.threshold
         except (KeyError, ValueError, TypeError):
             pass  # a custom task not registered in this process
+    if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or isinstance(
+            steps_per_epoch, bool) or steps_per_epoch < 1):
+        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch=}.")
     trials = study.get_trials(deepcopy=False)
     if finished_only:
         trials = [t for t in trials if t.state.name in FINISHED_STATES]
+    recorded = {t.number: steps_per_epoch_of(t) for t in trials}
+    usual = collections.Counter(v for v in recorded.values() if v is not None).most_common(1)
+    spe = {t.number: steps_per_epoch or recorded[t.number] or (usual[0][0] if usual else 1)
+           for t in trials}
     if setup.get("epochs") is None:
-        steps = [t.last_step for t in trials if t.state.name == "COMPLETE"
-                 and t.last_step is not None]
-        setup["epochs"] = max(steps) if steps else None
-    rows = [trial_row(t, study.study_name, setup, chance, threshold, direction=direction)
+        ends = [t.last_step // spe[t.number] for t in trials if t.state.name == "COMPLETE"
+                and t.last_step is not None]
+        setup["epochs"] = max(ends) if ends else None
+    rows = [trial_row(t, study.study_name, setup, chance, threshold, direction=direction,
+                      steps_per_epoch=spe[t.number])
             for t in trials]
     return pd.DataFrame(rows)
 
@@ -1538,12 +1555,12 @@ def _as_one_type(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def export_trials(study: optuna.Study, path: str | os.PathLike, *,
-                  finished_only: bool = False) -> int:
+                  finished_only: bool = False, steps_per_epoch: int | None = None) -> int:
     """Write :func:`trials_frame` to Parquet (``.parquet``) or CSV (``.csv``, list cells as
     JSON); returns the number of rows. ``finished_only`` leaves out running and waiting
-    trials."""
+    trials; ``steps_per_epoch`` as :func:`trials_frame` takes it."""
     path = Path(path)
-    frame = trials_frame(study, finished_only=finished_only)
+    frame = trials_frame(study, finished_only=finished_only, steps_per_epoch=steps_per_epoch)
     if path.suffix == ".parquet":
         _as_one_type(frame).to_parquet(path, index=False)
     elif path.suffix == ".csv":

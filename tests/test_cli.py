@@ -370,3 +370,8 @@ def test_a_spectrum_file_shorter_than_the_networks_state_is_refused(model_dir, t
     code, _, err = _predict("default", tmp_path, capsys, spectra(8, n=32), *shape)
     _refused(code, err, "8 exponents of a state of size 32, but the predictor uses the leading "
                         "16", tmp_path)
+    # A state size ("n") of another network than the options name: refused, not read as this
+    # one's (the state size and the mean of all exponents would describe another network).
+    code, _, err = _predict(model_dir, tmp_path, capsys, spectra(32, n=64), *shape)
+    _refused(code, err, "epoch 0's spectrum is of a state of 64 (its \"n\"), but a GRU of 32 "
+                        "units x 1 (the default --layers) layer(s) has a state of 32", tmp_path)

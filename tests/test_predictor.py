@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -38,6 +39,23 @@ def test_loss_head_and_interval(runs, fitted):
     assert np.all(low <= loss) and np.all(loss <= high)
     final = runs["final_normalised_loss"].clip(upper=3.0)
     assert np.corrcoef(loss, final)[0, 1] > 0.7
+    # A normalised loss is not negative: the regressors' extrapolations below 0 are cut there,
+    # the interval's low end included (a new user's predict-stability showed -0.015).
+    shifted = copy.deepcopy(fitted)
+    offset = float(loss.max()) + 1.0
+
+    class Shifted:
+        def __init__(self, model):
+            self.model = model
+
+        def predict(self, features):
+            return self.model.predict(features) - offset
+
+    shifted.regressor_ = Shifted(fitted.regressor_)
+    shifted.interval_ = [Shifted(m) for m in fitted.interval_]
+    cut, cut_low, cut_high = shifted.predict_loss(runs, interval=True)
+    assert np.all(cut == 0.0) and np.all(cut_low == 0.0) and np.all(cut_high >= 0.0)
+    assert np.all(shifted.predict_loss(runs) == 0.0)
 
 
 def test_explain_names_driving_features(runs, fitted):

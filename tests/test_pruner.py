@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import torch
 
@@ -268,6 +269,70 @@ def test_reports_at_iterations_with_steps_per_epoch(runs, model_dir):
         attrs = loop(optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0)))
     records = [v for k, v in attrs.items() if k.startswith(f"{ATTR}prediction:")]
     assert records and all(not r["pruned"] and "p_trainable" not in r for r in records)
+
+
+def test_exports_read_a_loops_iteration_steps_by_epoch(runs, model_dir, tmp_path, capsys):
+    """A loop reporting every 50 iterations of 100-iteration epochs: the pruner stores its
+    steps_per_epoch with each decision, and the export reads the losses and spectra at epochs'
+    ends by it, so the predictor scores the exported row as the pruner scored the trial. A
+    study without such a pruner gets a note from `lepredict export`, and --steps-per-epoch."""
+    from lepredict.cli import main
+    from lepredict.predictor import load_models
+
+    row = runs[runs["status"] == "ok"].iloc[0]
+
+    def loop(study):
+        trial = study.ask()
+        for it in range(0, 201, 50):
+            if it % 100 == 0:
+                report_spectrum(trial, {"mean": row[f"le{it // 100}_mean"],
+                                        "std": row[f"le{it // 100}_std"]}, it, chance_loss=2.0)
+            trial.report(row["val_loss"][it // 100], it)
+            trial.should_prune()
+        study.tell(trial, row["val_loss"][2])
+
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="it", storage=db, pruner=LyapunovPruner(
+        model=model_dir, threshold=0.0, steps_per_epoch=100))
+    loop(study)
+    own = lepredict.sweep.trials_frame(study).iloc[0]
+    assert own["steps_per_epoch"] == 100 and own["steps"] == [0, 50, 100, 150, 200]
+    assert own["val_loss"] == list(row["val_loss"][:3]) and own["epochs_completed"] == 2
+    assert all(isinstance(own[f"le{e}_mean"], list) for e in range(3)) and "le100_mean" not in own
+    record = study.trials[0].user_attrs[f"{ATTR}prediction:100"]
+    assert record["steps_per_epoch"] == 100
+    model = load_models(model_dir)[record["budget"]]
+    assert model.predict_proba(own.to_frame().T)[0, 1] == pytest.approx(record["p_trainable"])
+    # Given, steps_per_epoch wins over what the pruner recorded.
+    assert "le100_mean" in lepredict.sweep.trials_frame(study, steps_per_epoch=1)
+    with pytest.raises(ValueError, match="steps_per_epoch=0"):
+        lepredict.sweep.trials_frame(study, steps_per_epoch=0)
+
+    plain = optuna.create_study(study_name="plain", storage=db)
+    loop(plain)
+    out = tmp_path / "plain.parquet"
+    assert main(["export", "--storage", db, "--study-name", "plain", "-o", str(out)]) == 0
+    assert "all multiples of 50" in capsys.readouterr().err
+    assert main(["export", "--storage", db, "--study-name", "plain", "-o", str(out),
+                 "--steps-per-epoch", "100"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    exported = pd.read_parquet(out).iloc[0]
+    assert list(exported["val_loss"]) == list(row["val_loss"][:3])
+    assert main(["export", "--storage", db, "--study-name", "plain", "-o", str(out),
+                 "--steps-per-epoch", "0"]) == 2
+    assert "--steps-per-epoch must be a positive integer" in capsys.readouterr().err
+    # Reported (and measured) every 50 iterations of 60-iteration epochs: the same steps in
+    # both, so the warning says to report at epochs' ends or count each report as an epoch.
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, steps_per_epoch=60))
+    trial = study.ask()
+    with pytest.warns(UserWarning, match=r"given at steps 50 .*report \(and measure\) "
+                                         r"at the end of each epoch, step = epoch \* 60, or.*"
+                                         r"pass steps_per_epoch=that interval"):
+        for e, step in enumerate((0, 50, 100)):
+            report_spectrum(trial, {"mean": row[f"le{e}_mean"], "std": row[f"le{e}_std"]},
+                            step, chance_loss=2.0)
+            trial.report(row["val_loss"][e], step)
+            trial.should_prune()
 
 
 def test_spectra_the_predictor_cannot_use_are_refused(model_dir):
@@ -983,8 +1048,9 @@ def test_probes_shorter_or_fewer_than_the_corpus_warn_and_multi_objective_is_ref
         warnings.simplefilter("error")
         lepredict.measure_and_report(trial, gru, torch.randn(16, 8, 3), 1)
     both = optuna.create_study(directions=["minimize", "maximize"]).ask()
-    with pytest.raises(ValueError, match="has 2 objectives; LyapunovPruner, like Optuna's "
-                                         "pruners, works in single-objective studies"):
+    with pytest.raises(ValueError, match="has 2 objectives; lepredict's spectra serve "
+                                         "LyapunovPruner, export and analyze, which like "
+                                         "Optuna's pruners work in single-objective studies"):
         lepredict.measure_and_report(both, gru, torch.randn(8, 8, 3), 0)
     assert not both.study.trials[0].user_attrs
 
