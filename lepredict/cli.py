@@ -1002,6 +1002,7 @@ def _evaluate_model(args) -> int:
         print(f"note: the model was fitted on the runs of {which} {', '.join(map(repr, seen))}, "
               "which --data holds too: on those its figures are not held out (and read high).",
               file=sys.stderr)
+    _note_other_horizon(models, runs)
     fewest = min(rows, key=lambda r: min(r["trained"], r["n"] - r["trained"]))
     _note_few_runs("scored on", fewest["n"], fewest["trained"],
                    "the AUROC ranks a handful of runs, and a bootstrap interval, which only "
@@ -1029,6 +1030,24 @@ def _evaluate_model(args) -> int:
         print(f"95% percentile intervals from {args.n_boot} bootstrap resamples of "
               "configurations within tasks.")
     return 0
+
+
+def _note_other_horizon(models: dict, runs) -> None:
+    """A note where the scored runs trained for more or fewer epochs than the model's: its
+    P(trainable) is of training within its own horizon, so a run that needed longer (or had
+    less time) counts against it."""
+    trained = {(getattr(m, "training_summary_", None) or {}).get("epochs")
+               for m in models.values()} - {None}
+    if len(trained) != 1 or "epochs" not in runs:
+        return
+    model_epochs = trained.pop()
+    horizons = sorted({int(e) for e in runs["epochs"].dropna()} - {int(model_epochs)})
+    if horizons:
+        shown = ", ".join(map(str, horizons[:4])) + (", ..." if len(horizons) > 4 else "")
+        print(f"note: the model predicts training within {model_epochs} epochs, and --data "
+              f"holds runs of {shown} epochs: where they differ, a run that trained only later "
+              "(or would have, given longer) counts against it; LyapunovPruner scales its "
+              "cut-off for such a study, this score does not.", file=sys.stderr)
 
 
 def _load_predictors(name: str, trust: bool = False):

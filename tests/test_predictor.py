@@ -150,6 +150,13 @@ def test_fit_and_evaluate_commands(runs, tmp_path, capsys):
     assert out.splitlines()[0].split()[:3] == ["budget", "runs", "trained"]
     assert out.splitlines()[1].split()[:3] == ["0", "30", "5"]
     assert "note: scored on 30 runs, 5 of which trained: with fewer than 20" in err
+    assert "predicts training within" not in err  # the model's horizon, 10 epochs
+    longer = tmp_path / "longer.parquet"
+    runs.assign(epochs=40).sample(30, random_state=0).to_parquet(longer)
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(longer),
+                 "--n-boot", "0"]) == 0
+    assert ("note: the model predicts training within 10 epochs, and --data holds runs of 40 "
+            "epochs") in capsys.readouterr().err
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
     assert "No saved predictor" in capsys.readouterr().err
     assert main(["fit", "--data", str(tmp_path / "missing.parquet"), "-o",
