@@ -175,9 +175,11 @@ def _random_rows(k: int, n: int) -> Tensor:
     """The fixed ``(k, n)`` orthonormal rows of :func:`_initial_basis`, float64 on the CPU:
     kept, since drawing and factoring them was a few percent of a small network's
     measurement, which a sweep repeats at every epoch."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(n, k, generator=g, dtype=torch.float64)
-    return torch.linalg.qr(a).Q.T.contiguous()
+    # A normal tensor even when first asked for under inference mode: later callers may not be.
+    with torch.inference_mode(False):
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(n, k, generator=g, dtype=torch.float64)
+        return torch.linalg.qr(a).Q.T.contiguous()
 
 
 def _householder_qr(a: Tensor) -> tuple[Tensor, Tensor]:
