@@ -784,3 +784,21 @@ def test_exponent_sums_of_large_networks_after_set_num_threads():
     for many in sums[1:]:  # more threads than cores too (numpy's LU there)
         for got, one in zip(many, sums[0]):  # the GEMMs round differently with the threads
             assert got == pytest.approx(one, rel=1e-5)
+
+
+def test_the_starting_rows_are_kept_and_the_same_under_inference_mode():
+    """A few leading exponents start from fixed random rows, drawn once per (k, n): first asked
+    for under torch.inference_mode, they are still a normal tensor for later callers, and every
+    call measures the same numbers."""
+    from lepredict.lyapunov import _random_rows
+
+    _random_rows.cache_clear()
+    m = make("gru", input_size=3, hidden=20, layers=1, seed=3).float()
+    x = torch.randn(2, 30, 3)
+    with torch.inference_mode():
+        first = lepredict.lyapunov_spectrum(m, x, k=4, warmup=5).exponents
+    assert not _random_rows(4, 20).is_inference()
+    again = lepredict.lyapunov_spectrum(m, x, k=4, warmup=5).exponents
+    assert torch.equal(first, again)
+    rows = _random_rows(4, 20)
+    torch.testing.assert_close(rows @ rows.T, torch.eye(4, dtype=torch.float64))
