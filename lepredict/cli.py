@@ -301,20 +301,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=d.layers, action=_Given,
                    help="stacked recurrent layers")
     p.add_argument("--init", default=d.init, choices=["uniform", "gain", "orthogonal", "default"],
+                   action=_Given,
                    help="weight initialisation: uniform in [-s, s], Gaussian with gain s (std "
                    "s/sqrt(fan_in)), orthogonal recurrent gate blocks times s (inputs as gain), "
                    "or torch's default")
-    p.add_argument("--init-scale", type=float, default=d.init_scale,
+    p.add_argument("--init-scale", type=float, default=d.init_scale, action=_Given,
                    help="scale s of --init (ignored by --init default)")
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    p.add_argument("--lr", type=float, default=d.lr, action=_Given, help="learning rate")
     p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adam", "rmsprop"],
+                   action=_Given,
                    help="optimizer")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
-    p.add_argument("--clip", type=float, default=d.clip,
+    p.add_argument("--batch-size", type=int, default=d.batch_size, action=_Given,
+                   help="training batch size")
+    p.add_argument("--clip", type=float, default=d.clip, action=_Given,
                    help="gradient-norm clipping (0: none)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, action=_Given,
                    help="L2 weight decay given to the optimizer (Adam's coupled one; 0: none)")
-    p.add_argument("--seed", type=int, default=d.seed,
+    p.add_argument("--seed", type=int, default=d.seed, action=_Given,
                    help="seed of the initialisation and the batch order")
 
 
@@ -328,6 +331,41 @@ def _config_from_args(args):
                          weight_decay=args.weight_decay, seed=args.seed)
     except ValueError as err:
         raise CLIError(str(err)) from None
+
+
+def _completed_config(partial, source: str, args) -> dict:
+    """A run's configuration from a file's partial one (a spectrum file's "config", --config):
+    what it gives stands; what it lacks comes from the options given (and their defaults, said
+    in a note); an option given against a value the file gives is refused."""
+    from lepredict.train import RunConfig
+
+    if not isinstance(partial, dict):
+        raise CLIError(f"{source} is not an object of hyperparameters ({{\"arch\": \"gru\", "
+                       "\"hidden\": 64, ...}).")
+    options = _config_from_args(args).to_dict()
+    unknown = sorted(set(partial) - set(options))
+    if unknown:
+        raise CLIError(f"{source} has unknown hyperparameter(s) {unknown}; known: "
+                       f"{sorted(options)}.")
+    given = getattr(args, "given", set()) & set(options)
+    for key in sorted(given & set(partial)):
+        if partial[key] != options[key]:
+            flag = "--" + key.replace("_", "-")
+            raise CLIError(f"{source} says {key}={partial[key]!r}, but {flag} {options[key]!r} "
+                           f"was given: the file's describes the run measured; drop {flag}, or "
+                           "change the file.")
+    merged = {**options, **partial}
+    assumed = [k for k in options if k not in partial and k not in given and k != "seed"
+               and not (k == "init_scale" and merged["init"] == "default")]
+    if assumed and partial:
+        read = ", ".join(f"{k}={options[k]}" for k in assumed)
+        print(f"note: {source} gives no {', '.join(assumed)}: read as {read}, the options' "
+              "defaults; give them in the file or as --arch, --lr, --batch-size...",
+              file=sys.stderr)
+    try:
+        return RunConfig.from_dict(merged).to_dict()
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"{source}: {err}") from None
 
 
 def _cmd_tasks(args) -> int:
@@ -1338,14 +1376,13 @@ def _cmd_predict(args) -> int:
         _check_spectrum_losses(args.spectrum, data, budget, uses_loss="loss" in
                                model.feature_sets, chance_loss=chance)
         if data["config"]:
-            config, config_from = data["config"], "file"
+            config, config_from = _completed_config(
+                data["config"], f"the \"config\" of --spectrum {args.spectrum!r}", args), "file"
+        elif args.config:
+            config = _completed_config(_read_config_file(args.config),
+                                       f"--config {args.config!r}", args)
         else:
-            config = (_read_config_file(args.config) if args.config else
-                      _config_from_args(args).to_dict())
-        try:
-            config = RunConfig.from_dict(config).to_dict()
-        except (ValueError, TypeError) as err:
-            raise CLIError(str(err)) from None
+            config = _config_from_args(args).to_dict()
         named = {"arch", "hidden", "layers"} & getattr(args, "given", set())
         if config_from != "options" or named:
             _check_spectrum_sizes(args.spectrum, data["spectra"], config,
@@ -1369,10 +1406,8 @@ def _cmd_predict(args) -> int:
         _check_probe_size(args.probe_size, task)
         _check_device(args.device)
         if args.config:
-            try:
-                config = RunConfig.from_dict(_read_config_file(args.config))
-            except (ValueError, TypeError) as err:
-                raise CLIError(str(err)) from None
+            config = RunConfig.from_dict(_completed_config(_read_config_file(args.config),
+                                                           f"--config {args.config!r}", args))
         else:
             config = _config_from_args(args)
         rec = train_run(config, task, epochs=budget, le_epochs=range(budget + 1),
@@ -1425,7 +1460,8 @@ def _cmd_predict(args) -> int:
                 + (f", clip {c['clip']:g}" if c.get("clip") else "")
                 + (f", weight decay {c['weight_decay']:g}" if c.get("weight_decay") else ""))
         if args.spectrum and config_from == "file":
-            line += " (the file's \"config\")"
+            line += " (the file's \"config\"" + (", completed by the options given)" if set(
+                getattr(args, "given", ())) - set(data["config"]) else ")")
         elif args.spectrum and config_from == "--config":
             line += f" (from --config {args.config}: the file has no \"config\")"
         elif args.spectrum:

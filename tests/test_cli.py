@@ -344,6 +344,30 @@ def test_analyze_works_once_the_columns_it_names_are_added(tmp_path, monkeypatch
     assert (tmp_path / "r.html").is_file() and "wrote r.html" in capsys.readouterr().out
 
 
+def test_a_partial_config_in_a_spectrum_file_is_completed_by_the_options_given(model_dir,
+                                                                              tmp_path,
+                                                                              monkeypatch,
+                                                                              capsys):
+    """A file's "config" that names the network alone: the learning rate, optimiser and batch
+    size given as options complete it (not their defaults, silently), the defaults it still
+    takes are named in a note, and an option against a value the file gives is refused."""
+    monkeypatch.chdir(tmp_path)
+    spec = {"mean": [0.1 - 0.05 * i for i in range(32)], "std": [0.0] * 32}
+    text = json.dumps({"0": spec, "1": spec, "val_loss": [2.3, 1.0],
+                       "config": {"arch": "gru", "hidden": 32, "layers": 1}})
+    code, out, err = _predict(model_dir, tmp_path, capsys, text, "--lr", "0.4", "--optimizer",
+                              "sgd", "--batch-size", "40", "--budget", "1", "--json")
+    assert code == 0, err
+    config = json.loads(out)["config"]
+    assert (config["lr"], config["optimizer"], config["batch_size"]) == (0.4, "sgd", 40)
+    assert config["arch"] == "gru" and config["hidden"] == 32
+    assert 'note: the "config" of --spectrum' in err and "gives no init, init_scale, clip, " \
+        "weight_decay: read as init=uniform" in err
+    code, _, err = _predict(model_dir, tmp_path, capsys, text, "--hidden", "64")
+    _refused(code, err, "says hidden=32, but --hidden 64 was given: the file's describes the "
+                        "run measured", tmp_path)
+
+
 def test_a_spectrum_file_shorter_than_the_networks_state_is_refused(model_dir, tmp_path,
                                                                     monkeypatch, capsys):
     """Exponents without "n" are a whole spectrum: 8 of them said to be a GRU-32's are its
