@@ -884,7 +884,7 @@ FEW_RUNS = 20
 
 def _cmd_fit(args) -> int:
     from lepredict.evaluation import N_BOOT, cross_validate
-    from lepredict.predictor import SEARCH_GRID, StabilityPredictor
+    from lepredict.predictor import DEFAULT_CUTOFF, SEARCH_GRID, StabilityPredictor
 
     frame = _read_data(args.data)
     # Model selection by grouped cross-validation (groups = study) over a small grid.
@@ -915,7 +915,18 @@ def _cmd_fit(args) -> int:
                         frame, budget=budget, sets=args.features, scheme="configs",
                         threshold=args.threshold, param_grid=grid, n_boot=N_BOOT)
                     metrics["held_out_configs"]["nested"] = grid is not None
-                    model.prune_threshold_ = metrics["held_out_configs"]["p_at_99_recall"]
+                    held = metrics["held_out_configs"]
+                    if held["constant_folds"] == held["folds"]:
+                        # The cut-off would be a quantile of those constants: refused, as a
+                        # constant classifier is.
+                        raise CLIError(
+                            f"On {summary['runs']} runs the budget-{budget} classifier of every "
+                            f"one of the {held['folds']} cross-validation folds gave all its "
+                            "held-out runs one P(trainable) (too few runs once a fold is held "
+                            "out): its held-out AUROC and pruning cut-off would describe no "
+                            "model; nothing was written. Fit on more runs, or pass --no-cv "
+                            f"(no held-out figures; the cut-off is then lepredict's default, {DEFAULT_CUTOFF:g}).")
+                    model.prune_threshold_ = held["p_at_99_recall"]
         except ValueError as err:
             raise CLIError(str(err)) from None
         fitted.append((budget, model, metrics))

@@ -330,6 +330,10 @@ def cross_validate(frame: pd.DataFrame, *, budget: int, sets: Sequence[str], sch
         # The P(trainable) under which only 1% of the trainable held-out runs fell: a pruning
         # threshold that, on data like these, stops at most 1 in 100 configurations that train.
         out["p_at_99_recall"] = float(np.quantile(proba[y], 0.01)) if y.any() else math.nan
+        # Folds whose classifier gave all its held-out runs one P learnt nothing: on too few
+        # runs the trees cannot split, and the AUROC and the cut-off above describe no model.
+        out["constant_folds"] = int((pred.groupby("fold")["proba"].nunique() <= 1).sum())
+        out["folds"] = int(pred["fold"].nunique())
         if n_boot:
             table = summarise(pred, baseline=None, n_boot=n_boot, random_state=random_state)
             pooled = table[table["group"] == "all"].iloc[0]

@@ -187,6 +187,13 @@ def test_fit_records_a_pruning_threshold_and_evaluate_summarises(runs, tmp_path,
     err = capsys.readouterr().err
     assert "note: fitted on 60 runs, 13 of which trained" in err
     assert "fewer than 20 on either side" in err
+    # Cross-validated, each fold's classifier (48 runs) is constant: its held-out AUROC and the
+    # cut-off, a quantile of those constants, would describe no model: nothing is written.
+    assert main(["fit", "--data", str(few), "-o", str(tmp_path / "cv"), "--budgets", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "classifier of every one of the 5 cross-validation folds gave all its held-out " \
+        "runs one P(trainable)" in err
+    assert not (tmp_path / "cv").exists()
     # A handful: the trees cannot split, and a predictor that gives every run one P is not
     # written (budget 0 fits first: nothing of budget 1 either).
     runs.sample(30, random_state=0).to_parquet(few)  # 5 trainable
