@@ -788,9 +788,7 @@ def _cmd_export(args) -> int:
     _check_output(args.output, (".parquet", ".csv"))
     study = _open_study(args.storage, args.study_name)
     _check_readable(study, "export", finished_only=args.finished_only)
-    if args.steps_per_epoch is not None and args.steps_per_epoch < 1:
-        raise CLIError(f"--steps-per-epoch must be a positive integer, got "
-                       f"{args.steps_per_epoch}: the report steps in one epoch.")
+    _check_steps_per_epoch(args.steps_per_epoch)
     try:
         n = export_trials(study, args.output, finished_only=args.finished_only,
                           steps_per_epoch=args.steps_per_epoch)
@@ -803,15 +801,30 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _note_report_steps(study, given: int | None) -> None:
-    """After an export of a loop of one's own: a note where its report steps look like
-    iterations read as epochs, or where none falls on an epoch's end."""
-    from lepredict.records import RUN, SETUP, steps_per_epoch_of
+def _check_steps_per_epoch(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise CLIError(f"--steps-per-epoch must be a positive integer, got {value}: the report "
+                       "steps in one epoch.")
+
+
+def _add_steps_per_epoch_arg(p) -> None:
+    p.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
+                   help="for a loop of your own that reports by iteration: the report steps "
+                   "in one epoch, so losses and spectra are read at epochs' ends (default: "
+                   "what its LyapunovPruner was given, else 1)")
+
+
+def _note_report_steps(study, given: int | None, command: str = "export") -> None:
+    """After reading a loop of one's own by epoch (export, analyze): a note where its report
+    steps look like iterations read as epochs, or where spectra or reports fall at no epoch's
+    end for the steps per epoch it was read with (they are left out)."""
+    from lepredict.records import RUN, SETUP, SPECTRUM, attrs_by_step, steps_per_epoch_of
 
     own = [t for t in study.get_trials(deepcopy=False)
            if t.intermediate_values and RUN not in t.user_attrs]
     if not own or study.user_attrs.get(SETUP, {}).get("task"):
         return
+    again = f"{command} again with --steps-per-epoch"
     spe = {t.number: given or steps_per_epoch_of(t) or 1 for t in own}
     off = [t.number for t in own if spe[t.number] > 1
            and not any(s and s % spe[t.number] == 0 for s in t.intermediate_values)
@@ -821,18 +834,26 @@ def _note_report_steps(study, given: int | None) -> None:
         print(f"note: {_numbers(off, 'trial')} reported at no epoch's end after the first (trial "
               f"{t.number}: steps {_steps_list(t.intermediate_values)}; steps per epoch "
               f"{spe[t.number]}), so their rows hold epoch 0 alone; report at the end of each "
-              "epoch (step = epoch * steps per epoch), or export with --steps-per-epoch set "
-              "to your reporting interval (each report then counts as an epoch).",
-              file=sys.stderr)
+              f"epoch (step = epoch * steps per epoch), or {again} set to your reporting "
+              "interval (each report then counts as an epoch).", file=sys.stderr)
+        return
+    dropped = {t.number: sorted(s for s in attrs_by_step(t.user_attrs, SPECTRUM)
+                                if s % spe[t.number]) for t in own}
+    dropped = {n: steps for n, steps in dropped.items() if steps}
+    if dropped:
+        first = next(iter(dropped))
+        print(f"note: spectra of {_numbers(list(dropped), 'trial')} were given at steps that end "
+              f"no epoch (trial {first}: {_steps_list(dropped[first])}, with "
+              f"{spe[first]} steps per epoch) and are left out; if an epoch is another number "
+              f"of steps, {again} N.", file=sys.stderr)
         return
     steps = sorted({s for t in own if spe[t.number] == 1 for s in t.intermediate_values if s})
     interval = math.gcd(*steps) if len(steps) > 1 else 1
     if interval > 1:
         print(f"note: the trials report at steps 0, {_steps_list(steps)}, all multiples of "
-              f"{interval}, read here as epochs; if they count iterations, export again with "
-              "--steps-per-epoch N (the iterations in one epoch, as LyapunovPruner("
-              "steps_per_epoch=N) takes it) so losses and spectra are read by epoch.",
-              file=sys.stderr)
+              f"{interval}, read here as epochs; if they count iterations, {again} N "
+              "(the iterations in one epoch, as LyapunovPruner(steps_per_epoch=N) takes it) "
+              "so losses and spectra are read by epoch.", file=sys.stderr)
 
 
 def _steps_list(steps) -> str:
@@ -1779,13 +1800,17 @@ def _cmd_analyze(args) -> int:
                        "analyze reads one source.")
     if args.threshold is not None and not math.isfinite(args.threshold):
         raise CLIError(f"--threshold must be a finite number, got {args.threshold}.")
+    _check_steps_per_epoch(args.steps_per_epoch)
+    if args.steps_per_epoch is not None and args.data:
+        raise CLIError("--steps-per-epoch reads a study's steps (--study-name); an export is "
+                       "already by epoch: give it to `lepredict export` instead.")
     if args.data:
         frame = _read_exports(args.data, "--data")
         title = ", ".join(args.data)
     elif args.study_name:
         study = _open_study(args.storage, args.study_name)
         _check_readable(study, "analyze")
-        frame = trials_frame(study)
+        frame = trials_frame(study, steps_per_epoch=args.steps_per_epoch)
         title = args.study_name
     else:
         raise CLIError("Say what to analyse: --study-name NAME [--storage URL], or --data FILE.")
@@ -1818,6 +1843,8 @@ def _cmd_analyze(args) -> int:
     for p in sections:
         if p.figure is None:
             print(f"  not drawn: {p.heading}: {p.text}")
+    if study is not None:
+        _note_report_steps(study, args.steps_per_epoch, "analyze")
     return 0
 
 
@@ -2004,10 +2031,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finished-only", action="store_true",
                    help="export the finished trials (complete, pruned, failed) of a study that "
                    "still has trials running; without it such a study is refused")
-    p.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
-                   help="for a loop of your own that reports by iteration: the report steps "
-                   "in one epoch, so losses and spectra are read at epochs' ends (default: "
-                   "what its LyapunovPruner was given, else 1)")
+    _add_steps_per_epoch_arg(p)
     p.set_defaults(func=_cmd_export)
 
     from lepredict.records import FEATURE_SETS
@@ -2131,6 +2155,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exports of full runs: what pruned configurations would have reached")
     p.add_argument("-o", "--output", default=None, help="report path (default: "
                    "studies/NAME-report.html, NAME the study's or the export's file name)")
+    _add_steps_per_epoch_arg(p)
     p.add_argument("--publish", action="store_true",
                    help="also save the figures into the study for optuna-dashboard, one graph "
                    "per figure (pip install optuna-dashboard)")

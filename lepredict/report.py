@@ -113,7 +113,7 @@ class _Study:
     rule: str
     labelled: bool  # by a threshold (given or recorded), not by a median split
     horizon: pd.Series  # the study's horizon per row (epochs), NaN where unknown
-    sweep: bool
+    by_epoch: bool  # steps are epochs: a sweep's, or a loop's read by its steps per epoch
     params: list  # the param_* columns the trials varied
 
     @property
@@ -123,9 +123,20 @@ class _Study:
         return f"reported value ({'maximised' if self.direction == 'maximize' else 'minimised'})"
 
 
+def _steps_per_epoch(row: pd.Series) -> int:
+    """The report steps in one epoch a loop's row was read with (1: its steps are epochs)."""
+    spe = _num(row.get("steps_per_epoch"))
+    return int(spe) if math.isfinite(spe) and spe > 1 else 1
+
+
 def _curve(row: pd.Series, normalised: bool) -> tuple[list, list]:
     values = _list(row.get("values"))
     steps = _list(row.get("steps"))
+    spe = _steps_per_epoch(row)
+    if spe > 1:
+        # Read by epoch (its pruned_at and the horizon are): the reports at epochs' ends.
+        kept = [(int(x) // spe, v) for x, v in zip(steps, values) if int(x) % spe == 0]
+        steps, values = [x for x, _ in kept], [v for _, v in kept]
     if normalised:
         val = _list(row.get("val_loss"))
         chance = _num(row.get("chance_loss"))
@@ -231,14 +242,17 @@ def _read(frame: pd.DataFrame, threshold: float | None) -> _Study:
             ends = [max(curves[i][0]) for i in frame.index[rows & (state == "COMPLETE")]
                     if curves[i][0]]
             horizon[missing] = max(ends) if ends else np.nan
-    sweep = "task" in frame and frame["task"].map(lambda t: isinstance(t, str)).any()
+    # A sweep's steps are epochs; so are those of a loop read by its steps per epoch.
+    by_epoch = "task" in frame and frame["task"].map(lambda t: isinstance(t, str)).any() or (
+        "steps_per_epoch" in frame and (pd.to_numeric(frame["steps_per_epoch"],
+                                                      errors="coerce") > 1).any())
     return _Study(frame, direction, normalised, curves, last, finished, pruned, final,
-                  trainable, good, bad, rule_words, labelled, horizon, bool(sweep),
+                  trainable, good, bad, rule_words, labelled, horizon, bool(by_epoch),
                   _params(frame))
 
 
 def _epochs_word(s: _Study) -> str:
-    return "epoch" if s.sweep else "step"
+    return "epoch" if s.by_epoch else "step"
 
 
 def _params(frame: pd.DataFrame) -> list[str]:
@@ -433,7 +447,7 @@ def _epochs_panel(s: _Study) -> Panel:
     text = (f"Cumulative {word}s trained as trials were run, against the {word}s they would have "
             f"taken had no trial been pruned (a pruned trial counted at the study's horizon of "
             f"{int(np.nanmax(s.horizon[s.pruned]))} {word}s).")
-    if not s.sweep:
+    if not s.by_epoch:
         text += (" Counted in report steps: epochs when trial.report is called once per "
                  "epoch.")
     return Panel("epochs", heading, text, fig)

@@ -303,6 +303,9 @@ def test_exports_read_a_loops_iteration_steps_by_epoch(runs, model_dir, tmp_path
     assert record["steps_per_epoch"] == 100
     model = load_models(model_dir)[record["budget"]]
     assert model.predict_proba(own.to_frame().T)[0, 1] == pytest.approx(record["p_trainable"])
+    # The report counts its epochs as epochs, not as report steps.
+    panels = {p.key: p for p in lepredict.report.panels(lepredict.sweep.trials_frame(study))}
+    assert "no epochs were saved" in panels["epochs"].text
     # Given, steps_per_epoch wins over what the pruner recorded.
     assert "le100_mean" in lepredict.sweep.trials_frame(study, steps_per_epoch=1)
     with pytest.raises(ValueError, match="steps_per_epoch=0"):
@@ -318,6 +321,13 @@ def test_exports_read_a_loops_iteration_steps_by_epoch(runs, model_dir, tmp_path
     assert "note:" not in capsys.readouterr().err
     exported = pd.read_parquet(out).iloc[0]
     assert list(exported["val_loss"]) == list(row["val_loss"][:3])
+    # An epoch length the spectra do not fit: those at no epoch's end are named, left out.
+    assert main(["export", "--storage", db, "--study-name", "plain", "-o", str(out),
+                 "--steps-per-epoch", "40"]) == 0
+    assert "were given at steps that end no epoch (trial 0: 100, with 40 steps per " \
+        "epoch) and are left out" in capsys.readouterr().err
+    assert main(["analyze", "--data", str(out), "--steps-per-epoch", "100"]) == 2
+    assert "an export is already by epoch" in capsys.readouterr().err
     assert main(["export", "--storage", db, "--study-name", "plain", "-o", str(out),
                  "--steps-per-epoch", "0"]) == 2
     assert "--steps-per-epoch must be a positive integer" in capsys.readouterr().err
