@@ -1005,11 +1005,26 @@ def publish(study, figs, *, notes: list[Panel] | None = None) -> int:
     except ImportError:
         raise ImportError("--publish needs optuna-dashboard: pip install optuna-dashboard "
                           "(or pip install 'lepredict[dashboard]').") from None
+    import plotly.graph_objects as go
+
     items = figs.items() if isinstance(figs, dict) else enumerate(figs)
-    n = 0
+    n, saved = 0, set()
     for key, fig in items:
         save_plotly_graph_object(study, fig, graph_object_id=f"lepredict-{key}")
+        saved.add(f"lepredict-{key}")
         n += 1
+    # A figure an earlier publish saved that this one did not draw would still be shown beside
+    # a note that says it was not drawn: it is replaced by an empty one that says why.
+    # (optuna-dashboard keeps each graph in the study's system attributes under this prefix.)
+    prefix = "dashboard:plot_data:"
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    earlier = {k[len(prefix):].rsplit(":", 1)[0] for k in attrs if k.startswith(prefix)}
+    why = {f"lepredict-{p.key}": f"{p.heading}: not drawn: {p.text}" for p in notes or []}
+    for graph in sorted(g for g in earlier if g.startswith("lepredict-") and g not in saved):
+        blank = go.Figure()
+        blank.update_layout(title=why.get(graph, f"{graph}: not drawn by the latest publish"),
+                            xaxis_visible=False, yaxis_visible=False)
+        save_plotly_graph_object(study, blank, graph_object_id=graph)
     if notes:
         current = get_note(study) or ""
         if not current.strip() or current.startswith(NOTE_MARK):

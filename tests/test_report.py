@@ -464,6 +464,18 @@ def test_publish_saves_one_graph_per_figure_and_a_note(studies, tmp_path):
     save_note(study, "my note")
     report.publish(study, drawn, notes=[p for p in sections if p.figure is None])
     assert get_note(study) == "my note"
+    # Published again without one of them (another --threshold, say): the earlier figure no
+    # longer shows beside the note that says it was not drawn; an empty one says why.
+    from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
+
+    gone = sorted(drawn)[0]
+    rest = {k: f for k, f in drawn.items() if k != gone}
+    report.publish(study, rest, notes=[report.Panel(gone, "Gone", "no threshold this time")])
+    graphs = get_plotly_graph_objects(backend.get_study_system_attrs(
+        backend.get_study_id_from_name("regression")))
+    blank = json.loads(graphs[f"lepredict-{gone}"])
+    assert not blank["data"] and "Gone: not drawn: no threshold this time" in json.dumps(blank)
+    assert json.loads(graphs[f"lepredict-{sorted(rest)[0]}"])["data"]
 
 
 # -- in a real browser -----------------------------------------------------------------------
