@@ -211,7 +211,12 @@ def _open_study(storage: str | None, study_name: str):
     try:
         return optuna.load_study(study_name=study_name, storage=backend)
     except KeyError:
-        raise missing from None
+        names = sorted(s.study_name for s in backend.get_all_studies())
+        there = (f"it holds {', '.join(map(repr, names[:8]))}" + (" and more" if len(names) > 8
+                                                                  else "")
+                 if names else "it holds no study")
+        raise CLIError(f"No study named {study_name!r} in {_shown(storage)} ({there}); check "
+                       "--study-name and --storage.") from None
 
 
 def _task_options(pairs: list[str]) -> dict:
@@ -1073,6 +1078,12 @@ def _evaluate_model(args) -> int:
               "which --data holds too: on those its figures are not held out (and read high).",
               file=sys.stderr)
     _note_other_horizon(models, runs)
+    pruned = int((frame["state"] == "PRUNED").sum()) if "state" in frame else 0
+    if pruned:
+        print(f"note: {pruned} pruned trial(s) were left out (a pruned run has no final outcome):"
+              f" the {len(runs)} scored are the runs a pruner kept, not a random sample of the "
+              "configurations, and score the model on the easier part; score on runs trained "
+              "to the end (a study without pruning).", file=sys.stderr)
     fewest = min(rows, key=lambda r: min(r["trained"], r["n"] - r["trained"]))
     _note_few_runs("scored on", fewest["n"], fewest["trained"],
                    "the AUROC ranks a handful of runs, and a bootstrap interval, which only "

@@ -157,6 +157,12 @@ def test_fit_and_evaluate_commands(runs, tmp_path, capsys):
                  "--n-boot", "0"]) == 0
     assert ("note: the model predicts training within 10 epochs, and --data holds runs of 40 "
             "epochs") in capsys.readouterr().err
+    mixed = runs.sample(30, random_state=0).reset_index(drop=True)
+    mixed.loc[:9, "state"] = "PRUNED"
+    mixed.to_parquet(longer)
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--data", str(longer),
+                 "--n-boot", "0"]) == 0
+    assert "note: 10 pruned trial(s) were left out" in capsys.readouterr().err
     assert main(["evaluate", "--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
     assert "No saved predictor" in capsys.readouterr().err
     assert main(["fit", "--data", str(tmp_path / "missing.parquet"), "-o",

@@ -296,7 +296,8 @@ def test_cli_sweep_and_export(tmp_path, space_file, capsys):
     rc = main(["export", "--storage", db, "--study-name", "c", "-o", str(tmp_path / "c.csv")])
     assert rc == 0 and (tmp_path / "c.csv").exists()
     rc = main(["export", "--storage", db, "--study-name", "missing", "-o", str(tmp_path / "m.csv")])
-    assert rc == 2 and "No study named 'missing'" in capsys.readouterr().err
+    assert rc == 2 and "No study named 'missing' in " in (err := capsys.readouterr().err)
+    assert "(it holds 'c'); check --study-name" in err  # the studies that are there
 
 
 def _configs(study) -> list[tuple]:
