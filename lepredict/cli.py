@@ -353,13 +353,18 @@ def _completed_config(partial, source: str, args) -> dict:
         raise CLIError(f"{source} has unknown hyperparameter(s) {unknown}; known: "
                        f"{sorted(options)}.")
     given = getattr(args, "given", set()) & set(options)
+    merged = {**options, **partial}
+    # The file's values are checked before anything is said about them: a bad one is the error.
+    try:
+        config = RunConfig.from_dict(merged).to_dict()
+    except (ValueError, TypeError) as err:
+        raise CLIError(f"{source}: {err}") from None
     for key in sorted(given & set(partial)):
-        if partial[key] != options[key]:
+        if config[key] != options[key]:
             flag = "--" + key.replace("_", "-")
             raise CLIError(f"{source} says {key}={partial[key]!r}, but {flag} {options[key]!r} "
                            f"was given: the file's describes the run measured; drop {flag}, or "
                            "change the file.")
-    merged = {**options, **partial}
     assumed = [k for k in options if k not in partial and k not in given and k != "seed"
                and not (k == "init_scale" and merged["init"] == "default")]
     if assumed and partial:
@@ -367,10 +372,7 @@ def _completed_config(partial, source: str, args) -> dict:
         print(f"note: {source} gives no {', '.join(assumed)}: read as {read}, the options' "
               "defaults; give them in the file or as --arch, --lr, --batch-size...",
               file=sys.stderr)
-    try:
-        return RunConfig.from_dict(merged).to_dict()
-    except (ValueError, TypeError) as err:
-        raise CLIError(f"{source}: {err}") from None
+    return config
 
 
 def _cmd_tasks(args) -> int:
@@ -823,14 +825,14 @@ def _note_report_steps(study, given: int | None, command: str = "export") -> Non
     """After reading a loop of one's own by epoch (export, analyze): a note where its report
     steps look like iterations read as epochs, or where spectra or reports fall at no epoch's
     end for the steps per epoch it was read with (they are left out)."""
-    from lepredict.records import RUN, SETUP, SPECTRUM, attrs_by_step, steps_per_epoch_of
+    from lepredict.records import RUN, SETUP, SPECTRUM, attrs_by_step, steps_per_epoch_by_trial
 
-    own = [t for t in study.get_trials(deepcopy=False)
-           if t.intermediate_values and RUN not in t.user_attrs]
+    trials = study.get_trials(deepcopy=False)
+    own = [t for t in trials if t.intermediate_values and RUN not in t.user_attrs]
     if not own or study.user_attrs.get(SETUP, {}).get("task"):
         return
     again = f"{command} again with --steps-per-epoch"
-    spe = {t.number: given or steps_per_epoch_of(t) or 1 for t in own}
+    spe = steps_per_epoch_by_trial(trials, given)  # as the export read them
     off = [t.number for t in own if spe[t.number] > 1
            and not any(s and s % spe[t.number] == 0 for s in t.intermediate_values)
            and len(t.intermediate_values) > 1]

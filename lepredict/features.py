@@ -19,7 +19,9 @@ epochs ``0..budget`` a prediction may look at (epoch 0 = at initialisation). Fea
   ``"grad"`` (gradient norms; none at budget 0) and ``"hparams"`` (the hyperparameters).
 
 A diverged run has defined features, never NaN: its missing epochs repeat the last measured
-spectrum with the diverged share set to 1, its losses sit at :data:`LOSS_CAP`, and so on.
+spectrum with the diverged share set to 1, its losses sit at :data:`LOSS_CAP`, and so on. An
+epoch a run that did not diverge has no spectrum or loss for (``None`` in ``val_loss``: a loop
+of one's own that reported at other steps) repeats the epoch before.
 """
 
 from __future__ import annotations
@@ -273,8 +275,13 @@ def _loss_features(row: pd.Series, budget: int) -> dict[str, float]:
     val = _list(row.get("val_loss"))
     out: dict[str, float] = {}
     for e in range(budget + 1):
-        v = _num(val[e]) / chance if e < len(val) else math.inf
-        out[f"loss_e{e}"] = _capped(v, LOSS_CAP)
+        if e < len(val) and val[e] is None and e > 0:
+            # An epoch a loop of one's own reported no loss for (not a diverged one, whose
+            # losses are non-finite or end early): read as the epoch before, like a spectrum.
+            out[f"loss_e{e}"] = out[f"loss_e{e - 1}"]
+        else:
+            v = _num(val[e]) / chance if e < len(val) else math.inf
+            out[f"loss_e{e}"] = _capped(v, LOSS_CAP)
         if e > 0:
             out[f"loss_d{e}"] = out[f"loss_e{e}"] - out[f"loss_e{e - 1}"]
     return out

@@ -28,6 +28,7 @@ task's chance loss and threshold).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -49,6 +50,7 @@ __all__ = [
     "run_row",
     "spectrum_dict",
     "spectrum_of",
+    "steps_per_epoch_by_trial",
     "steps_per_epoch_of",
     "trial_row",
 ]
@@ -467,6 +469,16 @@ def steps_per_epoch_of(t) -> int | None:
     return None
 
 
+def steps_per_epoch_by_trial(trials, given: int | None = None) -> dict[int, int]:
+    """Per trial number, the steps per epoch its steps are read with: ``given``, else what its
+    pruner recorded (:func:`steps_per_epoch_of`), else the value the study's trials recorded
+    most often (a trial pruned by another pruner, or never judged), else 1."""
+    recorded = {t.number: steps_per_epoch_of(t) for t in trials}
+    usual = collections.Counter(v for v in recorded.values() if v is not None).most_common(1)
+    default = usual[0][0] if usual else 1
+    return {n: given or spe or default for n, spe in recorded.items()}
+
+
 def by_epoch(items: Mapping[int, object], steps_per_epoch: int) -> dict[int, object]:
     """Values keyed by report step, keyed by epoch: those at the ends of epochs (steps
     ``e * steps_per_epoch``) only."""
@@ -520,7 +532,8 @@ def _own_run(t, attrs: Mapping, setup: Mapping, chance: float | None, direction:
         losses = reported
     else:
         losses = {}  # a maximised value (an accuracy) is not a loss
-    val = [losses[s] * scale for s in sorted(losses)]
+    # Indexed by epoch: an epoch without a loss at its end is a gap (None), not a shift.
+    val = [losses[e] * scale if e in losses else None for e in range(max(losses, default=-1) + 1)]
     run: dict = {"val_loss": val}
     last = None if t.last_step is None else t.last_step // steps_per_epoch
     state = t.state.name

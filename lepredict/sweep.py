@@ -21,7 +21,6 @@ configuration already in the study is not drawn again (see :class:`_PerTrialSamp
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import dataclasses
@@ -54,7 +53,7 @@ from lepredict import tasks
 from lepredict.population import SHAPE_FIELDS, group_by_shape, train_population
 from lepredict.records import (ATTR, FINISHED_STATES, HPARAM_FIELDS, HPARAMS, INTERRUPTED,
                                MEASURED_EXPONENTS, RunRecord, interrupted_reason, retry_of,
-                               run_row, steps_per_epoch_of, trial_row)
+                               run_row, steps_per_epoch_by_trial, trial_row)
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, checked_device, checked_schedule, train_run
 
@@ -1502,12 +1501,9 @@ def trials_frame(study: optuna.Study, *, finished_only: bool = False,
             steps_per_epoch, bool) or steps_per_epoch < 1):
         raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch=}.")
     trials = study.get_trials(deepcopy=False)
+    spe = steps_per_epoch_by_trial(trials, steps_per_epoch)
     if finished_only:
         trials = [t for t in trials if t.state.name in FINISHED_STATES]
-    recorded = {t.number: steps_per_epoch_of(t) for t in trials}
-    usual = collections.Counter(v for v in recorded.values() if v is not None).most_common(1)
-    spe = {t.number: steps_per_epoch or recorded[t.number] or (usual[0][0] if usual else 1)
-           for t in trials}
     if setup.get("epochs") is None:
         ends = [t.last_step // spe[t.number] for t in trials if t.state.name == "COMPLETE"
                 and t.last_step is not None]

@@ -366,6 +366,11 @@ def test_a_partial_config_in_a_spectrum_file_is_completed_by_the_options_given(m
     code, _, err = _predict(model_dir, tmp_path, capsys, text, "--hidden", "64")
     _refused(code, err, "says hidden=32, but --hidden 64 was given: the file's describes the "
                         "run measured", tmp_path)
+    # A bad value in the file is the one line said, not after a note about what it lacks.
+    bad = json.dumps({"0": spec, "1": spec, "val_loss": [2.3, 1.0],
+                      "config": {"arch": "GRU", "hidden": 32}})
+    code, _, err = _predict(model_dir, tmp_path, capsys, bad, "--budget", "1")
+    _refused(code, err, "arch must be one of", tmp_path)
 
 
 def test_a_spectrum_file_shorter_than_the_networks_state_is_refused(model_dir, tmp_path,

@@ -345,6 +345,44 @@ def test_exports_read_a_loops_iteration_steps_by_epoch(runs, model_dir, tmp_path
             trial.should_prune()
 
 
+def test_an_export_keeps_epochs_apart_where_a_loop_reported_at_some_epochs_ends_only(
+        tmp_path, capsys):
+    """Reports every 4 iterations of 10-iteration epochs end epochs 0, 2, 4: the exported
+    losses stay at their epochs (gaps between, not shifted into epochs 1 and 2), and a trial no
+    pruner judged is read, and described, with the steps per epoch the study's others
+    recorded."""
+    from lepredict.cli import main
+    from lepredict.features import build_features
+    from lepredict.records import PREDICTION
+
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="gaps", storage=db)
+    for number in range(3):
+        trial = study.ask()
+        for step in range(0, 41, 4):
+            trial.report(1.0 - 0.01 * step, step)
+            if step % 10 == 0:
+                report_spectrum(trial, {"mean": [0.1, -0.5], "std": [0.0, 0.0]}, step,
+                                chance_loss=1.0)
+        if number < 2:  # what LyapunovPruner(steps_per_epoch=10) writes with a decision
+            trial.set_user_attr(f"{PREDICTION}20", {"p_trainable": 0.9, "steps_per_epoch": 10})
+        study.tell(trial, 0.6)
+    frame = lepredict.sweep.trials_frame(study)
+    assert list(frame["steps_per_epoch"]) == [10, 10, 10]
+    for _, row in frame.iterrows():
+        assert row["val_loss"] == [1.0, None, pytest.approx(0.8), None, pytest.approx(0.6)]
+        assert row["epochs_completed"] == 4 and row["final_val_loss"] == pytest.approx(0.6)
+    features = build_features(frame, budget=2, sets=["loss"]).iloc[2]
+    assert features["loss_e1"] == features["loss_e0"] == 1.0
+    assert features["loss_e2"] == pytest.approx(0.8)
+    out = tmp_path / "gaps.csv"
+    assert main(["export", "--storage", db, "--study-name", "gaps", "-o", str(out)]) == 0
+    # Read with 10 steps per epoch, trial 2 reports at epochs' ends: no note reading it with 1.
+    assert "all multiples of 4" not in capsys.readouterr().err
+    exported = lepredict.sweep.read_trials(out)
+    assert exported["val_loss"].iloc[2][:3] == [1.0, None, pytest.approx(0.8)]
+
+
 def test_spectra_the_predictor_cannot_use_are_refused(model_dir):
     study = optuna.create_study(pruner=LyapunovPruner(model=model_dir))
     trial = study.ask()
