@@ -997,6 +997,7 @@ def _xwt_all(g: Tensor | None, x: Tensor, w: Tensor) -> Tensor:
 
 class _RNNCell:
     state_parts = 1
+    tangent_parts = 1  # each layer's tangent rows: h alone
     # The hidden bias joins the input side's (once for all steps in the two-pass engine); the
     # GRU's cannot, since r multiplies its candidate part.
     fold_hidden_bias = True
@@ -1038,6 +1039,7 @@ class _RNNCell:
 
 class _GRUCell:
     state_parts = 1
+    tangent_parts = 1
     fold_hidden_bias = False
     lu = True
 
@@ -1130,6 +1132,7 @@ class _LSTMCell:
 
     def __init__(self, full: bool):
         self.full = full
+        self.tangent_parts = 2 if full else 1  # (h, c), or h alone
         # Subtracting beta times the c' rows from the h' rows of the full map leaves
         # [[diag(a_o) W_o, 0], [dc'/dh, diag(f)]]: det = det(W_o) prod a_o prod f.
         self.lu = not full
@@ -1192,18 +1195,17 @@ class _LSTMCell:
         return torch.cat([a_i, a_f, a_g, a_o], -1), f, beta
 
     def push(self, coefficients, qt, dq_below, w_ih, w_hh, out, N, jac_t=None):
+        # The full map's rows come as their (h, c) parts, in and out.
         gates, f, beta = coefficients
-        dg = _tangent_pre(qt[..., :N] if self.full else qt, w_hh, dq_below, w_ih).mul_(gates)
+        (q_h, q_c), (dh_new, dc_new) = (qt, out) if self.full else ((qt, None), (out, None))
+        dg = _tangent_pre(q_h, w_hh, dq_below, w_ih).mul_(gates)
         # split_with_sizes: one call for the four views (Tensor.split's Python wrapper costs more
         # than the additions it feeds on small networks).
         dg_i, dg_f, dg_g, dg_o = dg.split_with_sizes((N,) * 4, -1)
+        drive = torch.add(dg_i, dg_f).add_(dg_g)
         if self.full:
-            dh_new = out[..., :N]
-            dc_new = torch.addcmul(dg_i, qt[..., N:], f, out=out[..., N:])
-        else:
-            dh_new, dc_new = out, dg_i.clone()
-        dc_new.add_(dg_f).add_(dg_g)
-        return torch.addcmul(dg_o, dc_new, beta, out=dh_new)
+            drive = torch.addcmul(drive, q_c, f, out=dc_new)
+        return torch.addcmul(dg_o, drive, beta, out=dh_new)
 
 
 def _logdet_constants(cell: str, weights, N: int, rows_per_network: int) -> list:
@@ -1238,16 +1240,17 @@ def _make_step(cell):
 
     def step(weights, state, qt, gi0, N, logdet=None):
         out = torch.empty_like(qt)
-        parts, per = cell.state_parts, qt.shape[-1] // len(weights)
+        parts = cell.state_parts
+        q_parts, out_parts = qt.split(N, -1), out.split(N, -1)
         new_state, h_below, dq_below, total = [], None, None, None
         for layer, (w_ih, w_hh, b) in enumerate(weights):
             old = state[layer * parts:(layer + 1) * parts]
             new, saved = cell.advance(_layer_input(cell, weights, layer, gi0, h_below), w_hh, b,
                                       old)
             coefficients = cell.coefficients(saved, old, new)
-            columns = slice(layer * per, (layer + 1) * per)
             dq_below = cell.push(tuple(a[:, None] for a in cell.for_push(coefficients)),
-                                 qt[..., columns], dq_below, w_ih, w_hh, out[..., columns], N)
+                                 _layer_tangent(cell, q_parts, layer), dq_below, w_ih, w_hh,
+                                 _layer_tangent(cell, out_parts, layer), N)
             if logdet is not None:
                 part = cell.logdet(coefficients, w_hh, N, logdet[layer])
                 total = part if total is None else total + part
@@ -1256,6 +1259,13 @@ def _make_step(cell):
         return new_state, out, total
 
     return step
+
+
+def _layer_tangent(cell, parts, layer: int):
+    """A layer's tangent rows among the ``(B, k, N)`` ``parts`` of all layers' (each layer's
+    ``cell.tangent_parts`` in turn): one part, or the LSTM's ``(h, c)`` pair."""
+    count = cell.tangent_parts
+    return parts[layer] if count == 1 else tuple(parts[layer * count:(layer + 1) * count])
 
 
 def _layer_bias(cell, b) -> Tensor | None:
@@ -1303,11 +1313,19 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
     window = max(1, TWO_PASS_WINDOW_BYTES // per_step)
     finite = torch.ones(rows, dtype=torch.bool, device=qt.device)
     state = list(state)
+    # The tangent rows as contiguous (B, k, N) parts (each layer's h, and c for the LSTM), and
+    # as many spare ones for the next step's: element-wise operations on column slices of one
+    # (B, k, n) tensor ran at half the speed, and nothing is allocated per step. The QRs see
+    # them joined.
+    basis = (qt.split(N, -1), [torch.empty_like(p) for p in qt.split(N, -1)])
+    basis = ([p.contiguous() for p in basis[0]], basis[1])
     for t0 in range(0, acc.T, window):
-        state, qt = _two_pass_window(cell, weights, state, qt, gi0[:, t0:t0 + window], t0, N,
-                                     acc, logdet, finite,
-                                     None if x is None else x[:, t0:t0 + window])
-    acc.finish(finite & torch.isfinite(qt.flatten(1).sum(-1)))
+        state, basis = _two_pass_window(cell, weights, state, basis, gi0[:, t0:t0 + window],
+                                        t0, N, acc, logdet, finite,
+                                        None if x is None else x[:, t0:t0 + window])
+    for part in basis[0]:
+        finite &= torch.isfinite(part.flatten(1).sum(-1))
+    acc.finish(finite)
 
 
 #: What the first pass of the two-pass engine keeps (states, pre-activations, coefficients,
@@ -1316,12 +1334,17 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
 TWO_PASS_WINDOW_BYTES = 1 << 28
 
 
-def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, finite, x=None):
+def _two_pass_window(cell, weights, state, basis, gi0, t_start, N, acc, logdet, finite,
+                     x=None):
     """Steps ``t_start + 1 .. t_start + len`` of :func:`_run_two_pass`; returns the state and
-    basis after them and clears ``finite`` for rows whose states left the finite numbers."""
+    the ``basis`` (its tangent parts and their spares) after them, and clears ``finite`` for
+    rows whose states left the finite numbers."""
     T, warmup = gi0.shape[1], max(acc.warmup - t_start, 0)
     parts = cell.state_parts
-    rows, k, n = qt.shape
+    q_parts, spare = basis
+    rows, k = q_parts[0].shape[:2]
+    dtype_size = q_parts[0].element_size()
+    device = q_parts[0].device
     # The GRU's Jacobian blocks are formed for all steps at once when its log-determinant needs
     # every step's anyway (sum_every 1; then the tangent rows go through them too: a third of
     # the gates' GEMM work), or when the rows are many (GRU_EXPLICIT_SHARE), as far as they fit
@@ -1359,7 +1382,7 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
         coefficients.append(list(zip(*(a.transpose(0, 1).unsqueeze(2).contiguous().unbind(0)
                                        for a in cell.for_push(layer_coefficients)))))
         h_below = after[0]
-        block_bytes = rows * N * N * qt.element_size()
+        block_bytes = rows * N * N * dtype_size
         jac_all = None
         if gru_blocks and T * block_bytes <= JACOBIAN_BYTES:
             jac_all = cell.jacobian_t_by_step(layer_coefficients, w_hh, N)
@@ -1370,7 +1393,7 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
         for c0 in range(0, len(taken), chunk):
             steps = taken[c0:c0 + chunk]
             index = slice(steps[0], steps[-1] + 1) if len(steps) == steps[-1] - steps[0] + 1 \
-                else torch.tensor(steps, device=qt.device)
+                else torch.tensor(steps, device=device)
             if jac_all is None:
                 window = tuple(a[:, index] for a in layer_coefficients)
                 part = cell.logdet(window, w_hh, N, logdet[layer]).to(torch.float64).sum(-1)
@@ -1382,20 +1405,19 @@ def _two_pass_window(cell, weights, state, qt, gi0, t_start, N, acc, logdet, fin
     if total is not None:
         acc.logdet += total
 
-    per = n // len(weights)
     for t in range(1, T + 1):
-        out = torch.empty_like(qt)
         dq_below = None
         for layer, (w_ih, w_hh, _) in enumerate(weights):
-            columns = slice(layer * per, (layer + 1) * per)
-            q_in, q_out = (qt, out) if len(weights) == 1 else (qt[..., columns], out[..., columns])
             jac_t = None if jacobians[layer] is None else jacobians[layer][t - 1]
-            dq_below = cell.push(coefficients[layer][t - 1], q_in, dq_below, w_ih, w_hh, q_out,
-                                 N, jac_t=jac_t)
-        qt = out
+            dq_below = cell.push(coefficients[layer][t - 1], _layer_tangent(cell, q_parts, layer),
+                                 dq_below, w_ih, w_hh, _layer_tangent(cell, spare, layer), N,
+                                 jac_t=jac_t)
+        q_parts, spare = spare, q_parts
         if acc.needs_qr(t_start + t):
-            qt = acc.qr(t_start + t, qt)
-    return new_state, qt
+            q = acc.qr(t_start + t, torch.cat(q_parts, -1) if len(q_parts) > 1 else q_parts[0])
+            # The QR's basis as it is (views: the next step reads them once, into the spares).
+            q_parts = list(q.split(N, -1))
+    return new_state, (q_parts, spare)
 
 
 def rnn_step(rnn: nn.Module, *, lstm_state: str = "full") -> Callable[[Tensor, Tensor], Tensor]:

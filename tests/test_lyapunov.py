@@ -472,6 +472,35 @@ def test_cuda_graph_replays_match_the_eager_loop(arch, scale, k, monkeypatch):
                                equal_nan=True)
 
 
+@pytest.mark.parametrize("arch", ["rnn_tanh", "gru", "lstm"])
+def test_the_cuda_graphs_step_function_matches_the_two_pass_loop_on_a_cpu(arch):
+    """What the CUDA graph captures (one whole step: state, tangent rows, log-determinant) run
+    eagerly in float64, so CI, which has no GPU, checks its arithmetic against the CPU loop."""
+    from lepredict import lyapunov as ly
+
+    m = make(arch, hidden=5, layers=2, seed=3)
+    x = torch.randn(2, 20, 3, dtype=F64)
+    cell, N, layers, per_layer = ly._module_info(m, "full")
+    ops = ly._CELLS[cell if cell != "lstm" else "lstm_full"]
+    weights = ly._weights(m, F64)
+    n = layers * per_layer
+    acc = ly._Accumulator(2, n, n, 20, 4, 1, F64, torch.device("cpu"))
+    state = ly._initial_state(m, None, 2, cell, F64, torch.device("cpu"))
+    qt = acc.basis0.clone()
+    gi0 = ly._xwt_all(ly._layer_bias(ops, weights[0][2]), x, weights[0][0])
+    step = ly._make_step(ops)
+    constants = ly._logdet_constants(cell if cell != "lstm" else "lstm_full", weights, N, 2)
+    logdet = torch.zeros(2, dtype=F64)
+    for t in range(1, 21):
+        state, pre, step_logdet = step(weights, state, qt, gi0[:, t - 1], N, constants)
+        logdet += step_logdet if t > 4 else 0.0
+        qt = acc.qr(t, pre)
+    stepped = acc.result(F64, n, False)
+    looped = lepredict.lyapunov_spectrum(m, x, warmup=4, reorth_every=1)
+    torch.testing.assert_close(stepped.exponents, looped.exponents, rtol=0, atol=1e-10)
+    torch.testing.assert_close(logdet / 16, looped.exponents.sum(-1), rtol=0, atol=1e-10)
+
+
 def test_all_diverged_gives_nan_summary_without_error():
     spec = lepredict.lyapunov_spectrum_map(lambda h: 1e30 * h, torch.ones(2, 2), steps=5)
     assert spec.diverged.all()
