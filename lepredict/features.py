@@ -21,7 +21,8 @@ epochs ``0..budget`` a prediction may look at (epoch 0 = at initialisation). Fea
 A diverged run has defined features, never NaN: its missing epochs repeat the last measured
 spectrum with the diverged share set to 1, its losses sit at :data:`LOSS_CAP`, and so on. An
 epoch a run that did not diverge has no spectrum or loss for (``None`` in ``val_loss``: a loop
-of one's own that reported at other steps) repeats the epoch before.
+of one's own that reported at other steps) repeats the epoch before (a loss missing at epoch 0
+reads as the first one given).
 """
 
 from __future__ import annotations
@@ -274,11 +275,14 @@ def _loss_features(row: pd.Series, budget: int) -> dict[str, float]:
     chance = _chance(row)
     val = _list(row.get("val_loss"))
     out: dict[str, float] = {}
+    given = [v for v in val if v is not None]
     for e in range(budget + 1):
-        if e < len(val) and val[e] is None and e > 0:
+        if e < len(val) and val[e] is None:
             # An epoch a loop of one's own reported no loss for (not a diverged one, whose
-            # losses are non-finite or end early): read as the epoch before, like a spectrum.
-            out[f"loss_e{e}"] = out[f"loss_e{e - 1}"]
+            # losses are non-finite or end early): read as the epoch before, like a spectrum;
+            # at initialisation, as the first loss given.
+            out[f"loss_e{e}"] = out[f"loss_e{e - 1}"] if e else _capped(
+                _num(given[0]) / chance if given else math.inf, LOSS_CAP)
         else:
             v = _num(val[e]) / chance if e < len(val) else math.inf
             out[f"loss_e{e}"] = _capped(v, LOSS_CAP)

@@ -1313,12 +1313,12 @@ def _run_two_pass(cell, weights, state: list[Tensor], qt: Tensor, gi0: Tensor, N
     window = max(1, TWO_PASS_WINDOW_BYTES // per_step)
     finite = torch.ones(rows, dtype=torch.bool, device=qt.device)
     state = list(state)
-    # The tangent rows as contiguous (B, k, N) parts (each layer's h, and c for the LSTM), and
-    # as many spare ones for the next step's: element-wise operations on column slices of one
-    # (B, k, n) tensor ran at half the speed, and nothing is allocated per step. The QRs see
-    # them joined.
-    basis = (qt.split(N, -1), [torch.empty_like(p) for p in qt.split(N, -1)])
-    basis = ([p.contiguous() for p in basis[0]], basis[1])
+    # The tangent rows as contiguous (B, k, N) parts (each layer's h, and c for the LSTM), in
+    # two sets of buffers that the steps write in turn (never the one they read): element-wise
+    # operations on column slices of one (B, k, n) tensor ran at half the speed, and nothing is
+    # allocated per step. The QRs see the parts joined.
+    first = [p.contiguous() for p in qt.split(N, -1)]
+    basis = (first, (first, [torch.empty_like(p) for p in first]))
     for t0 in range(0, acc.T, window):
         state, basis = _two_pass_window(cell, weights, state, basis, gi0[:, t0:t0 + window],
                                         t0, N, acc, logdet, finite,
@@ -1337,11 +1337,11 @@ TWO_PASS_WINDOW_BYTES = 1 << 28
 def _two_pass_window(cell, weights, state, basis, gi0, t_start, N, acc, logdet, finite,
                      x=None):
     """Steps ``t_start + 1 .. t_start + len`` of :func:`_run_two_pass`; returns the state and
-    the ``basis`` (its tangent parts and their spares) after them, and clears ``finite`` for
-    rows whose states left the finite numbers."""
+    the ``basis`` (its tangent parts, and the two sets of buffers the steps write in turn) after
+    them, and clears ``finite`` for rows whose states left the finite numbers."""
     T, warmup = gi0.shape[1], max(acc.warmup - t_start, 0)
     parts = cell.state_parts
-    q_parts, spare = basis
+    q_parts, buffers = basis
     rows, k = q_parts[0].shape[:2]
     dtype_size = q_parts[0].element_size()
     device = q_parts[0].device
@@ -1407,17 +1407,19 @@ def _two_pass_window(cell, weights, state, basis, gi0, t_start, N, acc, logdet, 
 
     for t in range(1, T + 1):
         dq_below = None
+        # The buffers not read this step (after a QR, its views are read: either set).
+        target = buffers[1] if q_parts is buffers[0] else buffers[0]
         for layer, (w_ih, w_hh, _) in enumerate(weights):
             jac_t = None if jacobians[layer] is None else jacobians[layer][t - 1]
             dq_below = cell.push(coefficients[layer][t - 1], _layer_tangent(cell, q_parts, layer),
-                                 dq_below, w_ih, w_hh, _layer_tangent(cell, spare, layer), N,
+                                 dq_below, w_ih, w_hh, _layer_tangent(cell, target, layer), N,
                                  jac_t=jac_t)
-        q_parts, spare = spare, q_parts
+        q_parts = target
         if acc.needs_qr(t_start + t):
             q = acc.qr(t_start + t, torch.cat(q_parts, -1) if len(q_parts) > 1 else q_parts[0])
-            # The QR's basis as it is (views: the next step reads them once, into the spares).
+            # The QR's basis as it is (views, read once by the next step into its buffers).
             q_parts = list(q.split(N, -1))
-    return new_state, (q_parts, spare)
+    return new_state, (q_parts, buffers)
 
 
 def rnn_step(rnn: nn.Module, *, lstm_state: str = "full") -> Callable[[Tensor, Tensor], Tensor]:

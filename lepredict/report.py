@@ -141,7 +141,10 @@ def _curve(row: pd.Series, normalised: bool) -> tuple[list, list]:
         val = _list(row.get("val_loss"))
         chance = _num(row.get("chance_loss"))
         ys = [_num(v) / chance for v in val]
-        xs = steps if len(steps) == len(val) else list(range(len(val)))
+        # Losses are by epoch (their index) in exports that say how steps were read; an older
+        # export's list, with as many entries as reports, is at the reported steps.
+        by_epoch = math.isfinite(_num(row.get("steps_per_epoch")))
+        xs = steps if len(steps) == len(val) and not by_epoch else list(range(len(val)))
         return xs, ys
     if not steps or len(steps) != len(values):
         # An export of an older version: the validation losses, as they are.

@@ -1631,10 +1631,17 @@ def read_trials(path: str | os.PathLike):
 
     path = Path(path)
     if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
-        for c in frame.columns:
-            if frame[c].map(lambda v: hasattr(v, "tolist") and not isinstance(v, str)).any():
-                frame[c] = frame[c].map(lambda v: v.tolist() if hasattr(v, "tolist") else v)
+        import pyarrow.parquet as pq
+        from pyarrow import types as pa_types
+
+        table = pq.read_table(path)
+        frame = table.to_pandas()
+        for c in table.column_names:
+            if pa_types.is_list(table.schema.field(c).type) or \
+                    pa_types.is_large_list(table.schema.field(c).type):
+                # Through arrow's own lists: pandas would read a null entry (an epoch without
+                # a loss) as NaN, a diverged run's value.
+                frame[c] = table.column(c).to_pylist()
         return frame
     if path.suffix == ".csv":
         frame = pd.read_csv(path)

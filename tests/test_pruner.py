@@ -381,6 +381,20 @@ def test_an_export_keeps_epochs_apart_where_a_loop_reported_at_some_epochs_ends_
     assert "all multiples of 4" not in capsys.readouterr().err
     exported = lepredict.sweep.read_trials(out)
     assert exported["val_loss"].iloc[2][:3] == [1.0, None, pytest.approx(0.8)]
+    # Parquet too keeps a gap a gap (pandas alone reads it as NaN, a diverged run's loss).
+    out = tmp_path / "gaps.parquet"
+    assert main(["export", "--storage", db, "--study-name", "gaps", "-o", str(out)]) == 0
+    exported = lepredict.sweep.read_trials(out)
+    assert exported["val_loss"].iloc[2][:3] == [1.0, None, pytest.approx(0.8)]
+    assert build_features(exported, budget=2, sets=["loss"]).iloc[2]["loss_e1"] == 1.0
+    # The report draws each loss at its epoch.
+    xs, ys = lepredict.report._curve(exported.iloc[2], normalised=True)
+    assert xs[:3] == [0, 1, 2] and ys[2] == pytest.approx(0.8)
+    # A loop with no loss at initialisation reads its first loss there, not the cap.
+    late = frame.iloc[2].copy()
+    late["val_loss"] = [None, 0.8, 0.7]
+    features = build_features(late.to_frame().T, budget=1, sets=["loss"]).iloc[0]
+    assert features["loss_e0"] == pytest.approx(0.8) and features["loss_d1"] == 0.0
 
 
 def test_spectra_the_predictor_cannot_use_are_refused(model_dir):
