@@ -854,6 +854,20 @@ def _note_report_steps(study, given: int | None, command: str = "export") -> Non
               f"{spe[first]} steps per epoch) and are left out; if an epoch is another number "
               f"of steps, {again} N.", file=sys.stderr)
         return
+    # A loop counting steps from 0 (epoch * N + batch) ends its last epoch at epochs * N - 1:
+    # read by epoch, its last epoch's loss is the one at the end of the epoch before.
+    short = [t for t in own if t.state.name == "COMPLETE" and spe[t.number] > 1
+             and t.last_step is not None and t.last_step % spe[t.number]]
+    if short:
+        t = short[0]
+        end = t.last_step // spe[t.number] * spe[t.number]
+        print(f"note: {_numbers([s.number for s in short], 'trial')} ended at a step that ends no "
+              f"epoch (trial {t.number}: {t.last_step}, with {spe[t.number]} steps per epoch), so "
+              f"their final loss is read at the last epoch's end (trial {t.number}: step {end}) "
+              "and the steps after it are left out; report the end of epoch e at step "
+              f"e * {spe[t.number]} (the iterations done, counted from 1).",
+              file=sys.stderr)
+        return
     steps = sorted({s for t in own if spe[t.number] == 1 for s in t.intermediate_values if s})
     interval = math.gcd(*steps) if len(steps) > 1 else 1
     if interval > 1:

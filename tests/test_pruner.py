@@ -397,6 +397,29 @@ def test_an_export_keeps_epochs_apart_where_a_loop_reported_at_some_epochs_ends_
     assert features["loss_e0"] == pytest.approx(0.8) and features["loss_d1"] == 0.0
 
 
+def test_export_notes_a_loop_whose_last_step_ends_no_epoch(tmp_path, capsys):
+    """Steps counted from 0 (epoch * 10 + batch): the last, 39, ends no epoch, so the final
+    loss is read at step 30; the export says so and how to number the steps."""
+    from lepredict.cli import main
+    from lepredict.records import PREDICTION
+
+    db = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="from0", storage=db)
+    trial = study.ask()
+    for step in range(40):
+        trial.report(1.0 - 0.01 * step, step)
+        if step % 10 == 0:
+            report_spectrum(trial, {"mean": [0.1, -0.5], "std": [0.0, 0.0]}, step,
+                            chance_loss=1.0)
+    trial.set_user_attr(f"{PREDICTION}10", {"p_trainable": 0.9, "steps_per_epoch": 10})
+    study.tell(trial, 0.61)
+    assert lepredict.sweep.trials_frame(study).iloc[0]["final_val_loss"] == pytest.approx(0.7)
+    out = tmp_path / "from0.csv"
+    assert main(["export", "--storage", db, "--study-name", "from0", "-o", str(out)]) == 0
+    assert "trial 0 ended at a step that ends no epoch (trial 0: 39, with 10 steps per epoch)" \
+        in capsys.readouterr().err
+
+
 def test_spectra_the_predictor_cannot_use_are_refused(model_dir):
     study = optuna.create_study(pruner=LyapunovPruner(model=model_dir))
     trial = study.ask()
