@@ -1140,9 +1140,8 @@ def _note_other_horizon(models: dict, runs) -> None:
     model_epochs = trained.pop()
     horizons = sorted({int(e) for e in runs["epochs"].dropna()} - {int(model_epochs)})
     if horizons:
-        shown = ", ".join(map(str, horizons[:4])) + (", ..." if len(horizons) > 4 else "")
         print(f"note: the model predicts training within {model_epochs} epochs, and --data "
-              f"holds runs of {shown} epochs: where they differ, a run that trained only later "
+              f"holds runs of {_steps_list(horizons)} epochs: where they differ, a run that trained only later "
               "(or would have, given longer) counts against it; LyapunovPruner scales its "
               "cut-off for such a study, this score does not.", file=sys.stderr)
 

@@ -27,8 +27,8 @@ from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
 from lepredict.predictor import StabilityPredictor, load_models, resolve_model
 from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
                                SPECTRUM, VAL_LOSS, attrs_by_step, by_epoch, check_hparams,
-                               complete_hparams, jsonable, own_attrs, run_row, spectrum_dict,
-                               spectrum_of)
+                               check_steps_per_epoch, complete_hparams, jsonable, own_attrs,
+                               run_row, spectrum_dict, spectrum_of)
 from lepredict.train import DIVERGED_LOSS_RATIO, PROBE_SIZE, diverged_loss, measured_options
 
 __all__ = ["LyapunovPruner", "measure_and_report", "module_hparams", "report_spectrum"]
@@ -589,9 +589,7 @@ class LyapunovPruner(BasePruner):
             raise ValueError(f"risk must be a probability in (0, 1) or None, got {risk=}.")
         if not (isinstance(protect_top, (int, float)) and 0.0 <= protect_top <= 1.0):
             raise ValueError(f"protect_top must be a share in [0, 1], got {protect_top=}.")
-        if not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) \
-                or steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch=}.")
+        check_steps_per_epoch(steps_per_epoch)
         if n_warmup_steps is not None and (not isinstance(n_warmup_steps, int)
                                            or n_warmup_steps < 0):
             raise ValueError(f"Number of warmup steps cannot be negative but got {n_warmup_steps=}.")

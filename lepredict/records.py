@@ -41,6 +41,7 @@ __all__ = [
     "MEASURED_EXPONENTS",
     "RunRecord",
     "check_hparams",
+    "check_steps_per_epoch",
     "complete_hparams",
     "exponent_total",
     "interrupted_reason",
@@ -459,12 +460,22 @@ def interrupted_reason(t, attrs: Mapping | None = None) -> str | None:
     return None
 
 
+def _is_steps_per_epoch(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_steps_per_epoch(steps_per_epoch) -> None:
+    """Refuse a ``steps_per_epoch`` that is not a positive int (``ValueError``)."""
+    if not _is_steps_per_epoch(steps_per_epoch):
+        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch=}.")
+
+
 def steps_per_epoch_of(t) -> int | None:
     """The ``steps_per_epoch`` a :class:`~lepredict.LyapunovPruner` read trial ``t``'s steps
     with (it writes it into each decision it records); ``None`` where no decision says."""
     for record in attrs_by_step(t.user_attrs, PREDICTION).values():
         spe = record.get("steps_per_epoch") if isinstance(record, Mapping) else None
-        if isinstance(spe, int) and not isinstance(spe, bool) and spe >= 1:
+        if _is_steps_per_epoch(spe):
             return spe
     return None
 
@@ -579,7 +590,9 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
     spectra = {attr[len(SPECTRUM):]: spec for attr, spec in attrs.items()
                if attr.startswith(SPECTRUM)}
     sweep_trial = bool(setup.get("task")) or RUN in attrs
-    if not sweep_trial:
+    if sweep_trial:
+        steps_per_epoch = 1  # a sweep reports once per epoch
+    else:
         spectra = by_epoch({int(s): v for s, v in spectra.items() if s.isdigit()},
                            steps_per_epoch)
     own_chance = attrs.get(CHANCE_LOSS)
@@ -609,13 +622,13 @@ def trial_row(t, study_name: str, setup: Mapping, chance_loss: float | None = No
         "predicted_at": predicted[-1][0] if predicted else None,
         "predicted_p_trainable": _float(predicted[-1][1]["p_trainable"]) if predicted else None,
         "predicted_final_loss": _float(predicted[-1][1].get("final_loss")) if predicted else None,
-        "steps_per_epoch": 1 if sweep_trial else steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
     }
     hparams = attrs.get(HPARAMS)
     hparams = hparams if isinstance(hparams, Mapping) else {}
     run = attrs.get(RUN)
     if run is None:
-        run = _own_run(t, attrs, setup, chance, direction, 1 if sweep_trial else steps_per_epoch)
+        run = _own_run(t, attrs, setup, chance, direction, steps_per_epoch)
         if meta["status"] is None:
             meta["status"] = run.pop("status", None)
         run.pop("status", None)

@@ -123,16 +123,12 @@ class _Study:
         return f"reported value ({'maximised' if self.direction == 'maximize' else 'minimised'})"
 
 
-def _steps_per_epoch(row: pd.Series) -> int:
-    """The report steps in one epoch a loop's row was read with (1: its steps are epochs)."""
-    spe = _num(row.get("steps_per_epoch"))
-    return int(spe) if math.isfinite(spe) and spe > 1 else 1
-
-
 def _curve(row: pd.Series, normalised: bool) -> tuple[list, list]:
     values = _list(row.get("values"))
     steps = _list(row.get("steps"))
-    spe = _steps_per_epoch(row)
+    # The report steps in one epoch the row was read with (NaN: an export older than that).
+    recorded = _num(row.get("steps_per_epoch"))
+    spe = int(recorded) if math.isfinite(recorded) and recorded > 1 else 1
     if spe > 1:
         # Read by epoch (its pruned_at and the horizon are): the reports at epochs' ends.
         kept = [(int(x) // spe, v) for x, v in zip(steps, values) if int(x) % spe == 0]
@@ -143,7 +139,7 @@ def _curve(row: pd.Series, normalised: bool) -> tuple[list, list]:
         ys = [_num(v) / chance for v in val]
         # Losses are by epoch (their index) in exports that say how steps were read; an older
         # export's list, with as many entries as reports, is at the reported steps.
-        by_epoch = math.isfinite(_num(row.get("steps_per_epoch")))
+        by_epoch = math.isfinite(recorded)
         xs = steps if len(steps) == len(val) and not by_epoch else list(range(len(val)))
         return xs, ys
     if not steps or len(steps) != len(values):
@@ -1011,11 +1007,10 @@ def publish(study, figs, *, notes: list[Panel] | None = None) -> int:
     import plotly.graph_objects as go
 
     items = figs.items() if isinstance(figs, dict) else enumerate(figs)
-    n, saved = 0, set()
+    saved = set()
     for key, fig in items:
         save_plotly_graph_object(study, fig, graph_object_id=f"lepredict-{key}")
         saved.add(f"lepredict-{key}")
-        n += 1
     # A figure an earlier publish saved that this one did not draw would still be shown beside
     # a note that says it was not drawn: it is replaced by an empty one that says why.
     # (optuna-dashboard keeps each graph in the study's system attributes under this prefix.)
@@ -1034,4 +1029,4 @@ def publish(study, figs, *, notes: list[Panel] | None = None) -> int:
             lines = [NOTE_MARK, "## lepredict report", ""]
             lines += [f"- **{p.heading}**: not drawn: {p.text}" for p in notes]
             save_note(study, "\n".join(lines))
-    return n
+    return len(saved)

@@ -52,8 +52,9 @@ from optuna.distributions import (
 from lepredict import tasks
 from lepredict.population import SHAPE_FIELDS, group_by_shape, train_population
 from lepredict.records import (ATTR, FINISHED_STATES, HPARAM_FIELDS, HPARAMS, INTERRUPTED,
-                               MEASURED_EXPONENTS, RunRecord, interrupted_reason, retry_of,
-                               run_row, steps_per_epoch_by_trial, trial_row)
+                               MEASURED_EXPONENTS, RunRecord, check_steps_per_epoch,
+                               interrupted_reason, retry_of, run_row, steps_per_epoch_by_trial,
+                               trial_row)
 from lepredict.records import jsonable as _jsonable
 from lepredict.train import PROBE_SIZE, RunConfig, checked_device, checked_schedule, train_run
 
@@ -1497,9 +1498,8 @@ def trials_frame(study: optuna.Study, *, finished_only: bool = False,
             chance, threshold = task.chance_loss, task.threshold
         except (KeyError, ValueError, TypeError):
             pass  # a custom task not registered in this process
-    if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or isinstance(
-            steps_per_epoch, bool) or steps_per_epoch < 1):
-        raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch=}.")
+    if steps_per_epoch is not None:
+        check_steps_per_epoch(steps_per_epoch)
     trials = study.get_trials(deepcopy=False)
     spe = steps_per_epoch_by_trial(trials, steps_per_epoch)
     if finished_only:
@@ -1636,12 +1636,11 @@ def read_trials(path: str | os.PathLike):
 
         table = pq.read_table(path)
         frame = table.to_pandas()
-        for c in table.column_names:
-            if pa_types.is_list(table.schema.field(c).type) or \
-                    pa_types.is_large_list(table.schema.field(c).type):
+        for field in table.schema:
+            if pa_types.is_list(field.type) or pa_types.is_large_list(field.type):
                 # Through arrow's own lists: pandas would read a null entry (an epoch without
                 # a loss) as NaN, a diverged run's value.
-                frame[c] = table.column(c).to_pylist()
+                frame[field.name] = table.column(field.name).to_pylist()
         return frame
     if path.suffix == ".csv":
         frame = pd.read_csv(path)
