@@ -149,10 +149,22 @@ def _check_rdb(url: str, *, read_only: bool) -> bool:
         with engine.connect() as conn:
             return sqlalchemy.inspect(conn).has_table("studies")
     except sqlalchemy.exc.SQLAlchemyError as err:
-        raise CLIError(f"Cannot open --storage {shown}: {_first_line(err)}; check that the "
-                       "server runs, the database exists and the URL is right.") from None
+        check = ("that the file is an SQLite database (an Optuna study's .db file)"
+                 if parsed.get_backend_name() == "sqlite" else
+                 "that the server runs, the database exists and the URL is right")
+        raise CLIError(f"Cannot open --storage {shown}: {_first_line(err)}; check {check}."
+                       ) from None
     finally:
         engine.dispose()
+
+
+def _not_a_storage(storage: str) -> CLIError:
+    """The error for a --storage that is no URL and no journal file, with the SQLite URL of a
+    database file given as a bare path."""
+    return CLIError(f"--storage {storage!r} is neither a database URL (sqlite:///..., "
+                    "postgresql://...) nor a journal file path ending in .log or .jsonl"
+                    + (f"; for the SQLite file, --storage sqlite:///{storage}."
+                       if storage.endswith((".db", ".sqlite", ".sqlite3")) else "."))
 
 
 def _check_storage_for_sweep(storage: str | None, heartbeat_options: list[str]) -> None:
@@ -163,8 +175,7 @@ def _check_storage_for_sweep(storage: str | None, heartbeat_options: list[str]) 
     if "://" in storage:
         _check_rdb(storage, read_only=False)
     elif not storage.endswith((".log", ".jsonl")):
-        raise CLIError(f"--storage {storage!r} is neither a database URL (sqlite:///..., "
-                       "postgresql://...) nor a journal file path ending in .log or .jsonl.")
+        raise _not_a_storage(storage)
     elif not Path(storage).absolute().parent.is_dir():
         raise CLIError(f"Cannot create the journal file {storage!r}: its directory does not "
                        "exist; create it first.")
@@ -206,8 +217,7 @@ def _open_study(storage: str | None, study_name: str):
         _check_storage_file(storage)
         backend = JournalStorage(JournalFileBackend(storage))
     else:
-        raise CLIError(f"--storage {storage!r} is neither a database URL (sqlite:///..., "
-                       "postgresql://...) nor a journal file path ending in .log or .jsonl.")
+        raise _not_a_storage(storage)
     try:
         return optuna.load_study(study_name=study_name, storage=backend)
     except KeyError:
@@ -363,15 +373,15 @@ def _completed_config(partial, source: str, args) -> dict:
         if config[key] != options[key]:
             flag = "--" + key.replace("_", "-")
             raise CLIError(f"{source} says {key}={partial[key]!r}, but {flag} {options[key]!r} "
-                           f"was given: the file's describes the run measured; drop {flag}, or "
+                           f"was given, and the file's value is the one read; drop {flag}, or "
                            "change the file.")
     assumed = [k for k in options if k not in partial and k not in given and k != "seed"
                and not (k == "init_scale" and merged["init"] == "default")]
     if assumed and partial:
         read = ", ".join(f"{k}={options[k]}" for k in assumed)
         print(f"note: {source} gives no {', '.join(assumed)}: read as {read}, the options' "
-              "defaults; give them in the file or as --arch, --lr, --batch-size...",
-              file=sys.stderr)
+              "defaults; give them in the file or as "
+              f"{', '.join('--' + k.replace('_', '-') for k in assumed)}.", file=sys.stderr)
     return config
 
 

@@ -36,8 +36,16 @@ __all__ = ["LyapunovPruner", "measure_and_report", "module_hparams", "report_spe
 _MODES = ("model", "online", "both")
 #: Without a declared chance loss, reported values are read as normalised losses only if the
 #: study's median loss at initialisation lies in this range: a network that learned nothing
-#: scores about its chance loss (1.0 normalised; 1.27 at most in the corpus for classification).
-NORMALISED_AT_INIT = (2 / 3, 1.5)
+#: scores about its chance loss (1.0 normalised; 0.76 to 1.27 in the corpus for
+#: classification), while a raw binary cross-entropy starts at ln 2 = 0.693 or a little above.
+#: (A raw 3-class cross-entropy, ln 3 = 1.10, cannot be told apart: the pruner says how it
+#: reads undeclared values, once per study.)
+NORMALISED_AT_INIT = (0.73, 1.5)
+#: A trial leads (rule 3) only with a loss this far under the chance loss: one predicting about
+#: the class frequencies (those of the validation set can score under the training ones' chance
+#: loss) sits within a percent of it, and is no leader; 3% under it was already learning in
+#: lepredict's populations (0.969, 0.932, 0.91 of chance at epochs 1-3).
+LEAD_BELOW_CHANCE = 0.99
 
 _logger = optuna.logging.get_logger(f"optuna.{__name__}")
 
@@ -282,7 +290,8 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     :func:`report_spectrum` it, in one call; returns the spectrum.
 
     The probe is what the recurrent module itself receives: validation sequences, after any
-    embedding, shaped as the module expects. By default the measurement is what the shipped
+    embedding, shaped as the module expects (``(B, T, features)`` with ``batch_first=True``,
+    else ``(T, B, features)``). By default the measurement is what the shipped
     predictor uses and nothing more: the first :data:`lepredict.train.PROBE_SIZE` (8) sequences,
     a warm-up of an eighth of their steps, the leading :data:`lepredict.records.MEASURED_EXPONENTS`
     (16) exponents with the sum of all, QRs on the :data:`lepredict.train.MEASURED_REORTH`
@@ -335,7 +344,10 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
                       f"spectra averaged over {PROBE_SIZE} sequences of {MIN_PROBE_STEPS} steps "
                       "or more, and shorter or fewer give noisier exponents than they expect: "
                       f"pass at least {PROBE_SIZE} validation sequences (where the task's own "
-                      "are shorter, its predictions are extrapolations).",
+                      "are shorter, its predictions are extrapolations)."
+                      + ("" if batch_first else " The module has batch_first=False, so the "
+                         "probe is read as (steps, sequences, features); a (sequences, steps, "
+                         "features) probe is probe.transpose(0, 1)."),
                       UserWarning, stacklevel=2)
     sequences = sequences[:PROBE_SIZE]
     probe = sequences if batch_first else sequences.transpose(0, 1)
@@ -483,15 +495,15 @@ class LyapunovPruner(BasePruner):
        population to report) leads nothing and the model decides for it. A tie is no lead: of
        the trials tied at a value, only the first (by number) still running or finished ranks
        there, the others behind the whole tie (trials all at chance accuracy do not all lead);
-       and a trial whose loss is still at or above the chance loss (where that is known) leads
-       nothing, whatever its rank: it has learned nothing yet.
+       and a trial whose loss is not yet :data:`LEAD_BELOW_CHANCE` (99%) of the chance loss or
+       less (where that is known) leads nothing, whatever its rank: it has learned nothing yet.
 
     **What you report.** Losses, raw or normalised: give the chance loss once with
     ``report_spectrum(..., chance_loss=lepredict.chance_loss(y_train, y_val))`` for raw losses,
     or ``chance_loss=1.0`` if they are already normalised. Without it, values are read as
     normalised only if the study's losses at initialisation sit near 1 (a network that learned
-    nothing scores its chance loss); otherwise the pruner warns once and prunes nothing on the
-    model. In a maximising study (an accuracy), report the loss beside it with
+    nothing scores its chance loss), and the pruner says so once (a raw 3-class cross-entropy
+    starts at 1.10 too); otherwise it warns once and prunes nothing on the model. In a maximising study (an accuracy), report the loss beside it with
     ``report_spectrum(..., val_loss=...)``; without that the pruner raises a ``ValueError`` at
     the first ``should_prune()``. Report at every epoch (step = epoch), or at iterations with
     ``steps_per_epoch`` set: the steps ``e * steps_per_epoch`` are then epoch ``e``'s ends,
@@ -526,7 +538,11 @@ class LyapunovPruner(BasePruner):
             Ignored when ``mode="online"``.
         mode: ``"model"`` (the given predictor), ``"online"`` (a predictor fitted on this study's
             own finished trials, once ``n_startup_trials`` have finished), or ``"both"`` (the
-            mean of the two once the online one exists).
+            mean of the two once the online one exists). The online trees need about 60
+            finished trials to split at all (20 runs a leaf, fitted on two thirds of them);
+            until then its fit gives every trial one P, which is no prediction: ``"online"``
+            decides nothing on the model and ``"both"`` uses the given predictor alone (the
+            pruner says so once).
         threshold: prune when P(trainable) is below this. ``None`` takes the predictor's own
             (``prune_threshold_``: the P(trainable) under which 1% of the trainable runs of its
             corpus fell in cross-validation; :attr:`StabilityPredictor.cutoff`).
@@ -704,8 +720,7 @@ class LyapunovPruner(BasePruner):
             return False
         problem = self._unfed_problem(view, epoch)
         if problem:
-            self._warn_once(study, "unfed", f"LyapunovPruner prunes nothing on the model in "
-                            f"study {study.study_name!r}: {problem}")
+            self._warn_once(study, "unfed", _nothing_on_the_model(study, trial, problem))
             return self._keep(study, trial, step, problem)
         if not view.spectra:
             return False  # at initialisation: a spectrum may yet come
@@ -724,9 +739,17 @@ class LyapunovPruner(BasePruner):
                 ("scale", self._scale_problem(study, trials, view)),
                 ("hparams", view.hparams_problem() if self._needs_hparams() else None)):
             if problem:
-                self._warn_once(study, kind, f"LyapunovPruner prunes nothing on the model in "
-                                f"study {study.study_name!r}: {problem}")
+                self._warn_once(study, kind, _nothing_on_the_model(study, trial, problem))
                 return self._keep(study, trial, step, problem)
+        if view.chance is None:
+            self._warn_once(study, "undeclared", (
+                f"LyapunovPruner reads the values of study {study.study_name!r} as normalised "
+                "losses (loss / chance loss): no chance_loss was given, and their median at "
+                f"initialisation, {_median_at_init(study, trials, self._steps_per_epoch):.4g}, "
+                "is about 1. A raw cross-entropy starts at about ln(classes) (1.10 for 3 "
+                "classes): if yours are raw, pass chance_loss=lepredict.chance_loss(y_train, "
+                "y_val) to measure_and_report or report_spectrum; chance_loss=1.0 says they are "
+                "normalised and silences this."))
         models = []
         if self._mode in ("model", "both"):
             models.append(self._models)
@@ -776,7 +799,7 @@ class LyapunovPruner(BasePruner):
         # a trial still at the constant prediction's loss has nothing a lead could rest on.
         loss_now = view.losses.get(epoch)
         at_chance = (view.chance is not None and loss_now is not None
-                     and not loss_now < view.chance)
+                     and not loss_now < LEAD_BELOW_CHANCE * view.chance)
         leader = leader and not at_chance
         record = {"epoch": epoch, "budget": budget, "source": sources, "horizon": horizon,
                   "p_trainable": p, "threshold": threshold, "final_loss": loss,
@@ -794,8 +817,9 @@ class LyapunovPruner(BasePruner):
                 record.update(p_beats_best=beats, best_trial=best[0], best_final_loss=best[1])
                 if beats < self._risk:
                     reason = (f"P(beats best)={beats:.1%} < {self._risk:.1%} {shown} "
-                              f"(predicted final loss {loss:.3f} against {best[1]:.3f} for "
-                              f"trial {best[0]}, the best so far)")
+                              f"(predicted final loss, normalised, at the predictor's horizon: "
+                              f"{loss:.3f} against {best[1]:.3f} predicted at the same budget "
+                              f"for trial {best[0]}, the best so far)")
         if reason is not None and leader:
             reason, record["kept"] = None, (f"a leader at step {rank_step} (rank {rank} of "
                                             f"{reporting}), not pruned by the model alone")
@@ -925,24 +949,28 @@ class LyapunovPruner(BasePruner):
             ratio = view.losses[0] / view.chance if 0 in view.losses else 1.0
             if INIT_LOSS_RATIOS[0] <= ratio <= INIT_LOSS_RATIOS[1]:
                 return None
-            return (f"trial {view.trial.number} has a loss at initialisation {ratio:.3g} times "
-                    f"the chance_loss it gave ({view.chance:.4g}), where an untrained network "
-                    f"scores about its chance loss ({INIT_LOSS_RATIOS[0]:g} to "
-                    f"{INIT_LOSS_RATIOS[1]:g} times it in lepredict's runs), so its losses are "
-                    "on another scale than the predictor's: give the chance loss of the loss "
-                    "reported (lepredict.chance_loss of one-hot targets is the squared error's "
-                    "unless kind='classification'; 1.0 for losses already normalised)")
-        at_init = [v for t in trials
-                   for v in [_TrialView(study, t, self._steps_per_epoch).losses.get(0)]
-                   if v is not None and math.isfinite(v)]
-        median = float(np.median(at_init)) if at_init else math.nan
+            said = (f"trial {view.trial.number} has a loss at epoch 0 (initialisation) "
+                    f"{ratio:.3g} times the chance_loss it gave ({view.chance:.4g}), where an "
+                    f"untrained network scores about its chance loss ({INIT_LOSS_RATIOS[0]:g} to "
+                    f"{INIT_LOSS_RATIOS[1]:g} times it in lepredict's runs)")
+            scale = ("give the chance loss of the loss reported (lepredict.chance_loss of "
+                     "float targets is the squared error's unless kind='classification'; 1.0 "
+                     "for losses already normalised)")
+            if ratio < INIT_LOSS_RATIOS[0]:
+                return (f"{said}: if epoch 0 was reported after training, report (and measure) "
+                        "it before any, at initialisation, and epoch e after e epochs; else "
+                        f"{scale}")
+            return f"{said}, so its losses are on another scale than the predictor's: {scale}"
+        median = _median_at_init(study, trials, self._steps_per_epoch)
         low, high = NORMALISED_AT_INIT
         if low <= median <= high:
             return None
+        binary = (" (where a raw binary cross-entropy starts: ln 2 = 0.693)"
+                  if abs(median - math.log(2)) < 0.1 else "")
         return (f"no chance loss was reported and the median loss at initialisation is "
-                f"{median:.4g}, not about 1, so the values are not normalised losses; pass "
-                "chance_loss=lepredict.chance_loss(y_train, y_val) to report_spectrum for raw "
-                "losses (chance_loss=1.0 if they are normalised)")
+                f"{median:.4g}{binary}, not about 1, so the values are not normalised "
+                "losses; pass chance_loss=lepredict.chance_loss(y_train, y_val) to "
+                "report_spectrum for raw losses (chance_loss=1.0 if they are normalised)")
 
     def _needs_hparams(self) -> bool:
         """Whether the given predictor reads hyperparameters (the ``"screening"`` model)."""
@@ -966,12 +994,29 @@ class LyapunovPruner(BasePruner):
             * self._refit_every
         key = (study.study_name, n)
         with self._lock:
-            if key not in self._online:
+            fitted = key not in self._online
+            if fitted:
                 self._online = {key: self._fit_online(study, sorted(finished,
                                                                     key=lambda t: t.number)[:n])}
-            return self._online[key]
+            models = self._online[key]
+        if fitted and models is None:
+            self._warn_once(study, "online-constant", (
+                f"LyapunovPruner's online predictor, fitted on the {n} finished trials of study "
+                f"{study.study_name!r}, gives every trial the same P(trainable): its trees "
+                "found nothing to split on in so few (a leaf holds 20 runs, and the calibration "
+                "fits on two thirds of them, so it needs about 60); "
+                + ("the given predictor decides alone until a refit learns something."
+                   if self._mode == "both" else
+                   "it decides nothing until a refit learns something (mode='both' lets the "
+                   "given predictor decide meanwhile).")))
+        return models or {}
 
-    def _fit_online(self, study: optuna.Study, trials: list[FrozenTrial]):
+    def _fit_online(self, study: optuna.Study,
+                    trials: list[FrozenTrial]) -> dict[int, StabilityPredictor] | None:
+        """The online predictors by budget: ``{}`` while nothing can be fitted (no usable run,
+        one class only), ``None`` where every fit gives one P(trainable) to every run (a
+        constant is no prediction: averaged into ``mode="both"`` it would lift every trial
+        towards the cut-offs)."""
         views = [_TrialView(study, t, self._steps_per_epoch) for t in trials]
         budgets = sorted({e for v in views for e in v.spectra})[:4]
         rows = []
@@ -994,10 +1039,16 @@ class LyapunovPruner(BasePruner):
         models = {}
         for b in budgets:
             try:
-                models[b] = StabilityPredictor(budget=b, threshold=float(limit)).fit(frame)
+                with warnings.catch_warnings():
+                    # A constant fit is said once per study (above), not at every refit.
+                    warnings.filterwarnings("ignore", "StabilityPredictor.fit: the classifier "
+                                            "gives all", UserWarning)
+                    model = StabilityPredictor(budget=b, threshold=float(limit)).fit(frame)
             except ValueError:
                 return {}  # one class only so far: nothing to learn yet
-        return models
+            if not model.training_summary_["constant"]:
+                models[b] = model
+        return models or None
 
 
 def _spectrum_problem(spectrum: Mapping) -> str | None:
@@ -1018,6 +1069,21 @@ def _spectrum_problem(spectrum: Mapping) -> str | None:
                 "which the predictors use: measure with exponent_sum=True "
                 "(measure_and_report's default)")
     return None
+
+
+def _nothing_on_the_model(study: optuna.Study, trial: FrozenTrial, problem: str) -> str:
+    """The warning for a trial the model cannot judge (shown once per study and problem)."""
+    return (f"LyapunovPruner prunes nothing on the model for trial {trial.number} of study "
+            f"{study.study_name!r}, nor for any later trial with this problem (warned once): "
+            f"{problem}")
+
+
+def _median_at_init(study: optuna.Study, trials: list[FrozenTrial],
+                    steps_per_epoch: int) -> float:
+    """The median finite loss at initialisation (epoch 0) over ``trials``; NaN if none."""
+    at_init = [v for t in trials for v in [_TrialView(study, t, steps_per_epoch).losses.get(0)]
+               if v is not None and math.isfinite(v)]
+    return float(np.median(at_init)) if at_init else math.nan
 
 
 def _steps_text(steps: list[int]) -> str:

@@ -489,6 +489,11 @@ def _is_one_hot(y: Tensor) -> bool:
     return bool(binary and (y.sum(-1) == 1).all())
 
 
+def _is_binary(y: Tensor) -> bool:
+    """Whether float ``y`` holds only 0s and 1s (a binary cross-entropy's targets)."""
+    return torch.is_floating_point(y) and bool(((y == 0) | (y == 1)).all())
+
+
 def chance_loss(y_train, y_val=None, *, kind: str | None = None,
                 n_classes: int | None = None) -> float:
     """The loss of the best constant prediction: what a model that learned nothing scores, and
@@ -497,17 +502,20 @@ def chance_loss(y_train, y_val=None, *, kind: str | None = None,
 
     Args:
         y_train: training targets (tensor or array): integer class indices for cross-entropy
-            (or one-hot rows, with ``kind="classification"``), floats (last axis = output
-            size) for mean squared error.
+            (or one-hot rows, with ``kind="classification"``; or float 0/1 targets of a binary
+            cross-entropy, one column or several labels, with ``kind="classification"``),
+            floats (last axis = output size) for mean squared error.
         y_val: the targets the loss is measured on; ``None`` uses ``y_train``.
         kind: ``"classification"`` or ``"regression"``; ``None`` decides by the dtype (and
-            warns where float targets are one-hot rows, which a cross-entropy loss may take).
+            warns where float targets are one-hot rows or all 0 and 1, which a cross-entropy
+            loss may take).
         n_classes: number of classes (default: the largest index + 1).
 
     Returns:
         For classification the cross-entropy of the (add-one smoothed) training class
-        frequencies on ``y_val``; for regression the mean squared error of the per-output
-        training mean on ``y_val``.
+        frequencies on ``y_val`` (for several 0/1 labels a column, what
+        ``BCEWithLogitsLoss`` averages: the mean over labels of each one's); for regression the
+        mean squared error of the per-output training mean on ``y_val``.
 
     Example:
         >>> import torch, lepredict
@@ -532,6 +540,18 @@ def chance_loss(y_train, y_val=None, *, kind: str | None = None,
                 "taken as regression targets (the mean squared error of the best constant); "
                 "if the model is trained with cross-entropy, pass kind='classification' (or "
                 "the class indices).", UserWarning, stacklevel=2)
+        elif kind == REGRESSION and _is_binary(y_train) and _is_binary(y_val):
+            # BCEWithLogitsLoss takes float 0/1 targets: its chance loss is a cross-entropy.
+            warnings.warn(
+                "chance_loss: the targets are floats of 0 and 1, taken as regression targets "
+                "(the mean squared error of the best constant); if the model is trained with a "
+                "binary cross-entropy (BCEWithLogitsLoss), pass kind='classification'.",
+                UserWarning, stacklevel=2)
+    multi_label = (kind == CLASSIFICATION and not one_hot and y_train.dim() >= 2
+                   and y_train.shape[-1] > 1 and _is_binary(y_train) and _is_binary(y_val))
+    if multi_label:  # one binary cross-entropy a label, averaged as BCEWithLogitsLoss does
+        columns = zip(y_train.flatten(0, -2).long().T, y_val.flatten(0, -2).long().T)
+        return float(np.mean([_constant_cross_entropy(a, b, 2) for a, b in columns]))
     if kind == CLASSIFICATION:
         if one_hot:  # rows marking their class, of floats or ints: the classes they mark
             n_classes = y_train.shape[-1] if n_classes is None else n_classes

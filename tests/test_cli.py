@@ -363,9 +363,10 @@ def test_a_partial_config_in_a_spectrum_file_is_completed_by_the_options_given(m
     assert config["arch"] == "gru" and config["hidden"] == 32
     assert 'note: the "config" of --spectrum' in err and "gives no init, init_scale, clip, " \
         "weight_decay: read as init=uniform" in err
+    assert "give them in the file or as --init, --init-scale, --clip, --weight-decay." in err
     code, _, err = _predict(model_dir, tmp_path, capsys, text, "--hidden", "64")
-    _refused(code, err, "says hidden=32, but --hidden 64 was given: the file's describes the "
-                        "run measured", tmp_path)
+    _refused(code, err, "says hidden=32, but --hidden 64 was given, and the file's value is the "
+                        "one read; drop --hidden", tmp_path)
     # A bad value in the file is the one line said, not after a note about what it lacks.
     bad = json.dumps({"0": spec, "1": spec, "val_loss": [2.3, 1.0],
                       "config": {"arch": "GRU", "hidden": 32}})

@@ -236,14 +236,36 @@ def test_raw_losses_without_a_chance_loss_warn_once_and_prune_nothing(runs, mode
     assert caught[0].filename == __file__  # the loop's own should_prune() line, not lepredict's
     record = study.trials[-1].user_attrs[f"{ATTR}prediction:1"]
     assert not record["pruned"] and "chance_loss=" in record["reason"]
-    # Normalised values (about 1 at initialisation) need no declaration.
+    # A raw binary cross-entropy starts at ln 2 = 0.693 (a user's: 0.70): not about 1 either.
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
+                                                      protect_top=0.0))
+    with pytest.warns(UserWarning, match=r"median loss at initialisation is 0\.7 \(where a raw "
+                                         r"binary cross-entropy starts: ln 2 = 0\.693\)"):
+        assert not _user_trial(study, _with(rows.iloc[0], val_loss=[0.70, 0.69]),
+                               chance=None)[1]
+    # Normalised values (about 1 at initialisation) need no declaration: the pruner says once
+    # how it reads them (a raw 3-class cross-entropy starts at 1.10, about 1 too) ...
     study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
                                                       protect_top=0.0))
     _leaders(study, steps=())
-    _user_trial(study, rows.iloc[0], scale=1.0, chance=None, tell=0.5)
-    assert _user_trial(study, _with(rows.iloc[1], val_loss=[v * 1.2 for v in
-                                                           rows.iloc[1]["val_loss"]]),
-                       scale=1.0, chance=None)[1]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _user_trial(study, rows.iloc[0], scale=1.0, chance=None, tell=0.5)
+        assert _user_trial(study, _with(rows.iloc[1], val_loss=[v * 1.2 for v in
+                                                               rows.iloc[1]["val_loss"]]),
+                           scale=1.0, chance=None)[1]
+    said = [str(w.message) for w in caught if "as normalised losses" in str(w.message)]
+    assert len(said) == 1 and "chance_loss=1.0 says they are normalised" in said[0]
+    # ... and nothing once they are declared normalised.
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
+                                                      protect_top=0.0))
+    _leaders(study, steps=())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _user_trial(study, _with(rows.iloc[1], val_loss=[v * 1.2 for v in
+                                                               rows.iloc[1]["val_loss"]]),
+                           scale=1.0, chance=1.0)[1]
+    assert not [w for w in caught if "as normalised losses" in str(w.message)]
 
 
 def test_reports_at_iterations_with_steps_per_epoch(runs, model_dir):
@@ -491,6 +513,33 @@ def test_online_mode_fits_on_the_study_and_is_stateless(runs):
     assert p_again == pytest.approx(p_first)
 
 
+def test_a_constant_online_predictor_is_no_prediction(runs, model_dir):
+    """On a few finished trials the online trees cannot split (20 runs a leaf): one P for every
+    trial. mode="both" then decides on the given predictor alone, not on a mean with that
+    constant (which lifted trials at chance above the cut-offs), and says so once."""
+    finished = runs[runs["status"] == "ok"].iloc[:12]
+    bad = runs[(runs["final_normalised_loss"] > 0.9) & (runs["status"] == "ok")].iloc[-1]
+    decisions = {}
+    for mode in ("model", "both"):
+        study = optuna.create_study(pruner=LyapunovPruner(
+            model=model_dir, mode=mode, n_startup_trials=10, refit_every=1, n_warmup_steps=0,
+            threshold=0.0, risk=None, protect_top=0.0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _, row in finished.iterrows():
+                _replay(study, row, steps=(0, 1))
+            trial, _ = _replay(study, bad, steps=(0, 1), tell=False)
+            _replay(study, bad, steps=(0, 1), tell=True)
+        decisions[mode] = study.trials[trial.number].user_attrs[f"{ATTR}prediction:1"]
+        said = [str(w.message) for w in caught if "online predictor" in str(w.message)]
+        assert len(said) == (mode == "both"), [str(w.message)[:150] for w in caught]
+        assert not [w for w in caught if "classifier gives all" in str(w.message)]
+    assert said[0].startswith("LyapunovPruner's online predictor, fitted on the 10 finished")
+    assert "the given predictor decides alone" in said[0]
+    assert decisions["both"]["source"] == "model:1"
+    assert decisions["both"]["p_trainable"] == pytest.approx(decisions["model"]["p_trainable"])
+
+
 def test_measure_and_report_restores_training_mode():
     study = optuna.create_study()
     trial = study.ask()
@@ -594,12 +643,17 @@ def test_a_chance_loss_of_another_loss_warns_once(runs, model_dir):
         for _ in range(2):
             _user_trial(study, row, scale=2.0, chance=row["val_loss"][0] / 25)
     said = [str(w.message) for w in caught if "times the chance_loss" in str(w.message)]
-    assert len(said) == 1 and "prunes nothing on the model" in said[0] and "trial 1 has a loss " \
-        "at initialisation 25 times" in said[0] and "kind='classification'" in said[0]
+    assert len(said) == 1 and "prunes nothing on the model" in said[0] and "trial 1 has a loss at " \
+        "epoch 0 (initialisation) 25 times" in said[0] and "kind='classification'" in said[0]
     assert "p_trainable" in study.trials[0].user_attrs[f"{ATTR}prediction:1"]
     for trial in study.trials[1:]:
         decision = trial.user_attrs[f"{ATTR}prediction:1"]
         assert not decision["pruned"] and "p_trainable" not in decision
+    # Far below the chance loss at "epoch 0" is more likely a loop that trained first.
+    study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0))
+    with pytest.warns(UserWarning, match=r"0\.3 times the chance_loss.*if epoch 0 was reported "
+                                         r"after training, report \(and measure\) it before"):
+        _user_trial(study, row, scale=2.0, chance=row["val_loss"][0] / 0.3)
 
 
 # -- hyperparameters for the screening predictor ------------------------------------------------
@@ -981,8 +1035,9 @@ def test_trials_at_chance_do_not_lead(model_dir):
 
 def test_a_leader_below_chance_is_kept_one_at_chance_is_not(model_dir):
     """Of two trials the model would prune, the better one leads (protect_top) only if its
-    loss is below the chance loss."""
-    for loss, kept in ((0.6, True), (1.0, False), (1.3, False)):
+    loss is at most 99% of the chance loss: one predicting about the class frequencies (a
+    user's study: 0.998 of it at majority-class accuracy) has learned nothing yet."""
+    for loss, kept in ((0.6, True), (0.98, True), (0.998, False), (1.0, False), (1.3, False)):
         study = optuna.create_study(pruner=LyapunovPruner(
             model=model_dir, threshold=1.0, protect_top=0.5, n_warmup_steps=0))
         worse, _ = _unfed_trial(study, steps=(0,), spectra=(0,), val_loss=2.0)

@@ -508,6 +508,26 @@ def test_chance_loss_of_one_hot_targets():
         chance_loss(one_hot * 0.5)
 
 
+def test_chance_loss_of_binary_float_targets():
+    """Float 0/1 targets (what BCEWithLogitsLoss takes) are regression targets unless said
+    otherwise, with a warning; with kind='classification' the chance loss is the binary
+    cross-entropy of the best constant: BCEWithLogitsLoss of the training frequencies' logits,
+    one column or several labels (averaged over labels, as that loss does)."""
+    from lepredict import chance_loss
+
+    rate = torch.tensor([0.1, 0.5, 0.8])
+    labels = (torch.rand(4000, 3, generator=torch.Generator().manual_seed(0)) < rate).float()
+    with pytest.warns(UserWarning, match="floats of 0 and 1.*BCEWithLogitsLoss.*kind='class"):
+        assert chance_loss(labels[:, 0]) == pytest.approx(float(labels[:, 0].var(
+            correction=0)), rel=1e-6)
+    for y in (labels[:, :1], labels[:, 0], labels):
+        p = y.reshape(-1, y.shape[-1] if y.dim() > 1 else 1).mean(0)
+        constant = torch.logit(p).expand(y.reshape(len(y), -1).shape)
+        bce = float(torch.nn.functional.binary_cross_entropy_with_logits(
+            constant, y.reshape(len(y), -1)))
+        assert chance_loss(y, kind="classification") == pytest.approx(bce, rel=1e-3)
+
+
 @pytest.mark.parametrize("name", BUILTIN)
 def test_best_constant_prediction_scores_chance(default_tasks, name):
     task = default_tasks[name]
