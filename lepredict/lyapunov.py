@@ -151,6 +151,11 @@ _META = ("The module or the inputs are on the meta device, which holds shapes bu
          "and its state dict).")
 
 
+def _host(t: Tensor) -> np.ndarray:
+    """``t`` as a numpy array, without a copy where it already lies in host memory."""
+    return (t if t.device.type == "cpu" else t.cpu()).numpy()
+
+
 def _check_finite(name: str, value) -> None:
     """Refuse NaN or infinite inputs: they would come out as "diverged" trajectories, which
     reads as a property of the network when it is a bug in the caller's data."""
@@ -293,10 +298,10 @@ class _Accumulator:
         # subspaces a QR leaves are those of the product of the Jacobians since the last one, so
         # the skipped ones change where the averaged steps start only by rounding.
         steps, self.last_qr = t - self.last_qr, t
-        # A (rows, k) matrix: numpy's per-call cost is a fraction of torch's dispatch.
-        with np.errstate(invalid="ignore"):
-            rates = np.log(np.maximum(d.to(torch.float64).cpu().numpy(), self.tiny)) / steps
-        rates = rates[~self.diverged.cpu().numpy() & np.isfinite(rates).all(-1)]
+        # A (rows, k) matrix: numpy's per-call cost is a fraction of torch's dispatch (widened
+        # to float64 by numpy, not by a torch call; |R_ii| or NaN: log warns on neither).
+        rates = np.log(np.maximum(_host(d), self.tiny, dtype=np.float64)) / steps
+        rates = rates[~_host(self.diverged) & np.isfinite(rates).all(-1)]
         if rates.size == 0:
             self.next_qr = t + 1
             return
@@ -1221,7 +1226,11 @@ def _logdet_constants(cell: str, weights, N: int, rows_per_network: int) -> list
     else:
         return [0.0] * len(weights)
     if blocks[0].dim() == 2:
-        return [float(_logabsdet(w[None].double())[0]) for w in blocks]
+        # One small matrix a layer: numpy's LU costs a fraction of torch's dispatch here (a
+        # singular block's -inf is floored as _logabsdet floors it).
+        floor = N * _log_floor(torch.float64)
+        return [max(float(np.linalg.slogdet(_host(w.detach().double()))[1]), floor)
+                for w in blocks]
     return [_logabsdet(w.double()).to(w.dtype).repeat_interleave(rows_per_network)
             for w in blocks]
 
