@@ -23,11 +23,13 @@ Maintainers: after refitting the shipped predictors, pin them again with
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import math
 import os
+import threading
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -83,6 +85,26 @@ SEARCH_GRID = {"histgradientboostingclassifier__learning_rate": [0.03, 0.1],
 #: Either way its files load only if they match :data:`PIN_FILE` (or with ``trust=True``).
 MODELS_DIR = Path(os.environ.get("LEPREDICT_MODELS",
                                  Path(__file__).resolve().parent.parent / "models"))
+
+
+#: Per thread: whether :meth:`StabilityPredictor.fit` says so when its classifier came out
+#: constant (see :func:`constant_fits_unwarned`).
+_fit_warnings = threading.local()
+
+
+@contextlib.contextmanager
+def constant_fits_unwarned():
+    """Within this block, in this thread only, :meth:`StabilityPredictor.fit` does not warn
+    when its classifier gives every run one P(trainable); ``training_summary_["constant"]``
+    still says so. For callers that refit often and say it once themselves (the pruner's online
+    mode). ``warnings.catch_warnings`` would do the same by swapping the process's filters,
+    which other threads (Optuna's ``n_jobs``, its heartbeat) swap too."""
+    before = getattr(_fit_warnings, "quiet", False)
+    _fit_warnings.quiet = True
+    try:
+        yield
+    finally:
+        _fit_warnings.quiet = before
 
 
 class ModelFileError(ValueError):
@@ -219,7 +241,7 @@ class StabilityPredictor(ClassifierMixin, BaseEstimator):
             features, y)
         fitted_p = self.classifier_.predict_proba(features)[:, 1]
         constant = bool(np.ptp(fitted_p) == 0)
-        if constant:
+        if constant and not getattr(_fit_warnings, "quiet", False):
             # On a few dozen runs the default trees (20 runs per leaf, fitted on two thirds of
             # them by the calibration) cannot split: one P for every run, whatever it shows.
             warnings.warn(f"StabilityPredictor.fit: the classifier gives all {len(y)} runs the "

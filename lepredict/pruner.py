@@ -24,7 +24,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from lepredict.features import completed_runs
 from lepredict.lyapunov import LyapunovSpectrum, lyapunov_spectrum
-from lepredict.predictor import StabilityPredictor, load_models, resolve_model
+from lepredict.predictor import (StabilityPredictor, constant_fits_unwarned, load_models,
+                                 resolve_model)
 from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
                                SPECTRUM, VAL_LOSS, attrs_by_step, by_epoch, check_hparams,
                                check_steps_per_epoch, complete_hparams, jsonable, own_attrs,
@@ -495,8 +496,8 @@ class LyapunovPruner(BasePruner):
        population to report) leads nothing and the model decides for it. A tie is no lead: of
        the trials tied at a value, only the first (by number) still running or finished ranks
        there, the others behind the whole tie (trials all at chance accuracy do not all lead);
-       and a trial whose loss is not yet :data:`LEAD_BELOW_CHANCE` (99%) of the chance loss or
-       less (where that is known) leads nothing, whatever its rank: it has learned nothing yet.
+       and a trial whose loss is not yet below :data:`LEAD_BELOW_CHANCE` (99%) of the chance
+       loss (1.0 for values read as normalised without one) leads nothing, whatever its rank: it has learned nothing yet.
 
     **What you report.** Losses, raw or normalised: give the chance loss once with
     ``report_spectrum(..., chance_loss=lepredict.chance_loss(y_train, y_val))`` for raw losses,
@@ -741,13 +742,16 @@ class LyapunovPruner(BasePruner):
             if problem:
                 self._warn_once(study, kind, _nothing_on_the_model(study, trial, problem))
                 return self._keep(study, trial, step, problem)
-        if view.chance is None:
+        # Said once a finite loss at initialisation shows the scale (and built only then).
+        median = (_median_at_init(study, trials, self._steps_per_epoch)
+                  if view.chance is None and not self._warned_of(study, "undeclared")
+                  else math.nan)
+        if math.isfinite(median):
             self._warn_once(study, "undeclared", (
                 f"LyapunovPruner reads the values of study {study.study_name!r} as normalised "
                 "losses (loss / chance loss): no chance_loss was given, and their median at "
-                f"initialisation, {_median_at_init(study, trials, self._steps_per_epoch):.4g}, "
-                "is about 1. A raw cross-entropy starts at about ln(classes) (1.10 for 3 "
-                "classes): if yours are raw, pass chance_loss=lepredict.chance_loss(y_train, "
+                f"initialisation, {median:.4g}, is about 1. A raw cross-entropy starts at "
+                "about ln(classes) (1.10 for 3 classes): if yours are raw, pass chance_loss=lepredict.chance_loss(y_train, "
                 "y_val) to measure_and_report or report_spectrum; chance_loss=1.0 says they are "
                 "normalised and silences this."))
         models = []
@@ -798,8 +802,9 @@ class LyapunovPruner(BasePruner):
         # A lead at chance is none: ahead of trials that learned nothing (a pruned one, say),
         # a trial still at the constant prediction's loss has nothing a lead could rest on.
         loss_now = view.losses.get(epoch)
-        at_chance = (view.chance is not None and loss_now is not None
-                     and not loss_now < LEAD_BELOW_CHANCE * view.chance)
+        # (Values without a chance loss were read as normalised: their chance is 1.)
+        at_chance = (loss_now is not None
+                     and not loss_now < LEAD_BELOW_CHANCE * (view.chance or 1.0))
         leader = leader and not at_chance
         record = {"epoch": epoch, "budget": budget, "source": sources, "horizon": horizon,
                   "p_trainable": p, "threshold": threshold, "final_loss": loss,
@@ -868,6 +873,10 @@ class LyapunovPruner(BasePruner):
                 return
             self._warned.add((study.study_name, kind))
         warnings.warn(message, UserWarning, stacklevel=_outside_stacklevel())
+
+    def _warned_of(self, study: optuna.Study, kind: str) -> bool:
+        with self._lock:
+            return (study.study_name, kind) in self._warned
 
     def _check_reported(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Warn once if the trial stores spectra but never calls ``trial.report``, once that is
@@ -946,7 +955,11 @@ class LyapunovPruner(BasePruner):
                        view: _TrialView) -> str | None:
         """Why the reported values are evidently not losses on the predictor's scale, if so."""
         if view.chance is not None:
-            ratio = view.losses[0] / view.chance if 0 in view.losses else 1.0
+            at_init = view.losses.get(0)
+            # A loss not finite at initialisation is a diverged network's, not another scale.
+            if at_init is None or not math.isfinite(at_init):
+                return None
+            ratio = at_init / view.chance
             if INIT_LOSS_RATIOS[0] <= ratio <= INIT_LOSS_RATIOS[1]:
                 return None
             said = (f"trial {view.trial.number} has a loss at epoch 0 (initialisation) "
@@ -963,7 +976,7 @@ class LyapunovPruner(BasePruner):
             return f"{said}, so its losses are on another scale than the predictor's: {scale}"
         median = _median_at_init(study, trials, self._steps_per_epoch)
         low, high = NORMALISED_AT_INIT
-        if low <= median <= high:
+        if math.isnan(median) or low <= median <= high:  # NaN: no finite loss at epoch 0 yet
             return None
         binary = (" (where a raw binary cross-entropy starts: ln 2 = 0.693)"
                   if abs(median - math.log(2)) < 0.1 else "")
@@ -1039,10 +1052,8 @@ class LyapunovPruner(BasePruner):
         models = {}
         for b in budgets:
             try:
-                with warnings.catch_warnings():
-                    # A constant fit is said once per study (above), not at every refit.
-                    warnings.filterwarnings("ignore", "StabilityPredictor.fit: the classifier "
-                                            "gives all", UserWarning)
+                # A constant fit is said once per study (above), not at every refit.
+                with constant_fits_unwarned():
                     model = StabilityPredictor(budget=b, threshold=float(limit)).fit(frame)
             except ValueError:
                 return {}  # one class only so far: nothing to learn yet

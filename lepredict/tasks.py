@@ -490,8 +490,19 @@ def _is_one_hot(y: Tensor) -> bool:
 
 
 def _is_binary(y: Tensor) -> bool:
-    """Whether float ``y`` holds only 0s and 1s (a binary cross-entropy's targets)."""
+    """Whether ``y`` holds a binary cross-entropy's targets: floats of only 0s and 1s, or bools
+    (integers are class indices, which a 0/1 matrix of one label a step also is)."""
+    if y.dtype == torch.bool:
+        return True
     return torch.is_floating_point(y) and bool(((y == 0) | (y == 1)).all())
+
+
+def _check_outputs_agree(y_train: Tensor, y_val: Tensor, what: str) -> None:
+    if y_train.dim() > 1 and y_train.shape[-1] != (y_val.shape[-1] if y_val.dim() > 1 else 1):
+        raise ValueError(f"y_train has {y_train.shape[-1]} {what} a row (shape "
+                         f"{tuple(y_train.shape)}) but y_val's rows differ (shape "
+                         f"{tuple(y_val.shape)}): pass the validation targets of the same "
+                         "outputs.")
 
 
 def chance_loss(y_train, y_val=None, *, kind: str | None = None,
@@ -502,9 +513,11 @@ def chance_loss(y_train, y_val=None, *, kind: str | None = None,
 
     Args:
         y_train: training targets (tensor or array): integer class indices for cross-entropy
-            (or one-hot rows, with ``kind="classification"``; or float 0/1 targets of a binary
-            cross-entropy, one column or several labels, with ``kind="classification"``),
-            floats (last axis = output size) for mean squared error.
+            (or one-hot rows, with ``kind="classification"``; or the 0/1 targets of a binary
+            cross-entropy, one column or several labels, as floats, which
+            ``BCEWithLogitsLoss`` takes, with ``kind="classification"``, or as bools: an
+            integer 0/1 matrix, such as ``MultiLabelBinarizer``'s, is read as class indices,
+            one label a step), floats (last axis = output size) for mean squared error.
         y_val: the targets the loss is measured on; ``None`` uses ``y_train``.
         kind: ``"classification"`` or ``"regression"``; ``None`` decides by the dtype (and
             warns where float targets are one-hot rows or all 0 and 1, which a cross-entropy
@@ -550,6 +563,7 @@ def chance_loss(y_train, y_val=None, *, kind: str | None = None,
     multi_label = (kind == CLASSIFICATION and not one_hot and y_train.dim() >= 2
                    and y_train.shape[-1] > 1 and _is_binary(y_train) and _is_binary(y_val))
     if multi_label:  # one binary cross-entropy a label, averaged as BCEWithLogitsLoss does
+        _check_outputs_agree(y_train, y_val, "labels")
         columns = zip(y_train.flatten(0, -2).long().T, y_val.flatten(0, -2).long().T)
         return float(np.mean([_constant_cross_entropy(a, b, 2) for a, b in columns]))
     if kind == CLASSIFICATION:
@@ -561,6 +575,7 @@ def chance_loss(y_train, y_val=None, *, kind: str | None = None,
         if int(min(y_train.min(), y_val.min())) < 0 or n <= int(max(y_train.max(), y_val.max())):
             raise ValueError(f"class indices must lie in [0, {n_classes=}).")
         return _constant_cross_entropy(y_train, y_val, n)
+    _check_outputs_agree(y_train, y_val, "outputs")
     y_train, y_val = y_train.double(), y_val.double()
     if y_train.dim() == 1:
         y_train, y_val = y_train[:, None], y_val.reshape(-1, 1)

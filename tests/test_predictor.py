@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import threading
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,8 @@ from sklearn.base import clone
 from sklearn.model_selection import GroupKFold, cross_val_score
 
 from lepredict.evaluation import compare, cross_validate
-from lepredict.predictor import ModelFileError, StabilityPredictor, load, load_models
+from lepredict.predictor import (ModelFileError, StabilityPredictor, constant_fits_unwarned, load,
+                                 load_models)
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +223,38 @@ def test_fit_records_a_pruning_threshold_and_evaluate_summarises(runs, tmp_path,
                     schemes=("configs",), n_boot=20, progress=False)
     text = format_summary(table)
     assert "| spectrum | " in text and "| loss | " in text and "held-out configurations" in text
+
+
+def test_constant_fits_unwarned_is_this_threads_alone(runs):
+    """The pruner's online refits silence the constant-fit warning in their own thread only,
+    leaving the process's warning filters as they were: ``warnings.catch_warnings`` swapped
+    those, so another thread's block (Optuna's heartbeat, a user's objective) closing out of
+    order left a filter behind that hid the warning from the user for good."""
+    few = runs.sample(30, random_state=0)
+    filters = list(warnings.filters)
+    inside, other_done = threading.Event(), threading.Event()
+    other = {}
+
+    def fit_elsewhere():
+        inside.wait(10)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            StabilityPredictor(budget=1).fit(few)
+        other["said"] = [str(w.message) for w in caught]
+        other_done.set()
+
+    thread = threading.Thread(target=fit_elsewhere)
+    thread.start()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with constant_fits_unwarned():
+            inside.set()
+            assert other_done.wait(60)
+            model = StabilityPredictor(budget=1).fit(few)
+    thread.join()
+    assert model.training_summary_["constant"]
+    assert not [w for w in caught if "gives all 30 runs" in str(w.message)]
+    assert any("gives all 30 runs the same P" in m for m in other["said"])
+    assert warnings.filters == filters
+    with pytest.warns(UserWarning, match="gives all 30 runs the same P"):
+        StabilityPredictor(budget=1).fit(few)

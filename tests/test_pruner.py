@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -107,22 +108,23 @@ def test_prunes_the_predicted_untrainable_and_says_why(runs, model_dir, caplog):
 def test_leaders_are_not_pruned_by_the_model(runs, model_dir):
     """Threshold 1.0 would prune every prediction: the trial with the best value reported at
     a step beside others is kept all the same, and says why; a trial alone at its step leads
-    nothing, and one alone because the others stopped earlier is ranked where they stopped."""
+    nothing, and one alone because the others stopped earlier is ranked where they stopped.
+    (From step 1: at initialisation every trial is at chance, which no lead rests on.)"""
     study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=1.0,
-                                                      n_warmup_steps=0, protect_top=0.0))
+                                                      n_warmup_steps=1, protect_top=0.0))
     row = runs[runs["status"] == "ok"].iloc[0]
     first, pruned = _replay(study, row)
     assert pruned  # the first trial of the study, alone at its steps: no one to lead
-    record = study.trials[first.number].user_attrs[f"{ATTR}prediction:0"]
+    record = study.trials[first.number].user_attrs[f"{ATTR}prediction:1"]
     assert (record["rank"], record["reporting"], record["leader"]) == (1, 1, False)
     second, pruned = _replay(study, row, steps=(0, 1, 2, 3))
-    assert not pruned  # beside the first at step 0 and at least as good: the leader there
+    assert not pruned  # beside the first at step 1 and at least as good: the leader there
     record = study.trials[second.number].user_attrs[f"{ATTR}prediction:3"]
-    assert record["leader"] and record["rank_step"] == 0
-    assert record["kept"].startswith("a leader at step 0 (rank 1 of 2)")
+    assert record["leader"] and record["rank_step"] == 1
+    assert record["kept"].startswith("a leader at step 1 (rank 1 of 2)")
     third, pruned = _replay(study, _with(row, val_loss=[v * 1.5 for v in row["val_loss"]]))
     assert pruned  # the same prediction, but behind the leader
-    record = study.trials[third.number].user_attrs[f"{ATTR}prediction:0"]
+    record = study.trials[third.number].user_attrs[f"{ATTR}prediction:1"]
     assert (record["rank"], record["reporting"], record["leader"]) == (3, 3, False)
 
 
@@ -884,14 +886,15 @@ def test_a_trial_is_ranked_last_where_its_own_value_was_not_finite():
 # -- loops that do not feed the pruner what it reads ---------------------------------------------
 
 
-def _unfed_trial(study, steps=(0, 1, 2), spectra=(), report=True, val_loss=None):
+def _unfed_trial(study, steps=(0, 1, 2), spectra=(), report=True, val_loss=None, chance=1.0):
     """A trial of a loop that stores ``spectra`` at those steps and, if ``report``, reports a
-    normalised loss at ``steps``; whether it was pruned."""
+    normalised loss at ``steps``; whether it was pruned. ``val_loss``: one value, or one per
+    step."""
     trial = study.ask()
     for step in sorted({*steps, *spectra}):
         if step in spectra:
-            report_spectrum(trial, _FALLING, step,
-                            chance_loss=1.0, val_loss=val_loss)
+            loss = val_loss.get(step) if isinstance(val_loss, dict) else val_loss
+            report_spectrum(trial, _FALLING, step, chance_loss=chance, val_loss=loss)
         if report and step in steps:
             trial.report(0.9, step)
         if trial.should_prune():
@@ -1036,17 +1039,44 @@ def test_trials_at_chance_do_not_lead(model_dir):
 def test_a_leader_below_chance_is_kept_one_at_chance_is_not(model_dir):
     """Of two trials the model would prune, the better one leads (protect_top) only if its
     loss is at most 99% of the chance loss: one predicting about the class frequencies (a
-    user's study: 0.998 of it at majority-class accuracy) has learned nothing yet."""
-    for loss, kept in ((0.6, True), (0.98, True), (0.998, False), (1.0, False), (1.3, False)):
+    user's study: 0.998 of it at majority-class accuracy) has learned nothing yet. Values read
+    as normalised without a chance loss are held to a chance of 1."""
+    cases = ((0.6, True), (0.98, True), (0.998, False), (1.0, False), (1.3, False))
+    for (loss, kept), chance in itertools.product(cases, (1.0, None)):
         study = optuna.create_study(pruner=LyapunovPruner(
             model=model_dir, threshold=1.0, protect_top=0.5, n_warmup_steps=0))
-        worse, _ = _unfed_trial(study, steps=(0,), spectra=(0,), val_loss=2.0)
+        worse, _ = _unfed_trial(study, steps=(0,), spectra=(0,), val_loss=1.4, chance=chance)
         study.tell(worse, state=optuna.trial.TrialState.PRUNED)
-        trial, pruned = _unfed_trial(study, steps=(0,), spectra=(0,), val_loss=loss)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "LyapunovPruner reads the values")
+            trial, pruned = _unfed_trial(study, steps=(0,), spectra=(0,), val_loss=loss,
+                                         chance=chance)
         record = trial.study._storage.get_trial(trial._trial_id).user_attrs[
             f"{ATTR}prediction:0"]
         assert (record["rank"], record["reporting"]) == (1, 2)
         assert pruned is not kept and record["leader"] is kept, (loss, record)
+
+
+def test_a_loss_not_finite_at_initialisation_is_no_scale(model_dir):
+    """A NaN or inf at epoch 0 is a network that diverged there, not a loss on another scale:
+    neither the scale warning (which would use up the study's one) nor the note on values
+    read as normalised (whose median it would give as NaN) comes of it."""
+    for at_init, chance in itertools.product((math.nan, math.inf), (2.0, None)):
+        study = optuna.create_study(pruner=LyapunovPruner(model=model_dir, threshold=0.0))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _unfed_trial(study, steps=(0, 1), spectra=(0, 1), chance=chance,
+                         val_loss={0: at_init, 1: 1.0 if chance is None else 2.0})
+        said = [str(w.message) for w in caught]
+        assert not [m for m in said if "initialisation" in m], (at_init, chance, said)
+        # The next trial's finite loss at initialisation is read as usual.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _unfed_trial(study, steps=(0, 1), spectra=(0, 1), chance=chance,
+                         val_loss={0: 0.3, 1: 0.3})
+        said = [str(w.message) for w in caught if "initialisation" in str(w.message)]
+        assert len(said) == 1 and (("0.15 times the chance_loss" in said[0]) if chance
+                                   else "median loss at initialisation is 0.3," in said[0])
 
 
 def test_a_tie_ranks_behind_the_whole_tie_unless_first_still_going():

@@ -526,6 +526,16 @@ def test_chance_loss_of_binary_float_targets():
         bce = float(torch.nn.functional.binary_cross_entropy_with_logits(
             constant, y.reshape(len(y), -1)))
         assert chance_loss(y, kind="classification") == pytest.approx(bce, rel=1e-3)
+        # Bools are labels too, whatever the kind; integers stay class indices (pooled).
+        assert chance_loss(y.bool().numpy()) == pytest.approx(bce, rel=1e-3)
+    pooled = chance_loss(labels.long(), kind="classification")
+    assert pooled == pytest.approx(chance_loss(labels.long().reshape(-1)))
+    assert pooled != pytest.approx(chance_loss(labels, kind="classification"), rel=1e-2)
+    # Validation targets of other outputs are refused, not cut to the shorter rows.
+    with pytest.raises(ValueError, match=r"y_train has 3 labels a row .* y_val's rows differ"):
+        chance_loss(labels, labels[:, :2], kind="classification")
+    with pytest.raises(ValueError, match=r"y_train has 3 outputs a row"):
+        chance_loss(torch.randn(8, 3), torch.randn(6, 2))
 
 
 @pytest.mark.parametrize("name", BUILTIN)
