@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -116,6 +118,10 @@ def _check_rdb(url: str, *, read_only: bool) -> bool:
     shown = url if parsed.password is None else parsed.render_as_string(hide_password=True)
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database or ""
+        if parsed.host:  # sqlite://a.db: the file name read as a host
+            path = parsed.host + (f"/{db}" if db else "")
+            raise CLIError(f"--storage {shown} names no file: an SQLite URL has three slashes "
+                           f"before a relative path, --storage sqlite:///{path}.")
         if db in ("", ":memory:"):
             if read_only:
                 raise CLIError(f"--storage {shown} is an in-memory database, which holds no "
@@ -141,8 +147,9 @@ def _check_rdb(url: str, *, read_only: bool) -> bool:
                        "in .log or .jsonl.") from None
     except ImportError as err:
         raise CLIError(f"--storage {shown} needs a database driver that is not installed "
-                       f"({_first_line(err)}); install it, or name an installed one in the URL "
-                       "(e.g. postgresql+psycopg2://...).") from None
+                       f"({_first_line(err)}); "
+                       f"{_driver_advice(parsed.get_backend_name(), parsed.get_driver_name())}."
+                       ) from None
     except (sqlalchemy.exc.ArgumentError, TypeError, ValueError) as err:
         raise CLIError(f"--storage {shown}: {_first_line(err)}.") from None
     try:
@@ -160,11 +167,37 @@ def _check_rdb(url: str, *, read_only: bool) -> bool:
 
 def _not_a_storage(storage: str) -> CLIError:
     """The error for a --storage that is no URL and no journal file, with the SQLite URL of a
-    database file given as a bare path."""
-    return CLIError(f"--storage {storage!r} is neither a database URL (sqlite:///..., "
-                    "postgresql://...) nor a journal file path ending in .log or .jsonl"
-                    + (f"; for the SQLite file, --storage sqlite:///{storage}."
-                       if storage.endswith((".db", ".sqlite", ".sqlite3")) else "."))
+    database file given as a bare path or with too few slashes."""
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/{0,2}(?!/)", storage)
+    said = f"--storage {storage!r} is neither a database URL (sqlite:///..., postgresql://...) " \
+        "nor a journal file path ending in .log or .jsonl"
+    if scheme and scheme.group(1).startswith("sqlite"):
+        return CLIError(f"{said}; an SQLite URL has three slashes before a relative path: "
+                        f"--storage sqlite:///{storage[scheme.end():]}.")
+    if scheme and len(scheme.group(1)) > 1:  # not a Windows drive letter
+        return CLIError(f"{said}; a database URL has '://' after its kind: "
+                        f"{scheme.group(1)}://USER@HOST/DB.")
+    return CLIError(said + (f"; for the SQLite file, --storage sqlite:///{storage}."
+                            if storage.endswith((".db", ".sqlite", ".sqlite3")) else "."))
+
+
+#: The SQLAlchemy drivers of the database kinds users name, by the module each imports, in the
+#: order suggested where the URL names one that is not installed.
+_DRIVERS = {"postgresql": {"psycopg": "psycopg", "psycopg2": "psycopg2", "pg8000": "pg8000"},
+            "mysql": {"pymysql": "pymysql", "mysqldb": "MySQLdb",
+                      "mysqlconnector": "mysql.connector"}}
+
+
+def _driver_advice(backend: str, missing: str | None) -> str:
+    """What to do about a database driver that is not installed: the URL with one that is, or
+    which to install."""
+    drivers = _DRIVERS.get(backend, {})
+    for driver, module in drivers.items():
+        if driver != missing and importlib.util.find_spec(module.split(".")[0]) is not None:
+            return f"name an installed one in the URL: {backend}+{driver}://..., or install it"
+    if drivers:
+        return f"install one (pip install {next(iter(drivers))})"
+    return "install it"
 
 
 def _check_storage_for_sweep(storage: str | None, heartbeat_options: list[str]) -> None:
@@ -197,7 +230,9 @@ def _open_study(storage: str | None, study_name: str):
     if storage is None:
         path = Path("studies") / f"{study_name}.db"
         if not path.is_file():
-            raise missing
+            raise CLIError(f"No study named {study_name!r}: no {path} here, the default "
+                           "storage; check --study-name, or give --storage (the sweep's URL or "
+                           "journal file).")
         storage = f"sqlite:///{path}"
     if "://" in storage:
         if not _check_rdb(storage, read_only=True):

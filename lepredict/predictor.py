@@ -721,8 +721,9 @@ def resolve_model(model: str | os.PathLike) -> Path:
         if Path(model).suffix:  # a file's name: no predictor lepredict saves is one file
             raise ModelFileError(
                 f"No model named {model!r} is shipped (shipped: {shipped or 'none'}), and a "
-                "model is not one file: give a shipped name, or the directory a predictor was "
-                "saved to (lepredict fit -o DIR; StabilityPredictor.save), such as './DIR'.")
+                "model here is a lepredict predictor, not your network, and not one file: give "
+                "a shipped name, or the directory a predictor was saved to (lepredict fit -o "
+                "DIR; StabilityPredictor.save), such as './DIR'.")
         raise ModelFileError(f"No model named {model!r} is shipped (shipped: {shipped or 'none'}); "
                              f"for a saved predictor in a directory, pass its path, such as "
                              f"'./{model}'.")

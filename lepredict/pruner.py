@@ -127,7 +127,14 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         raise ValueError(f"chance_loss must be a positive finite number, got {chance_loss=}.")
     stored_hparams = None if hparams is None else _merged_hparams(trial, hparams)
     pruner = getattr(getattr(trial, "study", None), "pruner", None)  # FixedTrial has no study
-    if isinstance(pruner, LyapunovPruner):
+    if not isinstance(pruner, LyapunovPruner):
+        problem = _spectrum_problem(spec)
+        if problem:
+            # Stored for the user's own analysis (another pruner, or one wrapping a
+            # LyapunovPruner), but said: a later fit or prediction on it would be refused.
+            warnings.warn(f"report_spectrum: stored, but the shipped predictors cannot use "
+                          f"it: {problem}.", UserWarning, stacklevel=_outside_stacklevel())
+    else:
         pruner.check_spectrum(spec)
         if pruner.decided_at(trial, step):
             # One text for all trials: Python shows it once, not every epoch of every trial.
@@ -983,7 +990,8 @@ class LyapunovPruner(BasePruner):
         return (f"no chance loss was reported and the median loss at initialisation is "
                 f"{median:.4g}{binary}, not about 1, so the values are not normalised "
                 "losses; pass chance_loss=lepredict.chance_loss(y_train, y_val) to "
-                "report_spectrum for raw losses (chance_loss=1.0 if they are normalised)")
+                "measure_and_report or report_spectrum for raw losses (chance_loss=1.0 if they "
+                "are normalised)")
 
     def _needs_hparams(self) -> bool:
         """Whether the given predictor reads hyperparameters (the ``"screening"`` model)."""

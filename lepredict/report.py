@@ -422,7 +422,8 @@ def _epochs_panel(s: _Study) -> Panel:
                       f"{done} {word}s")
     if not s.pruned.size:
         return Panel("epochs", heading, f"No trial was pruned, so no {word}s were saved: the "
-                     f"{len(s.frame)} trials trained {sum(trained):g} {word}s.")
+                     f"{_count(len(s.frame), 'trial')} trained "
+                     f"{_count(int(sum(trained)), word)}.")
     if not np.isfinite(s.horizon[s.pruned]).all():
         return Panel("epochs", heading, f"No trial finished, so the study's horizon (the "
                      f"{word}s a full run trains) is unknown and so are the {word}s saved.")

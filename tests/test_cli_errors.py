@@ -212,6 +212,13 @@ CASES = {
          "-o", "x.csv"], None, "driver that is not installed",
         marks=pytest.mark.skipif(importlib.util.find_spec("MySQLdb") is not None,
                                  reason="MySQLdb is installed here")),
+    # The driver named is missing, another is installed: that one is suggested, not the same.
+    "export-other-driver-installed": pytest.param(
+        ["export", "--storage", "postgresql+pg8000://postgres@127.0.0.1/test", "--study-name",
+         "s", "-o", "x.csv"], None,
+        f"name an installed one in the URL: {PG}://..., or install it.",
+        marks=pytest.mark.skipif(PG is None or importlib.util.find_spec("pg8000") is not None,
+                                 reason="needs psycopg or psycopg2 and no pg8000")),
     # Sweep arguments that would make every trial fail, in a study pinned to them.
     "sweep-negative-epochs": ([*SWEEP, "--epochs", "-2"], None, "--epochs must be >= 1"),
     "sweep-zero-trials": ([*SWEEP, "--n-trials", "0"], None, "--n-trials must be >= 1"),
@@ -255,7 +262,8 @@ CASES = {
         "[fixed]: clip must be >= 0"),
     # Commands that only read: nothing is created, whatever is missing.
     "export-missing-study": (
-        ["export", "--study-name", "nope", "-o", "x.csv"], None, "No study named 'nope'"),
+        ["export", "--study-name", "nope", "-o", "x.csv"], None,
+        "No study named 'nope': no studies/nope.db here, the default storage"),
     "export-missing-sqlite-file": (
         ["export", "--storage", "sqlite:///nope.db", "--study-name", "s", "-o", "x.csv"], None,
         "No SQLite database 'nope.db'"),
@@ -322,6 +330,17 @@ CASES = {
     "export-sqlite-directory": (
         ["export", "--storage", "sqlite:///.", "--study-name", "s", "-o", "x.csv"], None,
         "Storage 'sqlite:///.' names a directory, not a SQLite database; name a file in it"),
+    # SQLite URLs short of slashes: the URL they meant, not sqlite:/// before the whole string.
+    "analyze-sqlite-one-slash": (
+        ["analyze", "--storage", "sqlite:/s.db", "--study-name", "s"], None,
+        "an SQLite URL has three slashes before a relative path: --storage sqlite:///s.db."),
+    "analyze-sqlite-two-slashes": (
+        ["analyze", "--storage", "sqlite://runs/s.db", "--study-name", "s"], None,
+        "names no file: an SQLite URL has three slashes before a relative path, --storage "
+        "sqlite:///runs/s.db."),
+    "export-postgres-one-slash": (
+        ["export", "--storage", "postgresql:/db", "--study-name", "s", "-o", "x.csv"], None,
+        "a database URL has '://' after its kind: postgresql://USER@HOST/DB."),
     "export-sqlite-memory-as-given": (
         ["export", "--storage", "sqlite:///:memory:", "--study-name", "s", "-o", "x.csv"], None,
         "--storage sqlite:///:memory: is an in-memory database"),

@@ -462,10 +462,14 @@ def test_spectra_the_predictor_cannot_use_are_refused(model_dir):
     stored = study.trials[0].user_attrs[f"{ATTR}spectrum:0"]
     assert stored["n"] == stored["k"] == full.state_size == 12 and stored["convention"] == "full"
     assert stored["sum"] == pytest.approx(sum(stored["mean"]), abs=1e-4)
-    # Without the pruner a partial spectrum is stored as it is, for analysis.
-    other = optuna.create_study().ask()
-    report_spectrum(other, lepredict.lyapunov_spectrum(lstm, probe, k=3), 0)
-    assert other.study.trials[0].user_attrs[f"{ATTR}spectrum:0"]["n"] == 12
+    # Under another pruner (or one wrapping LyapunovPruner) a partial spectrum is stored as it
+    # is, for analysis, with what the predictors would say of it.
+    for pruner in (None, optuna.pruners.PatientPruner(LyapunovPruner(model=model_dir), 1)):
+        other = optuna.create_study(pruner=pruner).ask()
+        with pytest.warns(UserWarning, match=r"stored, but the shipped predictors cannot use "
+                                             r"it: the spectrum holds 3 of the state's 12"):
+            report_spectrum(other, lepredict.lyapunov_spectrum(lstm, probe, k=3), 0)
+        assert other.study.trials[0].user_attrs[f"{ATTR}spectrum:0"]["n"] == 12
 
 
 def test_measure_and_report_measures_what_the_predictor_uses_and_no_more():
