@@ -737,7 +737,10 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
         reorth_every = 1
     map_name = cell if cell != "lstm" else f"lstm_{lstm_state}"
 
-    with torch.no_grad():
+    # On a CPU, inference mode: no version counters or autograd bookkeeping on the hundreds of
+    # small operations of a measurement (LSTM-64 and -128, 1 and 2 layers: 0.90-0.92x of the
+    # time under no_grad). The results are copied out as normal tensors below.
+    with torch.inference_mode() if device.type == "cpu" else torch.no_grad():
         weights = _weights(rnn, dtype) if K == 1 else _stacked_weights(rnns, dtype)
         state = _initial_state(rnn, h0, B, cell, dtype, device)
         if K > 1:  # every network starts from the same state: rows network after network
@@ -771,7 +774,7 @@ def _spectra(rnns: list[nn.Module], inputs: Tensor, *, k, warmup, h0, reorth_eve
         whole = acc.result(dtype, n, logdet is not None)
 
     def rows(tensor, i):
-        return None if tensor is None else tensor[i * B:(i + 1) * B]
+        return None if tensor is None else tensor[i * B:(i + 1) * B].clone()
 
     return [LyapunovSpectrum(rows(whole.exponents, i), rows(whole.diverged, i),
                              rows(whole.floored, i), whole.steps, state_size=n,
