@@ -1212,9 +1212,10 @@ class _LSTMCell:
         # split_with_sizes: one call for the four views (Tensor.split's Python wrapper costs more
         # than the additions it feeds on small networks).
         dg_i, dg_f, dg_g, dg_o = dg.split_with_sizes((N,) * 4, -1)
-        drive = torch.add(dg_i, dg_f).add_(dg_g)
-        if self.full:
-            drive = torch.addcmul(drive, q_c, f, out=dc_new)
+        if self.full:  # built in its output, in place: no temporary (a fifth of a small step)
+            drive = torch.add(dg_i, dg_f, out=dc_new).add_(dg_g).addcmul_(q_c, f)
+        else:
+            drive = torch.add(dg_i, dg_f).add_(dg_g)
         return torch.addcmul(dg_o, drive, beta, out=dh_new)
 
 
