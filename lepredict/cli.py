@@ -168,17 +168,29 @@ def _check_rdb(url: str, *, read_only: bool) -> bool:
 def _not_a_storage(storage: str) -> CLIError:
     """The error for a --storage that is no URL and no journal file, with the SQLite URL of a
     database file given as a bare path or with too few slashes."""
-    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):/{0,2}(?!/)", storage)
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*):(/?)/?", storage)
     said = f"--storage {storage!r} is neither a database URL (sqlite:///..., postgresql://...) " \
         "nor a journal file path ending in .log or .jsonl"
-    if scheme and scheme.group(1).startswith("sqlite"):
-        return CLIError(f"{said}; an SQLite URL has three slashes before a relative path: "
-                        f"--storage sqlite:///{storage[scheme.end():]}.")
-    if scheme and len(scheme.group(1)) > 1:  # not a Windows drive letter
+    kind = scheme.group(1).split("+")[0].lower() if scheme else ""
+    if kind == "sqlite":
+        rest = storage[scheme.end():]
+        relative, absolute = f"sqlite:///{rest}", f"sqlite:////{rest}"
+        if not rest:
+            meant = "--storage sqlite:///FILE.db"
+        elif not scheme.group(2) or Path(rest).is_file() and not Path("/", rest).is_file():
+            meant = f"--storage {relative}"
+        elif Path("/", rest).is_file() and not Path(rest).is_file():
+            meant = f"--storage {absolute}"
+        else:  # one slash: a relative path short of two, or an absolute one short of three
+            meant = f"--storage {relative} for {rest} here, {absolute} for /{rest}"
+        return CLIError(f"{said}; an SQLite URL has three slashes before a relative path and "
+                        f"four before an absolute one: {meant}.")
+    if kind in (*_DRIVERS, "postgres", "mariadb"):
         return CLIError(f"{said}; a database URL has '://' after its kind: "
                         f"{scheme.group(1)}://USER@HOST/DB.")
+    bare = not scheme or len(scheme.group(1)) == 1  # a path, or one after a drive letter
     return CLIError(said + (f"; for the SQLite file, --storage sqlite:///{storage}."
-                            if storage.endswith((".db", ".sqlite", ".sqlite3")) else "."))
+                            if bare and storage.endswith((".db", ".sqlite", ".sqlite3")) else "."))
 
 
 #: The SQLAlchemy drivers of the database kinds users name, by the module each imports, in the
@@ -194,9 +206,12 @@ def _driver_advice(backend: str, missing: str | None) -> str:
     drivers = _DRIVERS.get(backend, {})
     for driver, module in drivers.items():
         if driver != missing and importlib.util.find_spec(module.split(".")[0]) is not None:
-            return f"name an installed one in the URL: {backend}+{driver}://..., or install it"
+            return (f"name an installed one in the URL: {backend}+{driver}://USER@HOST/DB, or "
+                    "install it")
     if drivers:
-        return f"install one (pip install {next(iter(drivers))})"
+        driver = next(iter(drivers))
+        return (f"install one and name it in the URL: pip install {driver}, then "
+                f"{backend}+{driver}://USER@HOST/DB")
     return "install it"
 
 

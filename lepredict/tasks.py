@@ -498,7 +498,10 @@ def _is_binary(y: Tensor) -> bool:
 
 
 def _check_outputs_agree(y_train: Tensor, y_val: Tensor, what: str) -> None:
-    if y_train.dim() > 1 and y_train.shape[-1] != (y_val.shape[-1] if y_val.dim() > 1 else 1):
+    """Refuse ``y_val`` of other outputs than ``y_train``'s several (one output takes any
+    shape, as ``(N, T, 1)`` against ``(M, T)``)."""
+    if y_train.dim() > 1 and y_train.shape[-1] > 1 and (
+            y_val.dim() < 2 or y_val.shape[-1] != y_train.shape[-1]):
         raise ValueError(f"y_train has {y_train.shape[-1]} {what} a row (shape "
                          f"{tuple(y_train.shape)}) but y_val's rows differ (shape "
                          f"{tuple(y_val.shape)}): pass the validation targets of the same "

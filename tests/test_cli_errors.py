@@ -216,7 +216,7 @@ CASES = {
     "export-other-driver-installed": pytest.param(
         ["export", "--storage", "postgresql+pg8000://postgres@127.0.0.1/test", "--study-name",
          "s", "-o", "x.csv"], None,
-        f"name an installed one in the URL: {PG}://..., or install it.",
+        f"name an installed one in the URL: {PG}://USER@HOST/DB, or install it.",
         marks=pytest.mark.skipif(PG is None or importlib.util.find_spec("pg8000") is not None,
                                  reason="needs psycopg or psycopg2 and no pg8000")),
     # Sweep arguments that would make every trial fail, in a study pinned to them.
@@ -333,7 +333,11 @@ CASES = {
     # SQLite URLs short of slashes: the URL they meant, not sqlite:/// before the whole string.
     "analyze-sqlite-one-slash": (
         ["analyze", "--storage", "sqlite:/s.db", "--study-name", "s"], None,
-        "an SQLite URL has three slashes before a relative path: --storage sqlite:///s.db."),
+        "an SQLite URL has three slashes before a relative path and four before an absolute "
+        "one: --storage sqlite:///s.db for s.db here, sqlite:////s.db for /s.db."),
+    "analyze-sqlite-no-slash": (
+        ["analyze", "--storage", "sqlite:s.db", "--study-name", "s"], None,
+        "four before an absolute one: --storage sqlite:///s.db."),
     "analyze-sqlite-two-slashes": (
         ["analyze", "--storage", "sqlite://runs/s.db", "--study-name", "s"], None,
         "names no file: an SQLite URL has three slashes before a relative path, --storage "

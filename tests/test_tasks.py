@@ -536,6 +536,12 @@ def test_chance_loss_of_binary_float_targets():
         chance_loss(labels, labels[:, :2], kind="classification")
     with pytest.raises(ValueError, match=r"y_train has 3 outputs a row"):
         chance_loss(torch.randn(8, 3), torch.randn(6, 2))
+    # One output takes any layout of its values: (N, T, 1) against (M, T), (N,) against (M, 1).
+    y_train, y_val = torch.randn(8, 5, 1), torch.randn(6, 5, 1)
+    for val in (y_val, y_val[..., 0], y_val.reshape(-1)):
+        assert chance_loss(y_train, val) == pytest.approx(chance_loss(y_train, y_val))
+    assert chance_loss(y_train[..., 0].reshape(-1), y_val) == pytest.approx(
+        chance_loss(y_train, y_val))
 
 
 @pytest.mark.parametrize("name", BUILTIN)
