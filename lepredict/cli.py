@@ -175,11 +175,12 @@ def _not_a_storage(storage: str) -> CLIError:
     if kind == "sqlite":
         rest = storage[scheme.end():]
         relative, absolute = f"sqlite:///{rest}", f"sqlite:////{rest}"
+        here, rooted = Path(rest).is_file(), Path("/", rest).is_file()
         if not rest:
             meant = "--storage sqlite:///FILE.db"
-        elif not scheme.group(2) or Path(rest).is_file() and not Path("/", rest).is_file():
+        elif not scheme.group(2) or here and not rooted:
             meant = f"--storage {relative}"
-        elif Path("/", rest).is_file() and not Path(rest).is_file():
+        elif rooted and not here:
             meant = f"--storage {absolute}"
         else:  # one slash: a relative path short of two, or an absolute one short of three
             meant = f"--storage {relative} for {rest} here, {absolute} for /{rest}"

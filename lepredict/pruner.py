@@ -504,14 +504,16 @@ class LyapunovPruner(BasePruner):
        the trials tied at a value, only the first (by number) still running or finished ranks
        there, the others behind the whole tie (trials all at chance accuracy do not all lead);
        and a trial whose loss is not yet below :data:`LEAD_BELOW_CHANCE` (99%) of the chance
-       loss (1.0 for values read as normalised without one) leads nothing, whatever its rank: it has learned nothing yet.
+       loss (1.0 for values read as normalised without one) leads nothing, whatever its rank:
+       it has learned nothing yet.
 
     **What you report.** Losses, raw or normalised: give the chance loss once with
     ``report_spectrum(..., chance_loss=lepredict.chance_loss(y_train, y_val))`` for raw losses,
     or ``chance_loss=1.0`` if they are already normalised. Without it, values are read as
     normalised only if the study's losses at initialisation sit near 1 (a network that learned
     nothing scores its chance loss), and the pruner says so once (a raw 3-class cross-entropy
-    starts at 1.10 too); otherwise it warns once and prunes nothing on the model. In a maximising study (an accuracy), report the loss beside it with
+    starts at 1.10 too); otherwise it warns once and prunes nothing on the model. In a
+    maximising study (an accuracy), report the loss beside it with
     ``report_spectrum(..., val_loss=...)``; without that the pruner raises a ``ValueError`` at
     the first ``should_prune()``. Report at every epoch (step = epoch), or at iterations with
     ``steps_per_epoch`` set: the steps ``e * steps_per_epoch`` are then epoch ``e``'s ends,
@@ -758,9 +760,9 @@ class LyapunovPruner(BasePruner):
                 f"LyapunovPruner reads the values of study {study.study_name!r} as normalised "
                 "losses (loss / chance loss): no chance_loss was given, and their median at "
                 f"initialisation, {median:.4g}, is about 1. A raw cross-entropy starts at "
-                "about ln(classes) (1.10 for 3 classes): if yours are raw, pass chance_loss=lepredict.chance_loss(y_train, "
-                "y_val) to measure_and_report or report_spectrum; chance_loss=1.0 says they are "
-                "normalised and silences this."))
+                "about ln(classes) (1.10 for 3 classes): if yours are raw, pass "
+                "chance_loss=lepredict.chance_loss(y_train, y_val) to measure_and_report or "
+                "report_spectrum; chance_loss=1.0 says they are normalised and silences this."))
         models = []
         if self._mode in ("model", "both"):
             models.append(self._models)
