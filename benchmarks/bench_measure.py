@@ -1,11 +1,13 @@
 """What one spectrum measurement costs, as a share of one training epoch of the same network.
 
-The workload of a user's loop: a probe of 8 sequences of 48 steps, and one training epoch of 40
+The workload of a user's loop: a probe of 48 steps, and one training epoch of 40
 batches of 32 x 48 (Adam, MSE on a linear read-out), for RNN, GRU and LSTM of N = 64 to 512
 units and 1 or 2 layers. Columns, each timed in the same process as the epoch it is divided by:
 
-* default: ``lepredict.measure_and_report``'s measurement (the 16 leading exponents and the
-  sum of all, QRs on the ``"auto"`` schedule, warm-up T/8: ``lepredict.train.measured_spectrum``),
+* default: ``lepredict.measure_and_report``'s measurement (the first ``PROBE_SIZE`` (4)
+  sequences, the 16 leading exponents and the sum of all, QRs on the ``"auto"`` schedule,
+  warm-up T/8: ``lepredict.train.measured_spectrum``; ``--probe 8`` for the probe the shipped
+  predictors were fitted on),
   the mean of 5 runs after each of ``--repeats`` timed epochs; "of epoch" is the median of those
   repeats' ratios and "range" their lowest and highest.
 * full: the whole spectrum, a QR every step (the default before; timed up to ``--full-up-to``
@@ -27,10 +29,10 @@ import torch
 
 from lepredict import lyapunov_spectrum
 from lepredict.lyapunov import rnn_state_size
-from lepredict.train import measured_spectrum
+from lepredict.train import PROBE_SIZE, measured_spectrum
 
 ARCHS = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}
-PROBE, T, BATCH, BATCHES, INPUT = 8, 48, 32, 40, 16
+T, BATCH, BATCHES, INPUT = 48, 32, 40, 16
 
 
 def _sync(device) -> None:
@@ -75,6 +77,8 @@ def main() -> None:
     ap.add_argument("--full-up-to", type=int, default=256,
                     help="largest state size whose full spectrum is timed")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--probe", type=int, default=PROBE_SIZE,
+                    help="probe sequences (default: measure_and_report's, %(default)s)")
     ap.add_argument("--repeats", type=int, default=5,
                     help="epochs timed per row, each followed by the measurement (5 runs)")
     args = ap.parse_args()
@@ -82,7 +86,7 @@ def main() -> None:
     torch.manual_seed(0)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU, {torch.get_num_threads()} threads")
-    print(f"device: {name}; torch {torch.__version__}; probe {PROBE} x {T} steps; epoch "
+    print(f"device: {name}; torch {torch.__version__}; probe {args.probe} x {T} steps; epoch "
           f"{BATCHES} batches of {BATCH} x {T}, Adam")
     head = (f"{'arch':5} {'N':>4} {'L':>2} {'n':>5} | {'epoch s':>8} | {'default s':>9} "
             f"{'of epoch':>9} {'range':>13} | {'full s':>8} {'of epoch':>9} {'full/default':>12}")
@@ -93,7 +97,7 @@ def main() -> None:
             for N in args.sizes:
                 rnn = ARCHS[arch](INPUT, N, num_layers=layers, batch_first=True).to(device)
                 n = rnn_state_size(rnn)
-                probe = torch.randn(PROBE, T, INPUT, device=device)
+                probe = torch.randn(args.probe, T, INPUT, device=device)
                 epoch = training_epoch(rnn, device)
                 epoch()  # warm
                 t_epochs, t_defaults = [], []

@@ -1389,7 +1389,8 @@ def _read_spectrum_file(path: str, *, chance_loss: float | None) -> dict:
         # descending, the spread permuted with it.
         try:
             checked = spectrum_dict(mean, std, diverged=share, state_size=spec.get("n"),
-                                    convention=spec.get("convention"))
+                                    convention=spec.get("convention"),
+                                    trajectories=spec.get("trajectories"))
         except (TypeError, ValueError) as err:
             raise bad(f"epoch {key}: {err}") from None
         spectra[epoch] = {**spec, "mean": checked["mean"], "std": checked["std"],
@@ -1789,7 +1790,7 @@ def _export_problem(frame, option: str) -> tuple[int | None, str | None, str] | 
                             "empty") if whole else as_list
                     return i, column, f"{_shown_cell(v)} is not {what}"
         elif column in _NUMBER_COLUMNS or (column.startswith("le") and column.endswith(
-                ("_diverged", "_n", "_sum", "_sum_every"))):
+                ("_diverged", "_n", "_sum", "_sum_every", "_trajectories"))):
             for i, v in enumerate(values):
                 if _empty(v):
                     continue
@@ -1993,7 +1994,8 @@ def build_parser() -> argparse.ArgumentParser:
     def probe_size(p) -> None:
         p.add_argument("--probe-size", type=int, default=PROBE_SIZE,
                        help="validation sequences the spectrum averages over (default: "
-                       "%(default)s, as the shipped predictor was fitted with)")
+                       "%(default)s; the shipped predictors were fitted on 8, and 4 moved their "
+                       "AUROC by at most 0.003 from epoch 1 on)")
 
     def device(p) -> None:
         p.add_argument("--device", default="cpu", help="torch device to train on: cpu, cuda, "

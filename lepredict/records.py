@@ -32,6 +32,7 @@ import collections
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Mapping
 
 __all__ = [
@@ -95,9 +96,14 @@ def hparam_value(row: Mapping, name: str):
     return value
 
 
-#: Validation sequences a run's spectra average over, by default: what the corpus of the shipped
-#: predictor was measured with (its features include the spread over these trajectories).
-PROBE_SIZE = 8
+#: Validation sequences a run's spectra average over, by default. The shipped predictors were
+#: fitted on spectra over 8 (:data:`FITTED_PROBE_SIZE`); the same predictors fed spectra over the
+#: first 4 of those sequences, on 480 runs of configurations and tasks they never saw, moved by
+#: -0.003 to +0.000 AUROC from epoch 1 on (95% intervals within [-0.026, +0.013]; 96-99% of
+#: their pruning decisions the same), for half the tangent work (studies/probe_size.py).
+PROBE_SIZE = 4
+#: Validation sequences the shipped predictors' corpus averaged its spectra over.
+FITTED_PROBE_SIZE = 8
 #: The feature sets a predictor may read (:mod:`lepredict.features`).
 FEATURE_SETS = ("spectrum", "spectrum_full", "loss", "weights", "grad", "hparams")
 #: The evaluation's schemes without a parameter; ``"holdout:PREDICATE"`` and ``"test"`` are the
@@ -289,13 +295,16 @@ class RunRecord:
 
 def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | None = None,
                   convention: str | None = None, floored: int | None = None,
-                  exponent_sum: float | None = None, sum_every: int = 1) -> dict:
+                  exponent_sum: float | None = None, sum_every: int = 1,
+                  trajectories: int | None = None) -> dict:
     """A spectrum as records store it: the mean and spread over trajectories of the leading
     ``k = len(mean)`` exponents (descending), the share of diverged trajectories, the size ``n``
     of the state they are exponents of (``k < n`` for a partial spectrum), the state
     convention (``"full"`` or ``"hidden"`` for an LSTM, ``None`` otherwise) and the sum of all
     ``n`` exponents (``"sum"``; for a full spectrum the sum of ``mean``, else ``None`` unless
-    measured; ``"sum_every"`` where it was estimated from every so-many steps' determinants).
+    measured; ``"sum_every"`` where it was estimated from every so-many steps' determinants)
+    and, where given, how many trajectories (probe sequences) it averages over
+    (``"trajectories"``).
 
     A ``mean`` not in descending order is sorted (largest first, as ``np.sort(mean)[::-1]``),
     ``std`` permuted with it: the records and the features read the exponents by rank. A sum
@@ -308,8 +317,13 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
     Raises:
         ValueError: an empty ``mean``, values that are not numbers, a NaN exponent in a spectrum
             not wholly diverged, ``std`` of another length, ``diverged`` outside ``[0, 1]``,
-            an unknown ``convention``, or ``state_size`` below ``len(mean)``.
+            an unknown ``convention``, ``state_size`` below ``len(mean)``, or ``trajectories``
+            not a positive int.
     """
+    if trajectories is not None and (isinstance(trajectories, bool) or not isinstance(
+            trajectories, numbers.Integral) or trajectories < 1):
+        raise ValueError("trajectories is how many probe sequences the spectrum averages over, a "
+                         f"positive int, got {trajectories=}.")
     mean, std = _numbers("mean", mean), None if std is None else _numbers("std", std)
     if not mean:
         raise ValueError("mean is empty: give the exponents of the spectrum, largest first.")
@@ -345,6 +359,8 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
         out["floored"] = int(floored)
     if sum_every != 1 and out["sum"] is not None:
         out["sum_every"] = int(sum_every)
+    if trajectories is not None:
+        out["trajectories"] = int(trajectories)
     return out
 
 
@@ -385,7 +401,8 @@ def spectrum_of(spectrum, *, digits: int | None = None, floored: bool = False) -
                          state_size=spectrum.state_size, convention=spectrum.convention,
                          floored=int(spectrum.floored.sum()) if floored else None,
                          exponent_sum=total,
-                         sum_every=getattr(spectrum, "sum_every", 1))
+                         sum_every=getattr(spectrum, "sum_every", 1),
+                         trajectories=int(spectrum.diverged.numel()))
 
 
 def jsonable(value):
@@ -428,6 +445,9 @@ def run_row(meta: dict, run: Mapping, params: Mapping, spectra: Mapping,
         row[f"le{epoch}_sum"] = _float(spec.get("sum"))
         # 1: the sum averaged every step's log|det J_t|; s: every s-th step's (an estimate)
         row[f"le{epoch}_sum_every"] = int(spec.get("sum_every", 1))
+        # probe sequences averaged over; unknown (None) for records older than the key
+        trajectories = spec.get("trajectories")
+        row[f"le{epoch}_trajectories"] = None if trajectories is None else int(trajectories)
     return row
 
 

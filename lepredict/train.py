@@ -352,8 +352,8 @@ def checked_probe_size(probe_size: int, task: Task | None = None) -> int:
     have = None if task is None else int(task.x_val.shape[0])
     if have is not None and probe_size > have:
         raise ValueError(f"probe_size {probe_size} exceeds the {have} validation sequences of "
-                         f"task {task.name!r}; pass at most {have} (the predictors were fitted "
-                         f"on spectra of {PROBE_SIZE}).")
+                         f"task {task.name!r}; pass at most {have} (by default spectra average "
+                         f"over {PROBE_SIZE}).")
     return probe_size
 
 

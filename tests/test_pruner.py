@@ -473,30 +473,39 @@ def test_spectra_the_predictor_cannot_use_are_refused(model_dir):
 
 
 def test_measure_and_report_measures_what_the_predictor_uses_and_no_more():
-    """16 leading exponents and the sum of all, over the first 8 probe sequences, a warm-up of
+    """16 leading exponents and the sum of all, over the first 4 probe sequences, a warm-up of
     an eighth of the steps; the record says what was measured."""
     trial = optuna.create_study().ask()
     gru = torch.nn.GRU(3, 40, num_layers=2)  # sequence-first: the probe is (T, B, input)
     probe = torch.randn(32, 12, 3)
     spec = lepredict.measure_and_report(trial, gru, probe, 0)
-    assert spec.exponents.shape == (8, 16) and spec.steps == 32 - 4
+    assert spec.exponents.shape == (4, 16) and spec.steps == 32 - 4
     stored = trial.study.trials[0].user_attrs[f"{ATTR}spectrum:0"]
-    assert (stored["n"], stored["k"]) == (80, 16)
-    reference = lepredict.lyapunov_spectrum(gru, probe[:, :8], warmup=4, dtype=torch.float64)
+    assert (stored["n"], stored["k"], stored["trajectories"]) == (80, 16, 4)
+    reference = lepredict.lyapunov_spectrum(gru, probe[:, :4], warmup=4, dtype=torch.float64)
     # The GRU's sum from the LUs of every 2nd of the 28 averaged steps, close to every step's.
     assert spec.sum_every == 2 and stored["sum_every"] == 2  # and the record says so
     from lepredict.sweep import trials_frame
-    assert trials_frame(trial.study)["le0_sum_every"].iloc[0] == 2  # and so do the exports
-    strided = lepredict.lyapunov_spectrum(gru, probe[:, :8], warmup=4, dtype=torch.float64, k=16,
+    exported = trials_frame(trial.study).iloc[0]
+    assert (exported["le0_sum_every"], exported["le0_trajectories"]) == (2, 4)  # and the exports
+    strided = lepredict.lyapunov_spectrum(gru, probe[:, :4], warmup=4, dtype=torch.float64, k=16,
                                           exponent_sum=True, sum_every=2)
     assert stored["sum"] == pytest.approx(float(strided.exponent_sum.mean()), rel=1e-4)
     assert stored["sum"] == pytest.approx(float(reference.exponent_sum.mean()), abs=5e-3 * 80)
     assert np.allclose(stored["mean"][:4], reference.mean[:4].numpy(), atol=0.05)
     # Overrides go to the engine; a network smaller than 16 gets its whole spectrum.
     spec = lepredict.measure_and_report(trial, gru, probe, 1, k=None, warmup=0)
-    assert spec.exponents.shape == (8, 80)
+    assert spec.exponents.shape == (4, 80)
     small = lepredict.measure_and_report(optuna.create_study().ask(), torch.nn.RNN(3, 5), probe, 2)
-    assert small.exponents.shape == (8, 5)
+    assert small.exponents.shape == (4, 5)
+    # probe_size takes more of the probe (None: all of it), and the record counts them.
+    for step, (size, used) in enumerate(((8, 8), (None, 12), (100, 12)), start=3):
+        spec = lepredict.measure_and_report(trial, gru, probe, step, probe_size=size)
+        assert spec.exponents.shape == (used, 16)
+        assert trial.study.trials[0].user_attrs[f"{ATTR}spectrum:{step}"]["trajectories"] == used
+    for size in (0, 2.0, True):
+        with pytest.raises(ValueError, match=rf"a positive int \(None: all\), got probe_size="):
+            lepredict.measure_and_report(trial, gru, probe, 3, probe_size=size)
 
 
 def test_online_mode_fits_on_the_study_and_is_stateless(runs):
@@ -1217,11 +1226,13 @@ def test_probes_shorter_or_fewer_than_the_corpus_warn_and_multi_objective_is_ref
     gru = torch.nn.GRU(3, 8, batch_first=True)
     trial = optuna.create_study().ask()
     for probe in (torch.randn(2, 12, 3), torch.randn(8, 3, 3)):
-        with pytest.warns(UserWarning, match=r"averaged over 8 sequences of 8 steps or more"):
+        with pytest.warns(UserWarning, match=r"averaged over 4 sequences or more of 8 steps or "
+                                             r"more"):
             lepredict.measure_and_report(trial, gru, probe, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lepredict.measure_and_report(trial, gru, torch.randn(16, 8, 3), 1)
+        lepredict.measure_and_report(trial, gru, torch.randn(4, 8, 3), 2)  # the default's 4
     both = optuna.create_study(directions=["minimize", "maximize"]).ask()
     with pytest.raises(ValueError, match="has 2 objectives; lepredict's spectra serve "
                                          "LyapunovPruner, export and analyze, which like "
