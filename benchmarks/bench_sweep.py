@@ -11,7 +11,7 @@ Two parts, both through the real ``run_sweep`` path on SQLite studies:
   and trials per minute of process CPU time (not counting waits on the disk or on other
   processes) beside the wall-clock ones.
 * ``spectra``: digits read pixel by pixel (T = 64), N = 64, 10 epochs, spectra (the sweep's
-  default measurement: 16 leading exponents and the sum, over 8 validation sequences) after
+  default measurement: 16 leading exponents and the sum, over 4 validation sequences) after
   epochs 1, 2 and 3, one trial per architecture and seed; the share of each run's wall time
   spent on spectra (target: at most 10%).
 

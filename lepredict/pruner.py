@@ -304,7 +304,7 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     else ``(T, B, features)``). By default the measurement is what the shipped
     predictor uses and nothing more: the first ``probe_size`` sequences
     (:data:`lepredict.train.PROBE_SIZE`, 4: the predictors were fitted on 8, and 4 moved their
-    AUROC by at most 0.003 from epoch 1 on; ``probe_size=None`` takes the whole probe),
+    AUROC by -0.006 to +0.003 from epoch 1 on; ``probe_size=None`` takes the whole probe),
     a warm-up of an eighth of their steps, the leading :data:`lepredict.records.MEASURED_EXPONENTS`
     (16) exponents with the sum of all, QRs on the :data:`lepredict.train.MEASURED_REORTH`
     schedule. That costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``

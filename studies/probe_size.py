@@ -16,8 +16,8 @@ the shipped predictors' corpus: "v1 space" draws new ones from corpus v1's space
 3. At the shipped pruning thresholds: the share of trainable runs each arm would prune (what a
    wrong prune costs) and of untrainable ones (what pruning saves).
 
-    N=60 OUT=/tmp/probe studies/probe_size.sh
-    python studies/probe_size.py /tmp/probe | tee studies/probe_size.log
+    studies/probe_size.sh                  # N=120 trials per task and probe, into studies/probe
+    python studies/probe_size.py studies/probe | tee studies/probe_size.log
 """
 from __future__ import annotations
 

@@ -5,14 +5,16 @@
 # 10 epochs, like corpus v1) and corpus-v2.toml's space on four tasks outside corpus v1 (seeds
 # 311-314, 4 epochs). One lane per probe size, one torch thread each.
 #
-#   studies/probe_size.sh                        # N=50 per task: 8 tasks x 2 probes x 50
+#   studies/probe_size.sh                        # N=120 per task: 8 tasks x 2 probes x 120,
+#                                                # about 35 minutes on 2 cores (studies/probe/)
 #   N=4 OUT=/tmp/probe studies/probe_size.sh     # a tiny trial run
+# A study that exists resumes: a larger N adds the trials it lacks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-N=${N:-50}
+N=${N:-120}
 PROBES=${PROBES:-"8 4"}
-OUT=${OUT:-studies}
+OUT=${OUT:-studies/probe}
 PYTHON=${PYTHON:-python}
 mkdir -p "$OUT/logs-probe"
 
