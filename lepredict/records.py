@@ -97,13 +97,11 @@ def hparam_value(row: Mapping, name: str):
 
 
 #: Validation sequences a run's spectra average over, by default. The shipped predictors were
-#: fitted on spectra over 8 (:data:`FITTED_PROBE_SIZE`); fed spectra over the first 4 of those
-#: sequences instead, on 960 runs of configurations and tasks they never saw, their AUROC moved
-#: by -0.006 to +0.003 from epoch 1 on (95% intervals within [-0.018, +0.009]; 95-99% of their
+#: fitted on spectra over 8; fed spectra over the first 4 of those sequences instead, on 960
+#: runs of configurations and tasks they never saw, their AUROC moved by -0.006 to +0.003 from
+#: epoch 1 on (95% intervals within [-0.018, +0.009]; 95-99% of their
 #: pruning decisions the same), for half the measurement's work (studies/probe_size.log).
 PROBE_SIZE = 4
-#: Validation sequences the shipped predictors' corpus averaged its spectra over.
-FITTED_PROBE_SIZE = 8
 #: The feature sets a predictor may read (:mod:`lepredict.features`).
 FEATURE_SETS = ("spectrum", "spectrum_full", "loss", "weights", "grad", "hparams")
 #: The evaluation's schemes without a parameter; ``"holdout:PREDICATE"`` and ``"test"`` are the
