@@ -2239,7 +2239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="a finished trial trained when its final normalised loss is below this "
                    "(for a study without losses, when its value beats this in the study's "
-                   "direction); default: the task's, else the median of the finished trials")
+                   "direction); default: the task's, else the median of the finished trials, "
+                   "which splits them into better and worse halves but draws no calibration "
+                   "(that needs a threshold recorded or given)")
     p.add_argument("--reference", nargs="+", default=None,
                    help="exports of full runs: what pruned configurations would have reached")
     p.add_argument("-o", "--output", default=None, help="report path (default: "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import operator
 import os
 import sys
@@ -62,9 +63,11 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
         spectrum: a :class:`lepredict.LyapunovSpectrum`, or a dict with ``"mean"`` (descending;
             sorted if not, ``"std"`` permuted with it) and optionally ``"std"``, ``"diverged"`` (share
             of trajectories, in ``[0, 1]``), ``"n"`` (the state size, if only the leading
-            exponents are given), ``"sum"`` (the sum of all ``n`` exponents, needed then) and
+            exponents are given), ``"sum"`` (the sum of all ``n`` exponents, needed then),
             ``"convention"`` (``"hidden"`` for an LSTM's hidden-only map, ``"full"`` for its
-            ``(h, c)`` state).
+            ``(h, c)`` state) and ``"trajectories"`` (how many probe sequences it averages
+            over; fewer than :data:`lepredict.train.PROBE_SIZE` warns). Other keys are ignored,
+            with a warning.
         step: the step you pass to ``trial.report`` (an epoch, 0 being the initialisation, or an
             iteration count with ``LyapunovPruner(steps_per_epoch=...)``, the spectrum of epoch
             ``e`` then at step ``e * steps_per_epoch``): an int, or a numpy or 0-d torch
@@ -121,9 +124,24 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
                              exponent_sum=spectrum.get("sum"),
                              sum_every=int(spectrum.get("sum_every", 1)),
                              trajectories=spectrum.get("trajectories"))
+        unknown = sorted(map(str, set(spectrum) - _SPECTRUM_KEYS))
+        if unknown:
+            # A misspelt key ("trajectory") would otherwise vanish without a trace.
+            warnings.warn(f"report_spectrum: ignored {', '.join(map(repr, unknown))}: not a key "
+                          f"of a spectrum ({', '.join(sorted(_SPECTRUM_KEYS))}).",
+                          UserWarning, stacklevel=_outside_stacklevel())
     else:
         raise TypeError("spectrum must be a LyapunovSpectrum or a dict with 'mean' and 'std' "
                         f"lists, got {type(spectrum).__name__}.")
+    few = spec.get("trajectories")
+    if few is not None and few < PROBE_SIZE:
+        # The spread feature and the exponents' noise are those of the probe's size: the
+        # predictors were checked on 4 sequences and more (studies/probe_size.py).
+        warnings.warn(f"The spectrum at step {step} averages over {few} probe sequence(s); the "
+                      f"shipped predictors were checked on spectra over {PROBE_SIZE} or more, "
+                      "and fewer give noisier exponents than they expect: measure on at least "
+                      f"{PROBE_SIZE} validation sequences.", UserWarning,
+                      stacklevel=_outside_stacklevel())
     if chance_loss is not None and not (math.isfinite(chance_loss) and chance_loss > 0):
         raise ValueError(f"chance_loss must be a positive finite number, got {chance_loss=}.")
     stored_hparams = None if hparams is None else _merged_hparams(trial, hparams)
@@ -205,6 +223,9 @@ _STORED = _TrialMarks(1_000_000)
 #: The shortest probe the shipped predictors' corpus measured (digits read by rows, 8 steps);
 #: its longest took 64.
 MIN_PROBE_STEPS = 8
+#: The keys of a spectrum dict that :func:`report_spectrum` reads, or that a stored record holds.
+_SPECTRUM_KEYS = frozenset({"mean", "std", "diverged", "n", "k", "sum", "sum_every",
+                            "convention", "trajectories", "floored"})
 
 
 def _checked_trial(trial) -> None:
@@ -331,10 +352,12 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     """
     _checked_trial(trial)
     probe, step = _checked_probe(probe, rnn), _checked_step(step)
-    if probe_size is not None and (isinstance(probe_size, bool)
-                                   or not isinstance(probe_size, int) or probe_size < 1):
-        raise ValueError("probe_size is how many of the probe's sequences the spectrum averages "
-                         f"over, a positive int (None: all), got {probe_size=}.")
+    if probe_size is not None:
+        if (isinstance(probe_size, bool) or not isinstance(probe_size, numbers.Integral)
+                or probe_size < 1):
+            raise ValueError("probe_size is how many of the probe's sequences the spectrum "
+                             f"averages over, a positive int (None: all), got {probe_size=}.")
+        probe_size = int(probe_size)
     shown = module_hparams(rnn)
     if isinstance(rnn, torch.nn.RNN) and getattr(rnn, "nonlinearity", "tanh") == "relu":
         # Measured and stored all the same (a study may judge it by other means), but a
@@ -355,17 +378,17 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     sequences = probe if batch_first else probe.transpose(0, 1)
     if "warmup" not in kwargs:
         kwargs["warmup"] = sequences.shape[1] // 8
-    if sequences.shape[0] < PROBE_SIZE or sequences.shape[1] < MIN_PROBE_STEPS:
-        warnings.warn(f"measure_and_report: a probe of {sequences.shape[0]} sequence(s) of "
-                      f"{sequences.shape[1]} step(s); the shipped predictors were checked on "
-                      f"spectra averaged over {PROBE_SIZE} sequences or more of "
-                      f"{MIN_PROBE_STEPS} steps or more, and shorter or fewer give noisier "
-                      "exponents than they expect: pass at least "
-                      f"{PROBE_SIZE} validation sequences (where the task's own are shorter, "
-                      "its predictions are extrapolations)."
-                      + ("" if batch_first else " The module has batch_first=False, so the "
-                         "probe is read as (steps, sequences, features); a (sequences, steps, "
-                         "features) probe is probe.transpose(0, 1)."),
+    if sequences.shape[1] < MIN_PROBE_STEPS:
+        # Too few sequences are said by report_spectrum, from the count actually averaged.
+        layout = ("(steps, sequences, features)", "(sequences, steps, features)")
+        read, other = layout if not batch_first else layout[::-1]
+        warnings.warn(f"measure_and_report: a probe of {sequences.shape[1]} step(s); the "
+                      f"shipped predictors were checked on sequences of {MIN_PROBE_STEPS} steps "
+                      "or more, and shorter ones give noisier exponents than they expect: pass "
+                      "longer validation sequences (where the task's own are shorter, its "
+                      f"predictions are extrapolations). The module has "
+                      f"batch_first={batch_first}, so the probe is read as {read}; a probe "
+                      f"shaped {other} is probe.transpose(0, 1).",
                       UserWarning, stacklevel=2)
     sequences = sequences[:probe_size]
     probe = sequences if batch_first else sequences.transpose(0, 1)

@@ -1225,14 +1225,33 @@ def test_a_relu_rnn_is_measured_with_a_warning_that_no_predictor_has_seen_one():
 def test_probes_shorter_or_fewer_than_the_corpus_warn_and_multi_objective_is_refused():
     gru = torch.nn.GRU(3, 8, batch_first=True)
     trial = optuna.create_study().ask()
-    for probe in (torch.randn(2, 12, 3), torch.randn(8, 3, 3)):
-        with pytest.warns(UserWarning, match=r"averaged over 4 sequences or more of 8 steps or "
+    # Fewer sequences averaged, whether the probe or probe_size holds them: said by the count.
+    for step, (probe, size) in enumerate(((torch.randn(2, 12, 3), 4),
+                                          (torch.randn(8, 12, 3), 2))):
+        with pytest.warns(UserWarning, match=rf"at step {step} averages over 2 probe "
+                                             r"sequence\(s\); .* checked on spectra over 4 or "
                                              r"more"):
-            lepredict.measure_and_report(trial, gru, probe, 0)
+            lepredict.measure_and_report(trial, gru, probe, step, probe_size=size)
+    # Short sequences: the steps are named, with the layout the module reads.
+    with pytest.warns(UserWarning, match=r"a probe of 3 step\(s\); .* batch_first=True, so "
+                                         r"the probe is read as \(sequences, steps, features\); "
+                                         r"a probe shaped \(steps, sequences, features\) is "
+                                         r"probe.transpose\(0, 1\)"):
+        lepredict.measure_and_report(trial, gru, torch.randn(8, 3, 3), 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        lepredict.measure_and_report(trial, gru, torch.randn(16, 8, 3), 1)
-        lepredict.measure_and_report(trial, gru, torch.randn(4, 8, 3), 2)  # the default's 4
+        lepredict.measure_and_report(trial, gru, torch.randn(16, 8, 3), 3)
+        lepredict.measure_and_report(trial, gru, torch.randn(4, 8, 3), 4)  # the default's 4
+        lepredict.measure_and_report(trial, gru, torch.randn(8, 8, 3), 5,
+                                     probe_size=np.int64(4))  # a numpy int is an int
+    # A dict says its count too, and a key that is no spectrum's is named, not dropped unsaid.
+    spec = {"mean": [0.1] * 8, "std": [0.0] * 8, "trajectories": 1, "trajectory": 8}
+    with pytest.warns(UserWarning) as caught:
+        lepredict.report_spectrum(trial, spec, 6)
+    shown = [str(w.message) for w in caught]
+    assert any("averages over 1 probe sequence(s)" in m for m in shown)
+    assert any(m.startswith("report_spectrum: ignored 'trajectory': not a key of a spectrum")
+               for m in shown)
     both = optuna.create_study(directions=["minimize", "maximize"]).ask()
     with pytest.raises(ValueError, match="has 2 objectives; lepredict's spectra serve "
                                          "LyapunovPruner, export and analyze, which like "
