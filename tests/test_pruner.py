@@ -504,7 +504,7 @@ def test_measure_and_report_measures_what_the_predictor_uses_and_no_more():
         assert spec.exponents.shape == (used, 16)
         assert trial.study.trials[0].user_attrs[f"{ATTR}spectrum:{step}"]["trajectories"] == used
     for size in (0, 2.0, True):
-        with pytest.raises(ValueError, match=rf"a positive int \(None: all\), got probe_size="):
+        with pytest.raises(ValueError, match=r"a positive int \(None: all\), got probe_size="):
             lepredict.measure_and_report(trial, gru, probe, 3, probe_size=size)
 
 
