@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5,
                     help="epochs timed per row, each followed by the measurement (5 runs)")
     args = ap.parse_args()
+    if args.probe < 1:
+        ap.error(f"--probe must be at least 1 (sequences in the probe), got {args.probe}")
     device = torch.device(args.device)
     torch.manual_seed(0)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import operator
 import os
 import sys
@@ -30,8 +29,9 @@ from lepredict.predictor import (StabilityPredictor, constant_fits_unwarned, loa
 from lepredict.records import (CHANCE_LOSS, HPARAMS, MEASURED_EXPONENTS, PREDICTION, SETUP,
                                SPECTRUM, VAL_LOSS, attrs_by_step, by_epoch, check_hparams,
                                check_steps_per_epoch, complete_hparams, jsonable, own_attrs,
-                               run_row, spectrum_dict, spectrum_of)
-from lepredict.train import DIVERGED_LOSS_RATIO, PROBE_SIZE, diverged_loss, measured_options
+                               SPECTRUM_KEYS, run_row, spectrum_dict, spectrum_of)
+from lepredict.train import (DIVERGED_LOSS_RATIO, PROBE_SIZE, checked_probe_size, diverged_loss,
+                             measured_options)
 
 __all__ = ["LyapunovPruner", "measure_and_report", "module_hparams", "report_spectrum"]
 
@@ -124,11 +124,11 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
                              exponent_sum=spectrum.get("sum"),
                              sum_every=int(spectrum.get("sum_every", 1)),
                              trajectories=spectrum.get("trajectories"))
-        unknown = sorted(map(str, set(spectrum) - _SPECTRUM_KEYS))
+        unknown = sorted(map(str, set(spectrum) - SPECTRUM_KEYS))
         if unknown:
             # A misspelt key ("trajectory") would otherwise vanish without a trace.
             warnings.warn(f"report_spectrum: ignored {', '.join(map(repr, unknown))}: not a key "
-                          f"of a spectrum ({', '.join(sorted(_SPECTRUM_KEYS))}).",
+                          f"of a spectrum ({', '.join(sorted(SPECTRUM_KEYS))}).",
                           UserWarning, stacklevel=_outside_stacklevel())
     else:
         raise TypeError("spectrum must be a LyapunovSpectrum or a dict with 'mean' and 'std' "
@@ -137,11 +137,20 @@ def report_spectrum(trial: optuna.Trial, spectrum: LyapunovSpectrum | Mapping, s
     if few is not None and few < PROBE_SIZE:
         # The spread feature and the exponents' noise are those of the probe's size: the
         # predictors were checked on 4 sequences and more (studies/probe_size.py).
-        warnings.warn(f"The spectrum at step {step} averages over {few} probe sequence(s); the "
-                      f"shipped predictors were checked on spectra over {PROBE_SIZE} or more, "
-                      "and fewer give noisier exponents than they expect: measure on at least "
-                      f"{PROBE_SIZE} validation sequences.", UserWarning,
-                      stacklevel=_outside_stacklevel())
+        warnings.warn(f"report_spectrum: the spectrum at step {step} averages over {few} probe "
+                      f"sequence(s); {_FEW_SEQUENCES} measure it on at least {PROBE_SIZE} "
+                      "validation sequences.", UserWarning, stacklevel=_outside_stacklevel())
+    _report(trial, spec, step, chance_loss=chance_loss, val_loss=val_loss, hparams=hparams)
+
+
+#: Why fewer probe sequences than the default are worth a warning.
+_FEW_SEQUENCES = (f"the shipped predictors were checked on spectra over {PROBE_SIZE} or more, "
+                  "and fewer give noisier exponents than they expect:")
+
+
+def _report(trial, spec: dict, step: int, *, chance_loss, val_loss, hparams) -> None:
+    """Store the checked spectrum record ``spec`` (:func:`report_spectrum` after its checks of
+    the spectrum itself)."""
     if chance_loss is not None and not (math.isfinite(chance_loss) and chance_loss > 0):
         raise ValueError(f"chance_loss must be a positive finite number, got {chance_loss=}.")
     stored_hparams = None if hparams is None else _merged_hparams(trial, hparams)
@@ -223,9 +232,6 @@ _STORED = _TrialMarks(1_000_000)
 #: The shortest probe the shipped predictors' corpus measured (digits read by rows, 8 steps);
 #: its longest took 64.
 MIN_PROBE_STEPS = 8
-#: The keys of a spectrum dict that :func:`report_spectrum` reads, or that a stored record holds.
-_SPECTRUM_KEYS = frozenset({"mean", "std", "diverged", "n", "k", "sum", "sum_every",
-                            "convention", "trajectories", "floored"})
 
 
 def _checked_trial(trial) -> None:
@@ -322,19 +328,19 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
 
     The probe is what the recurrent module itself receives: validation sequences, after any
     embedding, shaped as the module expects (``(B, T, features)`` with ``batch_first=True``,
-    else ``(T, B, features)``). By default the measurement is what the shipped
-    predictor uses and nothing more: the first ``probe_size`` sequences
-    (:data:`lepredict.train.PROBE_SIZE`, 4: the predictors were fitted on 8, and 4 moved their
-    AUROC by -0.006 to +0.003 from epoch 1 on; ``probe_size=None`` takes the whole probe),
-    a warm-up of an eighth of their steps, the leading :data:`lepredict.records.MEASURED_EXPONENTS`
-    (16) exponents with the sum of all, QRs on the :data:`lepredict.train.MEASURED_REORTH`
+    else ``(T, B, features)``). By default the measurement is what the shipped predictor uses
+    and nothing more: the first ``probe_size`` sequences (:data:`lepredict.train.PROBE_SIZE`,
+    4: the predictors were fitted on 8, and 4 moved their AUROC by -0.006 to +0.002 from epoch
+    1 on; ``probe_size=None`` takes the whole probe), a warm-up of an eighth of their steps,
+    the leading :data:`lepredict.records.MEASURED_EXPONENTS` (16) exponents with the sum of all, QRs on the :data:`lepredict.train.MEASURED_REORTH`
     schedule. That costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``
     (the sum: ``O(n)`` for RNN and LSTM, an ``O(N^3)`` LU per layer for the GRU, on every
     :data:`lepredict.train.MEASURED_SUM_EVERY`-th averaged step, keeping at least 10 steps:
     :func:`lepredict.train.measured_sum_every`). ``kwargs`` go to
     :func:`lepredict.lyapunov_spectrum` and override those choices (``k=None`` for the full
     spectrum, ``warmup=``...); the spectrum is recorded with what was measured (state size,
-    ``k``, convention), and the pruner refuses one its predictors cannot use.
+    ``k``, convention, the sequences averaged over), and the pruner refuses one its predictors
+    cannot use.
 
     The module's own ``arch``, ``hidden`` and ``layers`` (:func:`module_hparams`) are stored as
     the trial's hyperparameters together with ``hparams`` (those the module cannot show: ``lr``,
@@ -346,18 +352,18 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
             ``torch.as_tensor``; a ``PackedSequence``: pass a tensor of equal-length sequences),
             or a ``FrozenTrial`` for ``trial`` (checked before measuring).
         ValueError: a probe without 3 dimensions, a bad ``step`` or ``probe_size``, ``hparams``
-            that contradict
-            the module, a trial of a multi-objective study (checked before measuring), or
+            that contradict the module, a trial of a multi-objective study (checked before measuring), or
             anything :func:`report_spectrum` refuses.
     """
     _checked_trial(trial)
     probe, step = _checked_probe(probe, rnn), _checked_step(step)
     if probe_size is not None:
-        if (isinstance(probe_size, bool) or not isinstance(probe_size, numbers.Integral)
-                or probe_size < 1):
+        try:
+            probe_size = checked_probe_size(probe_size)
+        except ValueError:
             raise ValueError("probe_size is how many of the probe's sequences the spectrum "
-                             f"averages over, a positive int (None: all), got {probe_size=}.")
-        probe_size = int(probe_size)
+                             f"averages over, a positive int (None: all), got {probe_size=}."
+                             ) from None
     shown = module_hparams(rnn)
     if isinstance(rnn, torch.nn.RNN) and getattr(rnn, "nonlinearity", "tanh") == "relu":
         # Measured and stored all the same (a study may judge it by other means), but a
@@ -378,19 +384,25 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     sequences = probe if batch_first else probe.transpose(0, 1)
     if "warmup" not in kwargs:
         kwargs["warmup"] = sequences.shape[1] // 8
+    layout = ("(steps, sequences, features)", "(sequences, steps, features)")
+    read, other = layout if not batch_first else layout[::-1]
+    # Either shortfall may be a probe in the other layout: the message says how it was read.
+    layout = (f" The module has batch_first={batch_first}, so the probe is read as {read}; a "
+              f"probe shaped {other} is probe.transpose(0, 1).")
     if sequences.shape[1] < MIN_PROBE_STEPS:
-        # Too few sequences are said by report_spectrum, from the count actually averaged.
-        layout = ("(steps, sequences, features)", "(sequences, steps, features)")
-        read, other = layout if not batch_first else layout[::-1]
         warnings.warn(f"measure_and_report: a probe of {sequences.shape[1]} step(s); the "
                       f"shipped predictors were checked on sequences of {MIN_PROBE_STEPS} steps "
                       "or more, and shorter ones give noisier exponents than they expect: pass "
                       "longer validation sequences (where the task's own are shorter, its "
-                      f"predictions are extrapolations). The module has "
-                      f"batch_first={batch_first}, so the probe is read as {read}; a probe "
-                      f"shaped {other} is probe.transpose(0, 1).",
-                      UserWarning, stacklevel=2)
+                      f"predictions are extrapolations).{layout}", UserWarning, stacklevel=2)
     sequences = sequences[:probe_size]
+    if sequences.shape[0] < PROBE_SIZE:
+        asked = "" if probe_size is None or probe_size >= PROBE_SIZE else \
+            f" (probe_size={probe_size})"
+        warnings.warn(f"measure_and_report: the spectrum averages over {sequences.shape[0]} "
+                      f"probe sequence(s){asked}; {_FEW_SEQUENCES} pass at least {PROBE_SIZE} "
+                      f"validation sequences, and a probe_size of {PROBE_SIZE} or more (None: "
+                      f"all).{layout}", UserWarning, stacklevel=2)
     probe = sequences if batch_first else sequences.transpose(0, 1)
     defaults = measured_options(rnn, sequences.shape[1] - kwargs["warmup"],
                                 lstm_state=kwargs.get("lstm_state", "full"))
@@ -402,8 +414,8 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
             spec = lyapunov_spectrum(rnn, probe, **kwargs)
     finally:
         rnn.train(was_training)
-    report_spectrum(trial, spec, step, chance_loss=chance_loss, val_loss=val_loss,
-                    hparams={**shown, **given} or None)
+    _report(trial, spectrum_of(spec), step, chance_loss=chance_loss, val_loss=val_loss,
+            hparams={**shown, **given} or None)
     return spec
 
 

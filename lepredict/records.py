@@ -98,9 +98,9 @@ def hparam_value(row: Mapping, name: str):
 
 #: Validation sequences a run's spectra average over, by default. The shipped predictors were
 #: fitted on spectra over 8; fed spectra over the first 4 of those sequences instead, on 960
-#: runs of configurations and tasks they never saw, their AUROC moved by -0.006 to +0.003 from
-#: epoch 1 on (95% intervals within [-0.018, +0.009]; 95-99% of their
-#: pruning decisions the same), for half the measurement's work (studies/probe_size.log).
+#: runs of configurations and tasks they never saw, their AUROC moved by -0.006 to +0.002 from
+#: epoch 1 on (95% intervals within [-0.018, +0.009]; 94.8-98.8% of their pruning decisions
+#: the same), for half the tangent work (studies/probe_size.log).
 PROBE_SIZE = 4
 #: The feature sets a predictor may read (:mod:`lepredict.features`).
 FEATURE_SETS = ("spectrum", "spectrum_full", "loss", "weights", "grad", "hparams")
@@ -289,6 +289,11 @@ class RunRecord:
         d = dataclasses.asdict(self)
         d["spectra"] = {str(k): v for k, v in self.spectra.items()}
         return d
+
+
+#: The keys a spectrum record (:func:`spectrum_dict`) may hold.
+SPECTRUM_KEYS = frozenset({"mean", "std", "diverged", "n", "k", "convention", "sum", "floored",
+                           "sum_every", "trajectories"})
 
 
 def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | None = None,

@@ -14,6 +14,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+import numbers
 import operator
 import os
 import sys
@@ -344,11 +345,14 @@ def checked_task(task) -> Task:
 
 
 def checked_probe_size(probe_size: int, task: Task | None = None) -> int:
-    """``probe_size`` if it is a positive int, and no more than ``task``'s validation sequences
-    (the probe is the first of them: more would silently be fewer); else a ``ValueError``."""
-    if not isinstance(probe_size, int) or isinstance(probe_size, bool) or probe_size < 1:
+    """``probe_size`` as an int if it is a positive integer (a numpy one too), and no more than
+    ``task``'s validation sequences (the probe is the first of them: more would silently be
+    fewer); else a ``ValueError``."""
+    if (not isinstance(probe_size, numbers.Integral) or isinstance(probe_size, bool)
+            or probe_size < 1):
         raise ValueError(f"probe_size must be a positive int (the validation sequences a "
                          f"spectrum averages over), got {probe_size=}.")
+    probe_size = int(probe_size)
     have = None if task is None else int(task.x_val.shape[0])
     if have is not None and probe_size > have:
         raise ValueError(f"probe_size {probe_size} exceeds the {have} validation sequences of "

@@ -57,6 +57,12 @@ def paired(folder: Path, names) -> tuple[pd.DataFrame, pd.DataFrame]:
     for a, b in zip(eight["val_loss"], four["val_loss"]):
         if not np.array_equal(np.asarray(a, float), np.asarray(b, float), equal_nan=True):
             raise SystemExit("the two arms trained differently: not a paired comparison")
+    # Runs before spectra recorded their sequences (the first 60 per task, and lorenz) have no
+    # count; every one that has must be its arm's.
+    for frame, size in ((eight, 8), (four, 4)):
+        counts = frame.filter(regex=r"^le\d+_trajectories$").to_numpy(dtype=float)
+        if not np.all(np.isnan(counts) | (counts == size)):
+            raise SystemExit(f"a run of the probe-{size} arm averaged over another count")
     done = completed_runs(eight).index.intersection(completed_runs(four).index)
     return eight.loc[done].reset_index(drop=True), four.loc[done].reset_index(drop=True)
 
@@ -80,6 +86,11 @@ def cell(values: np.ndarray, point: float, signed: bool = False) -> str:
     return f"{fmt.format(point)} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
+#: A task enters the AUROC average only with at least this many runs of each class: with fewer,
+#: many resamples hold one class only, and the average would cover other tasks in those.
+MIN_CLASS = 5
+
+
 def per_task(metric, y, scores, tasks, weights):
     """Mean over tasks of ``metric``, for each resample (a row of ``weights``) or the point."""
     values = []
@@ -98,15 +109,25 @@ def compare(family: str, eight: pd.DataFrame, four: pd.DataFrame, baselines, n_b
     tasks = eight["name"].to_numpy()
     weights = bootstrap_counts(tasks, eight["number"], n_boot=n_boot, random_state=0)
     print(f"\n{family}: {len(eight)} finished runs of {', '.join(FAMILIES[family])}")
+    labels = outcomes(eight)
+    per = labels.groupby(tasks)["trainable"].agg(["sum", "count"])
+    print("  trainable per task: " + ", ".join(f"{t} {int(r['sum'])}/{int(r['count'])}"
+                                               for t, r in per.iterrows()))
+    rare = [t for t, r in per.iterrows() if min(r["sum"], r["count"] - r["sum"]) < MIN_CLASS]
+    if rare:
+        print(f"  AUROC averaged without {', '.join(rare)} (fewer than {MIN_CLASS} runs of a "
+              "class); Spearman over every task")
     for budget, model in sorted(models.items()):
         labels = outcomes(eight, threshold=model.threshold)
         y, loss = labels["trainable"].to_numpy(), labels["final_loss"].to_numpy()
+        auc_rows = ~np.isin(tasks, rare)
         p8, p4 = model.predict_proba(eight)[:, 1], model.predict_proba(four)[:, 1]
         f8, f4 = model.predict_loss(eight), model.predict_loss(four)
         pb = baselines[budget].predict_proba(eight)[:, 1]
         fb = baselines[budget].predict_loss(eight)
-        auc = {k: (per_task(weighted_auroc, y, s, tasks, None),
-                   per_task(weighted_auroc, y, s, tasks, weights))
+        auc = {k: (per_task(weighted_auroc, y[auc_rows], s[auc_rows], tasks[auc_rows], None),
+                   per_task(weighted_auroc, y[auc_rows], s[auc_rows], tasks[auc_rows],
+                            weights[:, auc_rows]))
                for k, s in (("8", p8), ("4", p4), ("base", pb))}
         rho = {k: (per_task(weighted_spearman, loss, s, tasks, None),
                    per_task(weighted_spearman, loss, s, tasks, weights))

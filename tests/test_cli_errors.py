@@ -450,6 +450,10 @@ CASES = {
     "predict-spectrum-bad-share": (
         ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
         spectrum_file(**{"0": {"mean": [0.1], "std": [0.0], "diverged": 2}}), "in [0, 1]"),
+    "predict-spectrum-bad-trajectories": (
+        ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
+        spectrum_file(**{"0": {"mean": [0.1], "std": [0.0], "trajectories": 0}}),
+        "trajectories is how many probe sequences the spectrum averages over, a positive int"),
     "predict-spectrum-not-json": (
         ["predict-stability", *TINY, "--model", "{model}", "--spectrum", "spec.json"],
         write("spec.json", "{0: 1"), "not valid JSON"),

@@ -58,6 +58,7 @@ def assert_same_run(pop, alone, diverging: bool = False) -> None:
     assert sorted(pop.spectra) == sorted(alone.spectra)
     for epoch, spec in alone.spectra.items():
         mine = pop.spectra[epoch]
+        assert "trajectories" in mine  # compared with the run's own just below
         assert {k: v for k, v in mine.items() if k not in ("mean", "std", "sum")} == {
             k: v for k, v in spec.items() if k not in ("mean", "std", "sum")}
         assert mine["sum"] == pytest.approx(spec["sum"], rel=1e-3, abs=1e-3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import warnings
 
 import numpy as np
@@ -1226,12 +1227,13 @@ def test_probes_shorter_or_fewer_than_the_corpus_warn_and_multi_objective_is_ref
     gru = torch.nn.GRU(3, 8, batch_first=True)
     trial = optuna.create_study().ask()
     # Fewer sequences averaged, whether the probe or probe_size holds them: said by the count.
-    for step, (probe, size) in enumerate(((torch.randn(2, 12, 3), 4),
-                                          (torch.randn(8, 12, 3), 2))):
-        with pytest.warns(UserWarning, match=rf"at step {step} averages over 2 probe "
-                                             r"sequence\(s\); .* checked on spectra over 4 or "
-                                             r"more"):
+    for step, (probe, size, asked) in enumerate(((torch.randn(2, 12, 3), 4, ""),
+                                                 (torch.randn(8, 12, 3), 2, " (probe_size=2)"))):
+        with pytest.warns(UserWarning, match=rf"averages over 2 probe sequence\(s\)"
+                                             rf"{re.escape(asked)}; .* checked on spectra over 4 "
+                                             r"or more.*a probe_size of 4 or more"):
             lepredict.measure_and_report(trial, gru, probe, step, probe_size=size)
+        assert trial.study.trials[0].user_attrs[f"{ATTR}spectrum:{step}"]["trajectories"] == 2
     # Short sequences: the steps are named, with the layout the module reads.
     with pytest.warns(UserWarning, match=r"a probe of 3 step\(s\); .* batch_first=True, so "
                                          r"the probe is read as \(sequences, steps, features\); "
@@ -1249,7 +1251,8 @@ def test_probes_shorter_or_fewer_than_the_corpus_warn_and_multi_objective_is_ref
     with pytest.warns(UserWarning) as caught:
         lepredict.report_spectrum(trial, spec, 6)
     shown = [str(w.message) for w in caught]
-    assert any("averages over 1 probe sequence(s)" in m for m in shown)
+    assert any(m.startswith("report_spectrum: the spectrum at step 6 averages over 1 probe "
+                            "sequence(s)") for m in shown)
     assert any(m.startswith("report_spectrum: ignored 'trajectory': not a key of a spectrum")
                for m in shown)
     both = optuna.create_study(directions=["minimize", "maximize"]).ask()
@@ -1375,3 +1378,18 @@ def test_the_late_spectrum_warning_knows_studies_apart_and_the_largest_budget(ru
         trial.report(0.5, 4)
         trial.should_prune()
         report_spectrum(trial, _spectrum(row), 4)  # past budget 3: nothing lost
+
+
+def test_trajectories_are_a_positive_count_and_old_records_export_without_one():
+    trial = optuna.create_study().ask()
+    for bad in (0, -3, 1.5, True, "4"):
+        with pytest.raises(ValueError, match=r"trajectories is how many probe sequences the "
+                                             r"spectrum averages over, a positive int, got "):
+            report_spectrum(trial, {"mean": [0.1], "std": [0.0], "trajectories": bad}, 0)
+    assert not trial.study.trials[0].user_attrs  # nothing stored
+    report_spectrum(trial, {"mean": [0.1], "std": [0.0], "trajectories": np.int64(6)}, 0)
+    from lepredict.records import run_row
+    old = {"mean": [0.1], "std": [0.0], "diverged": 0.0, "n": 1}  # a record from before the key
+    row = run_row({}, {}, {}, {0: old, 1: {**old, "trajectories": 6}})
+    assert row["le0_trajectories"] is None and row["le1_trajectories"] == 6
+
