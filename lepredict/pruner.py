@@ -328,19 +328,18 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
 
     The probe is what the recurrent module itself receives: validation sequences, after any
     embedding, shaped as the module expects (``(B, T, features)`` with ``batch_first=True``,
-    else ``(T, B, features)``). By default the measurement is what the shipped predictor uses
-    and nothing more: the first ``probe_size`` sequences (:data:`lepredict.train.PROBE_SIZE`,
-    4: the predictors were fitted on 8, and 4 moved their AUROC by -0.006 to +0.002 from epoch
-    1 on; ``probe_size=None`` takes the whole probe), a warm-up of an eighth of their steps,
-    the leading :data:`lepredict.records.MEASURED_EXPONENTS` (16) exponents with the sum of all, QRs on the :data:`lepredict.train.MEASURED_REORTH`
-    schedule. That costs ``O(n^2 k)`` per step instead of the full spectrum's ``O(n^3)``
-    (the sum: ``O(n)`` for RNN and LSTM, an ``O(N^3)`` LU per layer for the GRU, on every
-    :data:`lepredict.train.MEASURED_SUM_EVERY`-th averaged step, keeping at least 10 steps:
-    :func:`lepredict.train.measured_sum_every`). ``kwargs`` go to
+    else ``(T, B, features)``). By default the measurement is what the shipped predictor uses and
+    nothing more: the first ``probe_size`` sequences (:data:`lepredict.train.PROBE_SIZE`, 4: the
+    predictors were fitted on 8, and 4 moved their AUROC by -0.006 to +0.002 from epoch 1 on;
+    ``probe_size=None`` takes the whole probe), a warm-up of an eighth of their steps, the leading
+    :data:`lepredict.records.MEASURED_EXPONENTS` (16) exponents with the sum of all, QRs on the
+    :data:`lepredict.train.MEASURED_REORTH` schedule. That costs ``O(n^2 k)`` per step instead of
+    the full spectrum's ``O(n^3)`` (the sum: ``O(n)`` for RNN and LSTM, an ``O(N^3)`` LU per layer
+    for the GRU, on every :data:`lepredict.train.MEASURED_SUM_EVERY`-th averaged step, keeping at
+    least 10 steps: :func:`lepredict.train.measured_sum_every`). ``kwargs`` go to
     :func:`lepredict.lyapunov_spectrum` and override those choices (``k=None`` for the full
-    spectrum, ``warmup=``...); the spectrum is recorded with what was measured (state size,
-    ``k``, convention, the sequences averaged over), and the pruner refuses one its predictors
-    cannot use.
+    spectrum, ``warmup=``...); the spectrum is recorded with what was measured (state size, ``k``,
+    convention, the sequences averaged over), and the pruner refuses one its predictors cannot use.
 
     The module's own ``arch``, ``hidden`` and ``layers`` (:func:`module_hparams`) are stored as
     the trial's hyperparameters together with ``hparams`` (those the module cannot show: ``lr``,
@@ -352,8 +351,8 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
             ``torch.as_tensor``; a ``PackedSequence``: pass a tensor of equal-length sequences),
             or a ``FrozenTrial`` for ``trial`` (checked before measuring).
         ValueError: a probe without 3 dimensions, a bad ``step`` or ``probe_size``, ``hparams``
-            that contradict the module, a trial of a multi-objective study (checked before measuring), or
-            anything :func:`report_spectrum` refuses.
+            that contradict the module, a trial of a multi-objective study (checked before
+            measuring), or anything :func:`report_spectrum` refuses.
     """
     _checked_trial(trial)
     probe, step = _checked_probe(probe, rnn), _checked_step(step)
@@ -384,8 +383,8 @@ def measure_and_report(trial: optuna.Trial, rnn: torch.nn.Module, probe: torch.T
     sequences = probe if batch_first else probe.transpose(0, 1)
     if "warmup" not in kwargs:
         kwargs["warmup"] = sequences.shape[1] // 8
-    layout = ("(steps, sequences, features)", "(sequences, steps, features)")
-    read, other = layout if not batch_first else layout[::-1]
+    shapes = ("(steps, sequences, features)", "(sequences, steps, features)")
+    read, other = shapes if not batch_first else shapes[::-1]
     # Either shortfall may be a probe in the other layout: the message says how it was read.
     layout = (f" The module has batch_first={batch_first}, so the probe is read as {read}; a "
               f"probe shaped {other} is probe.transpose(0, 1).")

@@ -46,6 +46,7 @@ __all__ = [
     "complete_hparams",
     "exponent_total",
     "interrupted_reason",
+    "is_count",
     "jsonable",
     "own_attrs",
     "retry_of",
@@ -291,6 +292,12 @@ class RunRecord:
         return d
 
 
+def is_count(value) -> bool:
+    """Whether ``value`` is a positive integer (a numpy one too; not a bool): a number of
+    sequences, such as a probe's size or the trajectories a spectrum averages over."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 #: The keys a spectrum record (:func:`spectrum_dict`) may hold.
 SPECTRUM_KEYS = frozenset({"mean", "std", "diverged", "n", "k", "convention", "sum", "floored",
                            "sum_every", "trajectories"})
@@ -323,8 +330,7 @@ def spectrum_dict(mean, std=None, *, diverged: float = 0.0, state_size: int | No
             an unknown ``convention``, ``state_size`` below ``len(mean)``, or ``trajectories``
             not a positive int.
     """
-    if trajectories is not None and (isinstance(trajectories, bool) or not isinstance(
-            trajectories, numbers.Integral) or trajectories < 1):
+    if trajectories is not None and not is_count(trajectories):
         raise ValueError("trajectories is how many probe sequences the spectrum averages over, a "
                          f"positive int, got {trajectories=}.")
     mean, std = _numbers("mean", mean), None if std is None else _numbers("std", std)

@@ -14,7 +14,6 @@ import ctypes
 import dataclasses
 import functools
 import math
-import numbers
 import operator
 import os
 import sys
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 
 from lepredict.lyapunov import lyapunov_spectrum, rnn_state_size
 from lepredict.records import (ARCHS, INITS, MEASURED_EXPONENTS, OPTIMIZERS, PROBE_SIZE,
-                               RunRecord, spectrum_of)
+                               RunRecord, is_count, spectrum_of)
 from lepredict.tasks import Task
 
 __all__ = ["DIVERGED_LOSS_RATIO", "RunConfig", "RunRecord", "SeqModel", "checked_schedule",
@@ -348,8 +347,7 @@ def checked_probe_size(probe_size: int, task: Task | None = None) -> int:
     """``probe_size`` as an int if it is a positive integer (a numpy one too), and no more than
     ``task``'s validation sequences (the probe is the first of them: more would silently be
     fewer); else a ``ValueError``."""
-    if (not isinstance(probe_size, numbers.Integral) or isinstance(probe_size, bool)
-            or probe_size < 1):
+    if not is_count(probe_size):
         raise ValueError(f"probe_size must be a positive int (the validation sequences a "
                          f"spectrum averages over), got {probe_size=}.")
     probe_size = int(probe_size)

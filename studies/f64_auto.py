@@ -24,14 +24,15 @@ def timed(run) -> float:
 
 def main() -> None:
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=32, T=100, full spectra")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B=32, T=100, "
+          "full spectra")
     for arch, N in CASES:
         module = {"rnn": torch.nn.RNN, "gru": torch.nn.GRU, "lstm": torch.nn.LSTM}[arch]
         rnn = module(16, N, batch_first=True)
         x = torch.randn(32, 100, 16)
         runs = {"f32": lambda: lepredict.lyapunov_spectrum(rnn, x, warmup=12),
-                "f64auto": lambda: lepredict.lyapunov_spectrum(rnn, x, warmup=12, reorth_every="auto",
-                                                               dtype=torch.float64)}
+                "f64auto": lambda: lepredict.lyapunov_spectrum(
+                    rnn, x, warmup=12, reorth_every="auto", dtype=torch.float64)}
         with torch.no_grad():
             ref = lepredict.lyapunov_spectrum(rnn, x, warmup=12, dtype=torch.float64)
             errors = {k: float((run().mean.double() - ref.mean)[ref.mean > -20].abs().max())
